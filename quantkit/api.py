@@ -1,0 +1,150 @@
+"""The public entry points: quantize, save, load, backends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import Backend
+from .calibration import calibration_tokens
+from .configs import QuantConfig, as_config
+from .errors import ModelFormatError, QuantizationError, QuantkitError
+from .hardware import hardware_of, resolve_device
+from .registry import get_registry
+from .serialization import BACKEND_ATTR, CONFIG_ATTR, atomic_path, quant_config_of, read_config
+
+log = logging.getLogger("quantkit")
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | Mapping[str, Any] | bool | str,
+    *,
+    calibration: torch.Tensor | str | os.PathLike | Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    tokenizer: Any = None,
+) -> nn.Module:
+    """Quantize ``model`` with the backend its config names and return it.
+
+    ``config`` is a :class:`QuantConfig`, a config dict, ``True`` (4-bit NF4
+    with double quantization) or a preset name. ``calibration`` (for methods
+    that need it) is a tensor of token ids ``(nsamples, seqlen)``, a dataset
+    name or text file, or a list of texts; ``None`` uses the config's
+    ``dataset`` or the built-in text. Text needs ``tokenizer`` (by default the
+    one saved beside the model). ``device`` defaults to the best one present;
+    a backend that does not declare its hardware raises
+    :class:`UnsupportedHardwareError` — quantkit never skips quantization.
+    """
+    config = as_config(config)
+    device = resolve_device(device)
+    backend = get_registry().backend_for(config, hardware_of(device))
+    tokens = None
+    if backend.capabilities.requires_calibration:
+        tokens = _calibration(model, config, calibration, tokenizer)
+    elif calibration is not None:
+        log.info("%s needs no calibration data; ignoring it", backend.name)
+    model = backend.quantize(model, config, calibration=tokens, device=device)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, BACKEND_ATTR, backend.name)
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Save a quantized model atomically: a folder, or a single file (``x.gguf``).
+
+    ``tokenizer`` is saved beside the weights (single-file formats embed it).
+    """
+    path = Path(path)
+    backend = _backend_of(model)
+    suffix_owner = get_registry().backend_for_suffix(path.suffix)
+    if suffix_owner is not None and suffix_owner is not backend:
+        raise QuantkitError(
+            f"{path.suffix} files are written by backend {suffix_owner.name!r}; this model was "
+            f"quantized by {backend.name!r}: save it to a folder or quantize with {suffix_owner.name!r}"
+        )
+    if suffix_owner is not None:
+        with atomic_path(path, directory=False) as tmp:
+            backend.save_file(model, tmp, tokenizer=tokenizer)
+        return path
+    if not backend.capabilities.serializable:
+        raise QuantkitError(f"backend {backend.name!r} declares serializable=False")
+    with atomic_path(path, directory=True) as tmp:
+        backend.save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def load(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder)."""
+    path = Path(path)
+    device = resolve_device(device)
+    registry = get_registry()
+    if not path.exists():
+        raise ModelFormatError(f"{str(path)!r} does not exist")
+    if path.is_file():
+        backend = registry.backend_for_suffix(path.suffix)
+        if backend is None:
+            raise ModelFormatError(f"{str(path)!r}: no backend reads {path.suffix or 'suffix-less'} files")
+        model = backend.load_file(path, device)
+        config = quant_config_of(model)
+    else:
+        _, config = read_config(path)
+        backend = registry.backend_for(config, hardware_of(device), purpose="inference")
+        model = backend.load_pretrained(path, config, device)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, BACKEND_ATTR, backend.name)
+    return model
+
+
+def backends() -> list[Backend]:
+    """Every registered backend, available or not."""
+    return list(get_registry().backends.values())
+
+
+def _backend_of(model: nn.Module) -> Backend:
+    quant_config_of(model)
+    name = getattr(model, BACKEND_ATTR)
+    return get_registry().backends[name]
+
+
+def _calibration(model: nn.Module, config: QuantConfig, calibration: Any, tokenizer: Any) -> torch.Tensor:
+    nsamples, seqlen = getattr(config, "nsamples", 128), getattr(config, "seqlen", 512)
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype != torch.long or calibration.dim() != 2:
+            raise QuantizationError(
+                f"calibration tensor must be token ids of shape (nsamples, seqlen), dtype long; "
+                f"got {tuple(calibration.shape)} {calibration.dtype}"
+            )
+        return calibration
+    tokenizer = tokenizer or _tokenizer_of(model)
+    if isinstance(calibration, Sequence) and not isinstance(calibration, str):
+        from .calibration import tokenize
+
+        ids = [tokenize(tokenizer, text)[:seqlen] for text in calibration]
+        short = [len(i) for i in ids if len(i) < seqlen]
+        if short or not ids:
+            raise QuantizationError(
+                f"every calibration text must reach seqlen={seqlen} tokens; {len(short)} of {len(ids)} are shorter"
+            )
+        return torch.stack(ids)
+    return calibration_tokens(tokenizer, calibration or getattr(config, "dataset", None), nsamples=nsamples, seqlen=seqlen)
+
+
+def _tokenizer_of(model: nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise QuantizationError(
+            f"calibration text needs a tokenizer and none was found at {source!r}; "
+            "pass tokenizer= or token ids as calibration="
+        ) from exc

@@ -1,0 +1,100 @@
+"""The contract every quantization backend implements."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .capabilities import Availability, Capabilities
+from .configs import QuantConfig
+
+
+class Backend(abc.ABC):
+    """One quantization method's implementation.
+
+    Subclasses set three class attributes and implement :meth:`quantize`:
+
+    - ``name``: unique backend name (shown by ``quantkit backends``);
+    - ``config_class``: the :class:`QuantConfig` subclass it accepts;
+    - ``capabilities``: a :class:`Capabilities` declaration.
+
+    Serialization: a backend whose output is serializable implements
+    :meth:`prepare_for_loading` (replace linears with empty quantized modules
+    so that the saved state dict loads into them). It may override
+    :meth:`save_pretrained`/:meth:`load_pretrained` for a folder layout of its
+    own, and :meth:`save_file`/:meth:`load_file` for single-file formats
+    listed in ``file_suffixes`` (e.g. ``.gguf``).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[QuantConfig]]
+    capabilities: ClassVar[Capabilities]
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def is_available(self) -> Availability:
+        """Whether this backend can run here; the reason when it cannot."""
+        missing = self.capabilities.missing_requirements()
+        if missing:
+            return Availability(False, f"missing package(s): {', '.join(missing)}")
+        return Availability(True)
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        *,
+        calibration: torch.Tensor | None,
+        device: torch.device,
+    ) -> nn.Module:
+        """Quantize ``model`` in place and return it.
+
+        ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when
+        the backend declares ``requires_calibration``, else ``None``.
+        """
+
+    @abc.abstractmethod
+    def storage_bits(self, config: QuantConfig, name: str, out_features: int, in_features: int) -> int:
+        """Exact number of bits this format stores for the ``out x in`` linear
+        called ``name`` (weights, scales, zeros, indices): the estimator's source.
+
+        ``name`` is ``""`` when unknown (an estimate from a parameter count).
+        """
+
+    def prepare_for_loading(self, model: nn.Module, config: QuantConfig) -> nn.Module:
+        """Swap the linears of an empty (meta-device) model for empty quantized modules."""
+        raise NotImplementedError(f"backend {self.name!r} does not load saved models")
+
+    def save_pretrained(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model`` into the empty folder ``directory`` (safetensors + config.json)."""
+        from .serialization import write_safetensors_folder
+
+        write_safetensors_folder(model, directory)
+
+    def load_pretrained(self, directory: Path, config: QuantConfig, device: torch.device) -> nn.Module:
+        """Read a folder written by :meth:`save_pretrained`."""
+        from .serialization import read_safetensors_folder
+
+        return read_safetensors_folder(directory, config, self, device)
+
+    def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
+        """Write ``model`` (and ``tokenizer``, which the format embeds) to one file."""
+        raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
+
+    def load_file(self, path: Path, device: torch.device) -> nn.Module:
+        raise NotImplementedError(f"backend {self.name!r} reads no single-file format")
+
+    def describe(self) -> dict:
+        """This backend as plain data (``quantkit backends --json``)."""
+        availability = self.is_available()
+        return {
+            "name": self.name,
+            "quant_method": self.config_class.quant_method,
+            "available": availability.ok,
+            "reason": availability.reason,
+            **self.capabilities.to_dict(),
+        }

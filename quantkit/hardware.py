@@ -1,0 +1,44 @@
+"""What hardware a torch device is: CUDA and ROCm are told apart by ``torch.version.hip``."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class Hardware(str, enum.Enum):
+    """Hardware families a backend can declare."""
+
+    CUDA = "cuda"
+    ROCM = "rocm"
+    MPS = "mps"
+    CPU = "cpu"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def hardware_of(device: torch.device | str) -> Hardware:
+    """The hardware family of ``device`` (``cuda`` devices on a HIP build are ROCm)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return Hardware.ROCM if torch.version.hip else Hardware.CUDA
+    if device.type == "mps":
+        return Hardware.MPS
+    if device.type == "cpu":
+        return Hardware.CPU
+    raise ValueError(f"device type {device.type!r} is not one of cuda, mps, cpu")
+
+
+def default_device() -> torch.device:
+    """The best device present: a GPU (CUDA or ROCm), else MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    return default_device() if device is None else torch.device(device)
