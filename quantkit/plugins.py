@@ -43,7 +43,6 @@ class PluginHost:
         self._versions: dict[str, tuple[str | None, str]] = {}
         self._register_core()
         self._load_entry_points()
-        self.manager.check_pending()
 
     def _register_core(self) -> None:
         from . import datasets_builtin
@@ -61,9 +60,16 @@ class PluginHost:
                 continue
             try:
                 plugin = ep.load()
-                self.manager.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must never break the others
                 self.failures.append(PluginFailure(ep.name, "import", _describe(exc)))
+                continue
+            try:
+                self.manager.register(plugin, name=ep.name)
+                self.manager.check_pending()  # a misspelt hook name fails this plugin alone
+            except Exception as exc:
+                if self.manager.has_plugin(ep.name):
+                    self.manager.unregister(name=ep.name)
+                self.failures.append(PluginFailure(ep.name, "register", _describe(exc)))
                 continue
             dist = ep.dist
             self._versions[ep.name] = (dist.version if dist else None, ep.value)

@@ -22,17 +22,19 @@ class Registry:
         self.host = host
         self.backends: dict[str, Backend] = {}
         self.datasets: dict[str, Dataset] = {}
-        host.call_each("quantkit_register_backends", register=self._add_backend)
-        host.call_each("quantkit_register_datasets", register=self._add_dataset)
+        host.call_each("quantkit_register_backends", register=self.register_backend)
+        host.call_each("quantkit_register_datasets", register=self.register_dataset)
 
-    def _add_backend(self, backend: Backend) -> None:
+    def register_backend(self, backend: Backend) -> None:
+        """Add a backend (what the ``register`` callback of the hook does)."""
         if not isinstance(backend, Backend):
             raise QuantkitError(f"register() takes a quantkit.Backend, got {type(backend).__name__}")
         if backend.name in self.backends:
             raise QuantkitError(f"backend name {backend.name!r} is registered twice")
         self.backends[backend.name] = backend
 
-    def _add_dataset(self, dataset: Dataset) -> None:
+    def register_dataset(self, dataset: Dataset) -> None:
+        """Add a dataset (what the ``register`` callback of the hook does)."""
         if dataset.name in self.datasets:
             raise QuantkitError(f"dataset name {dataset.name!r} is registered twice")
         self.datasets[dataset.name] = dataset

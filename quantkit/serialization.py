@@ -83,6 +83,8 @@ def write_safetensors_folder(model: nn.Module, directory: Path, tensors: dict[st
     config = quant_config_of(model)
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config_block(config)
+    if not hf_config.get("architectures"):
+        hf_config["architectures"] = [type(model).__name__]
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:

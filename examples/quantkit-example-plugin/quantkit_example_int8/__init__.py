@@ -1,0 +1,1 @@
+"""An example third-party quantkit backend: per-output-channel absmax int8 weights."""

@@ -1,0 +1,49 @@
+"""The memory estimator: exact layouts and the seed table."""
+
+from __future__ import annotations
+
+import pytest
+
+import quantkit
+from quantkit.estimate import estimate, parse_params
+
+
+@pytest.mark.parametrize(
+    ("config", "bits"),
+    [
+        (quantkit.BnbConfig(quant_type="nf4"), 4.5),
+        (quantkit.BnbConfig(quant_type="nf4", use_double_quant=True), 4 + 8 / 64 + 32 / (64 * 256)),
+        (quantkit.GPTQConfig(bits=4, group_size=128), 4 + (16 + 4) / 128 + 32 / 4096),
+        (quantkit.AWQConfig(bits=4, group_size=128), 4 + (16 + 4) / 128),
+        (quantkit.BnbConfig(load_in_4bit=False, load_in_8bit=True), 8 + 32 / 4096),
+    ],
+)
+def test_bits_per_param_from_layouts(config, bits):
+    assert estimate("7B", config).bits_per_param == pytest.approx(bits, abs=2e-3)
+
+
+@pytest.mark.parametrize(("size", "fp16_gb"), [("7B", 14.0), ("13B", 26.0), ("70B", 140.0)])
+def test_seed_table(size, fp16_gb):
+    assert estimate(size, None, dtype="float32").total_bytes / 1e9 == pytest.approx(2 * fp16_gb)
+    assert estimate(size, None, dtype="float16").total_bytes / 1e9 == pytest.approx(fp16_gb)
+    nf4 = estimate(size, quantkit.BnbConfig()).total_bytes / 1e9
+    assert nf4 == pytest.approx(fp16_gb / 4 * 4.5 / 4, rel=1e-3)  # not the rounded fp16/4
+
+
+def test_parse_params():
+    assert parse_params("7B") == 7_000_000_000
+    assert parse_params("135m") == 135_000_000
+    assert parse_params("1.5e9") == 1_500_000_000
+    with pytest.raises(quantkit.ConfigValueError, match="params"):
+        parse_params("seven")
+
+
+def test_model_config_counts_real_shapes(tiny_llama):
+    raw = tiny_llama.config.to_dict()
+    float_estimate = estimate(config=None, model_config=raw, dtype="float32")
+    assert float_estimate.params == sum(p.numel() for p in tiny_llama.parameters())
+    assert float_estimate.total_bytes == float_estimate.params * 4
+    rtn = estimate(config=quantkit.RTNConfig(bits=4, group_size=32), model_config=raw)
+    linears = sum(m.weight.numel() for n, m in tiny_llama.named_modules()
+                  if isinstance(m, __import__("torch").nn.Linear) and n != "lm_head")
+    assert rtn.quantized_params == linears
