@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,6 +65,12 @@ class Backend(abc.ABC):
 
         ``name`` is ``""`` when unknown (an estimate from a parameter count).
         """
+
+    def storage_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context in which :meth:`storage_bits` may look at the whole ``model`` (a
+        format whose layer types depend on the layer count, like GGUF mixes); the
+        estimator calls ``storage_bits`` inside it."""
+        return contextlib.nullcontext()
 
     def prepare_for_loading(self, model: nn.Module, config: QuantConfig) -> nn.Module:
         """Swap the linears of an empty (meta-device) model for empty quantized modules."""

@@ -29,6 +29,9 @@ SCHEMA_VERSION = 1
 """Version of the dict layout written by :meth:`QuantConfig.to_dict`."""
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+HF_EXACT_CONFIG_KEY = "quantkit_config"
+"""Key of a ``quantization_config`` block under which quantkit also saves its exact config
+(fields transformers has no key for, e.g. module overrides); transformers ignores it."""
 
 
 def spec(
@@ -306,6 +309,8 @@ class BnbConfig(QuantConfig):
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> BnbConfig:
+        if isinstance(data.get(HF_EXACT_CONFIG_KEY), Mapping):  # quantkit's own save: the exact config
+            return cls.from_dict(data[HF_EXACT_CONFIG_KEY])
         eight = bool(data.get("load_in_8bit", False))
         return cls(
             load_in_4bit=bool(data.get("load_in_4bit", not eight)),
@@ -349,16 +354,20 @@ class GPTQConfig(QuantConfig):
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "dataset": self.dataset,
+            "format": "gptq",
             "checkpoint_format": "gptq",
             "modules_in_block_to_quantize": None,
             "use_exllama": True,
+            # quantkit's own keys (transformers ignores them): which linears are stored how.
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            **_overrides_block(self),
         }
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> GPTQConfig:
-        fmt = data.get("checkpoint_format", "gptq")
+        fmt = data.get("format", data.get("checkpoint_format", "gptq"))
         if fmt != "gptq":
-            raise ConfigValueError("GPTQConfig", "checkpoint_format", fmt, "'gptq'")
+            raise ConfigValueError("GPTQConfig", "format", fmt, "'gptq'")
         return cls(
             bits=data.get("bits", 4),
             group_size=data.get("group_size", 128),
@@ -368,6 +377,8 @@ class GPTQConfig(QuantConfig):
             static_groups=data.get("static_groups", False),
             true_sequential=data.get("true_sequential", True),
             dataset=data.get("dataset") if isinstance(data.get("dataset"), str) else None,
+            modules_to_not_convert=list(data.get("modules_to_not_convert") or ["lm_head"]),
+            module_overrides=dict(data.get("module_overrides") or {}),
         )
 
 
@@ -393,6 +404,7 @@ class AWQConfig(QuantConfig):
             "zero_point": self.zero_point,
             "version": self.version,
             "modules_to_not_convert": list(self.modules_to_not_convert),
+            **_overrides_block(self),
         }
 
     @classmethod
@@ -403,7 +415,13 @@ class AWQConfig(QuantConfig):
             zero_point=data.get("zero_point", True),
             version=str(data.get("version", "gemm")).lower(),
             modules_to_not_convert=list(data.get("modules_to_not_convert") or ["lm_head"]),
+            module_overrides=dict(data.get("module_overrides") or {}),
         )
+
+
+def _overrides_block(config: QuantConfig) -> dict[str, Any]:
+    """``module_overrides`` for a transformers block, only when set (quantkit's own key)."""
+    return {"module_overrides": copy.deepcopy(config.module_overrides)} if config.module_overrides else {}
 
 
 @dataclass

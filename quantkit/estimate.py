@@ -131,5 +131,11 @@ def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> E
         (n, m, None) for n, m in model.named_modules() if isinstance(m, nn.Linear)
     ]
     quantized_params = sum(m.weight.numel() for _, m, _ in targets)
-    quantized_bits = sum(layer_bits(c, n, m.out_features, m.in_features, float_bits) for n, m, c in targets)
+    from contextlib import nullcontext
+
+    from .registry import get_registry
+
+    backends = get_registry().backends_for_method(config.quant_method) if config is not None else []
+    with backends[0].storage_context(model) if backends else nullcontext():
+        quantized_bits = sum(layer_bits(c, n, m.out_features, m.in_features, float_bits) for n, m, c in targets)
     return Estimate(total, quantized_params, quantized_bits, (total - quantized_params) * float_bits)

@@ -90,7 +90,9 @@ def write_safetensors_folder(model: nn.Module, directory: Path, tensors: dict[st
     if generation is not None:
         generation.save_pretrained(directory)
     tensors = unique_state_dict(model) if tensors is None else tensors
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "quant_method": config.quant_method})
+    # One metadata key only: safetensors stores metadata as a hash map, so several keys
+    # would come out in varying order and break byte-for-byte reproducible checkpoints.
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def read_config(directory: Path) -> tuple[dict, QuantConfig]:

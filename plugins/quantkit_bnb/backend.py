@@ -1,13 +1,27 @@
-"""bitsandbytes backend (being implemented)."""
+"""bitsandbytes backend: NF4/FP4 (optionally double-quantized) and LLM.int8 through bitsandbytes,
+saved in the layout transformers reads and writes (see :mod:`quantkit_bnb.layers`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
+
+import torch
+from torch import nn
 
 from quantkit import Backend, BnbConfig, Capabilities, Hardware
-from quantkit.capabilities import Availability
+from quantkit.configs import HF_EXACT_CONFIG_KEY
+from quantkit.errors import ConfigTypeError
+from quantkit.modules import replace_linears
+from quantkit.serialization import CONFIG_NAME, quant_config_of, quantization_config_block, write_safetensors_folder
 
 BNB_HARDWARE = frozenset({Hardware.CUDA, Hardware.ROCM, Hardware.CPU})
+NESTED_BLOCKSIZE = 256
+"""Block size bitsandbytes uses to quantize the absmax of double quantization."""
+
+log = logging.getLogger("quantkit")
 
 
 class BnbBackend(Backend):
@@ -25,20 +39,74 @@ class BnbBackend(Backend):
         description="NF4/FP4 (optionally double-quantized) and LLM.int8 through bitsandbytes",
     )
 
-    def is_available(self) -> Availability:
-        return Availability(False, "not implemented yet")
-
     def storage_bits(self, config: BnbConfig, name: str, out_features: int, in_features: int) -> int:
+        config = config.for_module(name) if name else config
         n = out_features * in_features
         if config.load_in_8bit:
-            return n * 8 + out_features * 32  # int8 weight + float32 row scale (SCB)
+            return n * 8 + out_features * 32 + 8  # int8 weight, float32 SCB, uint8 weight_format
         blocks = math.ceil(n / config.blocksize)
-        code = 16 * 32  # the 16-entry NF4/FP4 code book, float32
+        bits = math.ceil(n / 2) * 8 + 16 * 32  # two codes per byte, float32 16-entry code book
         if config.use_double_quant:
-            absmax = blocks * 8 + math.ceil(blocks / 256) * 32 + 256 * 32 + 32
+            bits += blocks * 8 + math.ceil(blocks / NESTED_BLOCKSIZE) * 32 + 256 * 32
         else:
-            absmax = blocks * 32
-        return math.ceil(n / 2) * 8 + absmax + code
+            bits += blocks * 32
+        return bits + 8 * len(_quant_state_json(config, out_features, in_features))
 
-    def quantize(self, model, config, *, calibration, device):
-        raise NotImplementedError
+    def quantize(self, model: nn.Module, config: BnbConfig, *, calibration, device) -> nn.Module:
+        from .layers import quantize_linear
+
+        _check_config(config)
+        device = torch.device(device)
+        with torch.no_grad():
+            replace_linears(
+                model, config, lambda _name, linear, cfg: quantize_linear(linear, cfg, device),
+                description=f"bitsandbytes {_describe(config)}",
+            )
+        return model.to(device)
+
+    def prepare_for_loading(self, model: nn.Module, config: BnbConfig) -> nn.Module:
+        from .layers import empty_linear
+
+        _check_config(config)
+        return replace_linears(
+            model, config, lambda _name, linear, cfg: empty_linear(linear, cfg),
+            description="bitsandbytes (loading)", check_weights=False,
+        )
+
+    def save_pretrained(self, model: nn.Module, directory: Path) -> None:
+        """transformers' bitsandbytes folder; ``quantization_config`` names the linears left
+        unquantized exactly and carries the full quantkit config (module overrides, blocksize)."""
+        from .layers import QUANTIZED_TYPES
+
+        write_safetensors_folder(model, directory)
+        config = quant_config_of(model)
+        if len({type(m) for m in model.modules() if isinstance(m, QUANTIZED_TYPES)}) > 1:
+            log.warning("this model mixes 4-bit and 8-bit layers: quantkit.load reads it, transformers cannot")
+        block = quantization_config_block(config)
+        block["llm_int8_skip_modules"] = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+        block[HF_EXACT_CONFIG_KEY] = config.to_dict()
+        path = directory / CONFIG_NAME
+        raw = json.loads(path.read_text())
+        raw["quantization_config"] = block
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _check_config(config: object) -> None:
+    if not isinstance(config, BnbConfig):
+        raise ConfigTypeError("BnbBackend", "config", config, "BnbConfig")
+
+
+def _describe(config: BnbConfig) -> str:
+    if config.load_in_8bit:
+        return "LLM.int8"
+    return config.quant_type.upper() + (" + double quant" if config.use_double_quant else "")
+
+
+def _quant_state_json(config: BnbConfig, out_features: int, in_features: int) -> str:
+    """The JSON bitsandbytes packs into ``weight.quant_state.bitsandbytes__<type>`` (its nested
+    offset is a float of typical length: the size is exact to a few bytes)."""
+    state = {"quant_type": config.quant_type, "blocksize": config.blocksize, "dtype": "float32",
+             "shape": [out_features, in_features]}
+    if config.use_double_quant:
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.012345678901234567)
+    return json.dumps(state)

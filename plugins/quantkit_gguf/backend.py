@@ -1,16 +1,17 @@
-"""GGUF backend (being implemented)."""
+"""GGUF backend: llama.cpp tensor types and mixes, run in torch, saved as safetensors or ``.gguf``."""
 
 from __future__ import annotations
 
-from quantkit import Backend, Capabilities, GGUFConfig
-from quantkit.capabilities import ALL_HARDWARE, Availability
+from contextlib import AbstractContextManager
+from pathlib import Path
 
-# elements per block, bytes per block (ggml's layouts)
-BLOCK_LAYOUT = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-}
+import torch
+from torch import nn
+
+from quantkit import Backend, Capabilities, GGUFConfig
+from quantkit.capabilities import ALL_HARDWARE
+
+from .mixes import ModelShape, bound_shape, row_bytes
 
 
 class GGUFBackend(Backend):
@@ -29,12 +30,39 @@ class GGUFBackend(Backend):
         description="llama.cpp GGUF tensor types and mixes in torch; .gguf export and import",
     )
 
-    def is_available(self) -> Availability:
-        return Availability(False, "not implemented yet")
-
     def storage_bits(self, config: GGUFConfig, name: str, out_features: int, in_features: int) -> int:
-        block, size = BLOCK_LAYOUT[config.quant_type.removesuffix("_M").removesuffix("_S").removesuffix("_L")]
-        return out_features * in_features // block * size * 8
+        """Bits of the ggml blocks llama.cpp's rules give linear ``name`` (fallbacks included).
 
-    def quantize(self, model, config, *, calibration, device):
-        raise NotImplementedError
+        Mixes give ``attn_v``/``ffn_down`` types by layer position: call it for those inside
+        :meth:`storage_context` (the estimator does).
+        """
+        from .convert import linear_type
+
+        config = config.for_module(name) if name else config
+        return out_features * row_bytes(linear_type(config, name, in_features, None), in_features) * 8
+
+    def storage_context(self, model: nn.Module) -> AbstractContextManager:
+        """Make :meth:`storage_bits` see ``model``'s layer count and attention groups."""
+        return bound_shape(ModelShape.of(getattr(model, "config", None)))
+
+    def quantize(self, model: nn.Module, config: GGUFConfig, *, calibration, device) -> nn.Module:
+        from .convert import quantize_model
+
+        return quantize_model(model, config, torch.device(device))
+
+    def prepare_for_loading(self, model: nn.Module, config: GGUFConfig) -> nn.Module:
+        from .convert import prepare_model
+
+        return prepare_model(model, config)
+
+    def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
+        """A complete llama.cpp ``.gguf``: hyperparameters, tokenizer, every tensor."""
+        from .export import write_gguf
+
+        write_gguf(model, path, tokenizer)
+
+    def load_file(self, path: Path, device: torch.device) -> nn.Module:
+        """A quantized Llama ``.gguf`` as a model whose quantized tensors stay GGUF modules."""
+        from .reader import read_gguf
+
+        return read_gguf(path, device)

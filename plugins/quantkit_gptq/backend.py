@@ -1,19 +1,112 @@
-"""GPTQ and round-to-nearest backends (being implemented)."""
+"""GPTQ and round-to-nearest backends: plain torch on any device, GPTQ v1 checkpoints.
+
+GPTQ calibrates layer by layer (:mod:`quantkit.pipeline`): per decoder layer it accumulates
+one Hessian per group of linears sharing an input, quantizes those linears with
+:func:`quantkit_gptq.gptq.gptq_quantize` and runs the quantized layer to produce the next
+layer's inputs. With ``true_sequential`` the groups are quantized one after the other in
+execution order (q/k/v, then o, then gate/up, then down), each calibrated on inputs computed
+by the already quantized part of the layer; the forward pass that collects a group's inputs
+stops at that group, so this costs little more than quantizing the layer at once.
+
+Both backends write the GPTQ v1 format of auto-gptq / GPTQModel / transformers
+(``qweight``, ``qzeros``, ``scales``, ``g_idx`` per linear; :class:`~quantkit_gptq.qlinear.GPTQLinear`)
+and run it with a torch dequantize + matmul on every device. ``group_size`` need not divide
+``in_features``: the last group is shorter (``ceil(in / group_size)`` groups), which the
+format's ``g_idx`` expresses; some third-party kernels refuse such checkpoints.
+"""
 
 from __future__ import annotations
 
-import math
+import logging
+
+import torch
+from torch import nn
 
 from quantkit import Backend, Capabilities, GPTQConfig, RTNConfig
-from quantkit.capabilities import ALL_HARDWARE, Availability
+from quantkit.capabilities import ALL_HARDWARE
+from quantkit.configs import QuantConfig
+from quantkit.errors import QuantizationError
+from quantkit.modules import quantizable_linears, replace_linears, set_submodule
+from quantkit.pipeline import LayerContext, quantize_layerwise
+
+from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
+from .packing import pack_gptq
+from .qlinear import GPTQLinear, gptq_groups
+
+log = logging.getLogger("quantkit")
 
 
 def gptq_storage_bits(bits: int, group_size: int, out_features: int, in_features: int) -> int:
     """qweight + qzeros (packed along the output dim) + float16 scales + int32 g_idx."""
-    groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
-    qweight = math.ceil(in_features * bits / 32) * out_features * 32
-    qzeros = groups * math.ceil(out_features * bits / 32) * 32
+    groups = gptq_groups(in_features, group_size)
+    qweight = -(-in_features * bits // 32) * out_features * 32
+    qzeros = groups * -(-out_features * bits // 32) * 32
     return qweight + qzeros + groups * out_features * 16 + in_features * 32
+
+
+def check_packable(model: nn.Module, config: QuantConfig) -> None:
+    """GPTQ v1 packs whole 32-bit words: ``in * bits`` and ``out * bits`` must be multiples of 32."""
+    for name, linear, module_config in quantizable_linears(model, config):
+        bits = module_config.bits
+        for field, size in (("in_features", linear.in_features), ("out_features", linear.out_features)):
+            if size * bits % 32:
+                raise QuantizationError(
+                    f"{name} has {field}={size}; the GPTQ format packs {bits}-bit values into 32-bit "
+                    f"words and needs {field} * bits to be a multiple of 32: use other bits or add "
+                    f"{name!r} to modules_to_not_convert"
+                )
+
+
+def _packed_module(linear: nn.Linear, result: GPTQResult) -> GPTQLinear:
+    packed = pack_gptq(result.intweight, result.zeros, result.scales, result.g_idx, result.bits)
+    module = GPTQLinear.from_packed(packed, result.bits, linear.bias)
+    return module.to(linear.weight.device)
+
+
+def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    for name, linear, module_config in quantizable_linears(model, config):
+        set_submodule(model, name, GPTQLinear.empty_like(linear, module_config.bits, module_config.group_size))
+    return model
+
+
+class _GPTQLayerQuantizer:
+    """GPTQ's step of :func:`quantkit.pipeline.quantize_layerwise` for one decoder layer."""
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def __call__(self, ctx: LayerContext) -> None:
+        groups = ctx.target_groups()
+        steps = [[group] for group in groups] if self.config.true_sequential else [groups]
+        results: dict[str, GPTQResult] = {}
+        for step in steps:
+            hessians = {
+                members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device)
+                for _, members in step
+            }
+            ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
+            for _, members in step:
+                H = hessians[members[0]].H
+                for name in members:
+                    results[name] = self._quantize(ctx.targets[name].name, ctx.targets[name], H)
+                    ctx.targets[name].linear.weight.copy_(results[name].dequantized)
+            del hessians
+        for name, result in results.items():
+            ctx.replace(name, _packed_module(ctx.targets[name].linear, result))
+
+    def _quantize(self, full_name: str, target, H: torch.Tensor) -> GPTQResult:
+        cfg = target.config
+        result = gptq_quantize(
+            target.linear.weight, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+            desc_act=cfg.desc_act, static_groups=cfg.static_groups, damp_percent=cfg.damp_percent,
+        )
+        if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:
+            log.warning(
+                "%s: Hessian not invertible with damp_percent=%g (dead or collinear inputs); used %g",
+                full_name, cfg.damp_percent, result.damp_percent,
+            )
+        log.debug("%s: GPTQ loss %.4g", full_name, result.loss)
+        return result
 
 
 class GPTQBackend(Backend):
@@ -27,17 +120,20 @@ class GPTQBackend(Backend):
         requires_calibration=True,
         serializable=True,
         trainable=False,
-        description="GPTQ in plain torch; checkpoints in the GPTQ (auto-gptq/GPTQModel) format",
+        description="GPTQ in plain torch (Llama-family decoders); checkpoints in the GPTQ v1 (auto-gptq/GPTQModel) format",
     )
 
-    def is_available(self) -> Availability:
-        return Availability(False, "not implemented yet")
-
     def storage_bits(self, config: GPTQConfig, name: str, out_features: int, in_features: int) -> int:
-        return gptq_storage_bits(config.bits, config.group_size, out_features, in_features)
+        module_config = config.for_module(name) if name else config
+        return gptq_storage_bits(module_config.bits, module_config.group_size, out_features, in_features)
 
-    def quantize(self, model, config, *, calibration, device):
-        raise NotImplementedError
+    def quantize(self, model: nn.Module, config: GPTQConfig, *, calibration, device) -> nn.Module:
+        check_packable(model, config)
+        quantize_layerwise(model, config, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ")
+        return model
+
+    def prepare_for_loading(self, model: nn.Module, config: GPTQConfig) -> nn.Module:
+        return _prepare(model, config)
 
 
 class RTNBackend(Backend):
@@ -51,14 +147,23 @@ class RTNBackend(Backend):
         requires_calibration=False,
         serializable=True,
         trainable=False,
-        description="round-to-nearest group quantization (reference); GPTQ checkpoint format",
+        description="round-to-nearest min/max group quantization (reference baseline); GPTQ v1 checkpoint format",
     )
 
-    def is_available(self) -> Availability:
-        return Availability(False, "not implemented yet")
-
     def storage_bits(self, config: RTNConfig, name: str, out_features: int, in_features: int) -> int:
-        return gptq_storage_bits(config.bits, config.group_size, out_features, in_features)
+        module_config = config.for_module(name) if name else config
+        return gptq_storage_bits(module_config.bits, module_config.group_size, out_features, in_features)
 
-    def quantize(self, model, config, *, calibration, device):
-        raise NotImplementedError
+    def quantize(self, model: nn.Module, config: RTNConfig, *, calibration, device) -> nn.Module:
+        check_packable(model, config)
+        device = torch.device(device)
+
+        def build(name: str, linear: nn.Linear, cfg: RTNConfig) -> GPTQLinear:
+            result = rtn_quantize(linear.weight.detach().to(device), bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
+            return _packed_module(linear, result)
+
+        with torch.no_grad():
+            return replace_linears(model, config, build, description="RTN")
+
+    def prepare_for_loading(self, model: nn.Module, config: RTNConfig) -> nn.Module:
+        return _prepare(model, config)

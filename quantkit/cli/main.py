@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ..errors import QuantkitError
 
-COMMANDS = ("quantize", "backends", "plugins", "config", "estimate")
+COMMANDS = ("quantize", "backends", "plugins", "config", "estimate", "compare", "recommend", "finetune")
 """Modules of :mod:`quantkit.cli`, each with ``add_parser(subparsers)``."""
 
 

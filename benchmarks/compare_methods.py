@@ -1,0 +1,75 @@
+"""Scripted sweeps over ``quantkit compare``: several models, token budgets or window lengths.
+
+    python benchmarks/compare_methods.py                                  # the default comparison
+    python benchmarks/compare_methods.py --methods nf4,int8 --tokens 2048 4096 --seqlen 256 512
+    python benchmarks/compare_methods.py --model path/to/model --out sweeps/
+
+Each combination is one resumable comparison in ``OUT/<model>-t<tokens>-s<seqlen>/`` with
+its own results, report and plots; a summary of every run's checks is printed at the end.
+The command line and the environment are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from quantkit.compare import Comparison, Protocol, environment, resolve_methods
+from quantkit.report import rich_table, run_checks, summarize, write_reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="model(s) to compare (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--methods", help="comma-separated methods (default: quantkit compare's list)")
+    parser.add_argument("--config-file", type=Path, help="YAML/JSON method list, as for quantkit compare")
+    parser.add_argument("--dataset", default="pydoc")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--seqlen", type=int, nargs="+", default=[512])
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("compare-sweeps"))
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+
+    console = Console(width=max(Console().width, 130))
+    console.print(f"command: {shlex.join([sys.executable, *sys.argv])}", highlight=False)
+    console.print(f"environment: {json.dumps(environment())}", highlight=False)
+    summary = []
+    for model, tokens, seqlen in itertools.product(args.model or [None], args.tokens, args.seqlen):
+        protocol = Protocol(model=model, dataset=args.dataset, eval_tokens=tokens, seqlen=seqlen, stride=seqlen,
+                            calibration_samples=args.calibration_samples, calibration_seqlen=seqlen,
+                            device=args.device, threads=args.threads)
+        methods = resolve_methods(args.methods.split(",") if args.methods else None, protocol, args.config_file)
+        out = args.out / f"{Path(model).name if model else 'default'}-t{tokens}-s{seqlen}"
+        console.print(f"\n[bold]{protocol.describe()}[/] -> {out}", highlight=False)
+        start = time.perf_counter()
+        comparison = Comparison(methods, protocol, out, force=args.force,
+                                on_event=lambda e: e.stage in ("done", "failed", "unavailable")
+                                and console.print(f"  {e.method}: {e.stage}", highlight=False))
+        rows = summarize(comparison.run())
+        wall = time.perf_counter() - start
+        write_reports(rows, out, protocol.describe(), wall_seconds=wall, command=shlex.join(sys.argv))
+        console.print(rich_table(rows, title=f"{out.name} ({wall / 60:.1f} min)"))
+        checks = run_checks(rows)
+        for check in checks:
+            console.print(f"  {check.line()}", highlight=False)
+        summary.append((out.name, wall, checks))
+    console.print("\n[bold]summary[/]")
+    for name, wall, checks in summary:
+        console.print(f"{name}: {wall / 60:.1f} min; " + ", ".join(f"{c.status} {c.name}" for c in checks),
+                      highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""GPTQ v1 checkpoint tensors, as auto-gptq and GPTQModel write them (``checkpoint_format="gptq"``).
+
+The layout the exllama / cuda ``QuantLinear`` kernels of auto-gptq, optimum, transformers and
+vLLM load, for a linear layer with ``in_features`` inputs and ``out_features`` outputs:
+
+* ``qweight`` int32 ``(in_features * bits // 32, out_features)``: the integer weights of each
+  output column packed along the input dim as one little-endian bit stream, input ``i`` taking
+  bits ``[bits * i, bits * i + bits)``. For 2, 4 and 8 bits each word holds ``32 // bits`` whole
+  values, the first in the lowest bits; for 3 bits every 32 inputs fill 3 words and inputs 10
+  and 21 of each such run straddle two words (auto-gptq's cross-word packing).
+* ``qzeros`` int32 ``(n_groups, out_features * bits // 32)``: ``zero - 1`` packed the same way
+  along the output dim; v1 stores zero points minus one and the kernels add the one back.
+* ``scales`` float16 ``(n_groups, out_features)``.
+* ``g_idx`` int32 ``(in_features,)``: the group of every input channel.
+
+Zero points must lie in ``[1, 2**bits - 1]``: 0 cannot be stored at all, and ``2**bits``
+(stored as ``2**bits - 1``) overflows in loaders that convert v1 to GPTQModel's v2 layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_WORD_MASK = 0xFFFFFFFF
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"GPTQ packing supports bits in {SUPPORTED_BITS}, got bits={bits}")
+
+
+def _check_range(name: str, values: Tensor, low: int, high: int) -> None:
+    if values.numel() and (values.min() < low or values.max() > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}]; got [{values.min()}, {values.max()}]")
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _bit_offsets(n_values: int, bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Word index and shift within the word of each value of a packed bit stream."""
+    offsets = torch.arange(n_values, device=device) * bits
+    return offsets // 32, offsets % 32
+
+
+def _pack_rows(values: Tensor, bits: int) -> Tensor:
+    """Pack ints ``(n, m)`` in ``[0, 2**bits)`` along dim 0 into int32 ``(n * bits // 32, m)``."""
+    n_values = values.shape[0]
+    if n_values * bits % 32:
+        raise ValueError(f"cannot pack {n_values} values of {bits} bits into whole 32-bit words")
+    word, shift = _bit_offsets(n_values, bits, values.device)
+    values = values.to(torch.int64)
+    words = torch.zeros(n_values * bits // 32, values.shape[1], dtype=torch.int64, device=values.device)
+    # Values occupy disjoint bits, so adding them is the same as or-ing them.
+    words.index_add_(0, word, (values << shift[:, None]) & _WORD_MASK)
+    if 32 % bits:
+        spill = shift + bits > 32
+        words.index_add_(0, word[spill] + 1, values[spill] >> (32 - shift[spill])[:, None])
+    return _to_int32(words)
+
+
+def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`_pack_rows`: int32 ``(w, m)`` to int32 ``(w * 32 // bits, m)``."""
+    word, shift = _bit_offsets(packed.shape[0] * 32 // bits, bits, packed.device)
+    words = packed.to(torch.int64) & _WORD_MASK
+    values = words[word] >> shift[:, None]
+    if 32 % bits:
+        spill = shift + bits > 32
+        values[spill] |= words[word[spill] + 1] << (32 - shift[spill])[:, None]
+    return (values & (2**bits - 1)).to(torch.int32)
+
+
+def pack_gptq(intweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> dict[str, Tensor]:
+    """Pack one layer into GPTQ v1 tensors.
+
+    Args:
+        intweight: ``(out, in)`` integer weights in ``[0, 2**bits)``.
+        zeros: ``(n_groups, out)`` integer zero points in ``[1, 2**bits)``.
+        scales: ``(n_groups, out)`` scales (stored as float16).
+        g_idx: ``(in,)`` group index of every input channel.
+        bits: 2, 3, 4 or 8; ``in * bits`` and ``out * bits`` must be multiples of 32.
+
+    Returns:
+        ``{"qweight", "qzeros", "scales", "g_idx"}`` on the inputs' device.
+    """
+    _check_bits(bits)
+    out_features, in_features = intweight.shape
+    n_groups = scales.shape[0]
+    if scales.shape != (n_groups, out_features) or zeros.shape != scales.shape:
+        raise ValueError(
+            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be "
+            f"(n_groups, out_features={out_features})"
+        )
+    if g_idx.shape != (in_features,):
+        raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}; expected (in_features={in_features},)")
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if size * bits % 32:
+            raise ValueError(f"{name}={size} times bits={bits} must be a multiple of 32 to pack")
+    _check_range("intweight", intweight, 0, 2**bits - 1)
+    _check_range("zeros", zeros, 1, 2**bits - 1)
+    _check_range("g_idx", g_idx, 0, n_groups - 1)
+    return {
+        "qweight": _pack_rows(intweight.t(), bits),
+        "qzeros": _pack_rows((zeros - 1).t(), bits).t().contiguous(),
+        "scales": scales.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(qweight: Tensor, qzeros: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Unpack GPTQ v1 tensors into int32 ``intweight (out, in)`` and ``zeros (n_groups, out)``.
+
+    The stored ``zero - 1`` gets its one added back, as the kernels do.
+    """
+    _check_bits(bits)
+    intweight = _unpack_rows(qweight, bits).t()
+    zeros = _unpack_rows(qzeros.t(), bits).t() + 1
+    return intweight.contiguous(), zeros.contiguous()
+
+
+def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
+    """Float32 weight ``(out, in)`` of GPTQ v1 tensors: ``scales[g] * (q - zeros[g])``."""
+    intweight, zeros = unpack_gptq(qweight, qzeros, bits)
+    groups = g_idx.long()
+    return scales.float()[groups].t() * (intweight - zeros[groups].t())

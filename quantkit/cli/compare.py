@@ -1,0 +1,133 @@
+"""``quantkit compare``: every method on one model, one text, one protocol."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compare quantization methods on one model and one text",
+        description=(
+            "Quantize the model with every method (each in a fresh process), save it, and measure "
+            "bits/param, size, peak memory, quantization time, perplexity, KL divergence and top-1 "
+            "agreement against the float baseline, and prefill/decode speed. Results are kept per "
+            "method in --out: a rerun resumes, skipping methods already measured."
+        ),
+    )
+    parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--methods", action="append", metavar="LIST",
+                        help="comma-separated presets, quant_methods or fp32/bf16/fp16 (default: "
+                             "the standard list; the fp32 baseline is always added)")
+    parser.add_argument("--config-file", type=Path,
+                        help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
+    parser.add_argument("--dataset", default="pydoc", help="dataset name or text file (default: pydoc, built in)")
+    parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
+    parser.add_argument("--seqlen", type=int, default=512, help="evaluation window (default 512)")
+    parser.add_argument("--stride", type=int, help="window stride (default: --seqlen, no overlap)")
+    parser.add_argument("--calibration-samples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--calibration-seqlen", type=int, help="calibration window length (default: --seqlen)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
+    parser.add_argument("--threads", type=int, help="torch threads for every method (default: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path("quantkit-compare"),
+                        help="folder for per-method results, logs, report and plots (default ./quantkit-compare)")
+    parser.add_argument("--json", type=Path, help="also write the results (one object per method) to this file")
+    parser.add_argument("--force", action="store_true", help="measure every method again")
+    parser.add_argument("--keep-models", action="store_true", help="keep each saved model in OUT/models")
+    parser.set_defaults(func=run)
+
+
+def protocol_from_args(args: argparse.Namespace):
+    import torch
+
+    from quantkit.compare import Protocol
+    from quantkit.hardware import resolve_device
+
+    return Protocol(
+        model=args.model, dataset=args.dataset, eval_tokens=args.tokens, seqlen=args.seqlen,
+        stride=args.stride or args.seqlen, calibration_samples=args.calibration_samples,
+        calibration_seqlen=args.calibration_seqlen or args.seqlen, device=str(resolve_device(args.device)),
+        threads=args.threads or torch.get_num_threads(), decode_tokens=args.decode_tokens,
+    )
+
+
+class ProgressView:
+    """A progress bar per method stage, fed by the workers' events."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+        self.overall = self.progress.add_task("methods", total=total)
+        self.current = None
+        self.started = 0.0
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, event) -> None:
+        p = self.progress
+        if event.stage in ("done", "failed", "unavailable"):
+            if self.current is not None:
+                p.remove_task(self.current)
+                self.current = None
+            p.advance(self.overall)
+            took = f" in {time.perf_counter() - self.started:.0f} s" if event.stage != "unavailable" else ""
+            self.console.print(f"{event.method}: {event.stage}{took}", highlight=False)
+            return
+        if event.stage == "start":
+            self.started = time.perf_counter()
+            self.current = p.add_task(f"{event.method}: starting", total=None)
+            return
+        if self.current is not None:
+            p.update(self.current, description=f"{event.method}: {event.stage}",
+                     total=event.total or None, completed=event.done)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantkit.compare import Comparison, resolve_methods
+    from quantkit.report import rich_table, run_checks, summarize, write_reports
+
+    console = Console(stderr=True)
+    protocol = protocol_from_args(args)
+    names = [n.strip() for item in args.methods or [] for n in item.split(",") if n.strip()]
+    methods = resolve_methods(names or None, protocol, args.config_file)
+    console.print(f"protocol: {protocol.describe()}", highlight=False)
+    console.print(f"methods: {', '.join(m.name for m in methods)}; results in {args.out}", highlight=False)
+    start = time.perf_counter()
+    view = ProgressView(console, len(methods))
+    comparison = Comparison(methods, protocol, args.out, force=args.force, keep_models=args.keep_models, on_event=view)
+    interrupted = False
+    with view:
+        try:
+            comparison.run()
+        except KeyboardInterrupt:
+            interrupted = True
+    wall = time.perf_counter() - start
+    rows = summarize(comparison.results())
+    command = "quantkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    written = write_reports(rows, args.out, protocol.describe(), json_path=args.json, wall_seconds=wall,
+                            command=command)
+    out = Console(width=max(Console().width, 130))
+    out.print(rich_table(rows, title=f"quantkit compare ({wall / 60:.1f} min; * = Pareto front)"))
+    for check in run_checks(rows):
+        color = {"PASS": "green", "FAIL": "red"}.get(check.status, "yellow")
+        out.print(f"[{color}]{check.status}[/] {check.name}: {check.detail}", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in written.values()), highlight=False)
+    if interrupted:
+        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        return 130
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0

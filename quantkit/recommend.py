@@ -1,0 +1,268 @@
+"""Recommend a quantization method for a hardware and a goal.
+
+A small decision tree over what the backends declare (hardware, trainability,
+calibration, bits, availability here) and, when given, what ``quantkit compare``
+measured. Every rule applied adds one line to the explanation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend import Backend
+from .errors import ConfigValueError, ModelFormatError
+from .hardware import Hardware, hardware_of
+
+GOALS = ("inference", "fine-tuning", "smallest", "fastest")
+TYPICAL_LAYER = (4096, 4096)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A preset one of the eligible backends can run, with what is known of it."""
+
+    method: str
+    backend: Backend | None
+    """``None`` for a measured unquantized model."""
+    config: dict
+    nominal_bits: float | None
+    bits_per_param: float | None
+    """Measured when results are given, else the format's stored bits on a 4096x4096 layer."""
+    result: dict | None = None
+
+
+@dataclass
+class Recommendation:
+    """The chosen method (``None`` when nothing fits), its config and the reasons."""
+
+    hardware: Hardware
+    goal: str
+    method: str | None = None
+    config: dict | None = None
+    reasons: list[str] = field(default_factory=list)
+    alternatives: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"hardware": self.hardware.value, "goal": self.goal, "method": self.method, "config": self.config,
+                "reasons": self.reasons, "alternatives": self.alternatives}
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """The result rows of a ``quantkit compare --json`` file."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"results file {os.fspath(path)!r} could not be read: {exc}") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
+        raise ModelFormatError(f"{os.fspath(path)!r} is not a quantkit compare results list")
+    return rows
+
+
+def recommend(
+    hardware: Hardware | str,
+    goal: str,
+    *,
+    results: Sequence[dict] | None = None,
+    backends: Sequence[Backend] | None = None,
+    max_ppl_increase: float = 10.0,
+    min_bits: float = 3.0,
+) -> Recommendation:
+    """Pick a method for ``goal`` on ``hardware``.
+
+    ``results`` (rows of ``quantkit compare``) turn estimates into measurements;
+    ``max_ppl_increase`` (percent over the float baseline) bounds the quality
+    ``smallest`` and ``fastest`` may give up, ``min_bits`` the nominal width
+    ``smallest`` goes down to without measurements.
+    """
+    hardware = Hardware(hardware)
+    if goal not in GOALS:
+        raise ConfigValueError("recommend", "goal", goal, ", ".join(GOALS))
+    if backends is None:
+        from .api import backends as all_backends
+
+        backends = all_backends()
+    rec = Recommendation(hardware, goal)
+    eligible = _eligible_backends(backends, hardware, goal, rec)
+    candidates = _candidates(eligible)
+    if results is not None:
+        from .report import summarize
+
+        results = summarize(results)
+        candidates = _measured(candidates, results, eligible, goal, rec)
+    if not candidates:
+        rec.reasons.append("no method satisfies these rules")
+        return rec
+    choose = {"inference": _for_inference, "fine-tuning": _for_fine_tuning,
+              "smallest": _smallest, "fastest": _fastest}[goal]
+    ranked = choose(candidates, rec, hardware=hardware, measured=results is not None,
+                    max_ppl_increase=max_ppl_increase, min_bits=min_bits)
+    if ranked:
+        rec.method, rec.config = ranked[0].method, ranked[0].config
+        rec.alternatives = [c.method for c in ranked[1:4]]
+    else:
+        rec.reasons.append("no method satisfies these rules")
+    return rec
+
+
+# -- the rules ---------------------------------------------------------------------------
+
+
+def _eligible_backends(
+    backends: Sequence[Backend], hardware: Hardware, goal: str, rec: Recommendation
+) -> list[Backend]:
+    unavailable = []
+    runs = []
+    for b in backends:
+        availability = b.is_available()
+        if not availability:
+            unavailable.append(f"{b.name} ({availability.reason})")
+        elif hardware in b.capabilities.quantize_hardware and hardware in b.capabilities.inference_hardware:
+            runs.append(b)
+    rec.reasons.append(
+        f"hardware {hardware.value}: backends that quantize and run there: "
+        f"{', '.join(b.name for b in runs) or '(none)'}"
+        + (f"; unavailable here: {', '.join(unavailable)}" if unavailable else "")
+    )
+    if goal == "fine-tuning":
+        trainable = [b for b in runs if b.capabilities.trainable]
+        rec.reasons.append(
+            f"fine-tuning: LoRA adapters train on top of frozen quantized weights only with backends that "
+            f"declare trainable: {', '.join(b.name for b in trainable) or '(none)'}"
+        )
+        runs = trainable
+    return runs
+
+
+def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
+    from .presets import PRESETS, preset
+
+    found = []
+    for name in PRESETS:
+        config = preset(name)
+        backend = next((b for b in backends if b.config_class.quant_method == config.quant_method), None)
+        if backend is None:
+            continue
+        found.append(Candidate(name, backend, config.to_diff_dict(), _nominal_bits(config),
+                               _typical_bits(backend, config)))
+    return found
+
+
+def _measured(candidates: list[Candidate], results: Sequence[dict], backends: Sequence[Backend],
+              goal: str, rec: Recommendation) -> list[Candidate]:
+    """Replace estimates with the rows of ``results`` measured with an eligible backend."""
+    by_method = {b.config_class.quant_method: b for b in backends}
+    measured = []
+    for r in results:
+        if r.get("status") != "ok" or r.get("perplexity") is None:
+            continue
+        config = r.get("config")
+        if config is None:
+            if goal != "fastest":
+                continue
+            backend, bits = None, {"float32": 32.0, "bfloat16": 16.0, "float16": 16.0}.get(r.get("dtype"), 32.0)
+        else:
+            backend = by_method.get(config.get("quant_method"))
+            if backend is None:
+                continue
+            bits = r.get("nominal_bits")
+        measured.append(Candidate(r["method"], backend, config or {"dtype": r.get("dtype")}, bits,
+                                  r.get("bits_per_param"), r))
+    skipped = [r["method"] for r in results if r.get("status") != "ok"]
+    rec.reasons.append(
+        f"measured results: {len(measured)} eligible method(s) of {len(results)}"
+        + (f"; not measured: {', '.join(skipped)}" if skipped else "")
+    )
+    return measured
+
+
+def _for_inference(cands: list[Candidate], rec: Recommendation, *, measured: bool, **_) -> list[Candidate]:
+    four = [c for c in cands if c.nominal_bits is not None and 3 < c.nominal_bits <= 4]
+    rec.reasons.append(f"inference: 4-bit methods keep about a quarter of fp16's weight memory at a small "
+                       f"quality cost: {len(four)} candidate(s)")
+    if measured:
+        key, what = _quality_key(four)
+        rec.reasons.append(f"measured: lowest {what} wins")
+        return sorted(four, key=key)
+    calibrated = [c for c in four if c.backend.capabilities.requires_calibration]
+    if calibrated:
+        rec.reasons.append("not measured: calibrated methods ("
+                           + ", ".join(sorted({c.backend.name for c in calibrated}))
+                           + ") keep more accuracy than round-to-nearest at equal bits; pick the fewest stored bits")
+        four = calibrated
+    return sorted(four, key=lambda c: (c.bits_per_param or 99))
+
+
+def _for_fine_tuning(cands: list[Candidate], rec: Recommendation, *, measured: bool, **_) -> list[Candidate]:
+    four = [c for c in cands if c.nominal_bits is not None and 3 < c.nominal_bits <= 4] or cands
+    if measured:
+        key, what = _quality_key(four)
+        rec.reasons.append(f"fine-tuning, measured: the frozen base's {what} bounds the adapter; lowest wins")
+        return sorted(four, key=key)
+    rec.reasons.append("fine-tuning, not measured: the 4-bit base with the fewest stored bits leaves the most "
+                       "memory for activations and optimizer state (QLoRA's choice)")
+    return sorted(four, key=lambda c: (c.bits_per_param or 99))
+
+
+def _smallest(cands: list[Candidate], rec: Recommendation, *, measured: bool, max_ppl_increase: float,
+              min_bits: float, **_) -> list[Candidate]:
+    if measured:
+        kept = _within_quality(cands, rec, max_ppl_increase)
+        rec.reasons.append("smallest: fewest measured bits per parameter wins")
+        return sorted(kept, key=lambda c: c.bits_per_param)
+    kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= min_bits]
+    rec.reasons.append(f"smallest, not measured: below {min_bits:g} bits quality collapses on most models "
+                       f"(pass --results to let measurements decide); fewest stored bits per parameter wins")
+    return sorted(kept, key=lambda c: (c.bits_per_param or 99))
+
+
+def _fastest(cands: list[Candidate], rec: Recommendation, *, hardware: Hardware, measured: bool,
+             max_ppl_increase: float, **_) -> list[Candidate]:
+    if measured:
+        timed = [c for c in cands if c.result and c.result.get("decode_tokens_per_s")]
+        devices = {hardware_of(c.result["protocol"]["device"]) for c in timed if c.result.get("protocol")}
+        if devices and devices != {hardware}:
+            rec.reasons.append(f"speeds were measured on {', '.join(d.value for d in devices)}, not "
+                               f"{hardware.value}: they do not transfer; using the declared formats instead")
+        else:
+            kept = _within_quality(timed, rec, max_ppl_increase)
+            rec.reasons.append("fastest: highest measured decode tokens/s wins")
+            return sorted(kept, key=lambda c: -c.result["decode_tokens_per_s"])
+        cands = [c for c in cands if c.backend is not None]
+    kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= 4]
+    rec.reasons.append("fastest, not measured (a heuristic: kernels differ; run quantkit compare on this "
+                       "hardware and pass --results): decoding reads every weight once per token, so at 4 bits "
+                       "or more the fewest stored bits per parameter wins")
+    return sorted(kept, key=lambda c: (c.bits_per_param or 99))
+
+
+def _quality_key(cands: list[Candidate]):
+    if cands and all(c.result.get("kl_divergence") is not None for c in cands):
+        return (lambda c: c.result["kl_divergence"]), "KL divergence from the float baseline"
+    return (lambda c: c.result["perplexity"]), "perplexity"
+
+
+def _within_quality(cands: list[Candidate], rec: Recommendation, max_ppl_increase: float) -> list[Candidate]:
+    kept = [c for c in cands
+            if c.result.get("delta_perplexity_pct") is None or c.result["delta_perplexity_pct"] <= max_ppl_increase]
+    dropped = sorted({c.method for c in cands} - {c.method for c in kept})
+    rec.reasons.append(f"quality guard: perplexity at most {max_ppl_increase:g}% above the baseline"
+                       + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+    return kept
+
+
+def _nominal_bits(config) -> float | None:
+    from .compare import Method
+
+    return Method("x", config).nominal_bits
+
+
+def _typical_bits(backend: Backend, config) -> float | None:
+    out_features, in_features = TYPICAL_LAYER
+    try:
+        return backend.storage_bits(config, "", out_features, in_features) / (out_features * in_features)
+    except Exception:  # a format that cannot size an anonymous layer is ranked last
+        return None

@@ -1,0 +1,219 @@
+"""The GPTQ and RTN backends on a tiny random Llama: configs, format, checkpoints, edge cases."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+
+import quantkit
+from quantkit import GPTQConfig, RTNConfig
+from quantkit.errors import QuantizationError
+from quantkit.registry import get_registry
+from quantkit_gptq.gptq import rtn_quantize
+from quantkit_gptq.packing import unpack_gptq
+from quantkit_gptq.qlinear import GPTQLinear
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _tokens(nsamples: int = 8, seqlen: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _ids() -> torch.Tensor:
+    return _tokens(2, 48, seed=1)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _relative_error(model: torch.nn.Module, reference: torch.Tensor) -> float:
+    return ((_logits(model) - reference).norm() / reference.norm()).item()
+
+
+def test_backends_are_available() -> None:
+    for name in ("gptq", "rtn"):
+        assert get_registry().backends[name].is_available().ok
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTQConfig(bits=4, group_size=32),
+        GPTQConfig(bits=3, group_size=-1, sym=False),
+        GPTQConfig(bits=2, group_size=32, desc_act=True),
+        GPTQConfig(bits=8, group_size=64, desc_act=True, static_groups=True),
+        GPTQConfig(bits=4, group_size=32, true_sequential=False, damp_percent=0.1),
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.to_diff_dict().items() if k != "quant_method"),
+)
+def test_gptq_configs_quantize_save_and_reload(config: GPTQConfig, tmp_path) -> None:
+    model = make_tiny_llama()
+    reference = _logits(model)
+    quantized = quantkit.quantize(model, config, calibration=_tokens())
+    layer = quantized.model.layers[0]
+    for name in LINEARS:
+        module = layer.get_submodule(name)
+        assert isinstance(module, GPTQLinear) and module.bits == config.bits
+        groups = 1 if config.group_size == -1 else -(-module.in_features // config.group_size)
+        assert module.qweight.shape == (module.in_features * config.bits // 32, module.out_features)
+        assert module.qzeros.shape == (groups, module.out_features * config.bits // 32)
+        assert module.scales.shape == (groups, module.out_features) and module.scales.dtype == torch.float16
+        assert module.g_idx.dtype == torch.int32 and int(module.g_idx.max()) == groups - 1
+        if config.desc_act and not config.static_groups and groups > 1:
+            assert not torch.equal(module.g_idx, module.g_idx.sort().values)  # act-order permutes groups
+    error = _relative_error(quantized, reference)
+    assert error < {2: 0.8, 3: 0.3, 4: 0.15, 8: 0.01}[config.bits]
+
+    quantkit.save(quantized, tmp_path / "q")
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert block == config.to_hf_dict()
+    reloaded = quantkit.load(tmp_path / "q")
+    assert reloaded.quantkit_config == quantkit.config_from_hf_dict(config.to_hf_dict())
+    assert torch.equal(_logits(reloaded), _logits(quantized))
+
+
+def test_gptq_beats_rtn_on_the_tiny_model() -> None:
+    model = make_tiny_llama()
+    reference = _logits(model)
+    gptq = quantkit.quantize(copy.deepcopy(model), GPTQConfig(bits=3, group_size=32), calibration=_tokens(16, 64))
+    rtn = quantkit.quantize(copy.deepcopy(model), RTNConfig(bits=3, group_size=32, sym=True))
+    assert _relative_error(gptq, reference) < _relative_error(rtn, reference)
+
+
+def test_true_sequential_calibrates_later_groups_on_quantized_inputs() -> None:
+    model = make_tiny_llama()
+    sequential = quantkit.quantize(copy.deepcopy(model), GPTQConfig(group_size=32), calibration=_tokens())
+    at_once = quantkit.quantize(copy.deepcopy(model), GPTQConfig(group_size=32, true_sequential=False), calibration=_tokens())
+    layer_s, layer_o = sequential.model.layers[0], at_once.model.layers[0]
+    for name in LINEARS:
+        same = torch.equal(layer_s.get_submodule(name).qweight, layer_o.get_submodule(name).qweight)
+        # q/k/v see the float layer input either way; everything after them sees quantized inputs.
+        assert same == (name in LINEARS[:3]), name
+
+
+def test_checkpoint_bytes_are_deterministic(tmp_path) -> None:
+    paths = []
+    for run in range(2):
+        model = quantkit.quantize(make_tiny_llama(), GPTQConfig(group_size=32, desc_act=True), calibration=_tokens())
+        paths.append(quantkit.save(model, tmp_path / f"run{run}"))
+    for name in ("model.safetensors", "config.json"):
+        assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
+
+
+def test_checkpoint_uses_gptq_tensor_names_and_transformers_config(tmp_path) -> None:
+    from transformers import GPTQConfig as HFGPTQConfig
+
+    config = GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False)
+    model = quantkit.quantize(make_tiny_llama(), config, calibration=_tokens())
+    quantkit.save(model, tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    prefix = "model.layers.1.mlp.down_proj."
+    assert {k.removeprefix(prefix) for k in tensors if k.startswith(prefix)} == {"qweight", "qzeros", "scales", "g_idx"}
+    assert tensors[prefix + "qweight"].dtype == torch.int32 and tensors[prefix + "g_idx"].dtype == torch.int32
+    assert "model.layers.1.mlp.down_proj.weight" not in tensors
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    hf = HFGPTQConfig.from_dict(block)
+    assert (hf.bits, hf.group_size, hf.desc_act, hf.sym, hf.format) == (4, 32, True, False, "gptq")
+    assert hf.to_dict()["checkpoint_format"] == "gptq"
+
+
+@pytest.mark.parametrize("backend_name, config", [
+    ("gptq", GPTQConfig(bits=3, group_size=64)),
+    ("gptq", GPTQConfig(bits=4, group_size=-1)),
+    ("rtn", RTNConfig(bits=2, group_size=32)),
+])
+def test_storage_bits_match_the_saved_bytes(backend_name: str, config, tmp_path) -> None:
+    backend = get_registry().backends[backend_name]
+    calibration = _tokens() if backend.capabilities.requires_calibration else None
+    model = quantkit.quantize(make_tiny_llama(), config, calibration=calibration)
+    quantkit.save(model, tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    for name, module in model.named_modules():
+        if isinstance(module, GPTQLinear):
+            saved = sum(tensors[f"{name}.{part}"].numel() * tensors[f"{name}.{part}"].element_size() * 8
+                        for part in ("qweight", "qzeros", "scales", "g_idx"))
+            assert backend.storage_bits(config, name, module.out_features, module.in_features) == saved
+
+
+def test_ragged_last_group_is_stored_with_ceil_groups(tmp_path) -> None:
+    model = make_tiny_llama(hidden=96)  # 96 = 64 + a last group of 32
+    reference = _logits(model)
+    quantized = quantkit.quantize(model, GPTQConfig(bits=4, group_size=64), calibration=_tokens())
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert q_proj.scales.shape == (2, 96) and q_proj.g_idx.tolist() == [0] * 64 + [1] * 32
+    assert _relative_error(quantized, reference) < 0.15
+    quantkit.save(quantized, tmp_path / "q")
+    assert torch.equal(_logits(quantkit.load(tmp_path / "q")), _logits(quantized))
+
+
+def test_dead_input_channels_get_zero_weights_not_nan() -> None:
+    model = make_tiny_llama()
+    model.model.layers[0].input_layernorm.weight.data[[3, 17]] = 0  # q/k/v never see channels 3 and 17
+    quantized = quantkit.quantize(model, GPTQConfig(bits=4, group_size=32), calibration=_tokens())
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    weight = q_proj.dequantize()
+    assert torch.isfinite(weight).all()
+    assert weight[:, [3, 17]].abs().max() == 0
+    assert torch.isfinite(_logits(quantized)).all()
+
+
+def test_rank_deficient_hessian_gets_more_dampening(caplog: pytest.LogCaptureFixture) -> None:
+    """Inputs spanning far fewer directions than channels (every token the same) still quantize."""
+    model = make_tiny_llama()
+    tokens = torch.full((4, 64), 7)
+    with caplog.at_level("WARNING"):
+        quantized = quantkit.quantize(model, GPTQConfig(bits=4, group_size=32, damp_percent=1e-9), calibration=tokens)
+    for module in quantized.modules():
+        if isinstance(module, GPTQLinear):
+            assert torch.isfinite(module.dequantize()).all()
+    assert torch.isfinite(_logits(quantized)).all()
+    assert any("damp" in record.getMessage() for record in caplog.records)
+
+
+def test_non_packable_widths_are_refused() -> None:
+    model = make_tiny_llama(hidden=72, intermediate=136)  # 72 * 3 bits is not a whole number of words
+    with pytest.raises(QuantizationError, match="in_features=72.*multiple of 32"):
+        quantkit.quantize(model, GPTQConfig(bits=3, group_size=8), calibration=_tokens())
+
+
+def test_rtn_matches_round_to_nearest_and_reloads(tmp_path) -> None:
+    model = make_tiny_llama()
+    weight = model.model.layers[1].mlp.up_proj.weight.detach().clone()
+    config = RTNConfig(bits=4, group_size=32, sym=False)
+    quantized = quantkit.quantize(model, config)
+    module = quantized.model.layers[1].mlp.up_proj
+    expected = rtn_quantize(weight, bits=4, group_size=32, sym=False)
+    intweight, zeros = unpack_gptq(module.qweight, module.qzeros, 4)
+    assert torch.equal(intweight, expected.intweight) and torch.equal(zeros, expected.zeros)
+    assert torch.equal(module.dequantize(), expected.dequantized)
+
+    quantkit.save(quantized, tmp_path / "q")
+    block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert block == config.to_dict()  # quantkit's own block: transformers has no "rtn"
+    reloaded = quantkit.load(tmp_path / "q")
+    assert reloaded.quantkit_backend == "rtn"
+    assert torch.equal(_logits(reloaded), _logits(quantized))
+
+
+def test_module_overrides_and_skips_apply_per_linear_and_reload(tmp_path) -> None:
+    config = GPTQConfig(
+        bits=4, group_size=32, modules_to_not_convert=["lm_head", "model.layers.0.mlp"],
+        module_overrides={"*.down_proj": {"bits": 8}},
+    )
+    quantized = quantkit.quantize(make_tiny_llama(), config, calibration=_tokens())
+    assert type(quantized.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert quantized.model.layers[1].mlp.down_proj.bits == 8
+    assert quantized.model.layers[1].mlp.up_proj.bits == 4
+    quantkit.save(quantized, tmp_path / "q")
+    reloaded = quantkit.load(tmp_path / "q")
+    assert reloaded.quantkit_config.module_overrides == config.module_overrides
+    assert torch.equal(_logits(reloaded), _logits(quantized))
