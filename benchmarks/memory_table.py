@@ -97,10 +97,12 @@ def measured_table(rows: list[dict]) -> Table:
     for column in ("method", "bits/param measured", "estimated", "error", "size MB measured", "estimated MB",
                    "error "):
         table.add_column(column, justify="left" if column == "method" else "right")
+    errors = [f"{r['method']}: {r['error']}" for r in rows if r.get("error")]
+    table.caption, table.caption_justify = "\n".join(errors) or None, "left"
     for r in rows:
         if r.get("bits") is None:
             table.add_row(r["method"], "-", _fmt(r.get("estimated_bits"), "{:.4f}"), "-", "-",
-                          _fmt(r.get("estimated_bytes"), "mb"), r.get("error", "")[:60])
+                          _fmt(r.get("estimated_bytes"), "mb"), "-")
             continue
         table.add_row(
             r["method"], f"{r['bits']:.4f}", _fmt(r.get("estimated_bits"), "{:.4f}"),

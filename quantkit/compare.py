@@ -36,12 +36,12 @@ FLOAT_METHODS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Unquantized methods: the model stored in a float dtype."""
 
 DEFAULT_METHODS = (
-    "fp32", "nf4", "nf4-dq", "fp4", "int8", "gptq-4bit-g128", "awq-4bit-g128", "rtn-4bit-g128",
-    "gguf-q8_0", "gguf-q4_k_m", "hqq-4bit-g64", "gguf-q2_k",
+    "fp32", "int8", "gguf-q8_0", "nf4", "nf4-dq", "fp4", "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128",
+    "hqq-4bit-g64", "gguf-q4_k_m", "gguf-q2_k",
 )
-"""The default comparison: the float baseline, bitsandbytes' four formats, the two
-calibrated 4-bit methods with round-to-nearest as their reference point, GGUF at
-8, 4 and 2 bits and HQQ 4-bit."""
+"""The default comparison, from 8 bits down to 2: the float baseline, bitsandbytes' four
+formats, GGUF at 8, 4 and 2 bits, HQQ 4-bit, and the two calibrated 4-bit methods next to
+round-to-nearest, their uncalibrated reference point."""
 
 RESULT_KEYS = (
     "method", "config", "available", "status", "reason", "backend", "nominal_bits", "requires_calibration",
@@ -72,7 +72,7 @@ class Protocol:
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
-    decode_tokens: int = 64
+    decode_tokens: int = 32
     prompt_tokens: int = 128
 
     def __post_init__(self) -> None:
@@ -202,10 +202,18 @@ def methods_from_file(path: Path, protocol: Protocol) -> list[Method]:
 
 
 def resolve_methods(names: Sequence[str] | None, protocol: Protocol, config_file: Path | None = None) -> list[Method]:
-    """The methods to compare, the float baseline first (added when missing)."""
+    """The methods to compare, the float baseline first (added when missing).
+
+    ``names`` may include ``default`` (:data:`DEFAULT_METHODS`) and ``all``
+    (every float dtype and preset).
+    """
+    from .presets import PRESETS
+
     methods = methods_from_file(config_file, protocol) if config_file else []
+    groups = {"default": DEFAULT_METHODS, "all": (*FLOAT_METHODS, *PRESETS)}
     if names or not config_file:
-        methods += [method_from_name(n, protocol) for n in (names or DEFAULT_METHODS)]
+        expanded = [n for name in (names or ["default"]) for n in groups.get(name, (name,))]
+        methods += [method_from_name(n, protocol) for n in dict.fromkeys(expanded)]
     seen: set[str] = set()
     for m in methods:
         if m.name in seen:
@@ -285,7 +293,8 @@ def is_done(result: dict | None, method: Method, protocol: Protocol) -> bool:
 
 @dataclass
 class Event:
-    """A progress report from a worker: a stage starting, or ``done`` of ``total`` steps."""
+    """Progress of a method: ``start``, a worker's stage (with ``done`` of ``total`` steps),
+    then ``done``, ``failed``, ``unavailable`` or ``skipped`` (measured by an earlier run)."""
 
     method: str
     stage: str
@@ -298,7 +307,8 @@ class Comparison:
     """A comparison of ``methods`` under ``protocol`` kept in ``out``.
 
     :meth:`run` measures the methods not yet done, each in its own worker, and
-    returns every method's result (measured, unavailable or failed).
+    returns every method's result (measured, unavailable or failed). One run at a
+    time per ``out``: a run first removes what a killed one left behind.
     """
 
     methods: list[Method]
@@ -326,10 +336,15 @@ class Comparison:
     def run(self) -> list[dict]:
         """Measure the pending methods; a crash or interrupt loses only the method in flight."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         write_json_atomic(self.out / "protocol.json", {"key": self.protocol.key(), **self.protocol.to_dict()})
         estimates = _estimates(self.methods, self.protocol)
+        pending = self.pending()
+        for method in self.methods:
+            if method not in pending:
+                self._emit(Event(method.name, "skipped"))
         runnable = []
-        for method in self.pending():
+        for method in pending:
             reason = _availability(method, self.protocol)
             if reason is None:
                 runnable.append(method)
@@ -346,6 +361,15 @@ class Comparison:
         if not self.keep_reference and all(r["status"] in ("ok", "unavailable") for r in self.results()):
             reference.unlink(missing_ok=True)
         return self.results()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a killed run left behind: scratch saves, half-written log-probs, job files."""
+        for pattern in (".save-*", ".reference-logprobs-*.tmp.npy", ".job-*.json"):
+            for path in self.out.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def results(self) -> list[dict]:
         """Every method's latest result under this protocol (a placeholder if none)."""

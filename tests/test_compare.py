@@ -58,11 +58,15 @@ def test_default_list_starts_with_the_baseline_and_calibrates_by_the_protocol():
     assert any(m.config and m.config.quant_method == "rtn" for m in methods)
 
 
-def test_baseline_is_added_and_names_are_unique():
+def test_baseline_is_added_and_names_are_unique(tmp_path):
     assert [m.name for m in resolve_methods(["nf4"], PROTOCOL)] == ["fp32", "nf4"]
-    assert [m.name for m in resolve_methods(["nf4", "fp32"], PROTOCOL)] == ["fp32", "nf4"]
+    assert [m.name for m in resolve_methods(["nf4", "fp32", "nf4"], PROTOCOL)] == ["fp32", "nf4"]
+    (tmp_path / "m.json").write_text('[{"name": "nf4", "preset": "fp4"}]')
     with pytest.raises(ConfigValueError, match="unique"):
-        resolve_methods(["nf4", "nf4"], PROTOCOL)
+        resolve_methods(["nf4"], PROTOCOL, tmp_path / "m.json")
+    assert [m.name for m in resolve_methods(["default", "bf16"], PROTOCOL)] == [*DEFAULT_METHODS, "bf16"]
+    every = [m.name for m in resolve_methods(["all"], PROTOCOL)]
+    assert every[:3] == ["fp32", "bf16", "fp16"] and {"gguf-q6_k", "hqq-2bit-g16"} <= set(every)
     with pytest.raises(Exception, match="unknown"):
         resolve_methods(["nf5"], PROTOCOL)
 
@@ -149,7 +153,7 @@ def test_unavailable_backend_is_reported_with_its_reason_without_running(tmp_pat
     events = []
     comparison = Comparison(methods, PROTOCOL, tmp_path, on_event=events.append)
     results = comparison.run()
-    assert [e.stage for e in events] == ["unavailable"]  # the baseline was done; nothing ran
+    assert [e.stage for e in events] == ["skipped", "unavailable"]  # the baseline was done; nothing ran
     row = results[1]
     assert row["status"] == "unavailable" and row["available"] is False and "no hqq today" in row["reason"]
     assert set(RESULT_KEYS) <= set(row)
@@ -268,7 +272,7 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     second = subprocess.run(compare_command(tiny_model_dir, out, "fp32,bf16"), env=env, capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 0, second.stderr
-    assert "fp32: done" not in second.stderr and "bf16: done" in second.stderr  # skipped, then resumed
+    assert "fp32: skipped" in second.stderr and "bf16: done" in second.stderr  # skipped, then resumed
     assert read_result(baseline)["worker_seconds"] == finished
     bf16 = read_result(out / "results" / "bf16.json")
     assert bf16["status"] == "ok" and bf16["bits_per_param"] == 16.0

@@ -277,6 +277,29 @@ def test_smollm2_q4_k_m_gguf_reads_back_identically(smollm2_q4_k_m):
 
 
 @pytest.mark.slow
+def test_reads_and_rewrites_a_file_llama_cpp_wrote(tmp_path):
+    """The embedded SmolLM2 file came from llama.cpp's converter: read it, write it back byte for byte."""
+    from quantkit.models import default_model_gguf, load_model
+
+    source = default_model_gguf()
+    model = quantkit.load(source, device="cpu")
+    assert model.quantkit_config == GGUFConfig(
+        quant_type="Q4_1", modules_to_not_convert=[], module_overrides={"model.embed_tokens": {"quant_type": "Q8_0"}}
+    )
+    float_model, tokenizer = load_model()  # transformers' dequantization of the same file
+    ids = tokenizer(SAMPLES[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, float_model(ids).logits, rtol=0, atol=0)
+    quantkit.save(model, tmp_path / "again.gguf", tokenizer=tokenizer)
+    original = {t.name: t for t in GGUFReader(source).tensors}
+    rewritten = {t.name: t for t in GGUFReader(tmp_path / "again.gguf").tensors}
+    assert rewritten.keys() == original.keys()
+    for name, tensor in original.items():
+        assert rewritten[name].tensor_type == tensor.tensor_type, name
+        np.testing.assert_array_equal(rewritten[name].data, tensor.data, err_msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_runs_the_file(smollm2_q4_k_m):
     import llama_cpp

@@ -14,7 +14,7 @@ import quantkit
 from quantkit import GPTQConfig, RTNConfig
 from quantkit.errors import QuantizationError
 from quantkit.registry import get_registry
-from quantkit_gptq.gptq import rtn_quantize
+from quantkit_gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit_gptq.packing import unpack_gptq
 from quantkit_gptq.qlinear import GPTQLinear
 
@@ -87,6 +87,27 @@ def test_gptq_beats_rtn_on_the_tiny_model() -> None:
     gptq = quantkit.quantize(copy.deepcopy(model), GPTQConfig(bits=3, group_size=32), calibration=_tokens(16, 64))
     rtn = quantkit.quantize(copy.deepcopy(model), RTNConfig(bits=3, group_size=32, sym=True))
     assert _relative_error(gptq, reference) < _relative_error(rtn, reference)
+
+
+def test_linears_sharing_an_input_get_what_gptq_gives_each_alone() -> None:
+    """q/k/v are quantized stacked against one Hessian: the same as one by one."""
+    model = make_tiny_llama()
+    tokens = _tokens()
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        inputs = model.model.layers[0].input_layernorm(model.model.embed_tokens(tokens))
+    hessian = HessianAccumulator(64)
+    hessian.add_batch(inputs)
+    expected = {
+        name: gptq_quantize(attention.get_submodule(name).weight.detach(), hessian.H, bits=4, group_size=32)
+        for name in ("q_proj", "k_proj", "v_proj")
+    }
+    quantized = quantkit.quantize(model, GPTQConfig(bits=4, group_size=32), calibration=tokens)
+    for name, result in expected.items():
+        module = quantized.model.layers[0].self_attn.get_submodule(name)
+        intweight, zeros = unpack_gptq(module.qweight, module.qzeros, 4)
+        assert torch.equal(intweight, result.intweight) and torch.equal(zeros, result.zeros), name
+        assert torch.equal(module.scales, result.scales)
 
 
 def test_true_sequential_calibrates_later_groups_on_quantized_inputs() -> None:

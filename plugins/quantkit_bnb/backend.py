@@ -73,6 +73,11 @@ class BnbBackend(Backend):
             description="bitsandbytes (loading)", check_weights=False,
         )
 
+    def load_pretrained(self, directory: Path, config: BnbConfig, device: torch.device) -> nn.Module:
+        from .layers import sync_int8_statistics
+
+        return sync_int8_statistics(super().load_pretrained(directory, config, device))
+
     def save_pretrained(self, model: nn.Module, directory: Path) -> None:
         """transformers' bitsandbytes folder; ``quantization_config`` names the linears left
         unquantized exactly and carries the full quantkit config (module overrides, blocksize)."""

@@ -33,10 +33,6 @@ ROW_MAJOR = 0
 """bitsandbytes' code for row-major int8 weights (``weight_format``), the only one it writes."""
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:
     """Disable bitsandbytes' lossy CPU repacking of ``module``'s 4-bit weight (see module doc)."""
     module.support_avx512bf16_for_cpu = False
@@ -90,9 +86,22 @@ def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
     return module
 
 
+def sync_int8_statistics(model: nn.Module) -> nn.Module:
+    """Point each unused LLM.int8 weight's ``CB``/``SCB`` at its current device.
+
+    ``Module.to`` moves a quantized ``Int8Params`` by replacing its data, which leaves the
+    ``CB``/``SCB`` attributes bitsandbytes reads at the first forward on the old device.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and module.weight.SCB is not None:
+            module.weight.CB = module.weight.data
+            module.weight.SCB = module.weight.SCB.to(module.weight.device)
+    return model
+
+
 def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConfig) -> bnb.nn.Linear4bit:
     module = bnb.nn.Linear4bit(
-        in_features, out_features, bias=bias, compute_dtype=torch_dtype(config.compute_dtype),
+        in_features, out_features, bias=bias, compute_dtype=getattr(torch, config.compute_dtype),
         compress_statistics=config.use_double_quant, quant_type=config.quant_type,
         quant_storage=torch.uint8, device="meta",
     )

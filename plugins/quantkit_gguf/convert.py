@@ -42,20 +42,25 @@ def linear_type(config: GGUFConfig, name: str, in_features: int, shape: ModelSha
 
 def embedding_plan(model: nn.Module, config: GGUFConfig, shape: ModelShape | None) -> EmbeddingPlan | None:
     """How the token embedding is quantized; ``None`` when it stays in float."""
-    get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if get_input else None
+    embedding, head = _call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")
     if type(embedding) is not nn.Embedding:
         return None
     names = {module: name for name, module in model.named_modules()}
     name = names[embedding]
     if config.skips(name):
         return None
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if get_output else None
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
     role = Role("output") if tied else Role("token_embd")
     qtype = tensor_type(config.for_module(name).quant_type, role, embedding.embedding_dim, shape)
     return EmbeddingPlan(name, embedding, qtype, names[head] if tied else None)
+
+
+def _call(model: nn.Module, method: str) -> nn.Module | None:
+    """``model.<method>()`` (a transformers accessor), or ``None`` where the model has none."""
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def quantize_model(model: nn.Module, config: GGUFConfig, device: torch.device) -> nn.Module:

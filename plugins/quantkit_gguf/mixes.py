@@ -114,9 +114,8 @@ def _name_map(n_blocks: int):
 
 def gguf_name(hf_name: str, n_layer: int | None = None) -> str | None:
     """The GGUF name (``blk.3.attn_v``) of a transformers module or tensor name, or ``None``."""
-    if n_layer is None:
-        indices = [int(i) for i in _LAYER.findall(hf_name)]
-        n_layer = max(indices, default=0) + 1
+    if n_layer is None:  # enough blocks for the name's own index, rounded up so that maps get reused
+        n_layer = 32 * (max((int(i) for i in _LAYER.findall(hf_name)), default=0) // 32 + 1)
     found = _name_map(n_layer).get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
     return None if found is None else found[1]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ def _fit_scale_min(
     rmin: float,
     rdelta: float,
     nstep: int,
-    use_mad: bool,
+    error: Literal["mad", "mse", "mse_from_sums"],
     return_quants: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """llama.cpp ``make_qkx2_quants`` / ``make_qkx3_quants``: x ≈ scale * q - min, q in [0, nmax].
@@ -254,8 +255,11 @@ def _fit_scale_min(
     Starts from the min/max range, then tries the inverse scales
     ``(nmax + rmin + rdelta * i) / (max - min)`` for i = 0..nstep, ``min`` being the best
     offset so far; each trial's quants get a weighted least-squares (scale, min) refit, kept
-    if it lowers the weighted error (absolute if ``use_mad``, else squared).
-    Returns (scale, min, quants as float (n, B) if ``return_quants``).
+    if it lowers the weighted ``error``: absolute ("mad") or squared, the latter either from
+    the residuals ("mse") or expanded over the weighted sums ("mse_from_sums": no extra pass
+    over the weights, but cancellation makes it unreliable when a few weights dominate, as
+    importance-matrix weights can). Returns (scale, min, quants as float (n, B) if
+    ``return_quants``).
     """
     the_min = x.amin(0, keepdim=True).clamp_(max=0).neg_()  # x ≈ scale * q - the_min, the_min >= 0
     xmax = x.amax(0, keepdim=True)
@@ -280,22 +284,23 @@ def _fit_scale_min(
         s_xl = torch.mul(wx, q, out=tmp).sum(0, keepdim=True)
         return s_l, s_l2, s_xl
 
-    def abs_error(scale: Tensor, the_min: Tensor) -> Tensor:
-        torch.addcmul(-the_min, q, scale, out=tmp).sub_(x).abs_()
-        return tmp.mul_(w).sum(0, keepdim=True)
+    def trial_error(scale: Tensor, the_min: Tensor, sums: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        if error == "mse_from_sums":
+            s_l, s_l2, s_xl = sums
+            return scale * (scale * s_l2 - 2 * the_min * s_l - 2 * s_xl) + the_min * (the_min * sum_w + 2 * sum_x) + sum_x2
+        residual = torch.addcmul(-the_min, q, scale, out=tmp).sub_(x)
+        if error == "mad":
+            return residual.abs_().mul_(w).sum(0, keepdim=True)
+        return (w * residual).mul_(residual).sum(0, keepdim=True)
 
     quantize_with(nmax)
     scale = (xmax + the_min) / nmax
-    if use_mad:
-        best = abs_error(scale, the_min)
-    else:
-        s_l, s_l2, s_xl = weighted_sums()
-        best = scale * (scale * s_l2 - 2 * the_min * s_l - 2 * s_xl) + the_min * (the_min * sum_w + 2 * sum_x) + sum_x2
+    best = trial_error(scale, the_min, weighted_sums() if error == "mse_from_sums" else ())
     best_q = q.clone() if return_quants else None
 
     for step in range(nstep + 1):
         quantize_with(_f32(_f32(rmin + _f32(rdelta * step)) + nmax))
-        s_l, s_l2, s_xl = weighted_sums()
+        sums = s_l, s_l2, s_xl = weighted_sums()
         det = sum_w * s_l2 - s_l * s_l
         valid = _positive(det)
         invalid = 1 - valid
@@ -305,10 +310,7 @@ def _fit_scale_min(
         clipped = _positive(-fit_min)  # llama.cpp keeps min <= 0 (the_min >= 0), refitting the scale alone
         fit_min.clamp_(min=0)
         fit_scale = _take(fit_scale, s_xl / (s_l2 + invalid), clipped)
-        if use_mad:
-            err = abs_error(fit_scale, fit_min)
-        else:  # residual of a weighted least-squares fit: sum w x^2 - scale * sum w x q + the_min * sum w x
-            err = sum_x2 - fit_scale * s_xl + fit_min * sum_x
+        err = trial_error(fit_scale, fit_min, sums)
         better = valid.mul_(_positive(best - err))
         best = _take(best, err, better)
         scale = _take(scale, fit_scale, better)
@@ -359,6 +361,60 @@ def _fit_symmetric_scale(
     if best_q is not None:
         best_q = best_q.add_(nmax).mul_(nonzero)
     return scale.mul_(nonzero), best_q
+
+
+def _fit_q3_scale(x: Tensor) -> Tensor:
+    """llama.cpp ``make_q3_quants(nmax=4, do_rmse=true)`` for groups stored as columns; (1, B) scales.
+
+    The quants q = round(-4 x / max) are refined by llama.cpp's coordinate descent on the
+    x^2-weighted least-squares error (up to 5 in-order sweeps over the group, stopping after
+    a sweep without change), then the least-squares scale is returned. Only groups whose
+    peak is negative can move: for the others every x * q <= 0 and the "slx > 0" test fails.
+    Each step tests one element of every moving group and finishes the few groups whose
+    quant would change apart; a group that a sweep leaves unchanged would stay so, so each
+    sweep only visits the groups the previous one changed.
+    """
+    peak = _peak(x, 0)
+    nonzero = _positive(peak.abs() - _GROUP_MAX_EPS)
+    q = torch.mul(x, -4 / (peak + (1 - nonzero)), out=torch.empty_like(x)).round_().clamp_(-4, 3)
+    w = x * x
+    wx = w * x
+    wxq = wx * q  # per-element terms of the sums, as llama.cpp computes them
+    wq2 = w * q * q
+    sumlx = wxq.sum(0)
+    suml2 = wq2.sum(0)
+
+    group = torch.nonzero(peak.view(-1) < 0).view(-1)  # moving groups, visited as columns
+    xa, qa, wa, wxa, wxqa, wq2a = (t.index_select(1, group) for t in (x, q, w, wx, wxq, wq2))
+    lx, l2 = sumlx.index_select(0, group), suml2.index_select(0, group)
+    for _sweep in range(5):
+        if not len(group):
+            break
+        changed = torch.zeros_like(lx, dtype=torch.bool)
+        for i in range(x.shape[0]):
+            slx = lx - wxqa[i]
+            sl2 = l2 - wq2a[i]
+            new = (xa[i] * sl2 / slx).round_().clamp_(-4, 3)
+            tried = torch.nonzero(new != qa[i]).view(-1)  # NaN where slx == 0: rejected below
+            if not len(tried):
+                continue
+            new, slx, sl2, wi, wxi, old_lx, old_l2 = (
+                t.index_select(0, tried) for t in (new, slx, sl2, wa[i], wxa[i], lx, l2)
+            )
+            new_wxq, new_wq2 = wxi * new, wi * new * new
+            new_lx, new_l2 = slx + new_wxq, sl2 + new_wq2
+            take = (slx > 0) & (new_l2 > 0) & (new_lx * new_lx * old_l2 > old_lx * old_lx * new_l2)
+            took = tried[take]
+            for target, value in ((qa[i], new), (wxqa[i], new_wxq), (wq2a[i], new_wq2), (lx, new_lx), (l2, new_l2)):
+                target.index_copy_(0, took, value[take])
+            changed.index_fill_(0, took, True)
+        sumlx.index_copy_(0, group, lx)
+        suml2.index_copy_(0, group, l2)
+        keep = torch.nonzero(changed).view(-1)
+        group, lx, l2 = group[keep], lx.index_select(0, keep), l2.index_select(0, keep)
+        xa, qa, wa, wxa, wxqa, wq2a = (t.index_select(1, keep) for t in (xa, qa, wa, wxa, wxqa, wq2a))
+    has_l2 = _positive(suml2)
+    return (sumlx / (suml2 + (1 - has_l2))).mul_(nonzero.view(-1)).view(1, -1)
 
 
 def _fit_scale_vector(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
@@ -472,12 +528,12 @@ def _quantize_q2_k(xs: Tensor, qw: Tensor | None) -> Tensor:
     s = xs.shape[0]
     x = _columns(xs, 16)
     if qw is None:
-        scales, mins, _ = _fit_scale_min(x, x.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins, _ = _fit_scale_min(x, x.abs(), 3, -0.5, 0.1, 15, error="mad")
         ls, d = _quantize_scales(scales.view(s, 16), 15)
         lm, dmin = _quantize_scales(mins.view(s, 16), 15)
     else:
         weights = _importance(xs, qw, 1.0)
-        scales, mins, _ = _fit_scale_min(x, _columns(weights, 16), 3, -0.9, 0.05, 36, use_mad=False)
+        scales, mins, _ = _fit_scale_min(x, _columns(weights, 16), 3, -0.9, 0.05, 36, error="mse")
         sw = weights.view(s, 16, 16).sum(-1)
         ls, lm, d, dmin = _fit_scales_weighted(scales.view(s, 16), mins.view(s, 16), sw, 15)
     q = _requantize(xs.view(s, 16, 16), d * ls, dmin * lm, 0, 3)
@@ -489,10 +545,7 @@ def _quantize_q3_k(xs: Tensor, qw: Tensor | None) -> Tensor:
     s = xs.shape[0]
     x = _columns(xs, 16)
     if qw is None:
-        # make_q3_quants(do_rmse=true): its coordinate-descent pass never changes a quant
-        # (there every x*q <= 0, so the "slx > 0" test always fails), which leaves the
-        # least-squares scale of the single make_qx_quants trial q = round(-4 x / max).
-        scales = _fit_symmetric_scale(x, None, 4, search=False)[0].view(s, 16)
+        scales = _fit_q3_scale(x).view(s, 16)
         top = _peak(scales, 1)
         iscale = torch.where(top == 0, 0.0, -32 / top)
         codes = (iscale * scales).round_().clamp_(-32, 31).add_(32).masked_fill_(top == 0, 0.0)
@@ -519,12 +572,12 @@ def _quantize_q45_k(xs: Tensor, qw: Tensor | None, nmax: int) -> tuple[Tensor, T
     if qw is None:
         weights = torch.sqrt((x * x).mean(0, keepdim=True)) + x.abs()
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        scales, mins, _ = _fit_scale_min(x, weights, nmax, rmin, 0.1, nstep, use_mad=False)
+        scales, mins, _ = _fit_scale_min(x, weights, nmax, rmin, 0.1, nstep, error="mse_from_sums")
         ls, d = _quantize_scales(scales.view(s, 8), 63)
         lm, dmin = _quantize_scales(mins.view(s, 8), 63)
     else:
         weights = _importance(xs, qw, 2.0)
-        scales, mins, _ = _fit_scale_min(x, _columns(weights, 32), nmax, -0.9, 0.05, 36, use_mad=False)
+        scales, mins, _ = _fit_scale_min(x, _columns(weights, 32), nmax, -0.9, 0.05, 36, error="mse")
         sw = weights.view(s, 8, 32).sum(-1)
         ls, lm, d, dmin = _fit_scales_weighted(scales.view(s, 8), mins.view(s, 8), sw, 63)
     q = _requantize(xs.view(s, 8, 32), d * ls, dmin * lm, 0, nmax).view(s, 256)
@@ -580,7 +633,7 @@ def _quantize_q5_0_weighted(blocks: Tensor, weights: Tensor) -> Tensor:
 def _fit_affine_weighted(blocks: Tensor, weights: Tensor, nmax: int) -> tuple[Tensor, Tensor, Tensor]:
     """make_qkx3_quants on each block: (fp16 d bytes, fp16 m bytes, uint8 quants (N, 32))."""
     d, the_min, q = _fit_scale_min(
-        blocks.t().contiguous(), weights.t().contiguous(), nmax, -0.9, 0.05, 36, use_mad=False, return_quants=True
+        blocks.t().contiguous(), weights.t().contiguous(), nmax, -0.9, 0.05, 36, error="mse", return_quants=True
     )
     return _f16_bytes(d), _f16_bytes(-the_min), _to_bytes(q.t())
 

@@ -18,6 +18,7 @@ format's ``g_idx`` expresses; some third-party kernels refuse such checkpoints.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -70,7 +71,12 @@ def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 class _GPTQLayerQuantizer:
-    """GPTQ's step of :func:`quantkit.pipeline.quantize_layerwise` for one decoder layer."""
+    """GPTQ's step of :func:`quantkit.pipeline.quantize_layerwise` for one decoder layer.
+
+    Linears sharing an input (and a config) are quantized as one weight stacked along the
+    output dim: GPTQ treats rows independently, so this gives each the same result as alone
+    while factorizing their shared Hessian once.
+    """
 
     def __init__(self, config: GPTQConfig):
         self.config = config
@@ -86,27 +92,54 @@ class _GPTQLayerQuantizer:
             }
             ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
             for _, members in step:
-                H = hessians[members[0]].H
-                for name in members:
-                    results[name] = self._quantize(ctx.targets[name].name, ctx.targets[name], H)
-                    ctx.targets[name].linear.weight.copy_(results[name].dequantized)
-            del hessians
+                H = hessians.pop(members[0]).H
+                for names in _same_config(ctx, members):
+                    results.update(self._quantize(ctx, names, H))
         for name, result in results.items():
             ctx.replace(name, _packed_module(ctx.targets[name].linear, result))
 
-    def _quantize(self, full_name: str, target, H: torch.Tensor) -> GPTQResult:
-        cfg = target.config
+    def _quantize(self, ctx: LayerContext, names: list[str], H: torch.Tensor) -> dict[str, GPTQResult]:
+        """GPTQ on the stacked weights of ``names``; each linear's weight becomes its dequantized self."""
+        cfg = ctx.targets[names[0]].config
+        linears = [ctx.targets[name].linear for name in names]
+        stacked = torch.cat([linear.weight for linear in linears])
         result = gptq_quantize(
-            target.linear.weight, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+            stacked, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
             desc_act=cfg.desc_act, static_groups=cfg.static_groups, damp_percent=cfg.damp_percent,
         )
+        label = f"{ctx.name}.{{{','.join(names)}}}"
         if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:
             log.warning(
                 "%s: Hessian not invertible with damp_percent=%g (dead or collinear inputs); used %g",
-                full_name, cfg.damp_percent, result.damp_percent,
+                label, cfg.damp_percent, result.damp_percent,
             )
-        log.debug("%s: GPTQ loss %.4g", full_name, result.loss)
-        return result
+        log.debug("%s: GPTQ loss %.4g", label, result.loss)
+        split = {}
+        rows = [linear.out_features for linear in linears]
+        parts = zip(
+            result.intweight.split(rows), result.scales.split(rows, dim=1),
+            result.zeros.split(rows, dim=1), result.dequantized.split(rows),
+        )
+        for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
+            linear.weight.copy_(dequantized)
+            split[name] = replace(
+                result, intweight=intweight, scales=scales.contiguous(), zeros=zeros.contiguous(),
+                g_idx=result.g_idx.clone(), dequantized=dequantized, loss=None,
+            )
+        return split
+
+
+def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:
+    """``members`` partitioned by effective config (module_overrides can set them apart)."""
+    parts: list[list[str]] = []
+    for name in members:
+        config = ctx.targets[name].config
+        part = next((p for p in parts if ctx.targets[p[0]].config == config), None)
+        if part is None:
+            parts.append([name])
+        else:
+            part.append(name)
+    return parts
 
 
 class GPTQBackend(Backend):

@@ -65,6 +65,10 @@ def _pack_rows(values: Tensor, bits: int) -> Tensor:
 
 def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
     """Inverse of :func:`_pack_rows`: int32 ``(w, m)`` to int32 ``(w * 32 // bits, m)``."""
+    if 32 % bits == 0:  # whole values per word: one broadcast shift (the mask drops sign bits)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
+        return values.reshape(-1, packed.shape[1])
     word, shift = _bit_offsets(packed.shape[0] * 32 // bits, bits, packed.device)
     words = packed.to(torch.int64) & _WORD_MASK
     values = words[word] >> shift[:, None]
@@ -124,6 +128,8 @@ def unpack_gptq(qweight: Tensor, qzeros: Tensor, bits: int) -> tuple[Tensor, Ten
 
 def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
     """Float32 weight ``(out, in)`` of GPTQ v1 tensors: ``scales[g] * (q - zeros[g])``."""
-    intweight, zeros = unpack_gptq(qweight, qzeros, bits)
+    _check_bits(bits)
+    intweight = _unpack_rows(qweight, bits)  # (in, out): rows of qweight, no transposed copies
+    zeros = _unpack_rows(qzeros.t(), bits).t() + 1
     groups = g_idx.long()
-    return scales.float()[groups].t() * (intweight - zeros[groups].t())
+    return (scales.float()[groups] * (intweight - zeros[groups])).t()

@@ -12,6 +12,8 @@ from rich.console import Console
 
 
 def add_parser(subparsers) -> None:
+    from quantkit.compare import DEFAULT_METHODS
+
     parser = subparsers.add_parser(
         "compare", help="compare quantization methods on one model and one text",
         description=(
@@ -23,8 +25,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--methods", action="append", metavar="LIST",
-                        help="comma-separated presets, quant_methods or fp32/bf16/fp16 (default: "
-                             "the standard list; the fp32 baseline is always added)")
+                        help="comma-separated presets, quant_methods, fp32/bf16/fp16, 'default' or 'all' "
+                             f"(default: {','.join(DEFAULT_METHODS)}; the fp32 baseline is always added)")
     parser.add_argument("--config-file", type=Path,
                         help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
     parser.add_argument("--dataset", default="pydoc", help="dataset name or text file (default: pydoc, built in)")
@@ -33,7 +35,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--stride", type=int, help="window stride (default: --seqlen, no overlap)")
     parser.add_argument("--calibration-samples", type=int, default=64, help="calibration windows (default 64)")
     parser.add_argument("--calibration-seqlen", type=int, help="calibration window length (default: --seqlen)")
-    parser.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
+    parser.add_argument("--decode-tokens", type=int, default=32,
+                        help="greedy tokens timed for decode speed (default 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--threads", type=int, help="torch threads for every method (default: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("quantkit-compare"),
@@ -80,13 +83,14 @@ class ProgressView:
 
     def __call__(self, event) -> None:
         p = self.progress
-        if event.stage in ("done", "failed", "unavailable"):
+        if event.stage in ("done", "failed", "unavailable", "skipped"):
             if self.current is not None:
                 p.remove_task(self.current)
                 self.current = None
             p.advance(self.overall)
-            took = f" in {time.perf_counter() - self.started:.0f} s" if event.stage != "unavailable" else ""
-            self.console.print(f"{event.method}: {event.stage}{took}", highlight=False)
+            took = f" in {time.perf_counter() - self.started:.0f} s" if event.stage in ("done", "failed") else ""
+            note = " (measured by an earlier run)" if event.stage == "skipped" else ""
+            self.console.print(f"{event.method}: {event.stage}{took}{note}", highlight=False)
             return
         if event.stage == "start":
             self.started = time.perf_counter()
