@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,14 +49,13 @@ def gguf_rows(types: list[str], shape: tuple[int, int]) -> list[Row]:
     rows = []
     for qtype in types:
         reference = None
-        if qtype not in LLAMA_CPP_RELATIVE_ERROR:
-            ggml_type = GGMLQuantizationType[qtype]
-            reference = lambda a, t=ggml_type: gguf_quants.quantize(a, t)  # noqa: E731
+        if qtype not in LLAMA_CPP_RELATIVE_ERROR and qtype != "F32":  # gguf-py returns F32 input as is
+            reference = partial(gguf_quants.quantize, qtype=GGMLQuantizationType[qtype])
         rows.append(
             Row(
                 name=f"gguf {qtype}",
-                quantize=lambda w, t=qtype: quants.quantize(w, t),
-                dequantize=lambda data, t=qtype: quants.dequantize(data, t, shape),
+                quantize=partial(quants.quantize, qtype=qtype),
+                dequantize=partial(quants.dequantize, qtype=qtype, shape=shape),
                 reference=reference,
                 reference_error=LLAMA_CPP_RELATIVE_ERROR.get(qtype),
             )
@@ -62,12 +63,12 @@ def gguf_rows(types: list[str], shape: tuple[int, int]) -> list[Row]:
     return rows
 
 
-def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Shortest wall time of ``repeats`` calls, and the last result."""
+def best_of(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """Shortest wall time of ``repeats`` calls of ``fn(*args)``, and the last result."""
     best, result = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         best = min(best, time.perf_counter() - start)
     return best, result
 
@@ -94,27 +95,41 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, numpy {np.__version__}")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
+    print(f"load average: {load_average()}")
 
     weight = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
+    array = weight.numpy()
     rows = gguf_rows([t.strip() for t in args.types.split(",") if t.strip()], tuple(weight.shape))
 
-    header = f"{'quantizer':<12} {'bits/w':>7} {'seconds':>8} {'rel. error':>10} {'reference s':>11} {'speedup':>8} {'ref. error':>10}"
-    print(header)
-    print("-" * len(header))
+    widths = [12, 7, 8, 10, 8, 8, 10]
+    print(table_line(["quantizer", "bits/w", "seconds", "rel. error", "ref. s", "speedup", "ref. error"], widths))
     for row in rows:
-        seconds, data = best_of(lambda: row.quantize(weight), args.repeats)
+        seconds, data = best_of(args.repeats, row.quantize, weight)
         error = ((row.dequantize(data) - weight).norm() / weight.norm()).item()
-        bits = storage_bits(data) / weight.numel()
-        ref_seconds = speedup = ""
+        cells = [row.name, f"{storage_bits(data) / weight.numel():.3f}", f"{seconds:.3f}", f"{error:.4f}", "", ""]
         if row.reference is not None:
-            array = weight.numpy()
             with np.errstate(all="ignore"):
-                ref_time, _ = best_of(lambda: row.reference(array), args.repeats)
-            ref_seconds, speedup = f"{ref_time:.3f}", f"{ref_time / seconds:.1f}x"
-        ref_error = "" if row.reference_error is None else f"{row.reference_error:.4f}"
-        print(f"{row.name:<12} {bits:>7.3f} {seconds:>8.3f} {error:>10.4f} {ref_seconds:>11} {speedup:>8} {ref_error:>10}")
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+                reference_seconds, _ = best_of(args.repeats, row.reference, array)
+            cells[4:6] = [f"{reference_seconds:.3f}", f"{reference_seconds / seconds:.1f}x"]
+        cells.append("" if row.reference_error is None else f"{row.reference_error:.4f}")
+        print(table_line(cells, widths))
+    print("ref. s: the reference implementation's time (gguf-py for GGUF legacy types) and our speedup over it;")
+    print("ref. error: the relative error of the method's reference implementation (llama.cpp for K-quants).")
+    print(f"load average: {load_average()}")
+
+
+def table_line(cells: list[str], widths: list[int]) -> str:
+    """The first cell left-aligned, the others right-aligned, in columns of ``widths``."""
+    first, *rest = zip(cells, widths, strict=True)
+    return " ".join([f"{first[0]:<{first[1]}}", *(f"{cell:>{width}}" for cell, width in rest)])
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

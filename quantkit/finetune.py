@@ -18,21 +18,23 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .configs import QuantConfig, as_config
 from .errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
 from .hardware import resolve_device
 from .progress import track
 from .serialization import BACKEND_ATTR, atomic_path
-
-if TYPE_CHECKING:
-    from peft import LoraConfig, PeftModel
 
 log = logging.getLogger("quantkit")
 
@@ -82,8 +84,6 @@ def check_trainable(model: nn.Module) -> None:
 def lora_config(lora: bool | Mapping[str, Any] | LoraConfig = True) -> LoraConfig:
     """A causal-LM ``peft.LoraConfig``: ``True`` for :data:`LORA_DEFAULTS`, a dict to
     override some of its fields, or a ``LoraConfig`` as is."""
-    from peft import LoraConfig
-
     if isinstance(lora, LoraConfig):
         return lora
     if lora is True:
@@ -107,18 +107,80 @@ def lora_targets(model: nn.Module) -> list[str]:
     ``"all-linear"`` selects. Quantized linears are the modules with integer
     ``in_features``/``out_features`` (bitsandbytes, HQQ, GPTQ, AWQ, GGUF ones)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, module in model.named_modules():
-        if module is head or not name:
-            continue
-        if isinstance(module, nn.Linear) or (
-            isinstance(getattr(module, "in_features", None), int)
-            and isinstance(getattr(module, "out_features", None), int)
-        ):
-            names.append(name)
+    names = [name for name, module in model.named_modules() if name and module is not head and _is_linear(module)]
     if not names:
         raise QuantkitError(f"{type(model).__name__} has no linear layer to attach LoRA to")
     return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+    )
+
+
+# -- LoRA layers for quantized linears PEFT does not know -----------------------------
+
+PEFT_NATIVE_PACKAGES = ("bitsandbytes", "hqq")
+"""Packages whose quantized linears PEFT wraps with LoRA layers of its own (which can merge)."""
+
+
+class QuantizedLoraLinear(nn.Module, LoraLayer):
+    """LoRA around a quantized linear that PEFT has no layer for (quantkit's GPTQ, AWQ,
+    RTN and GGUF modules): ``base(x) + B(A(dropout(x))) * scaling``.
+
+    The base layer's forward must be differentiable in its input (these dequantize and
+    call ``F.linear``). It is recomputed in the backward pass instead of keeping its
+    dequantized float weight alive for it, so that training holds one layer's float
+    weight at a time, as bitsandbytes does. Merging is not supported: the base formats
+    cannot be re-quantized without their calibration data.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # PEFT warns about layer types it does not know: this layer is for them
+            warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+            LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if torch.is_grad_enabled() and x.requires_grad:
+            result = checkpoint(base, x, use_reentrant=False)
+        else:
+            result = base(x)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            update = lora_B(lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))))
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def with_quantized_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """A copy of ``config`` with :class:`QuantizedLoraLinear` registered (PEFT's
+    custom-module mechanism) for every quantized linear type in ``model`` that PEFT
+    does not wrap itself."""
+    config = copy.copy(config)
+    custom = {
+        type(module): QuantizedLoraLinear
+        for name, module in model.named_modules()
+        if name and _is_linear(module) and not isinstance(module, (nn.Linear, BaseTunerLayer))
+        and type(module).__module__.split(".")[0] not in PEFT_NATIVE_PACKAGES
+    }
+    if custom:
+        own = config._custom_modules or {}
+        config._custom_modules = None  # a mapping of the copy's own, not shared with the caller's config
+        config._register_custom_module({**custom, **own})
+    return config
 
 
 # -- preparing and adapting a model --------------------------------------------------
@@ -165,12 +227,9 @@ def attach_lora(
     quantized linears which are not ``nn.Linear`` subclasses (HQQ) are adapted too.
     Only the adapter matrices require grad afterwards.
     """
-    from peft import get_peft_model
-
-    config = lora_config(lora)
     prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
+    config = with_quantized_layers(lora_config(lora), model)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        config = copy.copy(config)  # keeps custom modules registered on the caller's config
         config.target_modules = set(lora_targets(model))
     try:
         peft_model = get_peft_model(model, config)
@@ -197,8 +256,6 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> PeftModel:
     """``model`` (the same base the adapter was trained on) with the adapter at ``path``."""
-    from peft import PeftModel
-
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise ModelFormatError(f"{str(path)!r} holds no {ADAPTER_WEIGHTS}")
@@ -206,7 +263,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
         prepare_for_training(model)
     else:
         check_trainable(model)
-    return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    config = with_quantized_layers(LoraConfig.from_pretrained(path), model)
+    return PeftModel.from_pretrained(model, path, config=config, is_trainable=trainable)
 
 
 def merge_adapter(model: PeftModel) -> nn.Module:
@@ -216,8 +274,6 @@ def merge_adapter(model: PeftModel) -> nn.Module:
     HQQ): the result is close to, not identical with, the adapted model. A base
     whose LoRA layers cannot merge raises :class:`QuantkitError` naming the backend.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     unmergeable = sorted({
         type(m.get_base_layer()).__name__ for m in _lora_layers(model) if type(m).merge is BaseTunerLayer.merge
     })
@@ -398,6 +454,4 @@ def _backend_name(model: nn.Module) -> str:
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
     return [m for m in model.modules() if isinstance(m, LoraLayer)]

@@ -213,7 +213,7 @@ class _StubTokenizer:
 
 # -- SmolLM2: QLoRA on bitsandbytes NF4, LoRA on HQQ 4-bit ------------------------------
 
-STEPS, BATCH, SEQLEN = 16, 2, 64
+STEPS, BATCH, SEQLEN = 16, 2, 48
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,10 @@ def test_lora_on_a_quantized_smollm2_trains_the_adapter_only(smollm, config, tmp
     start_loss = _eval_loss(peft_model, probe)
 
     result = ft.finetune(peft_model, tokenizer, tokens, steps=STEPS, lr=2e-3, batch_size=BATCH)
-    assert _eval_loss(result.model, probe) < start_loss - 0.1
-    assert len(result.losses) == STEPS and all(map(torch.isfinite, torch.tensor(result.losses)))
+    assert _eval_loss(result.model, probe) < start_loss - 0.5  # measured: 4.1 -> 2.8 on both backends
+    losses = torch.tensor(result.losses)
+    assert len(losses) == STEPS and torch.isfinite(losses).all()
+    assert losses[-4:].mean() < losses[:4].mean()  # each step's loss is on a batch not trained on yet
 
     # every adapter matrix trained; nothing else did, or even received a gradient
     trained = _lora_state(result.model)

@@ -277,7 +277,7 @@ def smollm2():
     from quantkit.models import load_model
 
     model, tokenizer = load_model()
-    tokens = evaluation_tokens(tokenizer, max_tokens=2048)
+    tokens = evaluation_tokens(tokenizer, max_tokens=1024)
     return model, tokens, evaluate(model, tokens, seqlen=512).perplexity
 
 

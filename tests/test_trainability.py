@@ -6,9 +6,10 @@ available backend quantizes a tiny random Llama, then:
 - through quantkit (``finetune.attach_lora``): a backend declaring ``trainable=True``
   must really train (finite loss, gradients reaching every adapter, adapters moving,
   quantized base untouched); one declaring ``False`` must raise ``NotTrainableError``;
-- through PEFT directly, bypassing quantkit's gate: whether LoRA really trains on the
-  backend's modules must again equal the declaration, so that a ``False`` is not
-  hiding a backend that works (nor a ``True`` one that does not).
+- through PEFT directly, bypassing quantkit's gate and preparation (with the LoRA layer
+  quantkit registers for quantized linears PEFT does not know): whether LoRA really
+  trains on the backend's modules must again equal the declaration, so that a ``False``
+  is not hiding a backend that works (nor a ``True`` one that does not).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _label(config) -> str:
 def _quantized(config) -> torch.nn.Module:
     # hidden 256 / MLP 512: multiples of every default group size and of the 256-wide K-quant rows
     model = make_tiny_llama(hidden=256, intermediate=512, vocab=VOCAB)
-    calibration = torch.randint(0, VOCAB, (16, 2 * SEQLEN), generator=torch.Generator().manual_seed(1))
+    calibration = torch.randint(0, VOCAB, (8, 2 * SEQLEN), generator=torch.Generator().manual_seed(1))
     return quantkit.quantize(model, config, calibration=calibration, device="cpu")
 
 
@@ -100,7 +101,7 @@ def raw_peft_lora(model):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=8, target_modules=ft.lora_targets(model), lora_dropout=0.0)
-    return get_peft_model(model, config)
+    return get_peft_model(model, ft.with_quantized_layers(config, model))
 
 
 @pytest.mark.parametrize(("name", "config"), _configs())

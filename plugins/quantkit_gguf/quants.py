@@ -6,12 +6,13 @@
   ``gguf.quants.quantize`` byte for byte (same float32 arithmetic, same tie-breaking).
 * K-quants (Q2_K ... Q6_K) follow llama.cpp's reference quantizers (``quantize_row_qX_K_ref``
   in ggml-quants.c): the same scale searches, rounding (``nearest_int``: half to even) and
-  packing, evaluated for all blocks at once. Float sums are accumulated in another order than
-  the sequential C loops, so a near-tie can rarely resolve differently. Quants of sub-blocks
-  whose quantized scale is zero are stored as 0; they decode to the same values whatever
-  they hold.
+  packing, run for all blocks at once. Q3_K and Q6_K reproduce llama.cpp's bytes; in the
+  other searches sums are accumulated in another order (and Q4_K/Q5_K rate their trials from
+  the sums), so near-ties can resolve differently: some blocks differ, equally accurate.
+  Quants of sub-blocks whose quantized scale is zero are stored as 0 (they decode to the
+  same values whatever they hold).
 * With an importance matrix (one value per column), K-quants and Q4_0/Q4_1/Q5_0/Q5_1 use
-  llama.cpp's weighted quantizers (``quantize_row_qX_impl``).
+  llama.cpp's weighted quantizers (``quantize_qX`` with ``quant_weights``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ _SIZES: dict[str, tuple[int, int]] = {
 QUANT_TYPES: tuple[str, ...] = tuple(_SIZES)
 
 # Weights quantized per chunk: on CPU, enough to amortize per-kernel overhead while the
-# chunk's working set stays in cache.
+# chunk's working set stays in cache. Q3_K first fits its sub-block scales in larger
+# batches: its sequential refinement runs many small kernels on the few sub-blocks it moves.
 _CPU_CHUNK_ELEMENTS = 1 << 18
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+_Q3_K_SCALE_BATCH_ELEMENTS = 1 << 22
 
 
 def _sizes(qtype: str) -> tuple[int, int]:
@@ -173,6 +176,14 @@ def _half_bytes(x: Tensor, dtype: torch.dtype, nan_bits: Callable[[Tensor], Tens
     return bits.view(torch.uint8)
 
 
+def _quantize_f16(values: Tensor) -> Tensor:
+    return _half_bytes(values, torch.float16, _f16_nan_bits)
+
+
+def _quantize_bf16(values: Tensor) -> Tensor:
+    return _half_bytes(values, torch.bfloat16, _bf16_nan_bits)
+
+
 def _round_half_away(x: Tensor) -> Tensor:
     """C ``roundf``: round to nearest, ties away from zero, exactly (as gguf-py's np_roundf)."""
     a = x.abs()
@@ -285,9 +296,10 @@ def _fit_scale_min(
         return s_l, s_l2, s_xl
 
     def trial_error(scale: Tensor, the_min: Tensor, sums: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        if error == "mse_from_sums":
+        if error == "mse_from_sums":  # sum w (scale q - the_min - x)^2, expanded
             s_l, s_l2, s_xl = sums
-            return scale * (scale * s_l2 - 2 * the_min * s_l - 2 * s_xl) + the_min * (the_min * sum_w + 2 * sum_x) + sum_x2
+            fit_terms = scale * (scale * s_l2 - 2 * the_min * s_l - 2 * s_xl)
+            return fit_terms + the_min * (the_min * sum_w + 2 * sum_x) + sum_x2
         residual = torch.addcmul(-the_min, q, scale, out=tmp).sub_(x)
         if error == "mad":
             return residual.abs_().mul_(w).sum(0, keepdim=True)
@@ -363,58 +375,62 @@ def _fit_symmetric_scale(
     return scale.mul_(nonzero), best_q
 
 
-def _fit_q3_scale(x: Tensor) -> Tensor:
-    """llama.cpp ``make_q3_quants(nmax=4, do_rmse=true)`` for groups stored as columns; (1, B) scales.
+def _q3_k_scales(xs: Tensor) -> Tensor:
+    """llama.cpp ``make_q3_quants(16, 4, do_rmse=true)`` scale of each 16-weight sub-block of xs (S, 256).
 
     The quants q = round(-4 x / max) are refined by llama.cpp's coordinate descent on the
-    x^2-weighted least-squares error (up to 5 in-order sweeps over the group, stopping after
-    a sweep without change), then the least-squares scale is returned. Only groups whose
-    peak is negative can move: for the others every x * q <= 0 and the "slx > 0" test fails.
-    Each step tests one element of every moving group and finishes the few groups whose
-    quant would change apart; a group that a sweep leaves unchanged would stay so, so each
-    sweep only visits the groups the previous one changed.
+    x^2-weighted least-squares error (up to 5 in-order sweeps over the sub-block, stopping
+    after a sweep without change) and the least-squares scale is returned, as (S, 16).
+    Only sub-blocks whose peak is negative can move: for the others every x * q <= 0 and the
+    "slx > 0" test always fails. The descent runs on all moving sub-blocks at once: each
+    step tests one element of each and finishes the few that change apart, and a sub-block
+    that a sweep leaves unchanged would stay so, so the next sweep skips it.
     """
-    peak = _peak(x, 0)
-    nonzero = _positive(peak.abs() - _GROUP_MAX_EPS)
-    q = torch.mul(x, -4 / (peak + (1 - nonzero)), out=torch.empty_like(x)).round_().clamp_(-4, 3)
-    w = x * x
-    wx = w * x
-    wxq = wx * q  # per-element terms of the sums, as llama.cpp computes them
-    wq2 = w * q * q
-    sumlx = wxq.sum(0)
-    suml2 = wq2.sum(0)
+    groups = xs.reshape(-1, 16)
+    sumlx, suml2, peaks = [], [], []
+    for part in groups.split(_CPU_CHUNK_ELEMENTS // 16):  # cache-sized pieces for the first pass
+        x = part.t().contiguous()
+        peak = _peak(x, 0)
+        q = (x * (-4 / (peak + (peak == 0)))).round_().clamp_(-4, 3)
+        w = x * x
+        sumlx.append((w * x * q).sum(0))
+        suml2.append((w * q * q).sum(0))
+        peaks.append(peak.view(-1))
+    sumlx, suml2, peak = torch.cat(sumlx), torch.cat(suml2), torch.cat(peaks)
 
-    group = torch.nonzero(peak.view(-1) < 0).view(-1)  # moving groups, visited as columns
-    xa, qa, wa, wxa, wxqa, wq2a = (t.index_select(1, group) for t in (x, q, w, wx, wxq, wq2))
+    group = torch.nonzero(peak < 0).view(-1)  # moving sub-blocks, visited as columns
+    xa = groups.index_select(0, group).t().contiguous()
+    qa = (xa * (-4 / peak.index_select(0, group))).round_().clamp_(-4, 3)
     lx, l2 = sumlx.index_select(0, group), suml2.index_select(0, group)
     for _sweep in range(5):
         if not len(group):
             break
         changed = torch.zeros_like(lx, dtype=torch.bool)
-        for i in range(x.shape[0]):
-            slx = lx - wxqa[i]
-            sl2 = l2 - wq2a[i]
-            new = (xa[i] * sl2 / slx).round_().clamp_(-4, 3)
-            tried = torch.nonzero(new != qa[i]).view(-1)  # NaN where slx == 0: rejected below
+        for i in range(16):
+            xi, qi = xa[i], qa[i]
+            wi = xi * xi
+            wxi = wi * xi
+            slx = lx - wxi * qi  # the sums without element i, as llama.cpp computes them
+            sl2 = l2 - wi * qi * qi
+            new = (xi * sl2 / slx).round_().clamp_(-4, 3)
+            tried = torch.nonzero(new != qi).view(-1)  # NaN where slx == 0: rejected below
             if not len(tried):
                 continue
-            new, slx, sl2, wi, wxi, old_lx, old_l2 = (
-                t.index_select(0, tried) for t in (new, slx, sl2, wa[i], wxa[i], lx, l2)
-            )
-            new_wxq, new_wq2 = wxi * new, wi * new * new
-            new_lx, new_l2 = slx + new_wxq, sl2 + new_wq2
+            new, slx, sl2, wi, wxi, old_lx, old_l2 = (t.index_select(0, tried) for t in (new, slx, sl2, wi, wxi, lx, l2))
+            new_lx, new_l2 = slx + wxi * new, sl2 + wi * new * new
             take = (slx > 0) & (new_l2 > 0) & (new_lx * new_lx * old_l2 > old_lx * old_lx * new_l2)
-            took = tried[take]
-            for target, value in ((qa[i], new), (wxqa[i], new_wxq), (wq2a[i], new_wq2), (lx, new_lx), (l2, new_l2)):
-                target.index_copy_(0, took, value[take])
+            accepted = torch.nonzero(take).view(-1)
+            took = tried.index_select(0, accepted)
+            for target, value in ((qi, new), (lx, new_lx), (l2, new_l2)):
+                target.index_copy_(0, took, value.index_select(0, accepted))
             changed.index_fill_(0, took, True)
         sumlx.index_copy_(0, group, lx)
         suml2.index_copy_(0, group, l2)
         keep = torch.nonzero(changed).view(-1)
         group, lx, l2 = group[keep], lx.index_select(0, keep), l2.index_select(0, keep)
-        xa, qa, wa, wxa, wxqa, wq2a = (t.index_select(1, keep) for t in (xa, qa, wa, wxa, wxqa, wq2a))
-    has_l2 = _positive(suml2)
-    return (sumlx / (suml2 + (1 - has_l2))).mul_(nonzero.view(-1)).view(1, -1)
+        xa, qa = xa.index_select(1, keep), qa.index_select(1, keep)
+    scales = torch.where(suml2 > 0, sumlx / suml2, 0.0)
+    return scales.masked_fill_(peak.abs() < _GROUP_MAX_EPS, 0.0).view(-1, 16)
 
 
 def _fit_scale_vector(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
@@ -541,18 +557,18 @@ def _quantize_q2_k(xs: Tensor, qw: Tensor | None) -> Tensor:
     return torch.cat([ls | (lm << 4), qs, _f16_bytes(d), _f16_bytes(dmin)], dim=-1)
 
 
-def _quantize_q3_k(xs: Tensor, qw: Tensor | None) -> Tensor:
+def _quantize_q3_k(xs: Tensor, qw: Tensor | None, scales: Tensor | None = None) -> Tensor:
+    """Q3_K blocks; ``scales`` are the sub-block scales of ``_q3_k_scales`` when already computed."""
     s = xs.shape[0]
-    x = _columns(xs, 16)
     if qw is None:
-        scales = _fit_q3_scale(x).view(s, 16)
+        scales = _q3_k_scales(xs) if scales is None else scales
         top = _peak(scales, 1)
         iscale = torch.where(top == 0, 0.0, -32 / top)
         codes = (iscale * scales).round_().clamp_(-32, 31).add_(32).masked_fill_(top == 0, 0.0)
         d = _as_f16(torch.reciprocal(iscale)).masked_fill_(top == 0, 0.0)
     else:
         weights = _importance(xs, qw, 2.0)
-        scales = _fit_symmetric_scale(x, _columns(weights, 16), 4)[0].view(s, 16)
+        scales = _fit_symmetric_scale(_columns(xs, 16), _columns(weights, 16), 4)[0].view(s, 16)
         sw = weights.view(s, 16, 16).sum(-1)
         d, codes = _fit_symmetric_scale(scales.t(), sw.t(), 32, return_quants=True)
         d, codes = _as_f16(d.view(s, 1)), codes.t()
@@ -735,6 +751,8 @@ def _dequantize_q6_k(b: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- public API
 
 _LEGACY_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "F16": _quantize_f16,
+    "BF16": _quantize_bf16,
     "Q8_0": _quantize_q8_0,
     "Q5_1": _quantize_q5_1,
     "Q5_0": _quantize_q5_0,
@@ -768,8 +786,8 @@ _DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _run_chunks(quantize_chunk: Callable[[int], None], starts: range, on_cpu: bool) -> None:
-    """Call ``quantize_chunk`` on every chunk start.
+def _run_chunks(work: Callable[[int], None], starts: range, on_cpu: bool) -> None:
+    """Call ``work`` on every chunk start.
 
     A chunk runs many small kernels. On CPU, spreading the chunks over a thread pool whose
     kernels run single-threaded scales better than intra-op parallelism, and degrades
@@ -779,12 +797,12 @@ def _run_chunks(quantize_chunk: Callable[[int], None], starts: range, on_cpu: bo
     threads = torch.get_num_threads()
     if not on_cpu or threads == 1:
         for start in starts:
-            quantize_chunk(start)
+            work(start)
         return
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max(1, min(threads, len(starts)))) as pool:
-            for _ in pool.map(quantize_chunk, starts):
+            for _ in pool.map(work, starts):
                 pass
     finally:
         torch.set_num_threads(threads)
@@ -794,8 +812,9 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     """Quantize ``weight`` (rows, cols) to ``qtype``; returns uint8 (rows, cols / block_size * type_size).
 
     The bytes are the ggml block layout, row after row, as stored in a GGUF file; leading
-    dimensions are kept. ``imatrix`` (cols,) holds llama.cpp importance-matrix values, one
-    per column; F32, F16, BF16 and Q8_0 ignore it. Runs on ``weight``'s device.
+    dimensions are kept and the weights are converted to float32 first. ``imatrix`` (cols,)
+    holds llama.cpp importance-matrix values, one per column; F32, F16, BF16 and Q8_0 ignore
+    it. Runs on ``weight``'s device.
     """
     bs, ts = _sizes(qtype)
     if weight.dim() == 0:
@@ -806,16 +825,12 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     out_shape = (*weight.shape[:-1], cols // bs * ts)
     x = weight.to(torch.float32).contiguous()
     if qtype == "F32":
-        return x.view(torch.uint8).reshape(out_shape)
-    if qtype == "F16":
-        return _half_bytes(x, torch.float16, _f16_nan_bits).reshape(out_shape)
-    if qtype == "BF16":
-        return _half_bytes(x, torch.bfloat16, _bf16_nan_bits).reshape(out_shape)
+        return x.view(torch.uint8).reshape(out_shape).clone()
     if imatrix is not None:
         if imatrix.shape != (cols,):
             raise ValueError(f"{qtype}: imatrix has shape {tuple(imatrix.shape)}, expected ({cols},)")
         imatrix = imatrix.to(device=x.device, dtype=torch.float32).view(-1, bs)
-        if qtype == "Q8_0":
+        if qtype not in _K_QUANTIZERS and qtype not in _WEIGHTED_LEGACY_QUANTIZERS:
             imatrix = None
 
     rows = x.view(-1, cols)
@@ -826,6 +841,15 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
         row_sigma2 = (rows * rows).sum(-1) / cols  # these use the mean of x^2 over the whole row
     on_cpu = x.device.type == "cpu"
     chunk = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _ACCELERATOR_CHUNK_ELEMENTS) // bs)
+    q3_scales = None
+    if qtype == "Q3_K" and imatrix is None:
+        q3_scales = torch.empty((blocks.shape[0], 16), device=x.device)
+        batch = max(1, _Q3_K_SCALE_BATCH_ELEMENTS // bs) if on_cpu else chunk
+
+        def fit_q3_scales(start: int) -> None:
+            q3_scales[start : start + batch] = _q3_k_scales(blocks[start : start + batch])
+
+        _run_chunks(fit_q3_scales, range(0, blocks.shape[0], batch), on_cpu)
 
     def quantize_chunk(start: int) -> None:
         part = blocks[start : start + chunk]
@@ -833,7 +857,9 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
         if imatrix is not None:
             index = torch.arange(start, start + part.shape[0], device=x.device)
             qw = imatrix[index % blocks_per_row]
-        if qtype in _K_QUANTIZERS:
+        if q3_scales is not None:
+            out[start : start + chunk] = _quantize_q3_k(part, None, q3_scales[start : start + chunk])
+        elif qtype in _K_QUANTIZERS:
             out[start : start + chunk] = _K_QUANTIZERS[qtype](part, qw)
         elif qw is None:
             out[start : start + chunk] = _LEGACY_QUANTIZERS[qtype](part)

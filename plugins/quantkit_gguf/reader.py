@@ -46,8 +46,8 @@ def read_gguf(path: Path, device: torch.device) -> nn.Module:
             "(quantkit.models.load_model reads other architectures as float models)"
         )
     tensors = {t.name: t for t in reader.tensors}
-    model = empty_model(_hf_config(reader, tensors))
     try:
+        model = empty_model(_hf_config(reader, tensors))
         config = _fill(model, tensors, _QUANT_TYPES_OF_FILE.get(_field(reader, "general.file_type")))
     except ModelFormatError:
         raise

@@ -148,12 +148,13 @@ def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, flo
     while True:
         damped = H.clone()
         damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        # With P the reversal permutation and P H P = L L^T, H^-1 = U^T U for U = P L^-1 P (upper,
+        # positive diagonal): the factor without forming H^-1 (one Cholesky, one triangular solve).
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info.item() == 0:
-            # cholesky_solve against I, not cholesky_inverse: same result, ~30x faster on CPU.
             eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, lower), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 return upper, damp
         if damp >= _MAX_DAMP:
             raise QuantizationError(
@@ -219,32 +220,37 @@ def gptq_quantize(
 
     Hinv, damp = _inverse_hessian_factor(H, damp_percent)
     del H
-    Q = torch.empty_like(W)
-    loss = W.new_zeros(())
+    # The column loop runs on W transposed, (in, out): each input column is a contiguous row,
+    # which makes its rank-1 updates about 4x faster on CPU than on strided columns.
+    Wt = W.t().contiguous()
+    del W
+    Qt = torch.empty_like(Wt)
+    loss = Wt.new_zeros(())
     for b0 in range(0, in_features, block_size):
         b1 = min(b0 + block_size, in_features)
-        W1 = W[:, b0:b1].clone()
+        W1 = Wt[b0:b1].clone()
         Hinv1 = Hinv[b0:b1, b0:b1]
         Err1 = torch.empty_like(W1)
         for i in range(b1 - b0):
             col = b0 + i
             if not static_groups and col % group_size == 0:
                 end = min(col + group_size, in_features)
-                members = W1[:, i : end - b0]
+                members = W1[i : end - b0]
                 if end > b1:  # the group runs past this block: add the block's updates so far
-                    tail = W[:, b1:end] - Err1[:, :i] @ Hinv[b0:col, b1:end]
-                    members = torch.cat((members, tail), 1)
+                    tail = Wt[b1:end] - Hinv[b0:col, b1:end].t() @ Err1[:i]
+                    members = torch.cat((members, tail), 0)
                 g = col // group_size
-                scales[g], zeros[g] = _minmax_params(members.amin(1), members.amax(1), bits, sym)
+                scales[g], zeros[g] = _minmax_params(members.amin(0), members.amax(0), bits, sym)
             g = column_group_list[col]
-            w = W1[:, i]
+            w = W1[i]
             q = torch.clamp(torch.round(w / scales[g]) + zeros[g], 0, maxq)
-            Q[:, col] = q
+            Qt[col] = q
             err = (w - scales[g] * (q - zeros[g])) / Hinv1[i, i]
-            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
-            Err1[:, i] = err
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+            Err1[i] = err
         loss += Err1.square().sum() / 2
-        W[:, b1:].addmm_(Err1, Hinv[b0:b1, b1:], alpha=-1)
+        Wt[b1:].addmm_(Hinv[b0:b1, b1:].t(), Err1, alpha=-1)
+    Q = Qt.t().contiguous()
 
     if perm is not None:
         inverse = torch.argsort(perm)
