@@ -12,6 +12,9 @@ from conftest import make_tiny_llama
 
 import quantkit
 from quantkit import finetune as ft
+from quantkit.backend import Backend
+from quantkit.capabilities import ALL_HARDWARE, Capabilities
+from quantkit.serialization import BACKEND_ATTR
 from quantkit.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,11 +135,30 @@ def test_finetune_rejects_bad_sizes(tiny_llama) -> None:
 # -- the trainability contract --------------------------------------------------------
 
 
+class FrozenBackend(Backend):
+    """A backend whose modules cannot train (a custom kernel without a backward, say)."""
+
+    name = "frozen"
+    config_class = quantkit.RTNConfig
+    capabilities = Capabilities(
+        methods=("rtn",), bits=(4,), quantize_hardware=ALL_HARDWARE, inference_hardware=ALL_HARDWARE,
+        requires_calibration=False, serializable=False, trainable=False,
+    )
+
+    def quantize(self, model, config, *, calibration, device):
+        raise AssertionError("not used: the test marks an RTN model as this backend's")
+
+    def storage_bits(self, config, name, out_features, in_features):
+        return 4 * out_features * in_features
+
+
 def test_not_trainable_backends_are_refused_naming_the_trainable_ones(tiny_llama) -> None:
+    quantkit.api.get_registry().register_backend(FrozenBackend())
     model = quantkit.quantize(tiny_llama, quantkit.RTNConfig(group_size=64), device="cpu")
-    if quantkit.api.get_registry().backends["rtn"].capabilities.trainable:
-        pytest.skip("rtn declares trainable=True")
-    with pytest.raises(NotTrainableError, match="'rtn' declares trainable=False.*bitsandbytes, hqq"):
+    setattr(model, BACKEND_ATTR, "frozen")
+    trainable = ", ".join(ft.trainable_backends())
+    assert "frozen" not in trainable and "bitsandbytes" in trainable
+    with pytest.raises(NotTrainableError, match=f"'frozen' declares trainable=False.*{trainable}"):
         ft.attach_lora(model)
     with pytest.raises(NotTrainableError):
         ft.finetune(model, _StubTokenizer(), _tokens(), steps=1)
@@ -229,16 +251,32 @@ def _eval_loss(model, tokens: torch.Tensor) -> float:
         return model(input_ids=tokens, labels=tokens).loss.item()
 
 
+TRAINABLE_CONFIGS = {
+    "bitsandbytes": ft.qlora_config(True, "cpu"),
+    "hqq": quantkit.HQQConfig(nbits=4, group_size=64, optimize=False),
+    "gptq": quantkit.GPTQConfig(bits=4, group_size=64, nsamples=8, seqlen=128),
+    "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=8, seqlen=128),  # SmolLM2's 576 inputs rule out groups of 128
+    "gguf": quantkit.GGUFConfig(quant_type="Q4_K_M"),
+    "rtn": quantkit.RTNConfig(bits=4, group_size=64),
+}
+"""One 4-bit config per backend; the test below runs for every backend declaring ``trainable=True``."""
+
+
+def test_every_trainable_backend_has_a_smollm2_finetune_test() -> None:
+    assert set(ft.trainable_backends()) <= set(TRAINABLE_CONFIGS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [
-    pytest.param(ft.qlora_config(True, "cpu"), id="bnb-nf4-qlora"),
-    pytest.param(quantkit.HQQConfig(nbits=4, group_size=64, optimize=False), id="hqq-4bit"),
-])
-def test_lora_on_a_quantized_smollm2_trains_the_adapter_only(smollm, config, tmp_path) -> None:
+@pytest.mark.parametrize("backend", sorted(TRAINABLE_CONFIGS))
+def test_lora_on_a_quantized_smollm2_trains_the_adapter_only(smollm, backend, tmp_path) -> None:
     from quantkit.calibration import calibration_tokens
 
+    if backend not in ft.trainable_backends():
+        pytest.skip(f"{backend} is not available or declares trainable=False")
     float_model, tokenizer = smollm
-    model = quantkit.quantize(copy.deepcopy(float_model), config, device="cpu")
+    config = TRAINABLE_CONFIGS[backend]
+    model = quantkit.quantize(copy.deepcopy(float_model), config, device="cpu", tokenizer=tokenizer)
+    assert getattr(model, BACKEND_ATTR) == backend
     pristine = copy.deepcopy(model)
     before = _base_state(model)
     tokens = calibration_tokens(tokenizer, nsamples=STEPS * BATCH, seqlen=SEQLEN)

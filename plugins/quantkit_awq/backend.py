@@ -158,7 +158,7 @@ class AWQBackend(Backend):
         inference_hardware=ALL_HARDWARE,
         requires_calibration=True,
         serializable=True,
-        trainable=False,
+        trainable=True,
         description="AWQ in plain torch (Llama-family decoders); checkpoints in the AutoAWQ GEMM/GEMV format",
     )
 

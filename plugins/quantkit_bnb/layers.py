@@ -29,8 +29,6 @@ from quantkit.errors import ModelFormatError
 
 QUANTIZED_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
-ROW_MAJOR = 0
-"""bitsandbytes' code for row-major int8 weights (``weight_format``), the only one it writes."""
 
 
 def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:

@@ -25,7 +25,7 @@ class GGUFBackend(Backend):
         inference_hardware=ALL_HARDWARE,
         requires_calibration=False,
         serializable=True,
-        trainable=False,
+        trainable=True,
         requires=("gguf",),
         description="llama.cpp GGUF tensor types and mixes in torch; .gguf export and import",
     )

@@ -416,7 +416,9 @@ def _q3_k_scales(xs: Tensor) -> Tensor:
             tried = torch.nonzero(new != qi).view(-1)  # NaN where slx == 0: rejected below
             if not len(tried):
                 continue
-            new, slx, sl2, wi, wxi, old_lx, old_l2 = (t.index_select(0, tried) for t in (new, slx, sl2, wi, wxi, lx, l2))
+            new, slx, sl2, wi, wxi, old_lx, old_l2 = (
+                t.index_select(0, tried) for t in (new, slx, sl2, wi, wxi, lx, l2)
+            )
             new_lx, new_l2 = slx + wxi * new, sl2 + wi * new * new
             take = (slx > 0) & (new_l2 > 0) & (new_lx * new_lx * old_l2 > old_lx * old_lx * new_l2)
             accepted = torch.nonzero(take).view(-1)

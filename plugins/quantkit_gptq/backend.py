@@ -170,7 +170,7 @@ class GPTQBackend(Backend):
         inference_hardware=ALL_HARDWARE,
         requires_calibration=True,
         serializable=True,
-        trainable=False,
+        trainable=True,
         description="GPTQ in plain torch (Llama-family decoders); checkpoints in the GPTQ v1 (auto-gptq/GPTQModel) format",
     )
 
@@ -197,7 +197,7 @@ class RTNBackend(Backend):
         inference_hardware=ALL_HARDWARE,
         requires_calibration=False,
         serializable=True,
-        trainable=False,
+        trainable=True,
         description="round-to-nearest min/max group quantization (reference baseline); GPTQ v1 checkpoint format",
     )
 
