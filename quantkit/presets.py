@@ -17,7 +17,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "awq-4bit-g128": {"quant_method": "awq", "bits": 4, "group_size": 128},
     "hqq-4bit-g64": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
     "hqq-2bit-g16": {"quant_method": "hqq", "nbits": 2, "group_size": 16},
+    "awq-4bit-g64": {"quant_method": "awq", "bits": 4, "group_size": 64},
     "rtn-4bit-g128": {"quant_method": "rtn", "bits": 4, "group_size": 128},
+    "rtn-4bit-g64": {"quant_method": "rtn", "bits": 4, "group_size": 64},
     **{
         f"gguf-{t.lower()}": {"quant_method": "gguf", "quant_type": t}
         for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")

@@ -82,11 +82,17 @@ def unpack_awq(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
-    """Float32 weight ``(out, in)`` of AWQ GEMM tensors: ``scales[g] * (q - zeros[g])``."""
-    intweight, zeros = unpack_awq(qweight, qzeros)
-    group_size = intweight.shape[1] // scales.shape[0]
-    scales = scales.float().repeat_interleave(group_size, dim=0).t()
-    return scales * (intweight - zeros.repeat_interleave(group_size, dim=0).t())
+    """Float32 weight ``(out, in)`` of AWQ GEMM tensors: ``scales[g] * (q - zeros[g])``.
+
+    Unpacks straight into the group-broadcast layout (one shift per nibble position, taken in
+    AWQ's interleaved order), so the hot path makes no gathers and no repeated scales.
+    """
+    n_groups, out_features = scales.shape
+    shifts = BITS * torch.tensor(_UNPACK_ORDER, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(-1) >> shifts).bitwise_and_(0xF).view(n_groups, -1, out_features).float()
+    zeros = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).view(n_groups, 1, out_features)
+    weight = q.sub_(zeros).mul_(scales.float().view(n_groups, 1, out_features))
+    return weight.view(-1, out_features).t()
 
 
 def gemv_group_width(n_groups: int, group_size: int) -> int:

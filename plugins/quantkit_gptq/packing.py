@@ -127,9 +127,21 @@ def unpack_gptq(qweight: Tensor, qzeros: Tensor, bits: int) -> tuple[Tensor, Ten
 
 
 def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
-    """Float32 weight ``(out, in)`` of GPTQ v1 tensors: ``scales[g] * (q - zeros[g])``."""
+    """Float32 weight ``(out, in)`` of GPTQ v1 tensors: ``scales[g] * (q - zeros[g])``.
+
+    Without act-order (``g_idx`` numbering consecutive equal groups) the groups broadcast over
+    a view; otherwise each input row gathers its group's scales and zeros.
+    """
     _check_bits(bits)
     intweight = _unpack_rows(qweight, bits)  # (in, out): rows of qweight, no transposed copies
     zeros = _unpack_rows(qzeros.t(), bits).t() + 1
+    n_groups, out_features = scales.shape
+    in_features = intweight.shape[0]
+    if in_features % n_groups == 0 and torch.equal(
+        g_idx, torch.arange(in_features, device=g_idx.device, dtype=g_idx.dtype) // (in_features // n_groups)
+    ):
+        weight = intweight.view(n_groups, -1, out_features).float()
+        weight.sub_(zeros.view(n_groups, 1, out_features)).mul_(scales.float().view(n_groups, 1, out_features))
+        return weight.view(in_features, out_features).t()
     groups = g_idx.long()
     return (scales.float()[groups] * (intweight - zeros[groups])).t()
