@@ -70,12 +70,12 @@ class Protocol:
     eval_tokens: int = 4096
     seqlen: int = 512
     stride: int = 512
-    calibration_samples: int = 64
+    calibration_samples: int = 16
     calibration_seqlen: int = 512
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
-    decode_tokens: int = 32
+    decode_tokens: int = 16
     prompt_tokens: int = 128
 
     def __post_init__(self) -> None:

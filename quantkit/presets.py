@@ -16,10 +16,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gptq-4bit-g128": {"quant_method": "gptq", "bits": 4, "group_size": 128},
     "awq-4bit-g128": {"quant_method": "awq", "bits": 4, "group_size": 128},
     "hqq-4bit-g64": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
-    "hqq-2bit-g16": {"quant_method": "hqq", "nbits": 2, "group_size": 16},
+    "hqq-2bit-g16": {"quant_method": "hqq", "nbits": 2, "group_size": 16, "axis": 0},  # hqq's advice for low bits
     "awq-4bit-g64": {"quant_method": "awq", "bits": 4, "group_size": 64},
-    "rtn-4bit-g128": {"quant_method": "rtn", "bits": 4, "group_size": 128},
-    "rtn-4bit-g64": {"quant_method": "rtn", "bits": 4, "group_size": 64},
+    # round-to-nearest on the grids of the calibrated presets: symmetric like GPTQ's, with
+    # zero points like AWQ's, so that each comparison isolates what the calibration adds
+    "rtn-4bit-g128": {"quant_method": "rtn", "bits": 4, "group_size": 128, "sym": True},
+    "rtn-4bit-g64": {"quant_method": "rtn", "bits": 4, "group_size": 64, "sym": False},
     **{
         f"gguf-{t.lower()}": {"quant_method": "gguf", "quant_type": t}
         for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")

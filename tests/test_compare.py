@@ -81,7 +81,7 @@ def test_config_file_entries(tmp_path):
     )
     methods = {m.name: m for m in methods_from_file(path, PROTOCOL)}
     assert methods["gptq-3bit"].config == GPTQConfig(bits=3, group_size=64, nsamples=16, seqlen=32, dataset="pydoc")
-    assert methods["rtn-g64"].config == RTNConfig(bits=4, group_size=64)
+    assert methods["rtn-g64"].config == RTNConfig(bits=4, group_size=64, sym=True)
     assert methods["bf16"].is_float and methods["bf16"].dtype == "bfloat16"
     assert [m.name for m in resolve_methods(None, PROTOCOL, path)][0] == "fp32"
     path.write_text('{"methods": [{"bits": 4}]}')

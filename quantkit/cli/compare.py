@@ -12,7 +12,7 @@ from rich.console import Console
 
 
 def add_parser(subparsers) -> None:
-    from quantkit.compare import DEFAULT_METHODS
+    from quantkit.compare import DEFAULT_METHODS, Protocol
 
     parser = subparsers.add_parser(
         "compare", help="compare quantization methods on one model and one text",
@@ -29,14 +29,17 @@ def add_parser(subparsers) -> None:
                              f"(default: {','.join(DEFAULT_METHODS)}; the fp32 baseline is always added)")
     parser.add_argument("--config-file", type=Path,
                         help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
-    parser.add_argument("--dataset", default="pydoc", help="dataset name or text file (default: pydoc, built in)")
-    parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
-    parser.add_argument("--seqlen", type=int, default=512, help="evaluation window (default 512)")
+    parser.add_argument("--dataset", default=Protocol.dataset,
+                        help=f"dataset name or text file (default: {Protocol.dataset}, built in)")
+    parser.add_argument("--tokens", type=int, default=Protocol.eval_tokens,
+                        help=f"evaluation tokens (default {Protocol.eval_tokens})")
+    parser.add_argument("--seqlen", type=int, default=Protocol.seqlen, help=f"evaluation window (default {Protocol.seqlen})")
     parser.add_argument("--stride", type=int, help="window stride (default: --seqlen, no overlap)")
-    parser.add_argument("--calibration-samples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--calibration-samples", type=int, default=Protocol.calibration_samples,
+                        help=f"calibration windows (default {Protocol.calibration_samples})")
     parser.add_argument("--calibration-seqlen", type=int, help="calibration window length (default: --seqlen)")
-    parser.add_argument("--decode-tokens", type=int, default=32,
-                        help="greedy tokens timed for decode speed (default 32)")
+    parser.add_argument("--decode-tokens", type=int, default=Protocol.decode_tokens,
+                        help=f"greedy tokens timed for decode speed (default {Protocol.decode_tokens})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--threads", type=int, help="torch threads for every method (default: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("quantkit-compare"),
