@@ -66,6 +66,11 @@ class Backend(abc.ABC):
         ``name`` is ``""`` when unknown (an estimate from a parameter count).
         """
 
+    def code_bits(self, config: QuantConfig, name: str, out_features: int, in_features: int) -> float | None:
+        """Bits of each weight's code in linear ``name`` (scales and zeros left out):
+        ``config``'s width unless the format picks per-tensor types (GGUF mixes)."""
+        return (config.for_module(name) if name else config).code_bits
+
     def storage_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Context in which :meth:`storage_bits` may look at the whole ``model`` (a
         format whose layer types depend on the layer count, like GGUF mixes); the

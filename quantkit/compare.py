@@ -47,7 +47,7 @@ needs groups that divide every linear's inputs: on a model where 128 does not (S
 576), ``awq-4bit-g128`` is reported as failed with that reason and ``awq-4bit-g64`` runs."""
 
 RESULT_KEYS = (
-    "method", "config", "available", "status", "reason", "backend", "nominal_bits", "requires_calibration",
+    "method", "config", "available", "status", "reason", "backend", "nominal_bits", "code_bits", "requires_calibration",
     "bits_per_param", "estimated_bits_per_param", "size_bytes", "estimated_size_bytes",
     "quantized_params", "quantized_bytes", "quantize_seconds", "peak_rss_bytes", "rss_before_quantize_bytes",
     "perplexity", "delta_perplexity", "delta_perplexity_pct", "kl_divergence", "top1_agreement",
@@ -142,12 +142,7 @@ class Method:
         """The bit width the method is named for (4 for NF4 and Q4_K_M, 16 for bf16)."""
         if self.config is None:
             return {"float32": 32.0, "bfloat16": 16.0, "float16": 16.0}[self.dtype]
-        for name in ("bits", "nbits"):
-            value = getattr(self.config, name, None)
-            if isinstance(value, (int, float)):
-                return float(value)
-        match = re.search(r"(\d+)", str(getattr(self.config, "quant_type", "")))
-        return float(match.group(1)) if match else None
+        return self.config.code_bits
 
 
 def _digest(data: Any) -> str:
@@ -507,7 +502,8 @@ def _estimates(methods: Sequence[Method], protocol: Protocol) -> dict[str, dict]
         except Exception as exc:  # an estimate is a comparison point, never a reason to stop
             estimates[m.name] = {"estimate_error": f"{type(exc).__name__}: {exc}"}
             continue
-        estimates[m.name] = {"estimated_bits_per_param": e.bits_per_param, "estimated_size_bytes": e.total_bytes}
+        estimates[m.name] = {"estimated_bits_per_param": e.bits_per_param, "estimated_size_bytes": e.total_bytes,
+                             "code_bits": e.code_bits}
     return estimates
 
 

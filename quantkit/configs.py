@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import re
 import os
 import types
 import typing
@@ -168,6 +169,12 @@ class QuantConfig:
 
     # -- per-module configs -----------------------------------------------
 
+    @property
+    def code_bits(self) -> float | None:
+        """Bits of each weight's code, scales and zeros left out (4 for NF4, GPTQ 4-bit and
+        Q4_K_M); ``None`` for a method without one width. Subclasses with a width override it."""
+        return None
+
     def skips(self, module_name: str) -> bool:
         """True when ``module_name`` is listed in ``modules_to_not_convert``."""
         return any(module_matches(module_name, p) for p in self.modules_to_not_convert)
@@ -292,6 +299,10 @@ class BnbConfig(QuantConfig):
     def bits(self) -> int:
         return 4 if self.load_in_4bit else 8
 
+    @property
+    def code_bits(self) -> float:
+        return float(self.bits)
+
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "quant_method": "bitsandbytes",
@@ -381,6 +392,10 @@ class GPTQConfig(QuantConfig):
             module_overrides=dict(data.get("module_overrides") or {}),
         )
 
+    @property
+    def code_bits(self) -> float:
+        return float(self.bits)
+
 
 @dataclass
 class AWQConfig(QuantConfig):
@@ -418,6 +433,10 @@ class AWQConfig(QuantConfig):
             module_overrides=dict(data.get("module_overrides") or {}),
         )
 
+    @property
+    def code_bits(self) -> float:
+        return float(self.bits)
+
 
 def _overrides_block(config: QuantConfig) -> dict[str, Any]:
     """``module_overrides`` for a transformers block, only when set (quantkit's own key)."""
@@ -438,6 +457,10 @@ class HQQConfig(QuantConfig):
     optimize: bool = spec(True)
     compute_dtype: str = spec("float32", choices=COMPUTE_DTYPES)
 
+    @property
+    def code_bits(self) -> float:
+        return float(self.nbits)
+
 
 GGUF_TENSOR_TYPES = (
     "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
@@ -454,6 +477,17 @@ class GGUFConfig(QuantConfig):
 
     quant_type: str = spec("Q4_K_M", choices=tuple(dict.fromkeys(GGUF_TENSOR_TYPES + GGUF_MIXES)))
 
+    @property
+    def code_bits(self) -> float:
+        """The width the type or mix is named for; the GGUF backend's per-tensor
+        :meth:`~quantkit.backend.Backend.code_bits` follows llama.cpp's mix rules and fallbacks."""
+        return ggml_code_bits(self.quant_type)
+
+
+def ggml_code_bits(ggml_type: str) -> float:
+    """Code width a ggml type's name states: ``Q4_K_M`` 4, ``IQ4_NL`` 4, ``BF16`` 16."""
+    return float(re.search(r"(\d+)", ggml_type).group(1))
+
 
 @dataclass
 class RTNConfig(QuantConfig):
@@ -464,6 +498,10 @@ class RTNConfig(QuantConfig):
     bits: int = spec(4, choices=(2, 3, 4, 8))
     group_size: int = spec(128, **_GROUP_SIZE)
     sym: bool = spec(False)
+
+    @property
+    def code_bits(self) -> float:
+        return float(self.bits)
 
 
 BUILTIN_CONFIGS: tuple[type[QuantConfig], ...] = (

@@ -34,6 +34,8 @@ class Estimate:
     quantized_params: int
     quantized_bits: int
     other_bits: int
+    code_bits: float | None = None
+    """Mean width of the weight codes over the quantized linears (scales and zeros left out)."""
 
     @property
     def bits_per_param(self) -> float:
@@ -52,6 +54,7 @@ class Estimate:
             "total_bytes": self.total_bytes,
             "total_gb": self.total_bytes / 1e9,
             "total_gib": self.total_bytes / 2**30,
+            "code_bits": self.code_bits,
         }
 
 
@@ -138,4 +141,9 @@ def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> E
     backends = get_registry().backends_for_method(config.quant_method) if config is not None else []
     with backends[0].storage_context(model) if backends else nullcontext():
         quantized_bits = sum(layer_bits(c, n, m.out_features, m.in_features, float_bits) for n, m, c in targets)
-    return Estimate(total, quantized_params, quantized_bits, (total - quantized_params) * float_bits)
+        widths = [(backends[0].code_bits(c, n, m.out_features, m.in_features), m.weight.numel())
+                  for n, m, c in targets] if backends else []
+    code_bits = None
+    if widths and quantized_params and all(w is not None for w, _ in widths):
+        code_bits = sum(w * count for w, count in widths) / quantized_params
+    return Estimate(total, quantized_params, quantized_bits, (total - quantized_params) * float_bits, code_bits)

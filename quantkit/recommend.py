@@ -146,7 +146,7 @@ def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
         backend = next((b for b in backends if b.config_class.quant_method == config.quant_method), None)
         if backend is None:
             continue
-        found.append(Candidate(name, backend, config.to_diff_dict(), _nominal_bits(config),
+        found.append(Candidate(name, backend, config.to_diff_dict(), config.code_bits,
                                _typical_bits(backend, config)))
     return found
 
@@ -252,12 +252,6 @@ def _within_quality(cands: list[Candidate], rec: Recommendation, max_ppl_increas
     rec.reasons.append(f"quality guard: perplexity at most {max_ppl_increase:g}% above the baseline"
                        + (f"; dropped {', '.join(dropped)}" if dropped else ""))
     return kept
-
-
-def _nominal_bits(config) -> float | None:
-    from .compare import Method
-
-    return Method("x", config).nominal_bits
 
 
 def _typical_bits(backend: Backend, config) -> float | None:

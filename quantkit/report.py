@@ -66,11 +66,20 @@ def _verdict(name: str, outcomes: list[tuple[str, bool]], skip: str) -> Check:
     return Check(name, status, "; ".join(f"{text} {'ok' if ok else 'FAILED'}" for text, ok in outcomes))
 
 
+def _width(row: dict) -> float | None:
+    """The bit class of a result: its stored code width rounded, else its nominal bits."""
+    width = row.get("code_bits") or row.get("nominal_bits")
+    return None if width is None else float(round(width))
+
+
 def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance: float = 0.01) -> list[Check]:
     """The checks a default comparison should pass, computed from the results:
 
     - every 8-bit method within ``ppl_tolerance`` of the baseline's perplexity;
     - every 4-bit method between the worst 8-bit and the best 2-bit one;
+
+    A method's width is its ``code_bits`` (the mean width of its stored weight codes) rounded,
+    else its nominal bits: a Q2_K mix whose rows llama.cpp stores as Q4_0 counts as 4-bit.
     - every calibrated method ahead of round-to-nearest at the same bits;
     - every measured bits/param within ``size_tolerance`` of the estimator's.
     """
@@ -78,8 +87,8 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
     base = next((r for r in measured(rows) if r["method"] == BASELINE), None)
     by_bits: dict[float, list[dict]] = {}
     for r in ok:
-        if r.get("config") is not None and r.get("nominal_bits") is not None:
-            by_bits.setdefault(r["nominal_bits"], []).append(r)
+        if r.get("config") is not None and _width(r) is not None:
+            by_bits.setdefault(_width(r), []).append(r)
     checks = []
 
     eight = by_bits.get(8.0, [])
@@ -102,9 +111,9 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
 
     outcomes = []
     for r in ok:
-        if not r.get("requires_calibration") or r.get("nominal_bits") is None:
+        if not r.get("requires_calibration") or _width(r) is None:
             continue
-        rtn = [o for o in by_bits.get(r["nominal_bits"], []) if (o.get("config") or {}).get("quant_method") == "rtn"]
+        rtn = [o for o in by_bits.get(_width(r), []) if (o.get("config") or {}).get("quant_method") == "rtn"]
         same_group = [o for o in rtn if o["config"].get("group_size") == r["config"].get("group_size")]
         for o in same_group or rtn:
             outcomes.append((f"{r['method']} {r['perplexity']:.3f} < {o['method']} {o['perplexity']:.3f}",
@@ -128,6 +137,7 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
 
 COLUMNS = (
     ("method", "method", "{}"),
+    ("code bits", "code_bits", "{:.2f}"),
     ("bits/param", "bits_per_param", "{:.3f}"),
     ("est. bits", "estimated_bits_per_param", "{:.3f}"),
     ("size MB", "size_bytes", "mb"),

@@ -300,3 +300,14 @@ def test_compare_end_to_end_on_the_embedded_model(tmp_path):
     assert rtn["quantize_seconds"] > 0 and rtn["decode_tokens_per_s"] > 0 and rtn["prefill_tokens_per_s"] > 0
     for name in ("results.csv", "report.md", "perplexity_vs_bits.png", "perplexity_vs_size.png"):
         assert (out / name).is_file()
+
+
+def test_checks_class_methods_by_their_stored_code_width():
+    """A Q2_K mix stored mostly as Q4_0 fallbacks (code_bits 3.75) is judged with the 4-bit methods."""
+    results = rows({"fp32": 10.0, "int8": 10.05, "nf4": 13.0, "gguf-q2_k": 12.0, "hqq-2bit-g16": 900.0})
+    checks = {c.name.split()[0]: c for c in run_checks(results)}
+    assert checks["4-bit"].status == "FAIL" and "nf4 13.000 in [10.050, 12.000] FAILED" in checks["4-bit"].detail
+    results[3]["code_bits"] = 3.75
+    checks = {c.name.split()[0]: c for c in run_checks(results)}
+    assert checks["4-bit"].status == "PASS", checks["4-bit"].detail
+    assert "gguf-q2_k 12.000 in [10.050, 900.000] ok" in checks["4-bit"].detail

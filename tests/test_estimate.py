@@ -47,3 +47,26 @@ def test_model_config_counts_real_shapes(tiny_llama):
     linears = sum(m.weight.numel() for n, m in tiny_llama.named_modules()
                   if isinstance(m, __import__("torch").nn.Linear) and n != "lm_head")
     assert rtn.quantized_params == linears
+
+
+@pytest.mark.parametrize(("config", "bits"), [
+    (quantkit.BnbConfig(), 4.0), (quantkit.BnbConfig(load_in_4bit=False, load_in_8bit=True), 8.0),
+    (quantkit.GPTQConfig(bits=3), 3.0), (quantkit.AWQConfig(), 4.0), (quantkit.HQQConfig(nbits=2), 2.0),
+    (quantkit.RTNConfig(bits=8), 8.0), (quantkit.GGUFConfig(quant_type="Q5_K_M"), 5.0),
+    (quantkit.GGUFConfig(quant_type="BF16"), 16.0),
+])
+def test_code_bits_is_the_width_a_method_is_named_for(config, bits):
+    assert config.code_bits == bits
+
+
+def test_code_bits_follow_ggufs_row_fallbacks(tiny_llama):
+    from quantkit.registry import get_registry
+
+    gguf = get_registry().backends_for_method("gguf")[0]
+    q2k = quantkit.GGUFConfig(quant_type="Q2_K")
+    assert gguf.code_bits(q2k, "", 64, 512) == 2.0  # 256-weight super-blocks divide the row
+    assert gguf.code_bits(q2k, "", 64, 576) == 4.0  # SmolLM2's rows: llama.cpp stores Q4_0
+    raw = {**tiny_llama.config.to_dict(), "hidden_size": 576, "intermediate_size": 1536}
+    mixed = estimate(config=q2k, model_config=raw)
+    assert 2.0 < mixed.code_bits < 4.0
+    assert estimate(config=quantkit.BnbConfig(), model_config=raw).code_bits == 4.0

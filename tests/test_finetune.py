@@ -254,8 +254,8 @@ def _eval_loss(model, tokens: torch.Tensor) -> float:
 TRAINABLE_CONFIGS = {
     "bitsandbytes": ft.qlora_config(True, "cpu"),
     "hqq": quantkit.HQQConfig(nbits=4, group_size=64, optimize=False),
-    "gptq": quantkit.GPTQConfig(bits=4, group_size=64, nsamples=8, seqlen=128),
-    "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=8, seqlen=128),  # SmolLM2's 576 inputs rule out groups of 128
+    "gptq": quantkit.GPTQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),
+    "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),  # SmolLM2's 576 inputs rule out groups of 128
     "gguf": quantkit.GGUFConfig(quant_type="Q4_K_M"),
     "rtn": quantkit.RTNConfig(bits=4, group_size=64),
 }

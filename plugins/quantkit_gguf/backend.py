@@ -10,6 +10,7 @@ from torch import nn
 
 from quantkit import Backend, Capabilities, GGUFConfig
 from quantkit.capabilities import ALL_HARDWARE
+from quantkit.configs import ggml_code_bits
 
 from .mixes import ModelShape, bound_shape, row_bytes
 
@@ -40,6 +41,14 @@ class GGUFBackend(Backend):
 
         config = config.for_module(name) if name else config
         return out_features * row_bytes(linear_type(config, name, in_features, None), in_features) * 8
+
+    def code_bits(self, config: GGUFConfig, name: str, out_features: int, in_features: int) -> float:
+        """The width of the ggml type llama.cpp's rules give linear ``name``: a fallback such as
+        Q4_0 for Q2_K rows that 256-weight super-blocks do not divide counts as 4 bits."""
+        from .convert import linear_type
+
+        config = config.for_module(name) if name else config
+        return ggml_code_bits(linear_type(config, name, in_features, None))
 
     def storage_context(self, model: nn.Module) -> AbstractContextManager:
         """Make :meth:`storage_bits` see ``model``'s layer count and attention groups."""
