@@ -75,7 +75,7 @@ class Protocol:
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
-    decode_tokens: int = 16
+    decode_tokens: int = 8
     prompt_tokens: int = 128
 
     def __post_init__(self) -> None:

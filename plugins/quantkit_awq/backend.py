@@ -41,7 +41,7 @@ from .qlinear import AWQLinear
 
 log = logging.getLogger("quantkit")
 
-DEFAULT_SEARCH_TOKENS = 2048
+DEFAULT_SEARCH_TOKENS = 1024
 
 
 def check_awq_shapes(model: nn.Module, config: AWQConfig) -> None:
