@@ -71,6 +71,12 @@ class Backend(abc.ABC):
         ``config``'s width unless the format picks per-tensor types (GGUF mixes)."""
         return (config.for_module(name) if name else config).code_bits
 
+    def other_bits(self, config: QuantConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int) -> int:
+        """Stored bits of ``model``'s parameter ``name``, which is not a quantized linear's
+        weight (embeddings, norms, biases, skipped layers): kept at ``float_bits`` unless
+        the format also packs it (GGUF's token embedding)."""
+        return parameter.numel() * float_bits
+
     def storage_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Context in which :meth:`storage_bits` may look at the whole ``model`` (a
         format whose layer types depend on the layer count, like GGUF mixes); the

@@ -36,12 +36,12 @@ FLOAT_METHODS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Unquantized methods: the model stored in a float dtype."""
 
 DEFAULT_METHODS = (
-    "fp32", "int8", "int8-t3", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "nf4", "nf4-dq", "fp4",
+    "fp32", "int8", "int8-t1.5", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "nf4", "nf4-dq", "fp4",
     "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128", "rtn-4bit-g64", "awq-4bit-g64", "hqq-4bit-g64",
     "gguf-q4_k_m", "gguf-q4_0", "gguf-q3_k_m", "gguf-q2_k", "hqq-2bit-g16",
 )
 """The default comparison, from 8 bits down to 2: the float baseline, bitsandbytes' four
-formats (LLM.int8 at its default outlier threshold 6 and at 3), GGUF from Q8_0 to Q2_K, HQQ
+formats (LLM.int8 at its default outlier threshold 6 and at 1.5), GGUF from Q8_0 to Q2_K, HQQ
 at 4 and 2 bits, and the two calibrated 4-bit methods next to round-to-nearest at the same
 group size, their uncalibrated reference point. AWQ
 needs groups that divide every linear's inputs: on a model where 128 does not (SmolLM2's

@@ -143,7 +143,12 @@ def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> E
         quantized_bits = sum(layer_bits(c, n, m.out_features, m.in_features, float_bits) for n, m, c in targets)
         widths = [(backends[0].code_bits(c, n, m.out_features, m.in_features), m.weight.numel())
                   for n, m, c in targets] if backends else []
+        quantized_weights = {id(m.weight) for _, m, _ in targets}  # by identity: a tied head is the embedding
+        other_bits = sum(
+            backends[0].other_bits(config, model, n, p, float_bits) if backends else p.numel() * float_bits
+            for n, p in model.named_parameters() if id(p) not in quantized_weights
+        )
     code_bits = None
     if widths and quantized_params and all(w is not None for w, _ in widths):
         code_bits = sum(w * count for w, count in widths) / quantized_params
-    return Estimate(total, quantized_params, quantized_bits, (total - quantized_params) * float_bits, code_bits)
+    return Estimate(total, quantized_params, quantized_bits, other_bits, code_bits)

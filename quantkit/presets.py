@@ -13,9 +13,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nf4-dq": {"quant_method": "bitsandbytes", "quant_type": "nf4", "use_double_quant": True},
     "fp4": {"quant_method": "bitsandbytes", "quant_type": "fp4"},
     "int8": {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True},
-    # LLM.int8 with activations above 3 (not 6) kept in float: small models' outliers are milder
-    "int8-t3": {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
-                "llm_int8_threshold": 3.0},
+    # LLM.int8 with activations above 1.5 (not 6) kept in float: small models' outliers are milder
+    "int8-t1.5": {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
+                  "llm_int8_threshold": 1.5},
     "gptq-4bit-g128": {"quant_method": "gptq", "bits": 4, "group_size": 128},
     "awq-4bit-g128": {"quant_method": "awq", "bits": 4, "group_size": 128},
     "hqq-4bit-g64": {"quant_method": "hqq", "nbits": 4, "group_size": 64},

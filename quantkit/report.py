@@ -115,7 +115,8 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
             continue
         rtn = [o for o in by_bits.get(_width(r), []) if (o.get("config") or {}).get("quant_method") == "rtn"]
         same_group = [o for o in rtn if o["config"].get("group_size") == r["config"].get("group_size")]
-        for o in same_group or rtn:
+        same_grid = [o for o in same_group if _symmetric(o["config"]) == _symmetric(r["config"])]
+        for o in same_grid or same_group or rtn:
             outcomes.append((f"{r['method']} {r['perplexity']:.3f} < {o['method']} {o['perplexity']:.3f}",
                              r["perplexity"] < o["perplexity"]))
     checks.append(_verdict("calibrated methods ahead of RTN at equal bits", outcomes,
@@ -131,6 +132,15 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
     checks.append(_verdict(f"measured bits/param within {size_tolerance:.0%} of the estimator", outcomes,
                            "needs measured methods with estimates"))
     return checks
+
+
+def _symmetric(config: dict) -> bool | None:
+    """Whether a grid has no zero point (GPTQ/RTN ``sym``, AWQ without ``zero_point``); ``None``: unknown."""
+    if "sym" in config:
+        return bool(config["sym"])
+    if "zero_point" in config:
+        return not config["zero_point"]
+    return None
 
 
 # -- formats ---------------------------------------------------------------------------------
@@ -219,7 +229,9 @@ def to_markdown(rows: Sequence[dict], protocol_text: str, checks: Sequence[Check
         lines += [f"Command: `{command}`", ""]
     lines += [f"Protocol: {protocol_text}.", ""]
     if wall_seconds is not None:
-        lines += [f"Wall time of this run: {wall_seconds / 60:.1f} min.", ""]
+        workers = sum(r.get("worker_seconds") or 0.0 for r in rows)
+        lines += [f"Wall time of this invocation: {wall_seconds / 60:.1f} min; the methods' workers took "
+                  f"{workers / 60:.1f} min in all (methods a resumed run skipped included).", ""]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in table_rows(rows)]
     lines += [
@@ -240,43 +252,67 @@ def to_markdown(rows: Sequence[dict], protocol_text: str, checks: Sequence[Check
     return "\n".join(lines) + "\n"
 
 
+PLOT_CEILING = 2.5
+"""Perplexities above this multiple of the best one are drawn at the top edge, their value in the label."""
+
+
 def plot(rows: Sequence[dict], out: Path) -> list[Path]:
-    """Perplexity vs bits/param (Pareto front marked) and perplexity vs size, as PNG files."""
+    """Perplexity vs bits/param (Pareto front marked) and perplexity vs size, as PNG files.
+
+    Float models are horizontal reference lines (a point at 32 bits would squeeze the
+    quantized methods into a corner); methods off the scale sit on the top edge.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in measured(rows) if r.get("bits_per_param") is not None]
+    from .compare import FLOAT_METHODS
+
+    rows = [r for r in measured(rows) if r.get("bits_per_param") is not None]
+    floats = [r for r in rows if r["method"] in FLOAT_METHODS]
+    points = [r for r in rows if r["method"] not in FLOAT_METHODS]
     if not points:
         return []
-    base = next((r for r in points if r["method"] == BASELINE), None)
+    backends = sorted({r.get("backend") or "?" for r in points})
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    low = min(r["perplexity"] for r in rows)
+    ceiling = PLOT_CEILING * low
+    top = min(max(r["perplexity"] for r in rows), ceiling) * 1.05
     paths = []
     for x, xlabel, name, scale in (
         ("bits_per_param", "bits per parameter (quantized linears, as stored)", "perplexity_vs_bits.png", 1.0),
         ("size_bytes", "size on disk (MB)", "perplexity_vs_size.png", 1 / MB),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+        fig, ax = plt.subplots(figsize=(11, 6.5), dpi=120)
+        ax.set_yscale("log")
+        ax.set_ylim(low / 1.05, top)
         xs = [r[x] * scale for r in points]
-        ys = [r["perplexity"] for r in points]
-        colors = ["tab:orange" if r.get("requires_calibration") else "tab:blue" for r in points]
-        ax.scatter(xs, ys, c=colors, zorder=3)
-        for r, px, py in zip(points, xs, ys):
-            ax.annotate(r["method"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto_front(points, x=x)
+        ys = [min(r["perplexity"], ceiling) for r in points]
+        for backend in backends:
+            mine = [(px, py, r) for px, py, r in zip(xs, ys, points) if (r.get("backend") or "?") == backend]
+            ax.scatter([px for px, _, _ in mine], [py for _, py, _ in mine], color=colors[backend], label=backend,
+                       marker="o", zorder=3, edgecolors=["black" if r.get("requires_calibration") else "none"
+                                                         for _, _, r in mine])
+        by_name = {r["method"]: r for r in points}
+        front = [m for m in pareto_front(rows, x=x) if m in by_name]
         if len(front) > 1:
-            by_name = {r["method"]: r for r in points}
             ax.plot([by_name[m][x] * scale for m in front], [by_name[m]["perplexity"] for m in front],
                     "--", color="tab:red", label="Pareto front", zorder=2)
-            ax.legend()
-        if base is not None:
-            ax.axhline(base["perplexity"], color="gray", linewidth=0.8, linestyle=":")
-        if max(ys) / min(ys) > 3:
-            ax.set_yscale("log")
+        for r in floats:
+            ax.axhline(r["perplexity"], color="gray", linewidth=0.8, linestyle=":", zorder=1)
+            ax.annotate(f"{r['method']} ({r['perplexity']:.3g}, {r[x] * scale:.4g} "
+                        f"{'bits' if x == 'bits_per_param' else 'MB'})", (0.01, r["perplexity"]),
+                        xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
+                        fontsize=8, color="gray")
+        span = max(xs) - min(xs) or 1.0
+        ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.45 * span)
+        _label_points(ax, points, xs, ys, ceiling, offset=0.04 * span)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_ylabel("perplexity (log scale, lower is better)")
         ax.set_title(f"perplexity vs {'bits per parameter' if x == 'bits_per_param' else 'size'} "
-                     "(orange: calibrated methods)")
+                     "(black edge: calibrated methods)")
+        ax.legend(loc="upper right", fontsize=8)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         path = out / name
@@ -284,6 +320,25 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _label_points(ax, points: Sequence[dict], xs: Sequence[float], ys: Sequence[float], ceiling: float,
+                  *, offset: float, gap: float = 0.042) -> None:
+    """Name every point, its label moved vertically (with a leader line) so that no two overlap."""
+    low, high = (math.log(v) for v in ax.get_ylim())
+    wanted = [(math.log(y) - low) / (high - low) for y in ys]
+    order = sorted(range(len(points)), key=lambda i: wanted[i])
+    placed = [0.0] * len(points)
+    previous = -math.inf
+    for i in order:  # push up to keep the gap, then pull back below the top edge
+        previous = placed[i] = max(wanted[i], previous + gap)
+    following = 0.98 + gap
+    for i in reversed(order):
+        following = placed[i] = min(placed[i], following - gap)
+    for i, r in enumerate(points):
+        text = r["method"] if r["perplexity"] <= ceiling else f"{r['method']} (ppl {r['perplexity']:.4g}, off scale)"
+        ax.annotate(text, (xs[i], ys[i]), xytext=(xs[i] + offset, placed[i]), textcoords=("data", "axes fraction"),
+                    fontsize=7.5, va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
 
 
 def write_reports(rows: Sequence[dict], out: Path, protocol_text: str, *, json_path: Path | None = None,

@@ -241,7 +241,7 @@ def test_quantize_and_forward_on_cuda(tiny_llama, tmp_path, key):
 EVAL_TOKENS = 1024
 IDENTITY_TOKENS = 128
 SMOL_CONFIGS = {
-    "int8-t3": BnbConfig(load_in_4bit=False, load_in_8bit=True, llm_int8_threshold=3.0),
+    "int8-t1.5": BnbConfig(load_in_4bit=False, load_in_8bit=True, llm_int8_threshold=1.5),
     "nf4": NF4,
     "nf4-dq": NF4_DQ,
     "fp4": BnbConfig(quant_type="fp4"),
@@ -284,8 +284,8 @@ def test_smollm2_perplexity_and_exact_reload(smol, tmp_path, key):
         assert abs(ppl / base - 1) < 0.01
     else:
         assert base < ppl < FOUR_BIT_LIMIT[key] * base
-        if "int8-t3" in measured:
-            assert ppl > measured["int8-t3"]
+        if "int8-t1.5" in measured:
+            assert ppl > measured["int8-t1.5"]
 
     quantkit.save(model, tmp_path / "q")
     tensors = saved_tensors(tmp_path / "q")

@@ -200,6 +200,18 @@ def test_checks_fail_where_the_results_say_so():
     assert status["measured"].status == "FAIL" and "nf4 4.800 vs 4.500" in status["measured"].detail
 
 
+def test_calibrated_methods_are_checked_against_rtn_on_the_same_grid():
+    """A symmetric GPTQ grid is compared with symmetric RTN, not with the (finer) asymmetric one."""
+    results = rows({"fp32": 10.0, "gptq-4bit-g128": 11.0, "rtn-4bit-g128": 11.5})
+    asym = {**results[2], "method": "rtn-4bit-g128-asym", "perplexity": 10.8,
+            "config": {**results[2]["config"], "sym": False}}
+    calibrated = next(c for c in run_checks([*results, asym]) if c.name.startswith("calibrated"))
+    assert calibrated.status == "PASS" and "rtn-4bit-g128-asym" not in calibrated.detail
+    gptq_asym = {**results[1], "method": "gptq-4bit-g128-asym", "config": {**results[1]["config"], "sym": False}}
+    calibrated = next(c for c in run_checks([*results, asym, gptq_asym]) if c.name.startswith("calibrated"))
+    assert calibrated.status == "FAIL" and "gptq-4bit-g128-asym 11.000 < rtn-4bit-g128-asym 10.800" in calibrated.detail
+
+
 def test_checks_skip_without_the_methods_they_compare():
     checks = run_checks(rows({"fp32": 10.0, "nf4": 11.0}))
     assert [c.status for c in checks] == ["SKIP", "SKIP", "SKIP", "PASS"]
@@ -221,7 +233,7 @@ def test_reports_list_every_method_including_unavailable_ones(tmp_path):
     assert len(csv_text.splitlines()) == 4
     markdown = to_markdown(results, "the protocol", run_checks(results), wall_seconds=60, command="quantkit compare")
     assert "| awq-4bit-g128 |" in markdown and "does not divide 576" in markdown
-    assert "PASS measured bits/param" in markdown and "Wall time of this run: 1.0 min" in markdown
+    assert "PASS measured bits/param" in markdown and "Wall time of this invocation: 1.0 min" in markdown
     paths = plot(results, tmp_path)
     assert [p.name for p in paths] == ["perplexity_vs_bits.png", "perplexity_vs_size.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -70,3 +70,22 @@ def test_code_bits_follow_ggufs_row_fallbacks(tiny_llama):
     mixed = estimate(config=q2k, model_config=raw)
     assert 2.0 < mixed.code_bits < 4.0
     assert estimate(config=quantkit.BnbConfig(), model_config=raw).code_bits == 4.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [quantkit.GGUFConfig(quant_type="Q8_0"), quantkit.GGUFConfig(quant_type="Q4_K_M"), quantkit.BnbConfig(),
+     quantkit.GGUFConfig(quant_type="Q8_0", modules_to_not_convert=["lm_head", "model.embed_tokens"])],
+    ids=["q8_0", "q4_k_m", "nf4", "q8_0-float-embedding"],
+)
+def test_total_size_is_what_the_saved_tensors_hold(tiny_llama, tmp_path, config):
+    """Everything counts: GGUF also packs the token embedding (tied to the head), others keep it in float."""
+    from safetensors import safe_open
+
+    predicted = estimate(config=config, model_config=tiny_llama.config.to_dict(), dtype="float32").total_bytes
+    quantkit.save(quantkit.quantize(tiny_llama, config, device="cpu"), tmp_path / "q")
+    saved = 0
+    for file in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            saved += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert predicted == pytest.approx(saved, rel=0.01)

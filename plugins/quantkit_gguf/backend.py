@@ -50,6 +50,15 @@ class GGUFBackend(Backend):
         config = config.for_module(name) if name else config
         return ggml_code_bits(linear_type(config, name, in_features, None))
 
+    def other_bits(self, config: GGUFConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int) -> int:
+        """The token embedding is packed too, in the type llama.cpp gives it (``output``'s when tied)."""
+        from .convert import embedding_plan
+
+        plan = embedding_plan(model, config, ModelShape.of(getattr(model, "config", None)))
+        if plan is None or name != f"{plan.name}.weight":
+            return super().other_bits(config, model, name, parameter, float_bits)
+        return plan.module.num_embeddings * row_bytes(plan.qtype, plan.module.embedding_dim) * 8
+
     def storage_context(self, model: nn.Module) -> AbstractContextManager:
         """Make :meth:`storage_bits` see ``model``'s layer count and attention groups."""
         return bound_shape(ModelShape.of(getattr(model, "config", None)))
