@@ -74,7 +74,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp), with the hyphen
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # GPT-2's split, digits one by one (SmolLM, StarCoder)
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
