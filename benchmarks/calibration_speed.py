@@ -16,8 +16,6 @@ import argparse
 import copy
 import json
 import os
-import shlex
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import torch
 import quantkit
 from quantkit import AWQConfig, GPTQConfig
 from quantkit.calibration import calibration_tokens
-from quantkit.compare import environment
+from quantkit.compare import run_header
 from quantkit.models import load_model
 from quantkit.pipeline import decoder_stack
 
@@ -154,8 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"environment: {json.dumps(environment())}", flush=True)
+    print(run_header(), flush=True)
     model, tokenizer = load_model(args.model)
     tokens = calibration_tokens(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
     shapes = Shapes.of(model)

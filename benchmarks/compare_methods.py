@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shlex
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from quantkit.compare import Comparison, Protocol, environment, resolve_methods
+from quantkit.compare import Comparison, Protocol, resolve_methods, run_header
 from quantkit.report import rich_table, run_checks, summarize, write_reports
 
 
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     console = Console(width=max(Console().width, 130))
-    console.print(f"command: {shlex.join([sys.executable, *sys.argv])}", highlight=False)
-    console.print(f"environment: {json.dumps(environment())}", highlight=False)
+    console.print(run_header(), highlight=False)
     summary = []
     for model, tokens, seqlen in itertools.product(args.model or [None], args.tokens, args.seqlen):
         protocol = Protocol(model=model, dataset=args.dataset, eval_tokens=tokens, seqlen=seqlen, stride=seqlen,

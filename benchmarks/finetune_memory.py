@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,10 +56,9 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    from quantkit.compare import environment
+    from quantkit.compare import run_header  # here, not at the top: workers measure their own memory
 
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"environment: {json.dumps(environment())}", flush=True)
+    print(run_header(), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="qk-ft-mem-") as tmp:
         for method in methods:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.compare import Protocol, apply_method, environment, method_from_name, quantized_linears, save_and_measure
+from quantkit.compare import Protocol, apply_method, method_from_name, quantized_linears, run_header, save_and_measure
 from quantkit.estimate import estimate
 from quantkit.presets import preset
 
@@ -176,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     console = Console(width=max(Console().width, 130))
-    console.print(f"command: {shlex.join([sys.executable, *sys.argv])}", highlight=False)
-    console.print(f"environment: {json.dumps(environment())}", highlight=False)
+    console.print(run_header(), highlight=False)
     measured = []
     if not args.seed_only:
         if args.from_results:

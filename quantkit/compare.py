@@ -745,6 +745,13 @@ def environment() -> dict[str, Any]:
             "load_average_1min": load}
 
 
+def run_header() -> str:
+    """Two lines a benchmark prints first: the command line it ran with and :func:`environment`."""
+    import shlex
+
+    return f"command: {shlex.join([sys.executable, *sys.argv])}\nenvironment: {json.dumps(environment())}"
+
+
 def worker_main(job_path: str) -> int:
     """Entry point of a worker process: measure one job, write its result atomically."""
     report = _Reporter()

@@ -10,8 +10,8 @@ import copy
 import dataclasses
 import fnmatch
 import json
-import re
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -172,8 +172,10 @@ class QuantConfig:
     @property
     def code_bits(self) -> float | None:
         """Bits of each weight's code, scales and zeros left out (4 for NF4, GPTQ 4-bit and
-        Q4_K_M); ``None`` for a method without one width. Subclasses with a width override it."""
-        return None
+        Q4_K_M): the config's ``bits`` where it has one (field or property); ``None`` for a
+        method without one width. Configs naming their width otherwise override it."""
+        bits = getattr(self, "bits", None)
+        return None if bits is None else float(bits)
 
     def skips(self, module_name: str) -> bool:
         """True when ``module_name`` is listed in ``modules_to_not_convert``."""
@@ -299,10 +301,6 @@ class BnbConfig(QuantConfig):
     def bits(self) -> int:
         return 4 if self.load_in_4bit else 8
 
-    @property
-    def code_bits(self) -> float:
-        return float(self.bits)
-
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "quant_method": "bitsandbytes",
@@ -392,10 +390,6 @@ class GPTQConfig(QuantConfig):
             module_overrides=dict(data.get("module_overrides") or {}),
         )
 
-    @property
-    def code_bits(self) -> float:
-        return float(self.bits)
-
 
 @dataclass
 class AWQConfig(QuantConfig):
@@ -432,10 +426,6 @@ class AWQConfig(QuantConfig):
             modules_to_not_convert=list(data.get("modules_to_not_convert") or ["lm_head"]),
             module_overrides=dict(data.get("module_overrides") or {}),
         )
-
-    @property
-    def code_bits(self) -> float:
-        return float(self.bits)
 
 
 def _overrides_block(config: QuantConfig) -> dict[str, Any]:
@@ -498,10 +488,6 @@ class RTNConfig(QuantConfig):
     bits: int = spec(4, choices=(2, 3, 4, 8))
     group_size: int = spec(128, **_GROUP_SIZE)
     sym: bool = spec(False)
-
-    @property
-    def code_bits(self) -> float:
-        return float(self.bits)
 
 
 BUILTIN_CONFIGS: tuple[type[QuantConfig], ...] = (

@@ -77,11 +77,12 @@ def run_checks(rows: Sequence[dict], ppl_tolerance: float = 0.01, size_tolerance
 
     - every 8-bit method within ``ppl_tolerance`` of the baseline's perplexity;
     - every 4-bit method between the worst 8-bit and the best 2-bit one;
+    - every calibrated method ahead of round-to-nearest at the same bits (same group size
+      and grid where such a run exists);
+    - every measured bits/param within ``size_tolerance`` of the estimator's.
 
     A method's width is its ``code_bits`` (the mean width of its stored weight codes) rounded,
     else its nominal bits: a Q2_K mix whose rows llama.cpp stores as Q4_0 counts as 4-bit.
-    - every calibrated method ahead of round-to-nearest at the same bits;
-    - every measured bits/param within ``size_tolerance`` of the estimator's.
     """
     ok = [r for r in measured(rows) if r["method"] != BASELINE]
     base = next((r for r in measured(rows) if r["method"] == BASELINE), None)

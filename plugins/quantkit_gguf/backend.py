@@ -37,18 +37,12 @@ class GGUFBackend(Backend):
         Mixes give ``attn_v``/``ffn_down`` types by layer position: call it for those inside
         :meth:`storage_context` (the estimator does).
         """
-        from .convert import linear_type
-
-        config = config.for_module(name) if name else config
-        return out_features * row_bytes(linear_type(config, name, in_features, None), in_features) * 8
+        return out_features * row_bytes(_linear_type(config, name, in_features), in_features) * 8
 
     def code_bits(self, config: GGUFConfig, name: str, out_features: int, in_features: int) -> float:
         """The width of the ggml type llama.cpp's rules give linear ``name``: a fallback such as
         Q4_0 for Q2_K rows that 256-weight super-blocks do not divide counts as 4 bits."""
-        from .convert import linear_type
-
-        config = config.for_module(name) if name else config
-        return ggml_code_bits(linear_type(config, name, in_features, None))
+        return ggml_code_bits(_linear_type(config, name, in_features))
 
     def other_bits(self, config: GGUFConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int) -> int:
         """The token embedding is packed too, in the type llama.cpp gives it (``output``'s when tied)."""
@@ -84,3 +78,11 @@ class GGUFBackend(Backend):
         from .reader import read_gguf
 
         return read_gguf(path, device)
+
+
+def _linear_type(config: GGUFConfig, name: str, in_features: int) -> str:
+    """The ggml type of linear ``name`` (``""``: unknown) under its effective config, with the
+    model shape bound by :meth:`GGUFBackend.storage_context`."""
+    from .convert import linear_type
+
+    return linear_type(config.for_module(name) if name else config, name, in_features, None)
