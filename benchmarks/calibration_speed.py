@@ -1,4 +1,4 @@
-"""Wall time, peak memory and FLOP count of GPTQ and AWQ calibration (quantkit.pipeline).
+"""Wall time, peak memory and FLOP count of GPTQ and AWQ calibration (quantkit.layerwise).
 
     python benchmarks/calibration_speed.py                      # SmolLM2-135M, 128 x 512 tokens
     python benchmarks/calibration_speed.py --nsamples 32 --methods gptq --threads 2
@@ -28,7 +28,7 @@ from quantkit import AWQConfig, GPTQConfig
 from quantkit.calibration import calibration_tokens
 from quantkit.compare import run_header
 from quantkit.models import load_model
-from quantkit.pipeline import decoder_stack
+from quantkit.layerwise import decoder_stack
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def main() -> None:
             config = GPTQConfig(bits=args.bits, group_size=args.gptq_group_size, nsamples=args.nsamples, seqlen=args.seqlen)
             flops = gptq_flops(shapes, tokens.numel(), args.seqlen)
         elif method == "awq":
-            from quantkit_awq.backend import DEFAULT_SEARCH_TOKENS
+            from quantkit.builtin_backends.awq.backend import DEFAULT_SEARCH_TOKENS
 
             config = AWQConfig(group_size=args.awq_group_size, nsamples=args.nsamples, seqlen=args.seqlen)
             search = max(1, DEFAULT_SEARCH_TOKENS // args.seqlen) * args.seqlen

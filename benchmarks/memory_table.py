@@ -29,7 +29,7 @@ from rich.table import Table
 
 from quantkit.compare import Protocol, apply_method, method_from_name, quantized_linears, run_header, save_and_measure
 from quantkit.estimate import estimate
-from quantkit.presets import preset
+from quantkit.core.resolve import preset
 
 MEASURED_METHODS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128",
                     "hqq-4bit-g64", "gguf-q8_0", "gguf-q4_k_m", "gguf-q2_k")

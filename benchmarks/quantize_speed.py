@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from quantkit_gguf import quants
+from quantkit.builtin_backends.gguf import quants
 
 # llama.cpp's quantize_row_qX_K_ref on a 4096 x 4096 standard-normal matrix.
 LLAMA_CPP_RELATIVE_ERROR = {"Q6_K": 0.0177, "Q5_K": 0.0361, "Q4_K": 0.0714, "Q3_K": 0.151, "Q2_K": 0.297}

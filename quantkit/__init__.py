@@ -3,24 +3,22 @@
 >>> import quantkit
 >>> model = quantkit.quantize(model, quantkit.BnbConfig(quant_type="nf4"))
 >>> quantkit.save(model, "out/")
+
+The built-in configs are importable here without their backends' libraries.
 """
 
 from .api import backends, load, quantize, save
-from .backend import Backend
-from .capabilities import Availability, Capabilities
-from .configs import (
-    AWQConfig,
-    BnbConfig,
-    GGUFConfig,
-    GPTQConfig,
-    HQQConfig,
-    QuantConfig,
-    RTNConfig,
-    as_config,
-    config_from_dict,
-    config_from_hf_dict,
-)
-from .errors import (
+from .builtin_backends.awq.config import AWQConfig
+from .builtin_backends.bnb.config import BnbConfig
+from .builtin_backends.gguf.config import GGUFConfig
+from .builtin_backends.gptq.config import GPTQConfig
+from .builtin_backends.hqq.config import HQQConfig
+from .builtin_backends.rtn.config import RTNConfig
+from .core.backend import Backend
+from .core.capabilities import ALL_HARDWARE, Availability, Capabilities
+from .core.commands import Command
+from .core.config import CalibratedConfig, QuantConfig, spec
+from .core.errors import (
     BackendUnavailableError,
     ConfigTypeError,
     ConfigValueError,
@@ -32,14 +30,18 @@ from .errors import (
     UnknownMethodError,
     UnsupportedHardwareError,
 )
+from .core.hardware import Hardware
+from .core.hookspecs import hookimpl
+from .core.presets import Preset
+from .core.resolve import as_config, config_from_dict, config_from_hf_dict, config_from_json_file
+from .core.text import Dataset
 from .estimate import estimate
-from .hardware import Hardware
-from .hookspecs import hookimpl
 
 __all__ = [
-    "AWQConfig", "Availability", "Backend", "BackendUnavailableError", "BnbConfig", "Capabilities",
-    "ConfigTypeError", "ConfigValueError", "GGUFConfig", "GPTQConfig", "HQQConfig", "Hardware",
-    "ModelFormatError", "NotTrainableError", "QuantConfig", "QuantizationError", "QuantkitError",
-    "RTNConfig", "UnknownFieldError", "UnknownMethodError", "UnsupportedHardwareError", "as_config",
-    "backends", "config_from_dict", "config_from_hf_dict", "estimate", "hookimpl", "load", "quantize", "save",
+    "ALL_HARDWARE", "AWQConfig", "Availability", "Backend", "BackendUnavailableError", "BnbConfig",
+    "CalibratedConfig", "Capabilities", "Command", "ConfigTypeError", "ConfigValueError", "Dataset", "GGUFConfig",
+    "GPTQConfig", "HQQConfig", "Hardware", "ModelFormatError", "NotTrainableError", "Preset", "QuantConfig",
+    "QuantizationError", "QuantkitError", "RTNConfig", "UnknownFieldError", "UnknownMethodError",
+    "UnsupportedHardwareError", "as_config", "backends", "config_from_dict", "config_from_hf_dict", "config_from_json_file", "estimate",
+    "hookimpl", "load", "quantize", "save", "spec",
 ]

@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import Backend
+from .core.backend import Backend
 from .calibration import calibration_tokens
-from .configs import QuantConfig, as_config
-from .errors import ModelFormatError, QuantizationError, QuantkitError
-from .hardware import hardware_of, resolve_device
-from .registry import get_registry
-from .serialization import BACKEND_ATTR, CONFIG_ATTR, atomic_path, quant_config_of, read_config
+from .core.config import QuantConfig
+from .core.resolve import as_config, config_from_hf_dict
+from .core.errors import ModelFormatError, QuantizationError, QuantkitError
+from .core.hardware import hardware_of, resolve_device
+from .core.registry import get_registry
+from .core.text import tokenize
+from .core.serialization import BACKEND_ATTR, CONFIG_ATTR, atomic_path, quant_config_of, read_config
 
 log = logging.getLogger("quantkit")
 
@@ -95,7 +97,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> n
         model = backend.load_file(path, device)
         config = quant_config_of(model)
     else:
-        _, config = read_config(path)
+        config = config_from_hf_dict(read_config(path)["quantization_config"])
         backend = registry.backend_for(config, hardware_of(device), purpose="inference")
         model = backend.load_pretrained(path, config, device)
     setattr(model, CONFIG_ATTR, config)
@@ -125,8 +127,6 @@ def _calibration(model: nn.Module, config: QuantConfig, calibration: Any, tokeni
         return calibration
     tokenizer = tokenizer or _tokenizer_of(model)
     if isinstance(calibration, Sequence) and not isinstance(calibration, str):
-        from .calibration import tokenize
-
         ids = [tokenize(tokenizer, text)[:seqlen] for text in calibration]
         short = [len(i) for i in ids if len(i) < seqlen]
         if short or not ids:

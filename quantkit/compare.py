@@ -28,24 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .configs import QuantConfig, config_from_dict
-from .errors import ConfigValueError, QuantkitError
+from .core.config import QuantConfig
+from .core.resolve import config_from_dict
+from .core.errors import ConfigValueError, QuantkitError
 
 BASELINE = "fp32"
 FLOAT_METHODS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Unquantized methods: the model stored in a float dtype."""
-
-DEFAULT_METHODS = (
-    "fp32", "int8", "int8-t1.5", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "nf4", "nf4-dq", "fp4",
-    "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128", "rtn-4bit-g64", "awq-4bit-g64", "hqq-4bit-g64",
-    "gguf-q4_k_m", "gguf-q4_0", "gguf-q3_k_m", "gguf-q2_k", "hqq-2bit-g16",
-)
-"""The default comparison, from 8 bits down to 2: the float baseline, bitsandbytes' four
-formats (LLM.int8 at its default outlier threshold 6 and at 1.5), GGUF from Q8_0 to Q2_K, HQQ
-at 4 and 2 bits, and the two calibrated 4-bit methods next to round-to-nearest at the same
-group size, their uncalibrated reference point. AWQ
-needs groups that divide every linear's inputs: on a model where 128 does not (SmolLM2's
-576), ``awq-4bit-g128`` is reported as failed with that reason and ``awq-4bit-g64`` runs."""
 
 RESULT_KEYS = (
     "method", "config", "available", "status", "reason", "backend", "nominal_bits", "code_bits", "requires_calibration",
@@ -156,7 +145,7 @@ def _digest(data: Any) -> str:
 def method_from_name(name: str, protocol: Protocol, overrides: Mapping[str, Any] | None = None,
                      label: str | None = None) -> Method:
     """``fp32``/``bf16``/``fp16``, a preset or a ``quant_method``, with the protocol's calibration."""
-    from .presets import preset
+    from .core.resolve import preset
 
     if name in FLOAT_METHODS:
         return Method(label or name, None, FLOAT_METHODS[name])
@@ -206,10 +195,11 @@ def resolve_methods(names: Sequence[str] | None, protocol: Protocol, config_file
     ``names`` may include ``default`` (:data:`DEFAULT_METHODS`) and ``all``
     (every float dtype and preset).
     """
-    from .presets import PRESETS
+    from .core.registry import get_registry
+    from .core.resolve import default_comparison
 
     methods = methods_from_file(config_file, protocol) if config_file else []
-    groups = {"default": DEFAULT_METHODS, "all": (*FLOAT_METHODS, *PRESETS)}
+    groups = {"default": ("fp32", *default_comparison()), "all": (*FLOAT_METHODS, *get_registry().presets)}
     if names or not config_file:
         expanded = [n for name in (names or ["default"]) for n in groups.get(name, (name,))]
         methods += [method_from_name(n, protocol) for n in dict.fromkeys(expanded)]
@@ -479,8 +469,8 @@ def _availability(method: Method, protocol: Protocol) -> str | None:
     """Why ``method`` cannot run on the protocol's device, or ``None`` when it can."""
     if method.is_float:
         return None
-    from .hardware import hardware_of
-    from .registry import get_registry
+    from .core.hardware import hardware_of
+    from .core.registry import get_registry
 
     try:
         get_registry().backend_for(method.config, hardware_of(protocol.device))
@@ -625,7 +615,7 @@ def measure(job: dict, report: Callable[..., None]) -> dict:
 def quantized_linears(model, method: Method) -> tuple[list[str], int]:
     """Names and weight count of the linears ``method`` quantizes (for a float method: the
     ones a default config would), measured before quantizing."""
-    from .modules import quantizable_linears
+    from .core.linears import quantizable_linears
 
     targets = quantizable_linears(model, method.config or QuantConfig())
     return [name for name, _, _ in targets], sum(linear.weight.numel() for _, linear, _ in targets)
@@ -640,8 +630,8 @@ def apply_method(model, tokenizer, method: Method, protocol: Protocol):
     import quantkit
 
     from .calibration import calibration_tokens
-    from .hardware import hardware_of
-    from .registry import get_registry
+    from .core.hardware import hardware_of
+    from .core.registry import get_registry
 
     device = torch.device(protocol.device)
     if method.is_float:
@@ -683,7 +673,7 @@ def save_and_measure(model, method: Method, quantized_names: Iterable[str], *, k
     else written to a temporary folder (in ``scratch``) and removed."""
     import quantkit
 
-    from .serialization import unique_state_dict
+    from .core.serialization import unique_state_dict
 
     if keep_in is not None:
         folder = Path(keep_in) / method.name
@@ -736,7 +726,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .plugins import _version
+    from .core.plugin_host import _version
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"python": platform.python_version(), "torch": torch.__version__,

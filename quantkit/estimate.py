@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import QuantConfig
-from .errors import ConfigValueError
+from .core.config import QuantConfig
+from .core.errors import ConfigValueError
 
 FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 TYPICAL_SHAPE = (4096, 4096)
@@ -73,11 +73,11 @@ def layer_bits(config: QuantConfig | None, name: str, out_features: int, in_feat
     """Stored bits of one linear under ``config`` (``None``: unquantized)."""
     if config is None:
         return out_features * in_features * float_bits
-    from .registry import get_registry
+    from .core.registry import get_registry
 
     backends = get_registry().backends_for_method(config.quant_method)
     if not backends:
-        from .errors import UnknownMethodError
+        from .core.errors import UnknownMethodError
 
         raise UnknownMethodError(config.quant_method, get_registry().config_classes())
     return backends[0].storage_bits(config, name, out_features, in_features)
@@ -123,7 +123,7 @@ def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> E
     import transformers
     from torch import nn
 
-    from .modules import quantizable_linears
+    from .core.linears import quantizable_linears
 
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     hf_config = transformers.AutoConfig.for_model(**raw)
@@ -136,7 +136,7 @@ def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> E
     quantized_params = sum(m.weight.numel() for _, m, _ in targets)
     from contextlib import nullcontext
 
-    from .registry import get_registry
+    from .core.registry import get_registry
 
     backends = get_registry().backends_for_method(config.quant_method) if config is not None else []
     with backends[0].storage_context(model) if backends else nullcontext():

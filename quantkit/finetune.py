@@ -30,11 +30,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .configs import QuantConfig, as_config
-from .errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
-from .hardware import resolve_device
-from .progress import track
-from .serialization import BACKEND_ATTR, atomic_path
+from .core.config import QuantConfig
+from .core.resolve import as_config
+from .core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
+from .core.hardware import resolve_device
+from .core.progress import track
+from .core.serialization import BACKEND_ATTR, atomic_path
 
 log = logging.getLogger("quantkit")
 
@@ -62,7 +63,7 @@ def check_trainable(model: nn.Module) -> None:
 
     A model quantkit did not quantize is a float model: it trains.
     """
-    from .registry import get_registry
+    from .core.registry import get_registry
 
     name = getattr(model, BACKEND_ATTR, None)
     if name is None:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelFormatError
-from .serialization import atomic_path
+from .core.errors import ModelFormatError
+from .core.serialization import atomic_path
 
 log = logging.getLogger("quantkit")
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import Backend
-from .errors import ConfigValueError, ModelFormatError
-from .hardware import Hardware, hardware_of
+from .core.backend import Backend
+from .core.errors import ConfigValueError, ModelFormatError
+from .core.hardware import Hardware, hardware_of
 
 GOALS = ("inference", "fine-tuning", "smallest", "fastest")
 TYPICAL_LAYER = (4096, 4096)
@@ -138,10 +138,11 @@ def _eligible_backends(
 
 
 def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
-    from .presets import PRESETS, preset
+    from .core.registry import get_registry
+    from .core.resolve import preset
 
     found = []
-    for name in PRESETS:
+    for name in get_registry().presets:
         config = preset(name)
         backend = next((b for b in backends if b.config_class.quant_method == config.quant_method), None)
         if backend is None:

@@ -34,7 +34,7 @@ def tiny_llama():
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     """Every test sees the installed plugins only, never another test's additions."""
-    from quantkit.registry import reset_registry
+    from quantkit.core.registry import reset_registry
 
     reset_registry()
     yield

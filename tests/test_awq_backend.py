@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit import AWQConfig, RTNConfig
-from quantkit.errors import QuantizationError
-from quantkit.registry import get_registry
-from quantkit_awq.backend import AWQBackend
-from quantkit_awq.qlinear import AWQLinear
+from quantkit.core.errors import QuantizationError
+from quantkit.core.registry import get_registry
+from quantkit.builtin_backends.awq.backend import AWQBackend
+from quantkit.builtin_backends.awq.qlinear import AWQLinear
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -14,8 +14,8 @@ from torch import nn
 
 import quantkit
 from quantkit import BnbConfig, HQQConfig
-from quantkit.errors import ConfigTypeError, ModelFormatError, QuantizationError
-from quantkit.registry import get_registry
+from quantkit.core.errors import ConfigTypeError, ModelFormatError, QuantizationError
+from quantkit.core.registry import get_registry
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from quantkit.core.resolve import default_comparison
 from quantkit.compare import (
     BASELINE,
-    DEFAULT_METHODS,
     RESULT_KEYS,
     Comparison,
     Method,
@@ -29,8 +29,9 @@ from quantkit.compare import (
     stored_bytes,
     write_json_atomic,
 )
-from quantkit.configs import GPTQConfig, RTNConfig
-from quantkit.errors import ConfigValueError
+from quantkit.builtin_backends.gptq.config import GPTQConfig
+from quantkit.builtin_backends.rtn.config import RTNConfig
+from quantkit.core.errors import ConfigValueError
 from quantkit.report import pareto_front, plot, run_checks, summarize, to_csv, to_markdown
 
 PROTOCOL = Protocol(model="tiny", eval_tokens=256, seqlen=64, stride=64, calibration_samples=4,
@@ -50,7 +51,7 @@ def test_nominal_bits(name, bits):
 
 def test_default_list_starts_with_the_baseline_and_calibrates_by_the_protocol():
     methods = resolve_methods(None, PROTOCOL)
-    assert [m.name for m in methods] == list(DEFAULT_METHODS)
+    assert [m.name for m in methods] == ["fp32", *default_comparison()]
     assert methods[0].name == BASELINE and methods[0].is_float
     gptq = next(m for m in methods if m.name == "gptq-4bit-g128").config
     assert (gptq.nsamples, gptq.seqlen, gptq.dataset) == (4, 32, "pydoc")
@@ -64,7 +65,7 @@ def test_baseline_is_added_and_names_are_unique(tmp_path):
     (tmp_path / "m.json").write_text('[{"name": "nf4", "preset": "fp4"}]')
     with pytest.raises(ConfigValueError, match="unique"):
         resolve_methods(["nf4"], PROTOCOL, tmp_path / "m.json")
-    assert [m.name for m in resolve_methods(["default", "bf16"], PROTOCOL)] == [*DEFAULT_METHODS, "bf16"]
+    assert [m.name for m in resolve_methods(["default", "bf16"], PROTOCOL)] == ["fp32", *default_comparison(), "bf16"]
     every = [m.name for m in resolve_methods(["all"], PROTOCOL)]
     assert every[:3] == ["fp32", "bf16", "fp16"] and {"gguf-q6_k", "hqq-2bit-g16"} <= set(every)
     with pytest.raises(Exception, match="unknown"):
@@ -143,8 +144,8 @@ def test_is_done_needs_the_same_protocol_and_config():
 
 
 def test_unavailable_backend_is_reported_with_its_reason_without_running(tmp_path, monkeypatch):
-    from quantkit.capabilities import Availability
-    from quantkit.registry import get_registry
+    from quantkit.core.capabilities import Availability
+    from quantkit.core.registry import get_registry
 
     backend = get_registry().backends_for_method("hqq")[0]
     monkeypatch.setattr(type(backend), "is_available", lambda self: Availability(False, "no hqq today"))

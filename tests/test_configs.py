@@ -11,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantkit
-from quantkit.configs import BUILTIN_CONFIGS, QuantConfig, _type_hints, config_from_dict, config_from_hf_dict
+from quantkit.core.config import QuantConfig, _type_hints
+from quantkit.core.resolve import config_from_dict, config_from_hf_dict, config_from_json_file
 
+BUILTIN_CONFIGS = (quantkit.BnbConfig, quantkit.GPTQConfig, quantkit.AWQConfig, quantkit.HQQConfig, quantkit.GGUFConfig,
+                   quantkit.RTNConfig)
 CONFIGS = {c.__name__: c for c in BUILTIN_CONFIGS}
 
 
@@ -218,8 +221,8 @@ def test_json_file_round_trip(tmp_path):
     config = quantkit.GGUFConfig(quant_type="Q5_K_M", modules_to_not_convert=["lm_head", "*.down_proj"])
     path = tmp_path / "c.json"
     config.to_json_file(path)
-    assert QuantConfig.from_json_file(path) == config
+    assert config_from_json_file(path) == config
     assert quantkit.GGUFConfig.from_json_file(path) == config
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(quantkit.ModelFormatError, match="not valid JSON"):
-        QuantConfig.from_json_file(tmp_path / "bad.json")
+        config_from_json_file(tmp_path / "bad.json")

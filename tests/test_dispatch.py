@@ -10,10 +10,10 @@ import torch
 
 import quantkit
 from quantkit import Backend, Capabilities, Hardware
-from quantkit.capabilities import Availability
-from quantkit.configs import QuantConfig
-from quantkit.hardware import hardware_of
-from quantkit.registry import get_registry
+from quantkit.core.capabilities import Availability
+from quantkit.core.config import QuantConfig
+from quantkit.core.hardware import hardware_of
+from quantkit.core.registry import get_registry
 
 
 @dataclass
@@ -25,7 +25,7 @@ class FakeBackend(Backend):
     name = "fake-cuda-only"
     config_class = FakeConfig
     capabilities = Capabilities(
-        methods=("fake",), bits=(4,), quantize_hardware=frozenset({Hardware.CUDA}),
+        quantize_hardware=frozenset({Hardware.CUDA}),
         inference_hardware=frozenset({Hardware.CUDA, Hardware.ROCM}), requires_calibration=False,
         serializable=True, trainable=False,
     )
@@ -40,7 +40,7 @@ class FakeBackend(Backend):
 class MissingLibBackend(FakeBackend):
     name = "fake-missing"
     capabilities = Capabilities(
-        methods=("fake",), bits=(4,), quantize_hardware=frozenset(Hardware), inference_hardware=frozenset(Hardware),
+        quantize_hardware=frozenset(Hardware), inference_hardware=frozenset(Hardware),
         requires_calibration=False, serializable=True, trainable=False, requires=("no_such_module_xyz",),
     )
 

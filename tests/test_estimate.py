@@ -60,7 +60,7 @@ def test_code_bits_is_the_width_a_method_is_named_for(config, bits):
 
 
 def test_code_bits_follow_ggufs_row_fallbacks(tiny_llama):
-    from quantkit.registry import get_registry
+    from quantkit.core.registry import get_registry
 
     gguf = get_registry().backends_for_method("gguf")[0]
     q2k = quantkit.GGUFConfig(quant_type="Q2_K")

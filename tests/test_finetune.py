@@ -12,10 +12,10 @@ from conftest import make_tiny_llama
 
 import quantkit
 from quantkit import finetune as ft
-from quantkit.backend import Backend
-from quantkit.capabilities import ALL_HARDWARE, Capabilities
-from quantkit.serialization import BACKEND_ATTR
-from quantkit.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
+from quantkit.core.backend import Backend
+from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
+from quantkit.core.serialization import BACKEND_ATTR
+from quantkit.core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -141,7 +141,7 @@ class FrozenBackend(Backend):
     name = "frozen"
     config_class = quantkit.RTNConfig
     capabilities = Capabilities(
-        methods=("rtn",), bits=(4,), quantize_hardware=ALL_HARDWARE, inference_hardware=ALL_HARDWARE,
+        quantize_hardware=ALL_HARDWARE, inference_hardware=ALL_HARDWARE,
         requires_calibration=False, serializable=False, trainable=False,
     )
 

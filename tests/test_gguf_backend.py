@@ -8,19 +8,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_tiny_llama
-from quantkit_gguf import quants
-from quantkit_gguf.convert import type_counts
-from quantkit_gguf.mixes import ModelShape, Role, _use_more_bits, role_of, tensor_type, with_fallback
-from quantkit_gguf.qlinear import GGUFEmbedding, GGUFLinear
+from quantkit.builtin_backends.gguf import quants
+from quantkit.builtin_backends.gguf.convert import type_counts
+from quantkit.builtin_backends.gguf.mixes import ModelShape, Role, _use_more_bits, role_of, tensor_type, with_fallback
+from quantkit.builtin_backends.gguf.qlinear import GGUFEmbedding, GGUFLinear
 from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig
 
 import quantkit
 from quantkit import GGUFConfig
-from quantkit.errors import QuantizationError, QuantkitError
-from quantkit.modules import quantizable_linears
-from quantkit.registry import get_registry
+from quantkit.core.errors import QuantizationError, QuantkitError
+from quantkit.core.linears import quantizable_linears
+from quantkit.core.registry import get_registry
 
 SMOLLM2 = ModelShape(n_layer=30, n_gqa=3)  # 9 heads, 3 KV heads
 LLAMA_7B = ModelShape(n_layer=32, n_gqa=1)

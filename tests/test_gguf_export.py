@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from gguf import GGUFReader, LlamaFileType
-from quantkit_gguf.convert import type_counts
-from quantkit_gguf.export import rope_permutation
+from quantkit.builtin_backends.gguf.convert import type_counts
+from quantkit.builtin_backends.gguf.export import rope_permutation
 
 import quantkit
 from quantkit import GGUFConfig
 from quantkit.cli.main import main as cli_main
-from quantkit.errors import ModelFormatError, QuantkitError
+from quantkit.core.errors import ModelFormatError, QuantkitError
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 SAMPLES = ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x ** 2  # 12345",

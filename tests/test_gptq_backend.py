@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit import GPTQConfig, RTNConfig
-from quantkit.errors import QuantizationError
-from quantkit.registry import get_registry
-from quantkit_gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
-from quantkit_gptq.packing import unpack_gptq
-from quantkit_gptq.qlinear import GPTQLinear
+from quantkit.core.errors import QuantizationError
+from quantkit.core.registry import get_registry
+from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quantkit.builtin_backends.gptq.packing import unpack_gptq
+from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

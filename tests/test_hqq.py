@@ -13,8 +13,8 @@ from torch import nn
 
 import quantkit
 from quantkit import BnbConfig, HQQConfig
-from quantkit.errors import ConfigTypeError, ConfigValueError, ModelFormatError, QuantizationError
-from quantkit.registry import get_registry
+from quantkit.core.errors import ConfigTypeError, ConfigValueError, ModelFormatError, QuantizationError
+from quantkit.core.registry import get_registry
 
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
 HQQLinear = hqq_quantize.HQQLinear
@@ -85,7 +85,7 @@ def test_quantize_save_load_round_trip(tiny_llama, tmp_path, key):
 
 
 def test_saved_layout(tiny_llama, tmp_path):
-    """The layout documented in quantkit_hqq.layout: names, dtypes, shapes, meta."""
+    """The layout documented in quantkit.builtin_backends.hqq.layout: names, dtypes, shapes, meta."""
     quantkit.save(quantkit.quantize(tiny_llama, HQQConfig(nbits=4, group_size=64), device="cpu"), tmp_path / "q")
     tensors = saved_tensors(tmp_path / "q")
     name = "model.layers.0.mlp.down_proj"  # 64 x 128: 128 groups of 64

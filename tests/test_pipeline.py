@@ -1,4 +1,4 @@
-"""The layer-by-layer calibration pipeline (quantkit.pipeline), and GPTQ/AWQ vs RTN on SmolLM2."""
+"""The layer-by-layer calibration pipeline (quantkit.layerwise), and GPTQ/AWQ vs RTN on SmolLM2."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import quantkit
 from quantkit import AWQConfig, GPTQConfig, RTNConfig
-from quantkit.errors import QuantizationError
-from quantkit.pipeline import LayerContext, decoder_stack, quantize_layerwise
+from quantkit.core.errors import QuantizationError
+from quantkit.layerwise import LayerContext, decoder_stack, quantize_layerwise
 
 
 def _tokens(nsamples: int = 8, seqlen: int = 64, vocab: int = 256, seed: int = 0) -> torch.Tensor:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from quantkit import AWQConfig, Backend, BnbConfig, Capabilities, GGUFConfig, GPTQConfig, Hardware, HQQConfig, RTNConfig
-from quantkit.capabilities import Availability
-from quantkit.errors import ConfigValueError, ModelFormatError
+from quantkit.core.capabilities import Availability
+from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.recommend import load_results, recommend
 
 GPU = frozenset({Hardware.CUDA, Hardware.ROCM})
@@ -16,12 +16,11 @@ EVERYWHERE = frozenset(Hardware)
 
 
 def fake_backend(name, config_class, bits_per_weight, *, hardware=EVERYWHERE, trainable=False,
-                 calibration=False, available=True, bits=(4,)):
+                 calibration=False, available=True):
     """A backend that only declares: what the recommender reads."""
 
     class Fake(Backend):
-        capabilities = Capabilities(
-            methods=(config_class.quant_method,), bits=bits, quantize_hardware=hardware,
+        capabilities = Capabilities(quantize_hardware=hardware,
             inference_hardware=hardware, requires_calibration=calibration, serializable=True, trainable=trainable,
         )
 
@@ -54,12 +53,12 @@ def gguf_bits(config):
 def every_backend(**overrides):
     backends = {
         "bitsandbytes": fake_backend("bitsandbytes", BnbConfig, bnb_bits, hardware=GPU | {Hardware.CPU},
-                                     trainable=True, bits=(4, 8)),
+                                     trainable=True),
         "gptq": fake_backend("gptq", GPTQConfig, 4.16, calibration=True),
         "awq": fake_backend("awq", AWQConfig, 4.16, calibration=True),
         "hqq": fake_backend("hqq", HQQConfig, lambda c: c.nbits + 32 / c.group_size, hardware=GPU | {Hardware.CPU},
                             trainable=True),
-        "gguf": fake_backend("gguf", GGUFConfig, gguf_bits, bits=(2, 3, 4, 5, 6, 8)),
+        "gguf": fake_backend("gguf", GGUFConfig, gguf_bits),
         "rtn": fake_backend("rtn", RTNConfig, 4.25),
     }
     backends.update(overrides)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import quantkit
-from quantkit.registry import get_registry
+from quantkit.core.registry import get_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "quantkit-example-plugin"))
 from quantkit_example_int8.config import AbsmaxInt8Config  # noqa: E402
@@ -53,7 +53,7 @@ def test_interrupted_save_keeps_the_old_model(quantized, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("quantkit.serialization.save_file", crash)
+    monkeypatch.setattr("quantkit.core.serialization.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         quantkit.save(quantized, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

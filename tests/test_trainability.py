@@ -22,7 +22,7 @@ from conftest import make_tiny_llama
 
 import quantkit
 from quantkit import finetune as ft
-from quantkit.errors import NotTrainableError
+from quantkit.core.errors import NotTrainableError
 
 VOCAB, SEQLEN = 256, 32
 

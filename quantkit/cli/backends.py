@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 
 def backend_rows() -> list[dict]:
     """Every backend, then every plugin that failed, as plain rows."""
-    from quantkit.registry import get_registry
+    from quantkit.core.registry import get_registry
 
     registry = get_registry()
     rows = [{k: b.describe()[k] for k in KEYS} for b in registry.backends.values()]

@@ -12,7 +12,8 @@ from rich.console import Console
 
 
 def add_parser(subparsers) -> None:
-    from quantkit.compare import DEFAULT_METHODS, Protocol
+    from quantkit.compare import Protocol
+    from quantkit.core.resolve import default_comparison
 
     parser = subparsers.add_parser(
         "compare", help="compare quantization methods on one model and one text",
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--methods", action="append", metavar="LIST",
                         help="comma-separated presets, quant_methods, fp32/bf16/fp16, 'default' or 'all' "
-                             f"(default: {','.join(DEFAULT_METHODS)}; the fp32 baseline is always added)")
+                             f"(default: {','.join(('fp32', *default_comparison()))}; the fp32 baseline is always added)")
     parser.add_argument("--config-file", type=Path,
                         help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
     parser.add_argument("--dataset", default=Protocol.dataset,
@@ -54,7 +55,7 @@ def protocol_from_args(args: argparse.Namespace):
     import torch
 
     from quantkit.compare import Protocol
-    from quantkit.hardware import resolve_device
+    from quantkit.core.hardware import resolve_device
 
     return Protocol(
         model=args.model, dataset=args.dataset, eval_tokens=args.tokens, seqlen=args.seqlen,

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from quantkit.configs import config_from_dict
+    from quantkit.core.resolve import config_from_dict
 
     config = config_from_dict(read_config_file(args.file))
     print(config.to_json_string(), end="")

@@ -31,11 +31,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantkit.estimate import estimate
-    from quantkit.presets import preset
+    from quantkit.core.resolve import preset
 
     import dataclasses
 
-    from quantkit.configs import BnbConfig
+    from quantkit.builtin_backends.bnb.config import BnbConfig
 
     overrides = parse_overrides(args.overrides)
     rows = []

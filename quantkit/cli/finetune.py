@@ -46,9 +46,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantkit import finetune as ft
-    from quantkit.hardware import resolve_device
+    from quantkit.core.hardware import resolve_device
     from quantkit.models import load_model
-    from quantkit.serialization import atomic_path
+    from quantkit.core.serialization import atomic_path
 
     device = resolve_device(args.device)
     quantize = _quantization(args, device)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _quantization(args: argparse.Namespace, device):
     from quantkit import finetune as ft
-    from quantkit.errors import ConfigValueError
+    from quantkit.core.errors import ConfigValueError
 
     if args.method in SHORT_FORMS:
         if args.overrides:

@@ -9,7 +9,7 @@ import sys
 
 from rich.console import Console
 
-from ..errors import QuantkitError
+from ..core.errors import QuantkitError
 
 COMMANDS = ("quantize", "backends", "plugins", "config", "estimate", "compare", "recommend", "finetune")
 """Modules of :mod:`quantkit.cli`, each with ``add_parser(subparsers)``."""

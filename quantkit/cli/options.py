@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..configs import QuantConfig
-from ..errors import ConfigValueError
+from ..core.config import QuantConfig
+from ..core.errors import ConfigValueError
 
 
 def add_config_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -36,7 +36,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A config dict from JSON or YAML."""
-    from ..errors import ModelFormatError
+    from ..core.errors import ModelFormatError
 
     if not path.is_file():
         raise ModelFormatError(f"config file {str(path)!r} does not exist")
@@ -52,8 +52,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    from ..configs import config_from_dict
-    from ..presets import preset
+    from ..core.resolve import config_from_dict
+    from ..core.resolve import preset
 
     overrides = parse_overrides(args.overrides)
     if args.config is not None:

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantkit.registry import get_registry
+    from quantkit.core.registry import get_registry
 
     host = get_registry().host
     plugins = [asdict(p) for p in host.plugins()]

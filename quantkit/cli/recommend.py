@@ -10,7 +10,7 @@ from rich.console import Console
 
 
 def add_parser(subparsers) -> None:
-    from quantkit.hardware import Hardware
+    from quantkit.core.hardware import Hardware
     from quantkit.recommend import GOALS
 
     parser = subparsers.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from quantkit.configs import QuantConfig, spec
+from quantkit import QuantConfig, spec
 
 
 @dataclass
@@ -15,3 +15,7 @@ class AbsmaxInt8Config(QuantConfig):
     quant_method: ClassVar[str] = "absmax-int8"
 
     scale_dtype: str = spec("float32", choices=("float32", "float16"))
+
+    @classmethod
+    def bit_widths(cls) -> tuple[float, ...]:
+        return (8.0,)

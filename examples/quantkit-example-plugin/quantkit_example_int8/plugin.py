@@ -7,9 +7,11 @@ import math
 import torch
 from torch import nn
 
-from quantkit import Backend, Capabilities, hookimpl
-from quantkit.capabilities import ALL_HARDWARE
-from quantkit.modules import quantizable_linears, replace_linears, set_submodule
+from quantkit.core.backend import Backend
+from quantkit.core.capabilities import Capabilities
+from quantkit.core.hookspecs import hookimpl
+from quantkit.core.capabilities import ALL_HARDWARE
+from quantkit.core.linears import quantizable_linears, replace_linears, set_submodule
 
 from .config import AbsmaxInt8Config
 
@@ -44,8 +46,6 @@ class AbsmaxInt8Backend(Backend):
     name = "example-int8"
     config_class = AbsmaxInt8Config
     capabilities = Capabilities(
-        methods=("absmax-int8",),
-        bits=(8,),
         quantize_hardware=ALL_HARDWARE,
         inference_hardware=ALL_HARDWARE,
         requires_calibration=False,

@@ -1,0 +1,1 @@
+"""AWQ in plain torch, AutoAWQ GEMM checkpoint format."""

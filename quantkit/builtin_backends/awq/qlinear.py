@@ -1,0 +1,104 @@
+"""The inference module of AWQ checkpoints: AutoAWQ GEMM/GEMV buffers, dequantize + matmul in torch.
+
+Buffer names, shapes and dtypes are AutoAWQ's ``WQLinear_GEMM`` / ``WQLinear_GEMV`` ones (see
+:mod:`quantkit.builtin_backends.awq.packing`), so a state dict of these modules is an AWQ checkpoint. The
+forward unpacks the weight and calls ``F.linear`` on whatever device the buffers are on
+(CPU, CUDA, ROCm, MPS); nothing is cached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .packing import dequantize_awq, gemv_group_width, pack_awq, pack_awq_gemv, unpack_awq_gemv
+
+VERSIONS = ("gemm", "gemv")
+
+
+def awq_buffer_shapes(version: str, in_features: int, out_features: int, group_size: int) -> dict[str, tuple[int, int]]:
+    """Shapes of ``qweight``, ``qzeros`` and ``scales`` in the AutoAWQ layout ``version``."""
+    n_groups = in_features // group_size
+    if version == "gemm":
+        return {
+            "qweight": (in_features, out_features // 8),
+            "qzeros": (n_groups, out_features // 8),
+            "scales": (n_groups, out_features),
+        }
+    width = gemv_group_width(n_groups, group_size)
+    return {
+        "qweight": (out_features, in_features // 8),
+        "qzeros": (out_features, width),
+        "scales": (out_features, 8 * width),
+    }
+
+
+class AWQLinear(nn.Module):
+    """A 4-bit linear layer stored as AutoAWQ ``qweight``, ``qzeros``, ``scales`` (+ ``bias``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        version: str = "gemm",
+        *,
+        bias: bool,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"AWQ version must be one of {VERSIONS}; got {version!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.version = group_size, version
+        shapes = awq_buffer_shapes(version, in_features, out_features, group_size)
+        self.register_buffer("qweight", torch.empty(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(shapes["scales"], dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, group_size: int, version: str, device: torch.device | str = "meta") -> AWQLinear:
+        """An unfilled module shaped for ``linear`` (for loading a checkpoint into)."""
+        bias = linear.bias
+        return cls(
+            linear.in_features, linear.out_features, group_size, version,
+            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device=device,
+        )
+
+    @classmethod
+    def pack(
+        cls, intweight: Tensor, zeros: Tensor, scales: Tensor, bias: Tensor | None, version: str = "gemm"
+    ) -> AWQLinear:
+        """Pack integer weights ``(out, in)``, zero points and scales ``(n_groups, out)``."""
+        out_features, in_features = intweight.shape
+        module = cls(
+            in_features, out_features, in_features // scales.shape[0], version,
+            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta",
+        )
+        packed = (pack_awq if version == "gemm" else pack_awq_gemv)(intweight, zeros, scales)
+        for name, tensor in packed.items():
+            setattr(module, name, tensor)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight ``(out, in)`` these buffers encode."""
+        if self.version == "gemm":
+            return dequantize_awq(self.qweight, self.qzeros, self.scales)
+        intweight, zeros, scales = unpack_awq_gemv(self.qweight, self.qzeros, self.scales, self.group_size)
+        groups = torch.arange(self.in_features, device=intweight.device) // self.group_size
+        return scales.float()[groups].t() * (intweight - zeros[groups].t())
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, version={self.version}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,1 @@
+"""GGUF (llama.cpp) tensor types and mixes in torch, .gguf export and import."""

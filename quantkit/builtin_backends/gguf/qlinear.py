@@ -1,0 +1,162 @@
+"""Modules that keep their weight as raw ggml blocks and dequantize it on the fly.
+
+The packed weight is a frozen ``uint8`` parameter called ``weight`` of shape
+``(rows, bytes per row)``, the exact bytes a ``.gguf`` file stores, so transformers'
+weight tying (``lm_head.weight = embed_tokens.weight``) shares it between a tied
+embedding and output head. The ggml type travels with it in the state dict as the
+int32 buffer ``ggml_type`` (gguf's ``GGMLQuantizationType`` number), so a saved
+layer says what its bytes are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import Tensor, nn
+
+from quantkit.core.errors import ModelFormatError
+
+from . import quants
+from .mixes import row_bytes
+
+
+class GGUFWeight(nn.Module):
+    """Base of the GGUF modules: a ``(rows, cols)`` matrix stored as ggml blocks of ``qtype``."""
+
+    def __init__(self, rows: int, cols: int, qtype: str, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.weight = nn.Parameter(
+            torch.empty((rows, row_bytes(qtype, cols)), dtype=torch.uint8, device=device), requires_grad=False
+        )
+        self.register_buffer("ggml_type", torch.zeros((), dtype=torch.int32, device=device))
+        self.set_type(qtype)
+
+    def set_type(self, qtype: str) -> None:
+        """Declare the ggml type of the stored bytes."""
+        self.qtype = qtype
+        self.ggml_type.fill_(int(GGMLQuantizationType[qtype]))
+
+    def load_bytes(self, data: Tensor, qtype: str) -> None:
+        """Take ``data`` (uint8, ``(rows, bytes per row)``) as this weight's bytes of ``qtype``."""
+        expected = (self.rows, row_bytes(qtype, self.cols))
+        if data.dtype != torch.uint8 or tuple(data.shape) != expected:
+            raise ModelFormatError(
+                f"{qtype} bytes of shape {tuple(data.shape)} ({data.dtype}) do not encode a "
+                f"{self.rows}x{self.cols} matrix; expected uint8 {expected}"
+            )
+        self.weight = nn.Parameter(data, requires_grad=False)
+        self.set_type(qtype)
+
+    def dequantize(self) -> Tensor:
+        """The full weight matrix in float32, on the weight's device."""
+        return quants.dequantize(self.weight, self.qtype, (self.rows, self.cols))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # The saved ggml type decides the byte layout: adopt it before torch checks shapes.
+        key = prefix + "ggml_type"
+        if key in state_dict:
+            number = int(state_dict[key])
+            try:
+                qtype = GGMLQuantizationType(number).name
+                quants.block_size(qtype)
+            except ValueError:
+                raise ModelFormatError(f"{key}={number} is not a ggml type quantkit can read") from None
+            data = state_dict.get(prefix + "weight")
+            if data is not None and tuple(data.shape) != (self.rows, row_bytes(qtype, self.cols)):
+                raise ModelFormatError(
+                    f"{prefix}weight has shape {tuple(data.shape)}, which is not {qtype} bytes of a "
+                    f"{self.rows}x{self.cols} matrix"
+                )
+            if qtype != self.qtype:
+                shape = (self.rows, row_bytes(qtype, self.cols))
+                self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=self.weight.device),
+                                           requires_grad=False)
+                self.qtype = qtype
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+class GGUFLinear(GGUFWeight):
+    """``nn.Linear`` with a GGUF-quantized weight; forward dequantizes it and multiplies."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qtype: str,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(out_features, in_features, qtype, device)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype: str, device: torch.device | None = None) -> GGUFLinear:
+        """Quantize ``linear``'s weight to ``qtype``, on ``device`` (default: the weight's)."""
+        weight = linear.weight.detach()
+        device = device or weight.device
+        module = cls(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None,
+                     device=device, dtype=weight.dtype)
+        module.load_bytes(quants.quantize(weight.to(device), qtype), qtype)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    @classmethod
+    def tied_to(cls, embedding: GGUFEmbedding) -> GGUFLinear:
+        """An output head sharing ``embedding``'s packed table (tied word embeddings)."""
+        module = cls(embedding.cols, embedding.rows, embedding.qtype, device="meta")
+        module.weight = embedding.weight
+        module.ggml_type = embedding.ggml_type.clone()
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+                f"bias={self.bias is not None}")
+
+
+class GGUFEmbedding(GGUFWeight):
+    """``nn.Embedding`` with a GGUF-quantized table; looks up rows and dequantizes only those."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        qtype: str,
+        *,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, qtype, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        # Output dtype, kept as an empty float buffer so that model.to(dtype) updates it.
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, qtype: str, device: torch.device | None = None) -> GGUFEmbedding:
+        """Quantize ``embedding``'s table to ``qtype``, on ``device`` (default: the table's)."""
+        weight = embedding.weight.detach()
+        device = device or weight.device
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, qtype,
+                     padding_idx=embedding.padding_idx, device=device, dtype=weight.dtype)
+        module.load_bytes(quants.quantize(weight.to(device), qtype), qtype)
+        return module
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        flat = input_ids.reshape(-1)
+        rows = quants.dequantize(self.weight.index_select(0, flat), self.qtype, (flat.numel(), self.cols))
+        return rows.to(self.dtype_marker.dtype).reshape(*input_ids.shape, self.cols)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"

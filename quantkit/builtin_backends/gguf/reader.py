@@ -1,0 +1,186 @@
+"""Reading a quantized llama ``.gguf`` (gguf-py's GGUFReader) into a model with GGUF modules.
+
+Quantized tensors keep their ggml bytes (``attn_q``/``attn_k`` rows put back in
+transformers' order); F32 tensors become ordinary float parameters. The model gets the
+:class:`GGUFConfig` that describes the file: ``general.file_type``'s mix, its float
+linears in ``modules_to_not_convert`` and every tensor whose type the mix would not
+give in ``module_overrides``. A malformed file raises :class:`ModelFormatError`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from torch import nn
+
+from quantkit.builtin_backends.gguf.config import GGUF_MIXES, GGUF_TENSOR_TYPES, GGUFConfig
+from quantkit.core.errors import ModelFormatError
+from quantkit.core.linears import set_submodule
+from quantkit.core.serialization import CONFIG_ATTR, empty_model
+
+from . import quants
+from .convert import linear_type
+from .export import ARCHITECTURE, head_counts, rope_permutation
+from .mixes import FILE_TYPES, FLOAT_TYPES, ModelShape, Role, gguf_name, tensor_type
+from .qlinear import GGUFEmbedding, GGUFLinear
+
+_QUANT_TYPES_OF_FILE = {file_type: quant_type for quant_type, file_type in FILE_TYPES.items()}
+# A "_S" file type is the mix of that name, not the pure K type it is closest to.
+_QUANT_TYPES_OF_FILE.update({FILE_TYPES[mix]: mix for mix in ("Q3_K_S", "Q4_K_S", "Q5_K_S")})
+
+_TOKEN_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "unknown": "unk_token_id", "padding": "pad_token_id"}
+
+
+def read_gguf(path: Path, device: torch.device) -> nn.Module:
+    """The quantized model in ``path``, on ``device``, with ``quantkit_config`` set."""
+    reader = _open(path)
+    architecture = _field(reader, "general.architecture")
+    if architecture != ARCHITECTURE:
+        raise ModelFormatError(
+            f"{str(path)!r} holds a {architecture!r} model; quantkit reads quantized llama GGUF files "
+            "(quantkit.models.load_model reads other architectures as float models)"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        model = empty_model(_hf_config(reader, tensors))
+        config = _fill(model, tensors, _QUANT_TYPES_OF_FILE.get(_field(reader, "general.file_type")))
+    except ModelFormatError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        raise ModelFormatError(f"{str(path)!r} does not hold a consistent llama model: {exc}") from exc
+    setattr(model, CONFIG_ATTR, config)
+    return model.to(device).eval()
+
+
+def _open(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # gguf-py reports malformed files through many exception types
+        raise ModelFormatError(f"{str(path)!r} is not a readable GGUF file (corrupt or truncated?): {exc}") from exc
+
+
+def _field(reader: GGUFReader, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _hf_config(reader: GGUFReader, tensors: dict) -> dict:
+    """A transformers ``config.json`` dict, read the way transformers' GGUF loader reads it."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    raw: dict[str, Any] = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32"}
+    for key, hf_key in GGUF_CONFIG_MAPPING[ARCHITECTURE].items():
+        value = _field(reader, f"{ARCHITECTURE}.{key}")
+        if hf_key is not None and value is not None:
+            raw[hf_key] = value
+    for key, hf_key in _TOKEN_IDS.items():
+        value = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if value is not None:
+            raw[hf_key] = value
+    raw.setdefault("vocab_size", tensors["token_embd.weight"].shape[1] if "token_embd.weight" in tensors else None)
+    raw["tie_word_embeddings"] = "output.weight" not in tensors
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    missing = [key for key in required if raw.get(key) is None]
+    if missing:
+        raise ModelFormatError(f"the GGUF metadata lacks {missing}; not a complete llama model")
+    return raw
+
+
+def _fill(model: nn.Module, tensors: dict, file_quant_type: str | None) -> GGUFConfig:
+    """Put the file's tensors into the empty ``model``; return the config describing them."""
+    hf = model.config
+    heads = head_counts(hf)
+    modules = dict(model.named_modules())
+    by_gguf = {gguf_name(key, hf.num_hidden_layers): key for key in model.state_dict()}
+    floats: dict[str, torch.Tensor] = {}
+    packed: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        key = by_gguf.get(name)
+        if key is None:
+            raise ModelFormatError(f"tensor {name!r} is not part of a llama model")
+        qtype = tensor.tensor_type.name
+        expected = tuple(model.get_parameter(key).shape)
+        if tuple(int(n) for n in reversed(tensor.shape)) != expected:
+            raise ModelFormatError(
+                f"tensor {name!r} has shape {list(reversed(tensor.shape))}, expected {list(expected)}"
+            )
+        data = np.array(tensor.data)  # a copy: the reader maps the file read-only
+        kind = name.split(".")[-2]
+        order = torch.argsort(rope_permutation(expected[0], heads[kind])) if kind in heads else None
+        module_name, _, leaf = key.rpartition(".")
+        if qtype != "F32" and leaf == "weight" and isinstance(modules[module_name], (nn.Linear, nn.Embedding)):
+            if qtype not in quants.QUANT_TYPES:
+                raise ModelFormatError(
+                    f"tensor {name!r} is {qtype}, a type quantkit's GGUF backend does not implement; "
+                    "quantkit.models.load_model reads the file as a float model"
+                )
+            value = torch.from_numpy(data.view(np.uint8).reshape(expected[0], -1))
+            packed[module_name] = (qtype, value if order is None else value[order])
+        elif qtype in FLOAT_TYPES:
+            value = quants.dequantize(torch.from_numpy(data.view(np.uint8)), qtype, expected)
+            floats[key] = value if order is None else value[order]
+        else:
+            raise ModelFormatError(
+                f"tensor {name!r} is {qtype}; quantkit expects F32, F16 or BF16 for a tensor that is not "
+                "a linear or embedding weight"
+            )
+    config = _describe(model, packed, floats, file_quant_type)
+    for module_name, (qtype, value) in packed.items():
+        module = modules[module_name]
+        if isinstance(module, nn.Embedding):
+            replacement = GGUFEmbedding(module.num_embeddings, module.embedding_dim, qtype,
+                                        padding_idx=module.padding_idx)
+        else:
+            replacement = GGUFLinear(module.in_features, module.out_features, qtype)
+        replacement.load_bytes(value, qtype)
+        set_submodule(model, module_name, replacement)
+    result = model.load_state_dict(floats, strict=False, assign=True)
+    if hf.tie_word_embeddings:
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, GGUFEmbedding):
+            set_submodule(model, _name_of(model, model.get_output_embeddings()), GGUFLinear.tied_to(embedding))
+        else:
+            model.tie_weights()
+    missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in packed]
+    if hf.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise ModelFormatError(f"the file lacks tensors for {missing[:5]}")
+    return config
+
+
+def _describe(
+    model: nn.Module, packed: dict[str, tuple[str, torch.Tensor]], floats: dict, file_quant_type: str | None
+) -> GGUFConfig:
+    """The GGUFConfig under which quantkit would produce exactly these tensor types."""
+    if not packed:
+        raise ModelFormatError(
+            "the file holds no quantized tensor; quantkit.models.load_model reads it as a float model"
+        )
+    quant_type = file_quant_type or Counter(qtype for qtype, _ in packed.values()).most_common(1)[0][0]
+    if quant_type not in GGUF_TENSOR_TYPES + GGUF_MIXES:
+        raise ModelFormatError(f"the file's main type {quant_type} is not a GGUFConfig.quant_type")
+    embedding = _name_of(model, model.get_input_embeddings())
+    convertible = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} | {embedding}
+    float_modules = sorted(name for name in (k.removesuffix(".weight") for k in floats) if name in convertible)
+    base = GGUFConfig(quant_type=quant_type, modules_to_not_convert=float_modules)
+    shape = ModelShape.of(model.config)
+    overrides = {}
+    for name, (qtype, _) in packed.items():
+        if name == embedding:
+            role = Role("output") if model.config.tie_word_embeddings else Role("token_embd")
+            expected = tensor_type(quant_type, role, model.get_input_embeddings().embedding_dim, shape)
+        else:
+            expected = linear_type(base, name, model.get_submodule(name).in_features, shape)
+        if expected != qtype:
+            overrides[name] = {"quant_type": qtype}
+    return GGUFConfig(quant_type=quant_type, modules_to_not_convert=float_modules, module_overrides=overrides)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)

@@ -1,0 +1,1 @@
+"""GPTQ in plain torch, GPTQ checkpoint format."""

@@ -1,0 +1,188 @@
+"""GPTQ backend: plain torch on any device, GPTQ v1 checkpoints.
+
+GPTQ calibrates layer by layer (:mod:`quantkit.layerwise`): per decoder layer it accumulates
+one Hessian per group of linears sharing an input, quantizes those linears with
+:func:`quantkit.builtin_backends.gptq.gptq.gptq_quantize` and runs the quantized layer to produce the next
+layer's inputs. With ``true_sequential`` the groups are quantized one after the other in
+execution order (q/k/v, then o, then gate/up, then down), each calibrated on inputs computed
+by the already quantized part of the layer; the forward pass that collects a group's inputs
+stops at that group, so this costs little more than quantizing the layer at once.
+
+It writes (as does the round-to-nearest backend) the GPTQ v1 format of auto-gptq / GPTQModel / transformers
+(``qweight``, ``qzeros``, ``scales``, ``g_idx`` per linear; :class:`~quantkit.builtin_backends.gptq.qlinear.GPTQLinear`)
+and run it with a torch dequantize + matmul on every device. ``group_size`` need not divide
+``in_features``: the last group is shorter (``ceil(in / group_size)`` groups), which the
+format's ``g_idx`` expresses; some third-party kernels refuse such checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from quantkit.core.backend import Backend
+from quantkit.core.capabilities import Capabilities
+from .config import PRESETS, GPTQConfig
+from quantkit.core.capabilities import ALL_HARDWARE
+from quantkit.core.config import QuantConfig
+from quantkit.core.errors import QuantizationError
+from quantkit.core.linears import quantizable_linears, replace_linears, set_submodule
+from quantkit.layerwise import LayerContext, quantize_layerwise
+
+from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from .packing import pack_gptq
+from .qlinear import GPTQLinear, gptq_groups
+
+log = logging.getLogger("quantkit")
+
+
+def gptq_storage_bits(bits: int, group_size: int, out_features: int, in_features: int) -> int:
+    """qweight + qzeros (packed along the output dim) + float16 scales + int32 g_idx."""
+    groups = gptq_groups(in_features, group_size)
+    qweight = -(-in_features * bits // 32) * out_features * 32
+    qzeros = groups * -(-out_features * bits // 32) * 32
+    return qweight + qzeros + groups * out_features * 16 + in_features * 32
+
+
+def check_packable(model: nn.Module, config: QuantConfig) -> None:
+    """GPTQ v1 packs whole 32-bit words: ``in * bits`` and ``out * bits`` must be multiples of 32."""
+    for name, linear, module_config in quantizable_linears(model, config):
+        bits = module_config.bits
+        for field, size in (("in_features", linear.in_features), ("out_features", linear.out_features)):
+            if size * bits % 32:
+                raise QuantizationError(
+                    f"{name} has {field}={size}; the GPTQ format packs {bits}-bit values into 32-bit "
+                    f"words and needs {field} * bits to be a multiple of 32: use other bits or add "
+                    f"{name!r} to modules_to_not_convert"
+                )
+
+
+def packed_module(linear: nn.Linear, result: GPTQResult) -> GPTQLinear:
+    packed = pack_gptq(result.intweight, result.zeros, result.scales, result.g_idx, result.bits)
+    module = GPTQLinear.from_packed(packed, result.bits, linear.bias)
+    return module.to(linear.weight.device)
+
+
+def prepare_gptq_linears(model: nn.Module, config: QuantConfig) -> nn.Module:
+    for name, linear, module_config in quantizable_linears(model, config):
+        set_submodule(model, name, GPTQLinear.empty_like(linear, module_config.bits, module_config.group_size))
+    return model
+
+
+class _GPTQLayerQuantizer:
+    """GPTQ's step of :func:`quantkit.layerwise.quantize_layerwise` for one decoder layer.
+
+    Linears sharing an input (and a config) are quantized as one weight stacked along the
+    output dim: GPTQ treats rows independently, so this gives each the same result as alone
+    while factorizing their shared Hessian once.
+    """
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def __call__(self, ctx: LayerContext) -> None:
+        groups = ctx.target_groups()
+        steps = [[group] for group in groups] if self.config.true_sequential else [groups]
+        results: dict[str, GPTQResult] = {}
+        for step in steps:
+            hessians = {
+                members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device)
+                for _, members in step
+            }
+            ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
+            for _, members in step:
+                H = hessians.pop(members[0]).H
+                for names in _same_config(ctx, members):
+                    results.update(self._quantize(ctx, names, H))
+        for name, result in results.items():
+            ctx.replace(name, packed_module(ctx.targets[name].linear, result))
+
+    def _quantize(self, ctx: LayerContext, names: list[str], H: torch.Tensor) -> dict[str, GPTQResult]:
+        """GPTQ on the stacked weights of ``names``; each linear's weight becomes its dequantized self."""
+        cfg = ctx.targets[names[0]].config
+        linears = [ctx.targets[name].linear for name in names]
+        stacked = torch.cat([linear.weight for linear in linears])
+        with _one_cpu_thread(stacked.device):
+            result = gptq_quantize(
+                stacked, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                desc_act=cfg.desc_act, static_groups=cfg.static_groups, damp_percent=cfg.damp_percent,
+            )
+        label = f"{ctx.name}.{{{','.join(names)}}}"
+        if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:
+            log.warning(
+                "%s: Hessian not invertible with damp_percent=%g (dead or collinear inputs); used %g",
+                label, cfg.damp_percent, result.damp_percent,
+            )
+        log.debug("%s: GPTQ loss %.4g", label, result.loss)
+        split = {}
+        rows = [linear.out_features for linear in linears]
+        parts = zip(
+            result.intweight.split(rows), result.scales.split(rows, dim=1),
+            result.zeros.split(rows, dim=1), result.dequantized.split(rows),
+        )
+        for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
+            linear.weight.copy_(dequantized)
+            split[name] = replace(
+                result, intweight=intweight, scales=scales.contiguous(), zeros=zeros.contiguous(),
+                g_idx=result.g_idx.clone(), dequantized=dequantized, loss=None,
+            )
+        return split
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run GPTQ's column loop on one CPU thread: it is thousands of small sequential ops, and
+    intra-op threads add a synchronization to each that costs more than it saves (measured on
+    a shared 2-core machine: a 960 x 576 solve takes 1.8 s on one thread, 20 s on two)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:
+    """``members`` partitioned by effective config (module_overrides can set them apart)."""
+    parts: list[list[str]] = []
+    for name in members:
+        config = ctx.targets[name].config
+        part = next((p for p in parts if ctx.targets[p[0]].config == config), None)
+        if part is None:
+            parts.append([name])
+        else:
+            part.append(name)
+    return parts
+
+
+class GPTQBackend(Backend):
+    name = "gptq"
+    config_class = GPTQConfig
+    presets = PRESETS
+    capabilities = Capabilities(
+        quantize_hardware=ALL_HARDWARE,
+        inference_hardware=ALL_HARDWARE,
+        requires_calibration=True,
+        serializable=True,
+        trainable=True,
+        description="GPTQ in plain torch (Llama-family decoders); checkpoints in the GPTQ v1 (auto-gptq/GPTQModel) format",
+    )
+
+    def storage_bits(self, config: GPTQConfig, name: str, out_features: int, in_features: int) -> int:
+        module_config = config.for_module(name) if name else config
+        return gptq_storage_bits(module_config.bits, module_config.group_size, out_features, in_features)
+
+    def quantize(self, model: nn.Module, config: GPTQConfig, *, calibration, device) -> nn.Module:
+        check_packable(model, config)
+        quantize_layerwise(model, config, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ")
+        return model
+
+    def prepare_for_loading(self, model: nn.Module, config: GPTQConfig) -> nn.Module:
+        return prepare_gptq_linears(model, config)

@@ -1,0 +1,47 @@
+"""GPTQ's config and presets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from quantkit.core.config import CalibratedConfig, spec
+from quantkit.core.errors import ConfigValueError
+from quantkit.core.presets import Preset
+
+GROUP_SIZE = dict(valid=lambda v: v == -1 or v > 0, allowed="-1 (one group per row) or a positive int")
+"""A row-group size field: ``-1`` is one group per row; others need not divide the row."""
+
+
+@dataclass
+class GPTQConfig(CalibratedConfig):
+    """GPTQ: second-order weight quantization calibrated on sample text."""
+
+    quant_method: ClassVar[str] = "gptq"
+    hf_quant_method: ClassVar[str] = "gptq"
+    hf_constants: ClassVar[dict[str, Any]] = {
+        "format": "gptq", "checkpoint_format": "gptq", "modules_in_block_to_quantize": None, "use_exllama": True,
+    }
+
+    dataset: str | None = spec(None, doc="calibration dataset name or file; None: built-in text", hf="dataset")
+    bits: int = spec(4, choices=(2, 3, 4, 8), hf="bits")
+    group_size: int = spec(128, **GROUP_SIZE, hf="group_size")
+    desc_act: bool = spec(False, doc="act-order: quantize columns by descending Hessian diagonal", hf="desc_act")
+    sym: bool = spec(True, hf="sym")
+    damp_percent: float = spec(0.01, valid=lambda v: 0 < v < 1, allowed="0 < damp_percent < 1", hf="damp_percent")
+    static_groups: bool = spec(False, hf="static_groups")
+    true_sequential: bool = spec(True, hf="true_sequential")
+
+    @classmethod
+    def hf_values(cls, values: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+        """Only the ``gptq`` checkpoint format is read; a dataset given as a list of texts is dropped."""
+        fmt = data.get("format", data.get("checkpoint_format", "gptq"))
+        if fmt != "gptq":
+            raise ConfigValueError("GPTQConfig", "format", fmt, "'gptq'")
+        if not isinstance(values.get("dataset"), str):
+            values.pop("dataset", None)
+        return values
+
+
+PRESETS = (Preset("gptq-4bit-g128", {"bits": 4, "group_size": 128}, 41, "GPTQ's common 4-bit setting"),)

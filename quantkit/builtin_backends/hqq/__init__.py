@@ -1,0 +1,1 @@
+"""HQQ through the hqq library, safetensors layout of quantkit's own."""

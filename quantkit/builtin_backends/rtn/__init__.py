@@ -1,0 +1,1 @@
+"""Round-to-nearest group quantization: the calibration-free reference, GPTQ checkpoint format."""

@@ -1,0 +1,387 @@
+"""Layer-by-layer calibration of decoder-only transformers, shared by GPTQ, AWQ and plugins.
+
+:func:`quantize_layerwise` embeds the calibration tokens, captures the inputs of the first
+decoder layer (hidden states and the keyword arguments the model passes it: attention mask,
+position ids, rotary position embeddings) and then, layer by layer:
+
+1. moves the layer to the working device (the rest of the model stays where it is);
+2. hands a :class:`LayerContext` to the backend, which observes the inputs of the layer's
+   linears (:meth:`LayerContext.observe`) and quantizes them in place;
+3. runs the now quantized layer to produce the next layer's inputs
+   (:meth:`LayerContext.propagate`), so each layer is calibrated on the activations the
+   quantized model really produces.
+
+The calibration samples go through each layer in chunks, which bounds the memory of the
+forward passes; one set of hidden states (``nsamples x seqlen x hidden``) lives on the device.
+
+Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, SmolLM),
+``mistral`` and ``qwen2`` — whose decoder layers are ``model.model.layers`` with
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``. Anything else raises
+:class:`QuantizationError` naming the architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from .core.config import QuantConfig
+from .core.errors import QuantizationError
+from .core.linears import check_finite, quantizable_linears, set_submodule
+from .core.progress import track
+
+log = logging.getLogger("quantkit")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DEFAULT_CHUNK_TOKENS = 8192
+REPORT_ATTR = "quantkit_calibration_report"
+"""The model attribute holding the :class:`PipelineReport` of its last calibration."""
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of one decoder layer that read the same input (names relative to the layer).
+
+    ``previous`` is the module whose output that input is (a norm or a linear: AWQ folds its
+    scales into it); ``inspect`` the module whose output AWQ's scale search compares (``None``:
+    the linears' own outputs), called with the layer's keyword arguments when
+    ``inspect_takes_kwargs``. ``scale_when_square`` scales the group only when its linears and
+    ``previous`` have the same shape (``o_proj`` after ``v_proj`` without grouped-query attention).
+    ``clip`` tells AWQ whether to search a clipping range for these linears.
+    """
+
+    names: tuple[str, ...]
+    previous: str
+    inspect: str | None = None
+    inspect_takes_kwargs: bool = False
+    scale_when_square: bool = False
+    clip: tuple[bool, ...] = ()
+
+    def clips(self, name: str) -> bool:
+        return self.clip[self.names.index(name)] if self.clip else True
+
+
+LLAMA_GROUPS = (
+    LinearGroup(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        previous="input_layernorm",
+        inspect="self_attn",
+        inspect_takes_kwargs=True,
+        clip=(False, False, True),
+    ),
+    LinearGroup(("self_attn.o_proj",), previous="self_attn.v_proj", scale_when_square=True),
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), previous="post_attention_layernorm", inspect="mlp"),
+    LinearGroup(("mlp.down_proj",), previous="mlp.up_proj"),
+)
+"""Input groups of a Llama-family decoder layer, in execution order."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A linear to quantize: its full name in the model, the module and its effective config."""
+
+    name: str
+    linear: nn.Linear
+    config: QuantConfig
+
+
+@dataclass
+class PipelineReport:
+    """What one calibration run cost."""
+
+    layers: int
+    tokens: int
+    seconds: float
+    peak_rss_bytes: int
+    """Largest resident set size sampled (psutil) after each chunk of each pass."""
+    peak_device_bytes: int | None = None
+    """``torch.cuda.max_memory_allocated`` on CUDA devices, else ``None``."""
+
+
+@dataclass(frozen=True)
+class DecoderStack:
+    """Where a supported model keeps its decoder layers."""
+
+    base: nn.Module  # holds embed_tokens, layers, norm, rotary_emb
+    prefix: str  # name of ``base`` in the model plus ".", e.g. "model."
+    groups: tuple[LinearGroup, ...]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.layers
+
+    def layer_name(self, index: int) -> str:
+        return f"{self.prefix}layers.{index}"
+
+
+def decoder_stack(model: nn.Module) -> DecoderStack:
+    """The decoder layers of a supported model; :class:`QuantizationError` for any other."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    base, prefix = (model.model, "model.") if isinstance(getattr(model, "model", None), nn.Module) else (model, "")
+    parts = ("embed_tokens", "layers", "rotary_emb")
+    if model_type not in SUPPORTED_MODEL_TYPES or not all(hasattr(base, p) for p in parts):
+        raise QuantizationError(
+            f"layer-by-layer calibration does not support {type(model).__name__} "
+            f"(model_type {model_type!r}); supported: the Llama family, model_type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder layers at model.model.layers)"
+        )
+    return DecoderStack(base, prefix, LLAMA_GROUPS)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to abandon a forward pass once it has seen what it needs."""
+
+
+class _MemoryMeter:
+    def __init__(self, device: torch.device):
+        self.device, self.process, self.peak_rss = device, psutil.Process(), 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+
+    def peak_device(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer during calibration, on the working device, with its inputs.
+
+    ``chunks[c]`` holds the hidden states entering the layer for the ``c``-th chunk of
+    calibration samples, ``kwargs[c]`` the other arguments of its forward. ``targets`` maps
+    names relative to the layer (``"mlp.down_proj"``) to the linears to quantize.
+    """
+
+    index: int
+    name: str
+    layer: nn.Module
+    groups: tuple[LinearGroup, ...]
+    targets: dict[str, Target]
+    chunks: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    _meter: _MemoryMeter = field(repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.chunks[0].device
+
+    def target_groups(self) -> list[tuple[LinearGroup, list[str]]]:
+        """Each input group with its members that are quantized (groups without any are left out)."""
+        found = [(g, [n for n in g.names if n in self.targets]) for g in self.groups]
+        return [(g, members) for g, members in found if members]
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Swap the submodule ``name`` of this layer for ``module``."""
+        set_submodule(self.layer, name, module)
+
+    def forward(self, chunk: int) -> torch.Tensor:
+        """The layer's output for one chunk."""
+        out = self.layer(self.chunks[chunk], **self.kwargs[chunk])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def observe(
+        self,
+        observers: Mapping[str, Callable[[torch.Tensor, int], None]],
+        chunks: Sequence[int] | None = None,
+    ) -> None:
+        """Run the layer over the chunks; ``observers[name](x, c)`` sees the input ``x`` of the
+        submodule ``name`` for chunk ``c``. Each forward stops once every observed module has
+        seen its input, so observing early modules is cheap."""
+        state: dict[str, Any] = {"chunk": 0, "seen": set()}
+
+        def make_hook(name: str, observer: Callable[[torch.Tensor, int], None]):
+            def hook(module: nn.Module, args: tuple) -> None:
+                observer(args[0], state["chunk"])
+                state["seen"].add(name)
+                if len(state["seen"]) == len(observers):
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.module(n).register_forward_pre_hook(make_hook(n, fn)) for n, fn in observers.items()]
+        try:
+            for c in range(len(self.chunks)) if chunks is None else chunks:
+                state["chunk"], state["seen"] = c, set()
+                try:
+                    self.forward(c)
+                except _StopForward:
+                    pass
+                self._meter.sample()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def propagate(self) -> None:
+        """Replace every chunk of inputs by this layer's outputs (the next layer's inputs)."""
+        for c in range(len(self.chunks)):
+            self.chunks[c] = self.forward(c)
+            self._meter.sample()
+
+
+LayerQuantizer = Callable[[LayerContext], None]
+"""A backend's per-layer step: quantize ``ctx.targets`` in place (see :class:`LayerContext`)."""
+
+
+def check_calibration(model: nn.Module, calibration: torch.Tensor | None, min_tokens: int) -> None:
+    """Refuse calibration token ids the model cannot use or too few to calibrate on."""
+    if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.long:
+        shape = None if calibration is None else (tuple(calibration.shape), calibration.dtype)
+        raise QuantizationError(f"calibration must be token ids of shape (nsamples, seqlen), dtype long; got {shape}")
+    nsamples, seqlen = calibration.shape
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and seqlen > max_positions:
+        raise QuantizationError(
+            f"calibration seqlen={seqlen} exceeds the model's max_position_embeddings={max_positions}; "
+            f"use seqlen <= {max_positions}"
+        )
+    if nsamples * seqlen < min_tokens:
+        raise QuantizationError(
+            f"calibration has {nsamples} x {seqlen} = {nsamples * seqlen} tokens; at least {min_tokens} "
+            "are needed (as many as the widest quantized linear has inputs, or its statistics are "
+            "rank-deficient): raise nsamples or seqlen"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):
+        raise QuantizationError(
+            f"calibration token ids span [{int(calibration.min())}, {int(calibration.max())}]; "
+            f"the model's vocabulary has {vocab} ids: tokenize with the model's own tokenizer"
+        )
+
+
+def layer_targets(model: nn.Module, config: QuantConfig, stack: DecoderStack) -> list[dict[str, Target]]:
+    """The linears to quantize, per decoder layer; every one must lie inside a decoder layer."""
+    per_layer: list[dict[str, Target]] = [{} for _ in stack.layers]
+    outside = []
+    for name, linear, module_config in quantizable_linears(model, config):
+        head, _, rest = name.removeprefix(stack.prefix).partition(".")
+        index, _, relative = rest.partition(".")
+        if head != "layers" or not index.isdigit():
+            outside.append(name)
+            continue
+        check_finite(name, linear.weight)
+        per_layer[int(index)][relative] = Target(name, linear, module_config)
+    if outside:
+        raise QuantizationError(
+            f"{config.quant_method} calibrates linears inside decoder layers only; "
+            f"{', '.join(outside)} lie outside: add them to modules_to_not_convert"
+        )
+    return per_layer
+
+
+@torch.no_grad()
+def _capture_first_inputs(
+    stack: DecoderStack, calibration: torch.Tensor, device: torch.device, chunk_samples: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Embed each chunk of samples and catch what the model passes to decoder layer 0."""
+    chunks: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def catch(module: nn.Module, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        chunks.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append(kw)
+        raise _StopForward
+
+    embed, rotary = stack.base.embed_tokens, stack.base.rotary_emb
+    homes = [(m, _device_of(m)) for m in (embed, rotary)]
+    for module, _ in homes:
+        module.to(device)
+    handle = stack.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in calibration.split(chunk_samples):
+            try:
+                stack.base(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module, home in homes:
+            module.to(home)
+    if len(chunks) != math.ceil(len(calibration) / chunk_samples):
+        raise QuantizationError(f"{type(stack.base).__name__} never called its first decoder layer")
+    return chunks, kwargs
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def quantize_layerwise(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor | None,
+    device: torch.device | str,
+    quantize_layer: LayerQuantizer,
+    *,
+    description: str,
+    chunk_samples: int | None = None,
+    min_tokens: int | None = None,
+) -> PipelineReport:
+    """Calibrate and quantize ``model``'s decoder layers one after the other, in place.
+
+    ``quantize_layer(ctx)`` quantizes ``ctx.targets`` of one layer (see :class:`LayerContext`);
+    the pipeline then runs that quantized layer to get the next layer's inputs. Samples go
+    through each layer ``chunk_samples`` at a time (default: about 8192 tokens per chunk).
+    ``min_tokens`` defaults to the widest input of the linears to quantize. Returns the
+    wall time and peak memory, also logged and set as ``model.quantkit_calibration_report``.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    stack = decoder_stack(model)
+    targets = layer_targets(model, config, stack)
+    widest = max(t.linear.in_features for layer in targets for t in layer.values())
+    check_calibration(model, calibration, widest if min_tokens is None else min_tokens)
+    nsamples, seqlen = calibration.shape
+    chunk_samples = chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
+    meter = _MemoryMeter(device)
+    was_training = model.training
+    model.eval()
+    try:
+        chunks, kwargs = _capture_first_inputs(stack, calibration, device, chunk_samples)
+        meter.sample()
+        for index in track(range(len(stack.layers)), f"{description} layers"):
+            layer = stack.layers[index]
+            home = _device_of(layer)
+            layer.to(device)
+            ctx = LayerContext(index, stack.layer_name(index), layer, stack.groups, targets[index], chunks, kwargs, meter)
+            if ctx.targets:
+                quantize_layer(ctx)
+            if index + 1 < len(stack.layers):
+                ctx.propagate()
+            layer.to(home)
+    finally:
+        model.train(was_training)
+    report = PipelineReport(
+        layers=len(stack.layers),
+        tokens=nsamples * seqlen,
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=meter.peak_rss,
+        peak_device_bytes=meter.peak_device(),
+    )
+    device_peak = "" if report.peak_device_bytes is None else f", {device} peak {report.peak_device_bytes / 2**20:.0f} MiB"
+    log.info(
+        "%s: %d layers on %d x %d tokens in %.1f s; peak RSS %.0f MiB%s",
+        description, report.layers, nsamples, seqlen, report.seconds, report.peak_rss_bytes / 2**20, device_peak,
+    )
+    setattr(model, REPORT_ATTR, report)
+    return report
