@@ -167,7 +167,7 @@ def methods_from_file(path: Path, protocol: Protocol) -> list[Method]:
     """Methods from a YAML/JSON file: a list (or ``{"methods": [...]}``) whose entries are
     preset names or dicts with a ``name`` and either ``preset`` (plus field overrides)
     or a full config (``quant_method`` and fields)."""
-    from .cli.options import read_config_file
+    from .core.config_files import read_config_file
 
     data = read_config_file(path)
     entries = data.get("methods") if isinstance(data, Mapping) else data
@@ -726,11 +726,11 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .core.plugin_host import _version
+    from .core.plugin_host import distribution_version
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "quantkit": _version("quantkit") or "?",
+            "transformers": transformers.__version__, "quantkit": distribution_version("quantkit") or "?",
             "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_1min": load}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import read_config_file
+from ..core.config_files import read_config_file
 
 
 def add_parser(subparsers) -> None:

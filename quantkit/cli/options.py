@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import QuantConfig
+from ..core.config_files import read_config_file
 from ..core.errors import ConfigValueError
+from ..core.resolve import config_from_dict, preset
 
 
 def add_config_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -34,27 +36,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A config dict from JSON or YAML."""
-    from ..core.errors import ModelFormatError
-
-    if not path.is_file():
-        raise ModelFormatError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except Exception as exc:
-        raise ModelFormatError(f"config file {str(path)!r} could not be parsed: {exc}") from exc
-
-
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    from ..core.resolve import config_from_dict
-    from ..core.resolve import preset
-
     overrides = parse_overrides(args.overrides)
     if args.config is not None:
         return config_from_dict({**read_config_file(args.config), **overrides})

@@ -177,6 +177,12 @@ class QuantConfig:
         bits = getattr(self, "bits", None)
         return None if bits is None else float(bits)
 
+    @property
+    def symmetric(self) -> bool | None:
+        """Whether the grid has no zero point (``None``: the method has no such choice); the
+        comparison pairs calibrated methods with round-to-nearest on the same grid by it."""
+        return None
+
     def skips(self, module_name: str) -> bool:
         """True when ``module_name`` is listed in ``modules_to_not_convert``."""
         return any(module_matches(module_name, p) for p in self.modules_to_not_convert)

@@ -29,6 +29,10 @@ class AWQConfig(CalibratedConfig):
             values["version"] = str(values["version"]).lower()
         return values
 
+    @property
+    def symmetric(self) -> bool:
+        return not self.zero_point
+
 
 PRESETS = (
     Preset("awq-4bit-g128", {"bits": 4, "group_size": 128}, 42, "AWQ's common 4-bit setting"),

@@ -43,5 +43,9 @@ class GPTQConfig(CalibratedConfig):
             values.pop("dataset", None)
         return values
 
+    @property
+    def symmetric(self) -> bool:
+        return self.sym
+
 
 PRESETS = (Preset("gptq-4bit-g128", {"bits": 4, "group_size": 128}, 41, "GPTQ's common 4-bit setting"),)
