@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 import types
 import typing
@@ -17,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ConfigTypeError, ConfigValueError, ModelFormatError, UnknownFieldError
+from .config_files import read_json
+from .errors import ConfigTypeError, ConfigValueError, UnknownFieldError
 
 SCHEMA_VERSION = 1
 """Version of the dict layout written by :meth:`QuantConfig.to_dict`."""
@@ -128,7 +130,7 @@ class QuantConfig:
         elif origin is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif origin is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             value = float(value) if ok else value
         elif origin is str:
             ok = isinstance(value, str)
@@ -221,12 +223,14 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         """Build a config from :meth:`to_dict` output; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigTypeError(cls.__name__, "(config)", data, "a dict of config fields")
         data = dict(data)
         method = data.pop("quant_method", cls.quant_method)
         if method != cls.quant_method:
             raise ConfigValueError(cls.__name__, "quant_method", method, repr(cls.quant_method))
         version = data.pop("schema_version", SCHEMA_VERSION)
-        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
             raise ConfigValueError(
                 cls.__name__, "schema_version", version, f"1..{SCHEMA_VERSION}"
             )
@@ -286,6 +290,8 @@ class QuantConfig:
     def from_hf_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         """Read transformers' block (or quantkit's exact config saved under
         ``quantkit_config`` beside it). Missing or empty keys take the defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigTypeError(cls.__name__, "quantization_config", data, "a dict")
         if cls.hf_quant_method is None:
             raise ConfigValueError(
                 cls.__name__, "quant_method", data.get("quant_method"),
@@ -331,16 +337,6 @@ class CalibratedConfig(QuantConfig):
     dataset: str | None = spec(None, doc="calibration dataset name or file; None: built-in text")
     nsamples: int = spec(128, valid=lambda v: v > 0, allowed="a positive int")
     seqlen: int = spec(512, valid=lambda v: v > 0, allowed="a positive int")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError as exc:
-        raise ModelFormatError(f"config file {os.fspath(path)!r} does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"config file {os.fspath(path)!r} is not valid JSON: {exc}") from exc
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

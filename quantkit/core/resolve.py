@@ -10,7 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .config import QuantConfig, read_json
+from .config import QuantConfig
+from .config_files import read_json
 from .errors import ConfigTypeError, UnknownFieldError
 from .registry import Registry, get_registry
 
