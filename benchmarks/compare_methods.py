@@ -21,8 +21,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from quantkit.compare import Comparison, Protocol, resolve_methods, run_header
-from quantkit.report import rich_table, run_checks, summarize, write_reports
+from quantkit.compare import (
+    Comparison,
+    Protocol,
+    resolve_methods,
+    run_checks,
+    run_header,
+    terminal_table,
+    write_reports,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
 
-    console = Console(width=max(Console().width, 130))
+    console = Console()
     console.print(run_header(), highlight=False)
     summary = []
     for model, tokens, seqlen in itertools.product(args.model or [None], args.tokens, args.seqlen):
@@ -54,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         comparison = Comparison(methods, protocol, out, force=args.force,
                                 on_event=lambda e: e.stage in ("done", "failed", "unavailable")
                                 and console.print(f"  {e.method}: {e.stage}", highlight=False))
-        rows = summarize(comparison.run())
+        results = comparison.run()
         wall = time.perf_counter() - start
-        write_reports(rows, out, protocol.describe(), wall_seconds=wall, command=shlex.join(sys.argv))
-        console.print(rich_table(rows, title=f"{out.name} ({wall / 60:.1f} min)"))
-        checks = run_checks(rows)
+        write_reports(results, out, protocol.describe(), wall_seconds=wall, command=shlex.join(sys.argv))
+        console.print(terminal_table(results, width=console.width, title=f"{out.name} ({wall / 60:.1f} min)"))
+        checks = run_checks(results)
         for check in checks:
             console.print(f"  {check.line()}", highlight=False)
         summary.append((out.name, wall, checks))

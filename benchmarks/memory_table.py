@@ -27,9 +27,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.compare import Protocol, apply_method, method_from_name, quantized_linears, run_header, save_and_measure
-from quantkit.estimate import estimate
+from quantkit.compare import (
+    Protocol,
+    apply_method,
+    method_from_name,
+    model_config,
+    quantized_linears,
+    run_header,
+    save_and_measure,
+)
 from quantkit.core.resolve import preset
+from quantkit.estimate import estimate
 
 MEASURED_METHODS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128",
                     "hqq-4bit-g64", "gguf-q8_0", "gguf-q4_k_m", "gguf-q2_k")
@@ -54,7 +62,6 @@ SEED_FORMATS = (
 
 def measured_rows(methods: list[str], model: str | None, threads: int) -> list[dict]:
     """Quantize, save and measure each method on a fresh copy of ``model``."""
-    from quantkit.compare import model_config
     from quantkit.models import load_model
 
     protocol = Protocol(model=model, calibration_samples=8, calibration_seqlen=256, threads=threads)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,17 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.backend import Backend
 from .calibration import calibration_tokens
+from .core.backend import Backend
 from .core.config import QuantConfig
-from .core.resolve import as_config, config_from_hf_dict
 from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.registry import get_registry
-from .core.text import tokenize
+from .core.resolve import as_config, config_from_hf_dict
 from .core.serialization import BACKEND_ATTR, CONFIG_ATTR, atomic_path, quant_config_of, read_config
+from .core.text import tokenize
+from .estimate import QuantizeEstimate, estimate_quantization, format_seconds
 
 log = logging.getLogger("quantkit")
+
+ANNOUNCE_SECONDS = 30.0
+"""A quantization predicted to take longer prints its prediction even where logging is off."""
 
 
 def quantize(
@@ -42,8 +48,19 @@ def quantize(
     one saved beside the model). ``device`` defaults to the best one present;
     a backend that does not declare its hardware raises
     :class:`UnsupportedHardwareError` — quantkit never skips quantization.
+
+    Before it starts, the predicted time and peak memory
+    (:func:`quantkit.estimate.estimate_quantization`) are logged (logger
+    ``quantkit``, INFO) and, above :data:`ANNOUNCE_SECONDS`, printed to stderr
+    unless that logging shows or ``QUANTKIT_QUIET`` is set.
     """
     config = as_config(config)
+    done_before = getattr(model, CONFIG_ATTR, None)
+    if done_before is not None:
+        raise QuantizationError(
+            f"this model is already quantized ({done_before.quant_method}); quantize the float model "
+            "instead, e.g. model, tokenizer = quantkit.models.load_model() for the embedded SmolLM2-135M"
+        )
     device = resolve_device(device)
     backend = get_registry().backend_for(config, hardware_of(device))
     tokens = None
@@ -51,7 +68,15 @@ def quantize(
         tokens = _calibration(model, config, calibration, tokenizer)
     elif calibration is not None:
         log.info("%s needs no calibration data; ignoring it", backend.name)
+    shape = {} if tokens is None else {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1]}
+    prediction = estimate_quantization(model, config, device=device, **shape)
+    shown = _announce(prediction)
+    start = time.perf_counter()
     model = backend.quantize(model, config, calibration=tokens, device=device)
+    done = f"{config.quant_method}: quantized in {format_seconds(time.perf_counter() - start)}"
+    log.info("%s (predicted %s)", done, format_seconds(prediction.seconds))
+    if shown:
+        print(f"quantkit: {done}", file=sys.stderr, flush=True)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, BACKEND_ATTR, backend.name)
     return model
@@ -110,6 +135,20 @@ def backends() -> list[Backend]:
     return list(get_registry().backends.values())
 
 
+def _announce(prediction: QuantizeEstimate) -> bool:
+    """Log the prediction; print it too when it is long and logging would not show it."""
+    log.info("%s", prediction.summary())
+    shown = (
+        prediction.seconds > ANNOUNCE_SECONDS
+        and not log.isEnabledFor(logging.INFO)
+        and not os.environ.get("QUANTKIT_QUIET")
+    )
+    if shown:
+        hint = " (a smaller nsamples shortens it)" if prediction.calibration else ""
+        print(f"quantkit: {prediction.summary()}{hint}", file=sys.stderr, flush=True)
+    return shown
+
+
 def _backend_of(model: nn.Module) -> Backend:
     quant_config_of(model)
     name = getattr(model, BACKEND_ATTR)
@@ -134,7 +173,8 @@ def _calibration(model: nn.Module, config: QuantConfig, calibration: Any, tokeni
                 f"every calibration text must reach seqlen={seqlen} tokens; {len(short)} of {len(ids)} are shorter"
             )
         return torch.stack(ids)
-    return calibration_tokens(tokenizer, calibration or getattr(config, "dataset", None), nsamples=nsamples, seqlen=seqlen)
+    source = calibration or getattr(config, "dataset", None)
+    return calibration_tokens(tokenizer, source, nsamples=nsamples, seqlen=seqlen)
 
 
 def _tokenizer_of(model: nn.Module) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import ConfigValueError, QuantizationError, UnknownMethodError
+from .core.errors import ConfigValueError, QuantizationError
 from .core.registry import get_registry
 from .core.text import DEFAULT_DATASET, SPLITS, read_text_file, split_text, tokenize
 
@@ -26,10 +26,7 @@ def load_text(source: str | os.PathLike | None, split: str, max_chars: int = 4_0
     path = Path(source)
     if path.suffix.lower() in (".txt", ".md", ".json", ".jsonl") or path.is_file():
         return split_text(read_text_file(path), split)[:max_chars]
-    datasets = get_registry().datasets
-    if str(source) not in datasets:
-        raise UnknownMethodError(source, datasets) from None
-    return datasets[str(source)].load(split, max_chars)
+    return get_registry().dataset(str(source)).load(split, max_chars)
 
 
 def calibration_tokens(

@@ -1,4 +1,4 @@
-"""Memory estimator: exact bits per parameter from each format's stored layout.
+"""Estimator: exact stored size per format, and the time and peak memory of quantizing.
 
 Popular rounded figures ("a 7B model takes 3.5 GB in 4-bit") count 4 bits per
 weight and nothing else. Real formats also store scales, zero points and
@@ -8,18 +8,41 @@ block (4 + 32/64 = 4.5 bits), double quantization shrinks that to
 scale and a packed 4-bit zero per group plus an int32 ``g_idx`` per input
 column. Sizes are reported in both GB (1e9) and GiB (2**30), which the rounded
 figures also mix up.
+
+:func:`estimate_quantization` predicts how long ``quantkit.quantize`` will take and
+its peak memory. It counts the work in three units: matrix-multiply FLOPs (the
+forward passes over the calibration tokens, GPTQ's Hessians and solves, AWQ's
+scale and clip searches), elementwise elements (norms, rotary embeddings,
+softmax, quantizing and packing the weights) and small torch operations (GPTQ's
+column loop, per-chunk overheads), and prices each at a rate measured on the
+device (:func:`measure_rates`, about 0.2 s) or, for short jobs, at
+:data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
+and AWQ timings within 10 % and 25 %; against real runs it is tested within 3x on
+a tiny model and 2.5x on SmolLM2 (``tests/test_estimate.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
-from dataclasses import dataclass
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .core.config import QuantConfig
-from .core.errors import ConfigValueError
+from .core.errors import ConfigValueError, UnknownMethodError
+from .core.linears import quantizable_linears
+from .core.registry import get_registry
+from .layerwise import DEFAULT_CHUNK_TOKENS, LLAMA_GROUPS, decoder_stack
 
 FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 TYPICAL_SHAPE = (4096, 4096)
@@ -73,12 +96,8 @@ def layer_bits(config: QuantConfig | None, name: str, out_features: int, in_feat
     """Stored bits of one linear under ``config`` (``None``: unquantized)."""
     if config is None:
         return out_features * in_features * float_bits
-    from .core.registry import get_registry
-
     backends = get_registry().backends_for_method(config.quant_method)
     if not backends:
-        from .core.errors import UnknownMethodError
-
         raise UnknownMethodError(config.quant_method, get_registry().config_classes())
     return backends[0].storage_bits(config, name, out_features, in_features)
 
@@ -118,37 +137,446 @@ def _read_model_config(source: str | os.PathLike | dict) -> dict:
     return json.loads(path.read_text())
 
 
-def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> Estimate:
-    import torch
+def _meta_model(raw: dict) -> nn.Module:
+    """The architecture a ``config.json`` describes, without weights (on the meta device)."""
     import transformers
-    from torch import nn
-
-    from .core.linears import quantizable_linears
 
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     hf_config = transformers.AutoConfig.for_model(**raw)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        return transformers.AutoModelForCausalLM.from_config(hf_config)
+
+
+def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> Estimate:
+    model = _meta_model(raw)
     total = sum(p.numel() for p in model.parameters())
-    targets = quantizable_linears(model, config) if config is not None else [
-        (n, m, None) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-    ]
+    targets = (
+        quantizable_linears(model, config)
+        if config is not None
+        else [(n, m, None) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    )
     quantized_params = sum(m.weight.numel() for _, m, _ in targets)
-    from contextlib import nullcontext
-
-    from .core.registry import get_registry
-
     backends = get_registry().backends_for_method(config.quant_method) if config is not None else []
     with backends[0].storage_context(model) if backends else nullcontext():
         quantized_bits = sum(layer_bits(c, n, m.out_features, m.in_features, float_bits) for n, m, c in targets)
-        widths = [(backends[0].code_bits(c, n, m.out_features, m.in_features), m.weight.numel())
-                  for n, m, c in targets] if backends else []
+        widths = (
+            [(backends[0].code_bits(c, n, m.out_features, m.in_features), m.weight.numel()) for n, m, c in targets]
+            if backends
+            else []
+        )
         quantized_weights = {id(m.weight) for _, m, _ in targets}  # by identity: a tied head is the embedding
         other_bits = sum(
             backends[0].other_bits(config, model, n, p, float_bits) if backends else p.numel() * float_bits
-            for n, p in model.named_parameters() if id(p) not in quantized_weights
+            for n, p in model.named_parameters()
+            if id(p) not in quantized_weights
         )
     code_bits = None
     if widths and quantized_params and all(w is not None for w, _ in widths):
         code_bits = sum(w * count for w, count in widths) / quantized_params
     return Estimate(total, quantized_params, quantized_bits, other_bits, code_bits)
+
+
+# -- time and peak memory of quantizing --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast a device does each kind of work :class:`Work` counts."""
+
+    flops: float
+    """Float32 matrix-multiply FLOP/s."""
+    elements: float
+    """Elements per second of elementwise (memory-bound) work."""
+    op_seconds: float
+    """Seconds per operation on a mid-size tensor (its fixed cost)."""
+    small_op_seconds: float
+    """Seconds per operation on a tiny tensor (one thread: the dispatch cost)."""
+    device: str | None = None
+    """Where these were measured; ``None`` for :data:`REFERENCE_RATES`."""
+
+
+REFERENCE_RATES = Rates(flops=114e9, elements=1.3e9, op_seconds=20e-6, small_op_seconds=4e-6)
+"""This project's 2-core CPU, quiet: the GEMM rate of ``benchmarks/results/calibration_speed.txt``,
+operation costs as timed there (an operation on 2**17 floats, on 512), and the elementwise rate
+that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 512 tokens
+(103 s and 634 s). Used for jobs predicted shorter than :data:`MEASURE_ABOVE_SECONDS`."""
+
+MEASURE_ABOVE_SECONDS = 5.0
+"""A prediction longer than this at :data:`REFERENCE_RATES` is redone at measured rates."""
+
+PROCESS_BYTES = 400 * 2**20
+"""Resident memory of a Python process that imported torch, transformers and quantkit."""
+
+# Elementwise work per token of one decoder layer's forward pass besides its matmuls: norms,
+# residuals and rotary embeddings (~ hidden), the MLP's activation (~ mlp), the attention's
+# mask and softmax (~ heads x seqlen scores); and its torch operations, paid once per chunk.
+FORWARD_ELEMENTS_PER_HIDDEN = 16
+FORWARD_ELEMENTS_PER_MLP = 4
+FORWARD_ELEMENTS_PER_SCORE = 6
+FORWARD_OPS = 100
+CACHED_SCORE_BYTES = 32 * 2**20
+"""A chunk whose attention scores fit in this many bytes (AWQ's 1024-token chunks) does its
+softmax ~5x faster per score than GPTQ's 8192-token chunks (fitted to the reference runs)."""
+DEQUANTIZE_ELEMENTS = 10
+"""Per weight: a packed linear dequantizes its weight at every forward call."""
+
+GPTQ_SOLVE_ELEMENTS = 128
+"""Per weight: the lazy-batch column updates of GPTQ's solve (half a 128-column block each)."""
+GPTQ_COLUMN_OPS = 30
+"""Small operations per input column of GPTQ's column loop (which runs on one thread)."""
+PACK_ELEMENTS = 40
+"""Per weight: rounding, packing and checking a layer's integer codes."""
+LINEAR_OPS = 30
+"""Operations to quantize, pack and swap one linear (or one step of a search over it)."""
+AWQ_GRID = 20
+"""Points of AWQ's scale search; its clip search tries half as many shrinks."""
+AWQ_FAKE_QUANTIZE_ELEMENTS = 2
+"""Per weight and grid point: quantize-dequantize of the scaled weights."""
+AWQ_CLIP_ELEMENTS = 13
+"""Per weight and shrink: clamp, quantize and compare in the clip search."""
+AWQ_CLIP_VALUES = 2**24
+"""AWQ's clip search works in chunks of this many values per tensor (about 8 of them live)."""
+
+WEIGHT_ELEMENTS = {"bitsandbytes": 30, "rtn": 45, "gguf": 35, "hqq": 235}
+"""Per weight, the whole ``quantize`` call of the calibration-free methods: the README
+comparison's times on SmolLM2 at :data:`REFERENCE_RATES`. Other methods count as ``rtn``."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """Work in the units :class:`Rates` prices: matmul FLOPs, elementwise elements, operations
+    on mid-size tensors (each pays a fixed cost) and small single-thread operations."""
+
+    flops: float = 0.0
+    elements: float = 0.0
+    ops: float = 0.0
+    small_ops: float = 0.0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __mul__(self, factor: float) -> Work:
+        return Work(*(a * factor for a in astuple(self)))
+
+    __rmul__ = __mul__
+
+    def seconds(self, rates: Rates) -> float:
+        return (
+            self.flops / rates.flops
+            + self.elements / rates.elements
+            + self.ops * rates.op_seconds
+            + self.small_ops * rates.small_op_seconds
+        )
+
+
+@dataclass(frozen=True)
+class QuantizeEstimate:
+    """Predicted wall time and peak memory of one ``quantkit.quantize`` call."""
+
+    method: str
+    parts: dict[str, Work]
+    rates: Rates
+    peak_bytes: int
+    calibration: tuple[int, int] | None = None
+    """``(nsamples, seqlen)`` of the calibration tokens, for methods that calibrate."""
+
+    @property
+    def seconds(self) -> float:
+        return sum(work.seconds(self.rates) for work in self.parts.values())
+
+    @property
+    def flops(self) -> float:
+        return sum(work.flops for work in self.parts.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "seconds": self.seconds,
+            "peak_bytes": self.peak_bytes,
+            "flops": self.flops,
+            "calibration": list(self.calibration) if self.calibration else None,
+            "part_seconds": {name: work.seconds(self.rates) for name, work in self.parts.items()},
+            "rates": asdict(self.rates),
+        }
+
+    def summary(self) -> str:
+        """One line: what, how long, how much memory, and the counted work behind it."""
+        what = self.method
+        if self.calibration:
+            what += f" on {self.calibration[0]} x {self.calibration[1]} calibration tokens"
+        where = f"measured on {self.rates.device}" if self.rates.device else "reference CPU"
+        return (
+            f"{what}: predicted {format_seconds(self.seconds)}, peak memory {self.peak_bytes / 2**30:.1f} GiB "
+            f"({self.flops / 1e12:.2g} TFLOP at {self.rates.flops / 1e9:.0f} GFLOP/s, {where})"
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 05 s``, ``1 h 20 min``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+@functools.cache
+def measure_rates(device: str = "cpu") -> Rates:
+    """Rates of ``device`` (once per process, ~0.2 s on a CPU): the matmul rate of a
+    calibration-shaped product and the cost of a tiny operation, measured; elementwise work and
+    mid-size operations are taken to speed up with the matmul rate. (Their own timings swing
+    by 100x on a shared machine, where each multi-threaded operation may wait milliseconds for a
+    descheduled thread: an oversubscribed CPU runs small models several times slower than
+    predicted.)"""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    a, b = torch.randn(2048, 576, device=dev), torch.randn(576, 1536, device=dev)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_seconds(lambda: a @ b)
+    v, n = torch.zeros(512, device=dev), 100
+
+    def small_ops() -> None:
+        for _ in range(n):
+            v.add_(1.0)
+
+    speed = flops / REFERENCE_RATES.flops
+    return Rates(
+        flops,
+        REFERENCE_RATES.elements * speed,
+        REFERENCE_RATES.op_seconds / speed,
+        median_seconds(small_ops) / n,
+        str(dev),
+    )
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """Forward costs per token of one Llama-family decoder layer at a sequence length."""
+
+    layers: int
+    heads: int
+    hidden: int
+    mlp: int
+    q_out: int
+    shapes: dict[str, tuple[int, int]]
+    """``(out, in)`` of each linear of a layer, by name in the layer (``mlp.down_proj``)."""
+    seqlen: int = 0
+    chunk_tokens: int = 0
+    """Tokens that go through a layer together."""
+
+    def linears(self, names: tuple[str, ...]) -> float:
+        return 2.0 * sum(out * inp for out, inp in (self.shapes[n] for n in names))
+
+    @property
+    def attention(self) -> float:
+        return 4.0 * self.q_out * self.seqlen  # scores and weighted sum, full matrices
+
+    @property
+    def layer_flops(self) -> float:
+        return self.linears(tuple(self.shapes)) + self.attention
+
+    def forward(self, flops: float) -> Work:
+        """Work per token of the part of a layer's forward that does ``flops`` of matmuls:
+        its share of the layer's elementwise work and operations (per chunk) goes with it."""
+        share = flops / self.layer_flops
+        per_score = FORWARD_ELEMENTS_PER_SCORE
+        if self.chunk_tokens * self.heads * self.seqlen * 4 <= CACHED_SCORE_BYTES:
+            per_score /= 5
+        elements = (
+            FORWARD_ELEMENTS_PER_HIDDEN * self.hidden
+            + FORWARD_ELEMENTS_PER_MLP * self.mlp
+            + per_score * self.heads * self.seqlen
+        )
+        return Work(flops, share * elements, share * FORWARD_OPS)
+
+    def before(self, group: int) -> float:
+        """Matmul FLOPs per token of a layer's forward up to the input of ``LLAMA_GROUPS[group]``."""
+        flops = sum(self.linears(g.names) for g in LLAMA_GROUPS[:group])
+        return flops + (self.attention if group > 0 else 0.0)
+
+    def inspected(self, group: int) -> float:
+        """Matmul FLOPs per token of the module AWQ's scale search runs for ``LLAMA_GROUPS[group]``."""
+        inspect = LLAMA_GROUPS[group].inspect
+        if inspect is None:
+            return self.linears(LLAMA_GROUPS[group].names)
+        names = tuple(n for n in self.shapes if n.startswith(inspect + "."))
+        return self.linears(names) + (self.attention if inspect == "self_attn" else 0.0)
+
+
+def _passes(per_token: Work, tokens: int, chunks: int) -> Work:
+    """``per_token`` over ``tokens`` in ``chunks``: operations are paid per chunk, not per token."""
+    return Work(per_token.flops * tokens, per_token.elements * tokens, per_token.ops * chunks)
+
+
+def _layer_targets(model: nn.Module, config: QuantConfig) -> tuple[_Decoder, list[dict[str, tuple[int, int]]]]:
+    """The decoder's shapes (sequence length unset) and the quantized linears of each layer."""
+    stack = decoder_stack(model)
+    per_layer: list[dict[str, tuple[int, int]]] = [{} for _ in stack.layers]
+    for name, linear, _ in quantizable_linears(model, config):
+        head, _, rest = name.removeprefix(stack.prefix).partition(".")
+        index, _, relative = rest.partition(".")
+        if head == "layers" and index.isdigit():
+            per_layer[int(index)][relative] = (linear.out_features, linear.in_features)
+    first = stack.layers[0]
+    shapes = {n: (m.out_features, m.in_features) for n, m in first.named_modules() if isinstance(m, nn.Linear)}
+    decoder = _Decoder(
+        layers=len(stack.layers),
+        heads=model.config.num_attention_heads,
+        hidden=model.config.hidden_size,
+        mlp=shapes["mlp.up_proj"][0],
+        q_out=shapes["self_attn.q_proj"][0],
+        shapes=shapes,
+    )
+    return decoder, per_layer
+
+
+def _groups(targets: Mapping[str, tuple[int, int]]) -> list[tuple[int, list[str]]]:
+    """``(index in LLAMA_GROUPS, quantized members)`` of a layer's groups with any."""
+    found = [(i, [n for n in g.names if n in targets]) for i, g in enumerate(LLAMA_GROUPS)]
+    return [(i, members) for i, members in found if members]
+
+
+def _weights(targets: Mapping[str, tuple[int, int]], names: list[str] | None = None) -> int:
+    return sum(out * inp for n, (out, inp) in targets.items() if names is None or n in names)
+
+
+def _propagate(decoder: _Decoder, targets: Mapping[str, tuple[int, int]], tokens: int, chunks: int) -> Work:
+    """The quantized layer's forward that makes the next layer's inputs."""
+    dequantize = Work(elements=DEQUANTIZE_ELEMENTS * _weights(targets)) * chunks
+    return _passes(decoder.forward(decoder.layer_flops), tokens, chunks) + dequantize
+
+
+def _gptq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples: int) -> dict[str, Work]:
+    seqlen, chunk = decoder.seqlen, max(1, DEFAULT_CHUNK_TOKENS // decoder.seqlen)
+    tokens, chunks = nsamples * seqlen, math.ceil(nsamples / chunk)
+    decoder = replace(decoder, chunk_tokens=min(chunk, nsamples) * seqlen)
+    parts = {"forward": Work(), "hessians": Work(), "solves": Work(), "packing": Work()}
+    for index, targets in enumerate(per_layer):
+        groups = _groups(targets)
+        prefixes = [decoder.before(i) for i, _ in groups]
+        for flops in prefixes if getattr(config, "true_sequential", True) else prefixes[-1:]:
+            parts["forward"] += _passes(decoder.forward(flops), tokens, chunks)
+        for _, members in groups:
+            n = targets[members[0]][1]
+            weights = _weights(targets, members)
+            parts["hessians"] += Work(2.0 * n * n * tokens, 2.0 * n * tokens, 5 * chunks)
+            parts["solves"] += Work(n**3 + weights * n, GPTQ_SOLVE_ELEMENTS * weights, small_ops=GPTQ_COLUMN_OPS * n)
+            parts["packing"] += Work(elements=PACK_ELEMENTS * weights, ops=LINEAR_OPS * len(members))
+        if index + 1 < decoder.layers:
+            parts["forward"] += _propagate(decoder, targets, tokens, chunks)
+    return parts
+
+
+def _awq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples: int, search: int) -> dict[str, Work]:
+    seqlen = decoder.seqlen
+    chunk = max(1, search // seqlen)
+    tokens, chunks, kept = nsamples * seqlen, math.ceil(nsamples / chunk), min(chunk, nsamples) * seqlen
+    decoder = replace(decoder, chunk_tokens=kept)
+    shrinks = AWQ_GRID // 2
+    parts = {"forward": Work(), "scale search": Work(), "clip search": Work(), "packing": Work()}
+    for index, targets in enumerate(per_layer):
+        groups = _groups(targets)
+        if groups:
+            statistics_pass = decoder.forward(decoder.before(groups[-1][0]))
+            mean_abs = Work(elements=2.0 * sum(targets[m[0]][1] for _, m in groups))
+            parts["forward"] += _passes(statistics_pass + mean_abs, tokens, chunks)
+        for i, members in groups:
+            group = LLAMA_GROUPS[i]
+            weights = _weights(targets, members)
+            out, inp = targets[members[0]]
+            previous = decoder.shapes.get(group.previous)
+            square = not group.scale_when_square or previous == (out, inp)
+            if len(members) == len(group.names) and square:
+                point = _passes(decoder.forward(decoder.inspected(i)), kept, 1)
+                fake_quantize = Work(elements=AWQ_FAKE_QUANTIZE_ELEMENTS * weights, ops=LINEAR_OPS)
+                parts["scale search"] += (AWQ_GRID + 1) * (point + fake_quantize)
+            for name in members:
+                if group.clips(name):
+                    o, n = targets[name]
+                    gram = 2.0 * kept * n * config.group_size  # each group's input Gram matrix
+                    errors = 2.0 * shrinks * o * n * config.group_size  # the error of every shrink through it
+                    parts["clip search"] += Work(gram + errors, AWQ_CLIP_ELEMENTS * shrinks * o * n, LINEAR_OPS)
+        parts["packing"] += Work(elements=PACK_ELEMENTS * _weights(targets), ops=LINEAR_OPS * len(targets))
+        if index + 1 < decoder.layers:
+            parts["forward"] += _propagate(decoder, targets, tokens, chunks)
+    return parts
+
+
+def _calibration_peak(decoder: _Decoder, model: nn.Module, nsamples: int, chunk_samples: int, working: int) -> int:
+    """Bytes beyond the model: the hidden states of every sample, one chunk's temporaries
+    (attention scores, MLP activations) and the method's ``working`` bytes."""
+    item = next(model.parameters()).element_size()
+    hidden_states = nsamples * decoder.seqlen * decoder.hidden * item
+    chunk_tokens = min(chunk_samples, nsamples) * decoder.seqlen
+    temporaries = chunk_tokens * (2 * decoder.heads * decoder.seqlen + 3 * decoder.mlp + 4 * decoder.hidden) * 4
+    return hidden_states + temporaries + working
+
+
+def estimate_quantization(
+    model: nn.Module | str | os.PathLike | dict,
+    config: QuantConfig,
+    *,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    device: torch.device | str = "cpu",
+    rates: Rates | None = None,
+) -> QuantizeEstimate:
+    """Predict the wall time and peak memory of ``quantkit.quantize(model, config)``.
+
+    ``model`` is the model itself, or its ``config.json`` (path, folder or dict) for its
+    shapes alone (weights counted in float32). ``nsamples`` and ``seqlen`` of the
+    calibration tokens default to the config's. ``rates`` defaults to
+    :data:`REFERENCE_RATES`, replaced by :func:`measure_rates` on ``device`` when the
+    prediction exceeds :data:`MEASURE_ABOVE_SECONDS`.
+    """
+    if not isinstance(model, nn.Module):
+        model = _meta_model(_read_model_config(model))
+    backends = get_registry().backends_for_method(config.quant_method)
+    if not backends:
+        raise UnknownMethodError(config.quant_method, get_registry().config_classes())
+    backend = backends[0]
+    targets = quantizable_linears(model, config)
+    weights = sum(linear.weight.numel() for _, linear, _ in targets)
+    largest = max(linear.weight.numel() for _, linear, _ in targets)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_weight = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
+    parts = {"quantize": Work(elements=per_weight * weights, ops=LINEAR_OPS * len(targets))}
+    extra = 6 * largest * 4
+    calibration = None
+    if backend.capabilities.requires_calibration:
+        nsamples = nsamples or getattr(config, "nsamples", 128)
+        seqlen = seqlen or getattr(config, "seqlen", 512)
+        calibration = (nsamples, seqlen)
+        if config.quant_method in ("gptq", "awq"):
+            decoder, per_layer = _layer_targets(model, config)
+            decoder = replace(decoder, seqlen=seqlen)
+            if config.quant_method == "awq":
+                search = getattr(backend, "search_tokens", DEFAULT_CHUNK_TOKENS)
+                parts = _awq_work(decoder, per_layer, config, nsamples, search)
+                working = min(AWQ_CLIP_VALUES, AWQ_GRID // 2 * largest) * 4 * 8
+            else:
+                search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
+                working = 6 * largest * 4
+            extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), working)
+        else:  # a plugin's: at least one forward pass over the calibration tokens
+            parts["forward"] = Work(flops=2.0 * weights * nsamples * seqlen)
+    result = QuantizeEstimate(
+        config.quant_method, parts, rates or REFERENCE_RATES, PROCESS_BYTES + model_bytes + extra, calibration
+    )
+    if rates is None and result.seconds > MEASURE_ABOVE_SECONDS:
+        result = replace(result, rates=measure_rates(str(torch.device(device))))
+    return result

@@ -30,11 +30,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .api import backends
+from .api import quantize as quantize_model
+from .calibration import calibration_tokens
+from .core.backend import Backend
 from .core.config import QuantConfig
-from .core.resolve import as_config
 from .core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
 from .core.hardware import resolve_device
 from .core.progress import track
+from .core.registry import get_registry
+from .core.resolve import as_config
 from .core.serialization import BACKEND_ATTR, atomic_path
 
 log = logging.getLogger("quantkit")
@@ -53,9 +58,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def trainable_backends() -> list[str]:
     """Names of the registered backends that declare ``trainable=True``."""
-    from .api import backends
-
     return sorted(b.name for b in backends() if b.capabilities.trainable)
+
+
+def _quantized_by(model: nn.Module) -> Backend | None:
+    """The registered backend that quantized ``model``; ``None`` for a float model."""
+    name = getattr(model, BACKEND_ATTR, None)
+    if name is None:
+        return None
+    backend = get_registry().backends.get(name)
+    if backend is None:
+        raise QuantkitError(f"model was quantized by backend {name!r}, which is not registered here")
+    return backend
 
 
 def check_trainable(model: nn.Module) -> None:
@@ -63,17 +77,10 @@ def check_trainable(model: nn.Module) -> None:
 
     A model quantkit did not quantize is a float model: it trains.
     """
-    from .core.registry import get_registry
-
-    name = getattr(model, BACKEND_ATTR, None)
-    if name is None:
-        return
-    backend = get_registry().backends.get(name)
-    if backend is None:
-        raise QuantkitError(f"model was quantized by backend {name!r}, which is not registered here")
-    if not backend.capabilities.trainable:
+    backend = _quantized_by(model)
+    if backend is not None and not backend.capabilities.trainable:
         raise NotTrainableError(
-            f"backend {name!r} declares trainable=False: LoRA adapters cannot be trained on its "
+            f"backend {backend.name!r} declares trainable=False: LoRA adapters cannot be trained on its "
             f"quantized modules. Backends that can be trained: {', '.join(trainable_backends()) or '(none)'} "
             "(e.g. quantize=True for QLoRA on 4-bit NF4), or fine-tune the float model"
         )
@@ -122,9 +129,6 @@ def _is_linear(module: nn.Module) -> bool:
 
 # -- LoRA layers for quantized linears PEFT does not know -----------------------------
 
-PEFT_NATIVE_PACKAGES = ("bitsandbytes", "hqq")
-"""Packages whose quantized linears PEFT wraps with LoRA layers of its own (which can merge)."""
-
 
 class QuantizedLoraLinear(nn.Module, LoraLayer):
     """LoRA around a quantized linear that PEFT has no layer for (quantkit's GPTQ, AWQ,
@@ -168,14 +172,16 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
 
 def with_quantized_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """A copy of ``config`` with :class:`QuantizedLoraLinear` registered (PEFT's
-    custom-module mechanism) for every quantized linear type in ``model`` that PEFT
-    does not wrap itself."""
+    custom-module mechanism) for every quantized linear type in ``model``, unless its
+    backend declares ``peft_native`` (PEFT wraps those layers itself)."""
     config = copy.copy(config)
+    backend = _quantized_by(model)
+    if backend is not None and backend.capabilities.peft_native:
+        return config
     custom = {
         type(module): QuantizedLoraLinear
         for name, module in model.named_modules()
         if name and _is_linear(module) and not isinstance(module, (nn.Linear, BaseTunerLayer))
-        and type(module).__module__.split(".")[0] not in PEFT_NATIVE_PACKAGES
     }
     if custom:
         own = config._custom_modules or {}
@@ -271,18 +277,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
 def merge_adapter(model: PeftModel) -> nn.Module:
     """Merge the adapters into the base weights and return the base model.
 
-    Quantized bases are dequantized, updated and quantized again (bitsandbytes,
-    HQQ): the result is close to, not identical with, the adapted model. A base
-    whose LoRA layers cannot merge raises :class:`QuantkitError` naming the backend.
+    A quantized base is dequantized, updated and quantized again where its backend declares
+    ``merges_adapters`` (bitsandbytes, HQQ): the result is close to, not identical with, the
+    adapted model. Any other backend's base raises :class:`QuantkitError` naming the backend.
     """
-    unmergeable = sorted({
-        type(m.get_base_layer()).__name__ for m in _lora_layers(model) if type(m).merge is BaseTunerLayer.merge
-    })
-    if unmergeable:
+    backend = _quantized_by(model.get_base_model())
+    if backend is not None and not backend.capabilities.merges_adapters:
         raise QuantkitError(
-            f"backend {_backend_name(model.get_base_model())!r} cannot merge LoRA adapters into its "
-            f"quantized modules ({', '.join(unmergeable)}); keep the adapter separate (load_adapter) "
-            "or merge into the float model"
+            f"backend {backend.name!r} declares merges_adapters=False: LoRA adapters cannot be merged into "
+            "its quantized modules; keep the adapter separate (load_adapter) or merge into the float model"
         )
     return model.merge_and_unload()
 
@@ -308,7 +311,9 @@ def bf16_native(device: torch.device | str | None = None) -> bool:
         return False
 
 
-def qlora_config(quantize: QuantConfig | Mapping[str, Any] | bool | str, device: torch.device | str | None = None) -> QuantConfig:
+def qlora_config(
+    quantize: QuantConfig | Mapping[str, Any] | bool | str, device: torch.device | str | None = None
+) -> QuantConfig:
     """The quantization config of a QLoRA run, its compute dtype chosen for ``device``.
 
     ``True`` is 4-bit NF4 with double quantization and bfloat16 compute
@@ -351,7 +356,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_ne
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     finally:
         model.train(was_training)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -398,11 +405,10 @@ def finetune(
     ``None`` for the built-in text. ``device`` defaults to the best one present when
     quantizing, else to where the model is. ``on_step(step, loss)`` follows every step.
     """
-    from .api import quantize as quantize_model
-    from .calibration import calibration_tokens
-
     if steps < 1 or batch_size < 1 or seqlen < 2:
-        raise QuantkitError(f"steps={steps}, batch_size={batch_size}, seqlen={seqlen}: need steps, batch_size >= 1, seqlen >= 2")
+        raise QuantkitError(
+            f"steps={steps}, batch_size={batch_size}, seqlen={seqlen}: need steps, batch_size >= 1, seqlen >= 2"
+        )
     adapted = hasattr(model, "peft_config")
     quantize = None if quantize is False else quantize
     if quantize is not None and (adapted or getattr(model, BACKEND_ATTR, None) is not None):

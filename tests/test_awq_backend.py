@@ -12,13 +12,19 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit import AWQConfig, RTNConfig
-from quantkit.core.errors import QuantizationError
-from quantkit.core.registry import get_registry
-from quantkit.builtin_backends.awq.backend import AWQBackend
 from quantkit.builtin_backends.awq.qlinear import AWQLinear
+from quantkit.core.errors import QuantizationError
+from quantkit.testing import conformance_tests, tiny_llama
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def _tokens(nsamples: int = 8, seqlen: int = 64, seed: int = 0) -> torch.Tensor:
@@ -34,25 +40,29 @@ def _relative_error(model: torch.nn.Module, reference: torch.Tensor) -> float:
     return ((_logits(model) - reference).norm() / reference.norm()).item()
 
 
-def _outlier_llama(**kwargs) -> torch.nn.Module:
-    """A tiny Llama whose norms amplify a few channels, the activation outliers AWQ is made for."""
-    model = make_tiny_llama(**kwargs)
-    for layer in model.model.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight.data[[1, 10, 33]] = 20.0
-    return model
+test_contract = conformance_tests(
+    "awq",
+    [
+        AWQConfig(group_size=64, zero_point=False),
+        AWQConfig(group_size=32, version="gemv"),
+        AWQConfig(group_size=64, version="gemv"),
+    ],
+    checks=("reload_is_exact", "storage_bits_match_saved_bytes"),
+)
+"""The checks of quantkit.testing run here on the configs tests/test_conformance.py leaves out
+(it runs every check on groups of 32, GEMM)."""
 
 
-def test_backend_is_available() -> None:
-    assert get_registry().backends["awq"].is_available().ok
-
-
-@pytest.mark.parametrize("config", [
-    AWQConfig(group_size=32),
-    AWQConfig(group_size=64, zero_point=False),
-    AWQConfig(group_size=32, version="gemv"),
-], ids=["g32", "g64-sym", "g32-gemv"])
-def test_awq_configs_quantize_save_and_reload(config: AWQConfig, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        AWQConfig(group_size=32),
+        AWQConfig(group_size=64, zero_point=False),
+        AWQConfig(group_size=32, version="gemv"),
+    ],
+    ids=["g32", "g64-sym", "g32-gemv"],
+)
+def test_awq_configs_quantize_and_save(config: AWQConfig, tmp_path) -> None:
     model = make_tiny_llama()
     reference = _logits(model)
     quantized = quantkit.quantize(model, config, calibration=_tokens())
@@ -70,12 +80,10 @@ def test_awq_configs_quantize_save_and_reload(config: AWQConfig, tmp_path) -> No
     quantkit.save(quantized, tmp_path / "q")
     block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert block == config.to_hf_dict()
-    reloaded = quantkit.load(tmp_path / "q")
-    assert torch.equal(_logits(reloaded), _logits(quantized))
 
 
 def test_awq_beats_rtn_with_activation_outliers() -> None:
-    model = _outlier_llama()
+    model = tiny_llama(hidden=64, intermediate=128)  # norms amplify a few channels, as AWQ expects
     reference = _logits(model)
     awq = quantkit.quantize(copy.deepcopy(model), AWQConfig(group_size=32), calibration=_tokens(16, 64))
     rtn = quantkit.quantize(copy.deepcopy(model), RTNConfig(bits=4, group_size=32))
@@ -83,7 +91,7 @@ def test_awq_beats_rtn_with_activation_outliers() -> None:
 
 
 def test_scales_are_folded_into_the_norms() -> None:
-    model = _outlier_llama()
+    model = tiny_llama(hidden=64, intermediate=128)
     before = model.model.layers[0].input_layernorm.weight.detach().clone()
     quantized = quantkit.quantize(model, AWQConfig(group_size=32), calibration=_tokens())
     after = quantized.model.layers[0].input_layernorm.weight
@@ -96,10 +104,17 @@ def test_o_proj_is_scaled_only_without_grouped_query_attention() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    mha = LlamaForCausalLM(LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
-    )).eval()
+    mha = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     for model, changed in ((mha, True), (make_tiny_llama(layers=1), False)):
         v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
         config = AWQConfig(group_size=32, modules_to_not_convert=["lm_head", "v_proj"])  # keep v_proj float
@@ -110,18 +125,12 @@ def test_o_proj_is_scaled_only_without_grouped_query_attention() -> None:
 
 def test_group_size_not_dividing_in_features_is_a_clear_error() -> None:
     model = make_tiny_llama(hidden=96)
-    with pytest.raises(QuantizationError, match=r"group_size=64 must divide in_features.*q_proj \(in_features=96, "
-                                                 r"96 % 64 = 32\).*group_size=32"):
+    with pytest.raises(
+        QuantizationError,
+        match=r"group_size=64 .*in_features must be a multiple of group_size"
+        r".*q_proj \(in_features=96, 96 % 64 = 32\).*group_size=32",
+    ):
         quantkit.quantize(model, AWQConfig(group_size=64), calibration=_tokens())
-
-
-def test_checkpoint_bytes_are_deterministic(tmp_path) -> None:
-    paths = [
-        quantkit.save(quantkit.quantize(_outlier_llama(), AWQConfig(group_size=32), calibration=_tokens()), tmp_path / f"r{i}")
-        for i in range(2)
-    ]
-    for name in ("model.safetensors", "config.json"):
-        assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
 
 
 def test_config_block_is_what_transformers_reads(tmp_path) -> None:
@@ -136,19 +145,6 @@ def test_config_block_is_what_transformers_reads(tmp_path) -> None:
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     prefix = "model.layers.0.self_attn.o_proj."
     assert {k.removeprefix(prefix) for k in tensors if k.startswith(prefix)} == {"qweight", "qzeros", "scales"}
-
-
-@pytest.mark.parametrize("config", [AWQConfig(group_size=32), AWQConfig(group_size=64, version="gemv")])
-def test_storage_bits_match_the_saved_bytes(config: AWQConfig, tmp_path) -> None:
-    backend = AWQBackend()
-    model = quantkit.quantize(make_tiny_llama(), config, calibration=_tokens())
-    quantkit.save(model, tmp_path / "q")
-    tensors = load_file(tmp_path / "q" / "model.safetensors")
-    for name, module in model.named_modules():
-        if isinstance(module, AWQLinear):
-            saved = sum(tensors[f"{name}.{p}"].numel() * tensors[f"{name}.{p}"].element_size() * 8
-                        for p in ("qweight", "qzeros", "scales"))
-            assert backend.storage_bits(config, name, module.out_features, module.in_features) == saved
 
 
 def test_dead_input_channels_stay_finite() -> None:

@@ -1,41 +1,68 @@
-"""quantkit compare: methods, protocol, storage measurement, resuming, reports and checks."""
+"""quantkit compare: methods, protocol, the result record and its views, storage measurement,
+resuming, repeated evaluation of methods that are not deterministic, reports and checks."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from rich.cells import cell_len
+from rich.console import Console
 from safetensors.torch import save_file
 
-from quantkit.core.resolve import default_comparison
-from quantkit.compare import (
-    BASELINE,
-    RESULT_KEYS,
-    Comparison,
-    Method,
-    Protocol,
-    is_done,
-    method_from_name,
-    methods_from_file,
-    read_result,
-    resolve_methods,
-    stored_bytes,
-    write_json_atomic,
-)
 from quantkit.builtin_backends.gptq.config import GPTQConfig
 from quantkit.builtin_backends.rtn.config import RTNConfig
-from quantkit.core.errors import ConfigValueError
-from quantkit.report import pareto_front, plot, run_checks, summarize, to_csv, to_markdown
+from quantkit.compare import (
+    BASELINE,
+    Comparison,
+    Group,
+    Method,
+    Protocol,
+    Result,
+    column,
+    complete,
+    is_done,
+    load_results,
+    method_from_name,
+    methods_from_file,
+    pareto_front,
+    read_result,
+    resolve_methods,
+    run_checks,
+    stored_bytes,
+    terminal_table,
+    to_csv,
+    to_markdown,
+    worker,
+    write_json_atomic,
+)
+from quantkit.compare.plots import plot
+from quantkit.core.errors import ConfigValueError, ModelFormatError
+from quantkit.core.resolve import default_comparison
 
 PROTOCOL = Protocol(model="tiny", eval_tokens=256, seqlen=64, stride=64, calibration_samples=4,
                     calibration_seqlen=32, threads=1)
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULT_KEYS = (
+    "method", "config", "available", "status", "reason", "backend", "nominal_bits", "code_bits", "requires_calibration",
+    "bits_per_param", "estimated_bits_per_param", "size_bytes", "estimated_size_bytes",
+    "quantized_params", "quantized_bytes", "quantize_seconds", "peak_rss_bytes", "rss_before_quantize_bytes",
+    "perplexity", "delta_perplexity", "delta_perplexity_pct", "kl_divergence", "top1_agreement",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "eval_seconds", "worker_seconds", "quantize_cpu_seconds",
+    "cpu_seconds",
+)
+"""The CSV columns (and first JSON keys) of every result, as quantkit has always written them."""
 
 
 # -- methods and protocol -----------------------------------------------------------------------
@@ -121,16 +148,17 @@ def test_stored_bytes_counts_the_tensors_of_quantized_modules_only(tmp_path):
 
 def test_write_json_atomic_replaces_whole_files(tmp_path):
     path = tmp_path / "r.json"
-    write_json_atomic(path, {"a": 1})
-    write_json_atomic(path, {"a": 2, "p": Path("x")})
-    assert read_result(path) == {"a": 2, "p": "x"}
+    write_json_atomic(path, {"method": "a", "reason": 1})
+    write_json_atomic(path, {"method": "b", "reason": Path("x")})
+    assert read_result(path) == Result("b", reason="x")
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
     assert read_result(tmp_path / "missing.json") is None
+    write_json_atomic(path, {"method": "b", "not_a_field": 1})
+    assert read_result(path) is None  # unreadable: the method is measured again
 
 
-def fake_result(method: Method, protocol: Protocol = PROTOCOL, **values) -> dict:
-    return {"method": method.name, "status": "ok", "protocol_key": protocol.key(), "method_key": method.key(),
-            "config": method.to_dict()["config"], "nominal_bits": method.nominal_bits, **values}
+def fake_result(method: Method, protocol: Protocol = PROTOCOL, **values) -> Result:
+    return Result.of(method, protocol, "ok", **values)
 
 
 def test_is_done_needs_the_same_protocol_and_config():
@@ -139,7 +167,7 @@ def test_is_done_needs_the_same_protocol_and_config():
     assert is_done(result, nf4, PROTOCOL)
     assert not is_done(result, method_from_name("fp4", PROTOCOL, label="nf4"), PROTOCOL)
     assert not is_done(result, nf4, Protocol(model="tiny", eval_tokens=512))
-    assert not is_done({**result, "status": "failed"}, nf4, PROTOCOL)
+    assert not is_done(dataclasses.replace(result, status="failed"), nf4, PROTOCOL)
     assert not is_done(None, nf4, PROTOCOL)
 
 
@@ -150,14 +178,14 @@ def test_unavailable_backend_is_reported_with_its_reason_without_running(tmp_pat
     backend = get_registry().backends_for_method("hqq")[0]
     monkeypatch.setattr(type(backend), "is_available", lambda self: Availability(False, "no hqq today"))
     methods = resolve_methods(["hqq-4bit-g64"], PROTOCOL)
-    write_json_atomic(tmp_path / "results" / "fp32.json", fake_result(methods[0], perplexity=10.0))
+    write_json_atomic(tmp_path / "results" / "fp32.json", fake_result(methods[0], perplexity=10.0).to_dict())
     events = []
     comparison = Comparison(methods, PROTOCOL, tmp_path, on_event=events.append)
     results = comparison.run()
     assert [e.stage for e in events] == ["skipped", "unavailable"]  # the baseline was done; nothing ran
     row = results[1]
-    assert row["status"] == "unavailable" and row["available"] is False and "no hqq today" in row["reason"]
-    assert set(RESULT_KEYS) <= set(row)
+    assert row.status == "unavailable" and row.available is False and "no hqq today" in row.reason
+    assert set(RESULT_KEYS) <= set(row.to_dict())
     assert comparison.pending() == methods[1:]  # unavailable methods are retried on the next run
 
 
@@ -169,8 +197,8 @@ def test_comparison_needs_the_baseline_first(tmp_path):
 # -- report -------------------------------------------------------------------------------------
 
 
-def rows(ppl: dict[str, float]) -> list[dict]:
-    """Synthetic results: method -> perplexity, with matching metadata."""
+def rows(ppl: dict[str, float]) -> list[Result]:
+    """Synthetic results: method -> perplexity, with matching metadata, completed against the baseline."""
     out = []
     for name, value in ppl.items():
         m = method_from_name(name, PROTOCOL)
@@ -178,7 +206,7 @@ def rows(ppl: dict[str, float]) -> list[dict]:
         calibrated = m.config is not None and m.config.quant_method in ("gptq", "awq")
         out.append(fake_result(m, perplexity=value, bits_per_param=bits, estimated_bits_per_param=bits,
                                size_bytes=bits * 1e6, requires_calibration=calibrated, kl_divergence=0.0))
-    return summarize(out)
+    return complete(out)
 
 
 def test_checks_pass_on_a_sound_comparison():
@@ -186,13 +214,13 @@ def test_checks_pass_on_a_sound_comparison():
                     "gguf-q2_k": 30.0})
     checks = run_checks(results)
     assert [c.status for c in checks] == ["PASS"] * 4, [c.line() for c in checks]
-    assert results[1]["delta_perplexity_pct"] == pytest.approx(0.5)
+    assert results[1].delta_perplexity_pct == pytest.approx(0.5)
 
 
 def test_checks_fail_where_the_results_say_so():
     results = rows({"fp32": 10.0, "int8": 10.2, "nf4": 9.0, "gptq-4bit-g128": 12.0, "rtn-4bit-g128": 11.5,
                     "gguf-q2_k": 30.0})
-    results[2]["bits_per_param"] = 4.8  # nf4: 6.7% above its estimate
+    results[2] = dataclasses.replace(results[2], bits_per_param=4.8)  # nf4: 6.7% above its estimate
     status = {c.name.split()[0]: c for c in run_checks(results)}
     assert status["8-bit"].status == "FAIL" and "int8 +2.00% FAILED" in status["8-bit"].detail
     assert status["4-bit"].status == "FAIL" and "nf4" in status["4-bit"].detail
@@ -204,11 +232,12 @@ def test_checks_fail_where_the_results_say_so():
 def test_calibrated_methods_are_checked_against_rtn_on_the_same_grid():
     """A symmetric GPTQ grid is compared with symmetric RTN, not with the (finer) asymmetric one."""
     results = rows({"fp32": 10.0, "gptq-4bit-g128": 11.0, "rtn-4bit-g128": 11.5})
-    asym = {**results[2], "method": "rtn-4bit-g128-asym", "perplexity": 10.8,
-            "config": {**results[2]["config"], "sym": False}}
+    asym = dataclasses.replace(results[2], method="rtn-4bit-g128-asym", perplexity=10.8,
+                               config={**results[2].config, "sym": False})
     calibrated = next(c for c in run_checks([*results, asym]) if c.name.startswith("calibrated"))
     assert calibrated.status == "PASS" and "rtn-4bit-g128-asym" not in calibrated.detail
-    gptq_asym = {**results[1], "method": "gptq-4bit-g128-asym", "config": {**results[1]["config"], "sym": False}}
+    gptq_asym = dataclasses.replace(results[1], method="gptq-4bit-g128-asym",
+                                    config={**results[1].config, "sym": False})
     calibrated = next(c for c in run_checks([*results, asym, gptq_asym]) if c.name.startswith("calibrated"))
     assert calibrated.status == "FAIL" and "gptq-4bit-g128-asym 11.000 < rtn-4bit-g128-asym 10.800" in calibrated.detail
 
@@ -221,14 +250,14 @@ def test_checks_skip_without_the_methods_they_compare():
 def test_pareto_front():
     results = rows({"fp32": 10.0, "int8": 10.05, "nf4": 11.0, "gptq-4bit-g128": 10.6, "gguf-q2_k": 30.0})
     assert pareto_front(results) == ["gguf-q2_k", "gptq-4bit-g128", "int8", "fp32"]
-    results[3]["bits_per_param"] = 4.6  # gptq now costs more bits than nf4: both are on the front
+    results[3] = dataclasses.replace(results[3], bits_per_param=4.6)  # gptq costs more bits than nf4: both on the front
     assert pareto_front(results) == ["gguf-q2_k", "nf4", "gptq-4bit-g128", "int8", "fp32"]
 
 
 def test_reports_list_every_method_including_unavailable_ones(tmp_path):
     results = rows({"fp32": 10.0, "nf4": 11.0})
-    results.append({**fake_result(method_from_name("awq-4bit-g128", PROTOCOL)), "status": "unavailable",
-                    "reason": "awq: group_size 128 does not divide 576", "perplexity": None})
+    results.append(Result.of(method_from_name("awq-4bit-g128", PROTOCOL), PROTOCOL, "unavailable",
+                              "awq: group_size 128 does not divide 576"))
     csv_text = to_csv(results)
     assert csv_text.splitlines()[0].split(",") == list(RESULT_KEYS)
     assert len(csv_text.splitlines()) == 4
@@ -238,6 +267,126 @@ def test_reports_list_every_method_including_unavailable_ones(tmp_path):
     paths = plot(results, tmp_path)
     assert [p.name for p in paths] == ["perplexity_vs_bits.png", "perplexity_vs_size.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+# -- the record and its views ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", [COMMITTED, COMMITTED / "g128_down_proj"], ids=["default", "g128"])
+def test_committed_results_load_and_render_as_committed(folder):
+    """Old results load; the JSON keeps every key, value and their order; the CSV and the report's
+    table, Pareto front and checks come out as committed."""
+    raw = json.loads((folder / "results.json").read_text())
+    results = load_results(folder / "results.json")
+    assert [list(r.to_dict().items()) for r in results] == [list(row.items()) for row in raw]
+    assert complete(results) == results  # the deltas written are the record's own
+    assert to_csv(results) == (folder / "results.csv").read_text()
+    kept = ("|", "- ", "Pareto front")
+    ours = [line for line in to_markdown(results, "-", run_checks(results)).splitlines() if line.startswith(kept)]
+    assert ours == [line for line in (folder / "report.md").read_text().splitlines() if line.startswith(kept)]
+
+
+def test_results_files_name_what_they_cannot_read(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('[{"method": "nf4", "perplexity_p99": 1.0}]')
+    with pytest.raises(ModelFormatError, match="perplexity_p99"):
+        load_results(path)
+
+
+@dataclass(frozen=True)
+class WithEnergy(Result):
+    """One more metric: its field and column are the whole declaration."""
+
+    energy_joules: float | None = column(label="energy J", fmt="{:.1f}", group=Group.COST, short="J", terminal=2,
+                                         markdown=True, csv=True)
+
+
+def test_a_metric_declared_on_the_record_reaches_every_view():
+    results = [WithEnergy(**dataclasses.asdict(r), energy_joules=joules)
+               for r, joules in zip(rows({"fp32": 10.0, "nf4": 11.0}), (12.5, 3.5))]
+    data = results[1].to_dict()
+    assert data["energy_joules"] == 3.5 and WithEnergy.from_dict(json.loads(json.dumps(data))) == results[1]
+    header, _, nf4 = to_csv(results).splitlines()
+    assert header.split(",") == [*RESULT_KEYS, "energy_joules"] and nf4.endswith(",3.5")
+    markdown = to_markdown(results, "-", run_checks(results))
+    assert "| quantize s | peak RSS MB | energy J | status |" in markdown and " | 3.5 | ok |" in markdown
+    console = Console(width=200, file=io.StringIO(), color_system=None)
+    console.print(terminal_table(results, width=200))
+    text = console.file.getvalue()
+    assert text.splitlines()[1].split()[-1] == "J" and "J = energy J" in text and "12.5" in text
+
+
+def test_the_terminal_table_fits_80_columns_and_names_what_it_leaves_out():
+    results = load_results(COMMITTED / "results.json")  # 20 methods, one failed with a long reason
+    for width in (80, 100, 200):
+        console = Console(width=width, file=io.StringIO(), color_system=None)
+        console.print(terminal_table(results, width=width, title="quantkit compare (0.2 min)"))
+        lines = console.file.getvalue().splitlines()
+        assert max(map(cell_len, lines)) <= width
+        for r in results:  # one line per method, its perplexity in it
+            assert any(line.startswith(f"{r.method} ") and (r.perplexity is None or f"{r.perplexity:.5g}" in line)
+                       for line in lines), (width, r.method)
+        text = "\n".join(lines)
+        assert "bits = bits/param" in text and "awq-4bit-g128: failed: QuantizationError" in text
+        assert ("left out at this width: quantize s, peak RSS MB" in text) == (width == 80)
+
+
+# -- methods that are not deterministic ------------------------------------------------------------
+
+
+def test_backends_declare_what_reproduces_and_only_the_others_are_evaluated_repeatedly():
+    pytest.importorskip("bitsandbytes")
+    assert method_from_name("int8", PROTOCOL).evaluations == PROTOCOL.repeats == 3  # LLM.int8 on the CPU
+    assert method_from_name("nf4", PROTOCOL).evaluations is None
+    assert method_from_name("fp32", PROTOCOL).evaluations is None
+    assert method_from_name("int8", dataclasses.replace(PROTOCOL, repeats=5)).evaluations == 5
+    committed = {r.method: r for r in load_results(COMMITTED / "results.json")}
+    default = Protocol()  # what the committed results were measured under
+    assert default.key() == dataclasses.replace(default, repeats=5).key() == committed["nf4"].protocol_key
+    assert method_from_name("nf4", default).key() == committed["nf4"].method_key  # resumes as before
+    assert method_from_name("int8", default).key() != committed["int8"].method_key  # measured again, repeated
+
+
+def test_a_method_that_is_not_deterministic_is_evaluated_repeatedly_and_keeps_its_spread(tmp_path, monkeypatch):
+    """Noise on the logits stands in for LLM.int8's CPU matmul: the model is loaded and prepared
+    once, evaluated three times; the result is the mean with the spread next to it."""
+    from transformers import AutoTokenizer
+
+    from quantkit.compare.report import reproducibility
+    from quantkit.models import default_model_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
+    loads = []
+
+    def noisy_model(name):
+        loads.append(name)
+        model = make_tiny_llama(vocab=49152)
+        model.lm_head.register_forward_hook(lambda module, args, out: out + 0.5 * torch.randn_like(out))
+        return model, tokenizer
+
+    monkeypatch.setattr(worker, "load_model", noisy_model)
+    protocol = dataclasses.replace(PROTOCOL, eval_tokens=128, seqlen=32, stride=32, decode_tokens=2, prompt_tokens=8)
+    job = {"protocol": protocol.to_dict(), "reference": str(tmp_path / "reference.npy"), "write_reference": False,
+           "models": None, "scratch": str(tmp_path)}
+    events = []
+
+    def report(stage, done=0, total=0, **_):
+        events.append((stage, done, total))
+
+    once = worker.measure({**job, "method": Method("fp32").to_dict()}, report)
+    assert once.evaluations is None and not {"evaluations", "perplexity_min", "perplexity_max"} & set(once.to_dict())
+    events.clear()
+    noisy = Method("noisy", evaluations=3)
+    repeated = worker.measure({**job, "method": noisy.to_dict()}, report)
+    assert len(loads) == 2  # one load (and preparation) per method, not per evaluation
+    assert repeated.evaluations == 3 and repeated.method_key == noisy.key()
+    assert repeated.perplexity_min < repeated.perplexity < repeated.perplexity_max
+    assert [e for e in events if e[0] == "evaluate"][-1] == ("evaluate", 12, 12)  # 3 passes of 4 windows
+    assert {"evaluations", "perplexity_min", "perplexity_max"} <= set(repeated.to_dict())
+    assert Result.from_dict(json.loads(json.dumps(repeated.to_dict()))) == repeated
+    text = reproducibility([once, repeated])
+    assert f"noisy (None) {repeated.perplexity_min:.5g} to {repeated.perplexity_max:.5g} over 3 evaluations" in text
+    assert "Every other method gives the same perplexity" in text
 
 
 # -- end to end (worker processes) -----------------------------------------------------------------
@@ -277,8 +426,8 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)  # a crash: no cleanup at all
     first.wait()
-    assert read_result(baseline)["status"] == "ok"
-    finished = read_result(baseline)["worker_seconds"]
+    assert read_result(baseline).status == "ok"
+    finished = read_result(baseline).worker_seconds
     time.sleep(3)  # the orphaned worker notices its parent is gone and stops
     assert not (out / "results" / "bf16.json").exists()
 
@@ -286,10 +435,10 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
                             text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "fp32: skipped" in second.stderr and "bf16: done" in second.stderr  # skipped, then resumed
-    assert read_result(baseline)["worker_seconds"] == finished
+    assert read_result(baseline).worker_seconds == finished
     bf16 = read_result(out / "results" / "bf16.json")
-    assert bf16["status"] == "ok" and bf16["bits_per_param"] == 16.0
-    assert bf16["kl_divergence"] is not None and bf16["top1_agreement"] > 0.9
+    assert bf16.status == "ok" and bf16.bits_per_param == 16.0
+    assert bf16.kl_divergence is not None and bf16.top1_agreement > 0.9
     assert not list(out.glob("reference-*.npy"))  # the complete run removed the baseline's log-probs
 
 
@@ -320,7 +469,7 @@ def test_checks_class_methods_by_their_stored_code_width():
     results = rows({"fp32": 10.0, "int8": 10.05, "nf4": 13.0, "gguf-q2_k": 12.0, "hqq-2bit-g16": 900.0})
     checks = {c.name.split()[0]: c for c in run_checks(results)}
     assert checks["4-bit"].status == "FAIL" and "nf4 13.000 in [10.050, 12.000] FAILED" in checks["4-bit"].detail
-    results[3]["code_bits"] = 3.75
+    results[3] = dataclasses.replace(results[3], code_bits=3.75)
     checks = {c.name.split()[0]: c for c in run_checks(results)}
     assert checks["4-bit"].status == "PASS", checks["4-bit"].detail
     assert "gguf-q2_k 12.000 in [10.050, 900.000] ok" in checks["4-bit"].detail

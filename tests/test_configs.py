@@ -11,18 +11,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantkit
-from quantkit.core.config import QuantConfig, _type_hints
-from quantkit.core.resolve import config_from_dict, config_from_hf_dict, config_from_json_file
+from quantkit.calibration import load_text
+from quantkit.core.config import _type_hints
+from quantkit.core.resolve import as_config, config_from_dict, config_from_hf_dict, config_from_json_file
 
-BUILTIN_CONFIGS = (quantkit.BnbConfig, quantkit.GPTQConfig, quantkit.AWQConfig, quantkit.HQQConfig, quantkit.GGUFConfig,
-                   quantkit.RTNConfig)
+BUILTIN_CONFIGS = (
+    quantkit.BnbConfig,
+    quantkit.GPTQConfig,
+    quantkit.AWQConfig,
+    quantkit.HQQConfig,
+    quantkit.GGUFConfig,
+    quantkit.RTNConfig,
+)
 CONFIGS = {c.__name__: c for c in BUILTIN_CONFIGS}
 
 
 def _base(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (typing.get_origin(args[0]) or args[0]) if len(args) == 1 and type(None) in typing.get_args(hint) else (
-        typing.get_origin(hint) or hint
+    return (
+        (typing.get_origin(args[0]) or args[0])
+        if len(args) == 1 and type(None) in typing.get_args(hint)
+        else (typing.get_origin(hint) or hint)
     )
 
 
@@ -71,8 +80,16 @@ def invalid_cases(cls):
             bad = "not-a-choice" if base is str else 12345
             cases.append((f.name, bad))
         elif f.metadata.get("valid") and base in (int, float):
-            cases.append((f.name, next(v for v in (-5, 0, 1, 2.5, 1e9) if not f.metadata["valid"](v) and
-                                       (base is float or isinstance(v, int)))))
+            cases.append(
+                (
+                    f.name,
+                    next(
+                        v
+                        for v in (-5, 0, 1, 2.5, 1e9)
+                        if not f.metadata["valid"](v) and (base is float or isinstance(v, int))
+                    ),
+                )
+            )
         cases.append((f.name, object()))  # a type no field accepts
     return cases
 
@@ -135,13 +152,17 @@ def test_mutual_exclusion_and_ranges():
 def test_schema_version_is_written_and_checked():
     data = quantkit.HQQConfig().to_dict()
     assert data["schema_version"] == 1
-    assert quantkit.HQQConfig.from_dict({k: v for k, v in data.items() if k != "schema_version"}) == quantkit.HQQConfig()
+    assert (
+        quantkit.HQQConfig.from_dict({k: v for k, v in data.items() if k != "schema_version"}) == quantkit.HQQConfig()
+    )
     with pytest.raises(quantkit.ConfigValueError, match="schema_version"):
         quantkit.HQQConfig.from_dict({**data, "schema_version": 99})
 
 
 def test_module_overrides_validate_and_apply():
-    config = quantkit.GPTQConfig(bits=4, module_overrides={"*.mlp.down_proj": {"bits": 8}, "model.layers.0": {"sym": False}})
+    config = quantkit.GPTQConfig(
+        bits=4, module_overrides={"*.mlp.down_proj": {"bits": 8}, "model.layers.0": {"sym": False}}
+    )
     assert config.for_module("model.layers.3.mlp.down_proj").bits == 8
     assert config.for_module("model.layers.0.self_attn.q_proj").sym is False
     assert config.for_module("model.layers.3.self_attn.q_proj") is config
@@ -206,7 +227,9 @@ def test_hf_blocks_transformers_accepts():
 
 
 def test_legacy_bnb_block_without_quant_method():
-    config = config_from_hf_dict({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float16"})
+    config = config_from_hf_dict(
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float16"}
+    )
     assert config == quantkit.BnbConfig(quant_type="nf4", compute_dtype="float16")
     assert config_from_hf_dict({"load_in_8bit": True}).load_in_8bit
 
@@ -226,3 +249,37 @@ def test_json_file_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(quantkit.ModelFormatError, match="not valid JSON"):
         config_from_json_file(tmp_path / "bad.json")
+
+
+def test_method_names_take_the_ecosystems_aliases_and_any_case():
+    bnb = quantkit.BnbConfig()
+    assert as_config("bnb") == as_config("bitsandbytes") == as_config("BNB") == bnb
+    assert config_from_dict({"quant_method": "bnb"}) == config_from_dict({"quant_method": "bitsandbytes"}) == bnb
+    assert config_from_dict({"quant_method": "GPTQ", "bits": 3}) == quantkit.GPTQConfig(bits=3)
+    assert as_config("NF4") == as_config("nf4") and as_config("Gguf-Q4_K_M") == as_config("gguf-q4_k_m")
+    assert as_config("int8") == quantkit.BnbConfig(load_in_4bit=False, load_in_8bit=True)
+
+
+def test_a_width_is_not_a_method():
+    for name in ("int4", "4bit", "4-bit"):
+        with pytest.raises(quantkit.UnknownMethodError, match=f"'{name}' names a width, not a method") as info:
+            as_config(name)
+        message = str(info.value)
+        assert "did you mean" not in message  # not 'int8'
+        for preset in ("nf4", "fp4", "gptq-4bit-g128", "awq-4bit-g128", "gguf-q4_k_m", "hqq-4bit-g64"):
+            assert preset in message.split("; registered")[0]
+        assert "int8" not in message.split("; registered")[0]
+
+
+def test_a_preset_is_not_a_quant_method():
+    with pytest.raises(quantkit.UnknownMethodError, match="'nf4' is a preset, not a quant_method.*'bitsandbytes'"):
+        config_from_dict({"quant_method": "nf4"})
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(quantkit.UnknownMethodError, match="did you mean 'gptq-4bit-g128'"):
+        as_config("gptq-4bit-g12")
+    with pytest.raises(quantkit.UnknownMethodError, match="did you mean 'bitsandbytes'"):
+        config_from_dict({"quant_method": "bitsandbyte"})
+    with pytest.raises(quantkit.UnknownNameError, match="dataset='wikitext' is unknown; did you mean 'wikitext2'"):
+        load_text("wikitext", "calibration")

@@ -83,7 +83,10 @@ def test_duplicate_backend_names_are_refused():
 
 @pytest.mark.parametrize(
     ("device", "hip", "expected"),
-    [("cpu", None, Hardware.CPU), ("cuda", None, Hardware.CUDA), ("cuda:1", "6.2", Hardware.ROCM), ("mps", None, Hardware.MPS)],
+    [
+        ("cpu", None, Hardware.CPU), ("cuda", None, Hardware.CUDA), ("cuda:1", "6.2", Hardware.ROCM),
+        ("mps", None, Hardware.MPS),
+    ],
 )
 def test_hardware_detection(monkeypatch, device, hip, expected):
     monkeypatch.setattr(torch.version, "hip", hip)

@@ -14,8 +14,8 @@ import quantkit
 from quantkit import finetune as ft
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
-from quantkit.core.serialization import BACKEND_ATTR
 from quantkit.core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
+from quantkit.core.serialization import BACKEND_ATTR
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -122,7 +122,9 @@ def test_merge_into_a_float_base_matches_the_adapted_model(tiny_llama) -> None:
 
 def test_finetune_lowers_the_loss_and_reports_its_cost(tiny_llama) -> None:
     tokens = _tokens(2)
-    result = ft.finetune(tiny_llama, _StubTokenizer(), tokens, steps=20, lr=1e-2, batch_size=2, lora={"lora_dropout": 0.0})
+    result = ft.finetune(
+        tiny_llama, _StubTokenizer(), tokens, steps=20, lr=1e-2, batch_size=2, lora={"lora_dropout": 0.0}
+    )
     assert len(result.losses) == 20 and result.losses[-1] < result.losses[0] - 0.5
     assert result.seconds > 0 and result.peak_rss_bytes > 50 * 2**20
 
@@ -255,7 +257,8 @@ TRAINABLE_CONFIGS = {
     "bitsandbytes": ft.qlora_config(True, "cpu"),
     "hqq": quantkit.HQQConfig(nbits=4, group_size=64, optimize=False),
     "gptq": quantkit.GPTQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),
-    "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),  # SmolLM2's 576 inputs rule out groups of 128
+    # SmolLM2's 576 inputs rule out AWQ groups of 128
+    "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),
     "gguf": quantkit.GGUFConfig(quant_type="Q4_K_M"),
     "rtn": quantkit.RTNConfig(bits=4, group_size=64),
 }
@@ -263,7 +266,8 @@ TRAINABLE_CONFIGS = {
 
 
 def test_every_trainable_backend_has_a_smollm2_finetune_test() -> None:
-    assert set(ft.trainable_backends()) <= set(TRAINABLE_CONFIGS)
+    builtin = set(quantkit.api.get_registry().builtin_backends())  # a third-party plugin brings its own tests
+    assert set(ft.trainable_backends()) & builtin <= set(TRAINABLE_CONFIGS)
 
 
 @pytest.mark.slow

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from gguf import GGUFReader, LlamaFileType
-from quantkit.builtin_backends.gguf.convert import type_counts
-from quantkit.builtin_backends.gguf.export import rope_permutation
 
 import quantkit
 from quantkit import GGUFConfig
+from quantkit.builtin_backends.gguf.convert import type_counts
+from quantkit.builtin_backends.gguf.export import rope_permutation
 from quantkit.cli.main import main as cli_main
 from quantkit.core.errors import ModelFormatError, QuantkitError
 

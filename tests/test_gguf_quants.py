@@ -1,4 +1,4 @@
-"""GGUF quantization in torch (quantkit.builtin_backends.gguf.quants) checked against gguf-py and llama.cpp's results."""
+"""GGUF quantization in torch (quantkit.builtin_backends.gguf.quants) checked against gguf-py and llama.cpp."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from quantkit.builtin_backends.gguf.quants import QUANT_TYPES, bits_per_weight, block_size, dequantize, quantize, type_size
+from quantkit.builtin_backends.gguf.quants import (
+    QUANT_TYPES,
+    bits_per_weight,
+    block_size,
+    dequantize,
+    quantize,
+    type_size,
+)
 
 LEGACY = ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
 K_QUANTS = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]

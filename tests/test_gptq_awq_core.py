@@ -8,11 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from quantkit.core.errors import QuantizationError
-from quantkit.builtin_backends.awq.awq import apply_clip, apply_scales_to_previous, awq_pseudo_quantize, input_channel_mean_abs, search_clip, search_scales
+from quantkit.builtin_backends.awq.awq import (
+    apply_clip,
+    apply_scales_to_previous,
+    awq_pseudo_quantize,
+    input_channel_mean_abs,
+    search_clip,
+    search_scales,
+)
 from quantkit.builtin_backends.awq.packing import dequantize_awq, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
 from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq
+from quantkit.core.errors import QuantizationError
 
 
 @pytest.fixture(autouse=True)

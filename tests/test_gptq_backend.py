@@ -12,14 +12,21 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit import GPTQConfig, RTNConfig
-from quantkit.core.errors import QuantizationError
-from quantkit.core.registry import get_registry
 from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import unpack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
+from quantkit.core.errors import QuantizationError
+from quantkit.testing import conformance_tests
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def _tokens(nsamples: int = 8, seqlen: int = 64, seed: int = 0) -> torch.Tensor:
@@ -39,23 +46,30 @@ def _relative_error(model: torch.nn.Module, reference: torch.Tensor) -> float:
     return ((_logits(model) - reference).norm() / reference.norm()).item()
 
 
-def test_backends_are_available() -> None:
-    for name in ("gptq", "rtn"):
-        assert get_registry().backends[name].is_available().ok
+GPTQ_CONFIGS = [
+    GPTQConfig(bits=4, group_size=32),
+    GPTQConfig(bits=3, group_size=-1, sym=False),
+    GPTQConfig(bits=2, group_size=32, desc_act=True),
+    GPTQConfig(bits=8, group_size=64, desc_act=True, static_groups=True),
+    GPTQConfig(bits=4, group_size=32, true_sequential=False, damp_percent=0.1),
+]
+CONTRACT = ("reload_is_exact", "storage_bits_match_saved_bytes")
+"""The checks of quantkit.testing run here on the configs tests/test_conformance.py leaves out
+(it runs every check on GPTQ 4-bit groups of 32, with and without act-order, and RTN 4-bit)."""
+test_gptq_contract = conformance_tests(
+    "gptq", [*GPTQ_CONFIGS[1:], GPTQConfig(bits=3, group_size=64), GPTQConfig(bits=4, group_size=-1)], checks=CONTRACT
+)
+test_rtn_contract = conformance_tests(
+    "rtn", [RTNConfig(bits=4, group_size=32, sym=True), RTNConfig(bits=2, group_size=32)], checks=CONTRACT
+)
 
 
 @pytest.mark.parametrize(
     "config",
-    [
-        GPTQConfig(bits=4, group_size=32),
-        GPTQConfig(bits=3, group_size=-1, sym=False),
-        GPTQConfig(bits=2, group_size=32, desc_act=True),
-        GPTQConfig(bits=8, group_size=64, desc_act=True, static_groups=True),
-        GPTQConfig(bits=4, group_size=32, true_sequential=False, damp_percent=0.1),
-    ],
+    GPTQ_CONFIGS,
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.to_diff_dict().items() if k != "quant_method"),
 )
-def test_gptq_configs_quantize_save_and_reload(config: GPTQConfig, tmp_path) -> None:
+def test_gptq_configs_quantize_and_save(config: GPTQConfig, tmp_path) -> None:
     model = make_tiny_llama()
     reference = _logits(model)
     quantized = quantkit.quantize(model, config, calibration=_tokens())
@@ -76,9 +90,6 @@ def test_gptq_configs_quantize_save_and_reload(config: GPTQConfig, tmp_path) -> 
     quantkit.save(quantized, tmp_path / "q")
     block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert block == config.to_hf_dict()
-    reloaded = quantkit.load(tmp_path / "q")
-    assert reloaded.quantkit_config == quantkit.config_from_hf_dict(config.to_hf_dict())
-    assert torch.equal(_logits(reloaded), _logits(quantized))
 
 
 def test_gptq_beats_rtn_on_the_tiny_model() -> None:
@@ -113,21 +124,14 @@ def test_linears_sharing_an_input_get_what_gptq_gives_each_alone() -> None:
 def test_true_sequential_calibrates_later_groups_on_quantized_inputs() -> None:
     model = make_tiny_llama()
     sequential = quantkit.quantize(copy.deepcopy(model), GPTQConfig(group_size=32), calibration=_tokens())
-    at_once = quantkit.quantize(copy.deepcopy(model), GPTQConfig(group_size=32, true_sequential=False), calibration=_tokens())
+    at_once = quantkit.quantize(
+        copy.deepcopy(model), GPTQConfig(group_size=32, true_sequential=False), calibration=_tokens()
+    )
     layer_s, layer_o = sequential.model.layers[0], at_once.model.layers[0]
     for name in LINEARS:
         same = torch.equal(layer_s.get_submodule(name).qweight, layer_o.get_submodule(name).qweight)
         # q/k/v see the float layer input either way; everything after them sees quantized inputs.
         assert same == (name in LINEARS[:3]), name
-
-
-def test_checkpoint_bytes_are_deterministic(tmp_path) -> None:
-    paths = []
-    for run in range(2):
-        model = quantkit.quantize(make_tiny_llama(), GPTQConfig(group_size=32, desc_act=True), calibration=_tokens())
-        paths.append(quantkit.save(model, tmp_path / f"run{run}"))
-    for name in ("model.safetensors", "config.json"):
-        assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
 
 
 def test_checkpoint_uses_gptq_tensor_names_and_transformers_config(tmp_path) -> None:
@@ -145,24 +149,6 @@ def test_checkpoint_uses_gptq_tensor_names_and_transformers_config(tmp_path) -> 
     hf = HFGPTQConfig.from_dict(block)
     assert (hf.bits, hf.group_size, hf.desc_act, hf.sym, hf.format) == (4, 32, True, False, "gptq")
     assert hf.to_dict()["checkpoint_format"] == "gptq"
-
-
-@pytest.mark.parametrize("backend_name, config", [
-    ("gptq", GPTQConfig(bits=3, group_size=64)),
-    ("gptq", GPTQConfig(bits=4, group_size=-1)),
-    ("rtn", RTNConfig(bits=2, group_size=32)),
-])
-def test_storage_bits_match_the_saved_bytes(backend_name: str, config, tmp_path) -> None:
-    backend = get_registry().backends[backend_name]
-    calibration = _tokens() if backend.capabilities.requires_calibration else None
-    model = quantkit.quantize(make_tiny_llama(), config, calibration=calibration)
-    quantkit.save(model, tmp_path / "q")
-    tensors = load_file(tmp_path / "q" / "model.safetensors")
-    for name, module in model.named_modules():
-        if isinstance(module, GPTQLinear):
-            saved = sum(tensors[f"{name}.{part}"].numel() * tensors[f"{name}.{part}"].element_size() * 8
-                        for part in ("qweight", "qzeros", "scales", "g_idx"))
-            assert backend.storage_bits(config, name, module.out_features, module.in_features) == saved
 
 
 def test_ragged_last_group_is_stored_with_ceil_groups(tmp_path) -> None:
@@ -202,11 +188,11 @@ def test_rank_deficient_hessian_gets_more_dampening(caplog: pytest.LogCaptureFix
 
 def test_non_packable_widths_are_refused() -> None:
     model = make_tiny_llama(hidden=72, intermediate=136)  # 72 * 3 bits is not a whole number of words
-    with pytest.raises(QuantizationError, match="in_features=72.*multiple of 32"):
+    with pytest.raises(QuantizationError, match=r"in_features \* bits must be a multiple of 32.*in_features=72"):
         quantkit.quantize(model, GPTQConfig(bits=3, group_size=8), calibration=_tokens())
 
 
-def test_rtn_matches_round_to_nearest_and_reloads(tmp_path) -> None:
+def test_rtn_matches_round_to_nearest(tmp_path) -> None:
     model = make_tiny_llama()
     weight = model.model.layers[1].mlp.up_proj.weight.detach().clone()
     config = RTNConfig(bits=4, group_size=32, sym=False)
@@ -220,14 +206,13 @@ def test_rtn_matches_round_to_nearest_and_reloads(tmp_path) -> None:
     quantkit.save(quantized, tmp_path / "q")
     block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert block == config.to_dict()  # quantkit's own block: transformers has no "rtn"
-    reloaded = quantkit.load(tmp_path / "q")
-    assert reloaded.quantkit_backend == "rtn"
-    assert torch.equal(_logits(reloaded), _logits(quantized))
 
 
 def test_module_overrides_and_skips_apply_per_linear_and_reload(tmp_path) -> None:
     config = GPTQConfig(
-        bits=4, group_size=32, modules_to_not_convert=["lm_head", "model.layers.0.mlp"],
+        bits=4,
+        group_size=32,
+        modules_to_not_convert=["lm_head", "model.layers.0.mlp"],
         module_overrides={"*.down_proj": {"bits": 8}},
     )
     quantized = quantkit.quantize(make_tiny_llama(), config, calibration=_tokens())

@@ -13,6 +13,7 @@ from torch import nn
 import quantkit
 from quantkit import AWQConfig, GPTQConfig, RTNConfig
 from quantkit.core.errors import QuantizationError
+from quantkit.core.linears import quantizable_linears
 from quantkit.layerwise import LayerContext, decoder_stack, quantize_layerwise
 
 
@@ -41,7 +42,8 @@ def test_layer_inputs_match_the_models_hidden_states(tiny_llama, chunk_samples: 
         expected = tiny_llama(tokens, output_hidden_states=True).hidden_states
     recorder = _Recorder()
     report = quantize_layerwise(
-        tiny_llama, GPTQConfig(), tokens, "cpu", recorder, description="test", chunk_samples=chunk_samples
+        tiny_llama, quantizable_linears(tiny_llama, GPTQConfig()), tokens, "cpu", recorder, description="test",
+        chunk_samples=chunk_samples,
     )
     assert recorder.names == ["model.layers.0", "model.layers.1"]
     for index, captured in enumerate(recorder.inputs):
@@ -53,7 +55,8 @@ def test_layer_inputs_match_the_models_hidden_states(tiny_llama, chunk_samples: 
 def test_targets_are_relative_names_without_skipped_modules(tiny_llama) -> None:
     recorder = _Recorder()
     config = GPTQConfig(modules_to_not_convert=["lm_head", "model.layers.1.mlp"])
-    quantize_layerwise(tiny_llama, config, _tokens(), "cpu", recorder, description="test")
+    targets = quantizable_linears(tiny_llama, config)
+    quantize_layerwise(tiny_llama, targets, _tokens(), "cpu", recorder, description="test")
     all_linears = sorted(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -70,7 +73,8 @@ def test_quantized_layer_feeds_the_next_layer(tiny_llama) -> None:
         seen.append((ctx.chunks[0].clone(), ctx.kwargs[0]))
         ctx.targets["mlp.down_proj"].linear.weight.zero_()
 
-    quantize_layerwise(tiny_llama, GPTQConfig(), _tokens(), "cpu", zero_down_proj, description="test")
+    targets = quantizable_linears(tiny_llama, GPTQConfig())
+    quantize_layerwise(tiny_llama, targets, _tokens(), "cpu", zero_down_proj, description="test")
     (x0, kwargs0), (x1, _) = seen
     with torch.no_grad():
         expected = tiny_llama.model.layers[0](x0, **kwargs0)
@@ -96,7 +100,8 @@ def test_observe_stops_after_the_observed_modules(tiny_llama) -> None:
         ctx.observe({"mlp.down_proj": lambda x, c: calls.__setitem__("down", calls["down"] + 1)}, chunks=[0])
         handle.remove()
 
-    quantize_layerwise(tiny_llama, GPTQConfig(), _tokens(), "cpu", step, description="test", chunk_samples=4)
+    targets = quantizable_linears(tiny_llama, GPTQConfig())
+    quantize_layerwise(tiny_llama, targets, _tokens(), "cpu", step, description="test", chunk_samples=4)
     assert calls["q"] == 2 * 2 and calls["down"] == 2  # 2 layers x 2 chunks; 2 layers x chunk 0
 
 

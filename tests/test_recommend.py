@@ -7,9 +7,9 @@ import json
 import pytest
 
 from quantkit import AWQConfig, Backend, BnbConfig, Capabilities, GGUFConfig, GPTQConfig, Hardware, HQQConfig, RTNConfig
+from quantkit.compare import Result, load_results, recommend
 from quantkit.core.capabilities import Availability
 from quantkit.core.errors import ConfigValueError, ModelFormatError
-from quantkit.recommend import load_results, recommend
 
 GPU = frozenset({Hardware.CUDA, Hardware.ROCM})
 EVERYWHERE = frozenset(Hardware)
@@ -104,9 +104,9 @@ def test_smallest_keeps_a_floor_of_bits_without_measurements():
 
 
 def result(method, config, ppl, bits, decode, *, kl=None, device="cpu", nominal=4.0, dtype="float32"):
-    return {"method": method, "status": "ok", "config": config, "perplexity": ppl, "bits_per_param": bits,
-            "decode_tokens_per_s": decode, "kl_divergence": kl, "nominal_bits": nominal, "dtype": dtype,
-            "protocol": {"device": device}}
+    return Result(method, status="ok", config=config, perplexity=ppl, bits_per_param=bits,
+                  decode_tokens_per_s=decode, kl_divergence=kl, nominal_bits=nominal, dtype=dtype,
+                  protocol={"device": device})
 
 
 RESULTS = [
@@ -117,8 +117,8 @@ RESULTS = [
     result("gptq-4bit-g128", {"quant_method": "gptq", "bits": 4, "group_size": 128}, 10.5, 4.16, 20.0, kl=0.04),
     result("rtn-4bit-g128", {"quant_method": "rtn", "bits": 4, "group_size": 128}, 12.9, 4.38, 25.0, kl=0.2),
     result("gguf-q2_k", {"quant_method": "gguf", "quant_type": "Q2_K"}, 40.0, 2.9, 30.0, kl=1.5, nominal=2.0),
-    {"method": "awq-4bit-g128", "status": "unavailable", "reason": "awq: group_size 128 does not divide 576",
-     "config": {"quant_method": "awq"}, "perplexity": None},
+    Result("awq-4bit-g128", status="unavailable", reason="awq: group_size 128 does not divide 576",
+           config={"quant_method": "awq"}),
 ]
 
 
@@ -155,7 +155,7 @@ def test_goal_and_hardware_are_validated_and_results_files_read(tmp_path):
     with pytest.raises(ValueError):
         recommend("tpu", "inference", backends=every_backend())
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(RESULTS))
+    path.write_text(json.dumps([r.to_dict() for r in RESULTS]))
     assert load_results(path) == RESULTS
     path.write_text('{"not": "a list"}')
     with pytest.raises(ModelFormatError):

@@ -23,12 +23,14 @@ from conftest import make_tiny_llama
 import quantkit
 from quantkit import finetune as ft
 from quantkit.core.errors import NotTrainableError
+from quantkit.testing import frozen_tensors, lora_trains
 
 VOCAB, SEQLEN = 256, 32
 
 
 def _available_backends() -> list[quantkit.Backend]:
-    return [b for b in quantkit.backends() if b.is_available()]
+    """quantkit's own (an installed third-party plugin's declarations are for its own tests)."""
+    return [b for b in quantkit.api.get_registry().builtin_backends().values() if b.is_available()]
 
 
 def _configs() -> list:
@@ -39,7 +41,8 @@ def _configs() -> list:
         if backend.name == "bitsandbytes":
             configs.append(quantkit.BnbConfig(load_in_4bit=False, load_in_8bit=True))
         for config in configs:
-            cases.append(pytest.param(backend.name, config, id=f"{backend.name}-{config.quant_method}-{_label(config)}"))
+            case_id = f"{backend.name}-{config.quant_method}-{_label(config)}"
+            cases.append(pytest.param(backend.name, config, id=case_id))
     return cases
 
 
@@ -57,45 +60,6 @@ def _quantized(config) -> torch.nn.Module:
     return quantkit.quantize(model, config, calibration=calibration, device="cpu")
 
 
-def _base_tensors(model) -> dict[str, torch.Tensor]:
-    return {
-        k.replace(".base_layer", ""): v.detach().clone()
-        for k, v in model.state_dict().items() if ".lora_" not in k and isinstance(v, torch.Tensor)
-    }
-
-
-def trains(peft_model, base: dict[str, torch.Tensor]) -> tuple[bool, str]:
-    """One backward and one optimizer step on ``peft_model``: did LoRA really train?"""
-    tokens = torch.randint(0, VOCAB, (2, SEQLEN), generator=torch.Generator().manual_seed(2))
-    adapters = {n: p for n, p in peft_model.named_parameters() if ".lora_" in n}
-    if not adapters:
-        return False, "no adapter parameters"
-    before = {n: p.detach().clone() for n, p in adapters.items()}
-    peft_model.train()
-    try:
-        loss = peft_model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-    except Exception as exc:  # a module without a backward is a finding, not a test error
-        return False, f"forward/backward failed: {type(exc).__name__}: {exc}"
-    if not torch.isfinite(loss):
-        return False, f"loss {loss.item()}"
-    no_grad = [n for n, p in adapters.items() if ".lora_B." in n and (p.grad is None or not p.grad.abs().sum() > 0)]
-    if no_grad:
-        return False, f"{len(no_grad)} of {len(adapters) // 2} adapters got no gradient, e.g. {no_grad[0]}"
-    stray = [n for n, p in peft_model.named_parameters() if p.grad is not None and n not in adapters]
-    if stray:
-        return False, f"base parameters received gradients: {stray[:3]}"
-    torch.optim.AdamW(adapters.values(), lr=1e-3).step()
-    unchanged = [n for n, p in adapters.items() if ".lora_B." in n and torch.equal(p, before[n])]
-    if unchanged:
-        return False, f"adapters did not move: {unchanged[:3]}"
-    after = _base_tensors(peft_model.get_base_model())
-    moved = [k for k in base if not torch.equal(base[k], after[k])]
-    if moved:
-        return False, f"quantized base tensors changed: {moved[:3]}"
-    return True, f"loss {loss.item():.3f}"
-
-
 def raw_peft_lora(model):
     """LoRA on every linear straight through PEFT, without quantkit's gate or preparation."""
     from peft import LoraConfig, get_peft_model
@@ -110,11 +74,11 @@ def test_declared_trainability_matches_reality(name: str, config) -> None:
     declared = backend.capabilities.trainable
     model = _quantized(config)
     assert model.quantkit_backend == name
-    base = _base_tensors(model)
+    base = frozen_tensors(model)
     raw_model = copy.deepcopy(model)
 
     if declared:
-        ok, why = trains(ft.attach_lora(model), base)
+        ok, why = lora_trains(ft.attach_lora(model), base)
         assert ok, f"{name} declares trainable=True but LoRA does not train on it: {why}"
     else:
         with pytest.raises(NotTrainableError, match=f"{name!r} declares trainable=False"):
@@ -125,8 +89,9 @@ def test_declared_trainability_matches_reality(name: str, config) -> None:
     except ValueError as exc:  # PEFT has no LoRA layer for these modules
         ok, why = False, f"PEFT refuses: {exc}"
     else:
-        ok, why = trains(raw, base)
-    assert ok == declared, f"{name} declares trainable={declared}, but raw PEFT LoRA {'trains' if ok else 'fails'}: {why}"
+        ok, why = lora_trains(raw, base)
+    outcome = "trains" if ok else "fails"
+    assert ok == declared, f"{name} declares trainable={declared}, but raw PEFT LoRA {outcome}: {why}"
 
 
 def test_every_registered_backend_declares_trainability() -> None:

@@ -1,5 +1,2 @@
-"""The ``quantkit`` command line."""
-
-from .main import main
-
-__all__ = ["main"]
+"""The ``quantkit`` command line: ``main.main`` parses and dispatches; each command is a module
+with ``configure(parser)`` and ``run(args)``, registered by ``commands`` (a plugin like any other)."""

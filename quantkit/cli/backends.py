@@ -5,35 +5,63 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from ..core.hardware import Hardware
+from ..core.plugin_host import ALLOW_ENV, DENY_ENV
+from ..core.registry import get_registry
 
 KEYS = (
-    "name", "available", "reason", "quantize_hardware", "inference_hardware",
-    "bits", "requires_calibration", "serializable", "trainable",
+    "name",
+    "available",
+    "reason",
+    "quantize_hardware",
+    "inference_hardware",
+    "bits",
+    "requires_calibration",
+    "serializable",
+    "trainable",
+)
+ALL_HARDWARE = "all"
+YES = {True: "yes", False: "no", None: "-"}
+LEGEND = (
+    "ready: runs on this machine (why not: the notes below); calib.: needs calibration data; "
+    f"saves: serializable; LoRA: PEFT fine-tuning; {ALL_HARDWARE}: {', '.join(h.value for h in Hardware)}"
 )
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("backends", help="list backends and their capabilities")
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Every registered backend, what it declares and whether it runs here, then every plugin that failed. "
+        "Exits with 1 when a plugin failed."
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
     parser.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
-    parser.set_defaults(func=run)
 
 
-def backend_rows() -> list[dict]:
-    """Every backend, then every plugin that failed, as plain rows."""
-    from quantkit.core.registry import get_registry
-
+def backend_rows(*, builtin_only: bool = False) -> list[dict]:
+    """Every backend by name, then every plugin that failed, as plain rows; ``builtin_only``:
+    quantkit's own backends only (the README's table), no third party's, no failures."""
     registry = get_registry()
-    rows = [{k: b.describe()[k] for k in KEYS} for b in registry.backends.values()]
-    for failure in registry.host.failures:
-        rows.append({
-            "name": failure.name, "available": False,
-            "reason": f"plugin failed at {failure.stage}: {failure.reason}",
-            "quantize_hardware": [], "inference_hardware": [], "bits": [],
-            "requires_calibration": None, "serializable": None, "trainable": None,
-        })
+    backends = registry.builtin_backends() if builtin_only else registry.backends
+    rows = [{k: b.describe()[k] for k in KEYS} for _, b in sorted(backends.items())]
+    for failure in [] if builtin_only else registry.host.failures:
+        rows.append(
+            {
+                "name": failure.name,
+                "available": False,
+                "reason": f"plugin failed at {failure.stage}: {failure.reason}",
+                "quantize_hardware": [],
+                "inference_hardware": [],
+                "bits": [],
+                "requires_calibration": None,
+                "serializable": None,
+                "trainable": None,
+            }
+        )
     return rows
 
 
@@ -51,23 +79,80 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_table(rows: list[dict], console: Console) -> None:
+    """The rows as a table that fits ``console``'s width: short headers explained by a legend
+    below it, the hardware list ``all`` abbreviated, why a backend is not ready in numbered
+    notes; the bits and hardware columns wrap between items, nothing else is cut."""
+    notes = []
+    cells = []
+    for r in rows:
+        ready = "yes"
+        if not r["available"]:
+            notes.append(f"({len(notes) + 1}) {r['name']}: {r['reason']}")
+            ready = f"no ({len(notes)})"
+        cells.append(
+            [
+                r["name"],
+                ready,
+                ", ".join(map(str, r["bits"])) or "-",
+                _hardware(r["quantize_hardware"]),
+                _hardware(r["inference_hardware"]),
+                YES[r["requires_calibration"]],
+                YES[r["serializable"]],
+                YES[r["trainable"]],
+            ]
+        )
+    headers = ("backend", "ready", "bits", "quantize on", "runs on", "calib.", "saves", "LoRA")
+    widths = _fitted_widths(headers, cells, wrapping=(2, 3, 4), width=console.width)
+    table = Table(
+        title="quantkit backends", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False
+    )
+    for header, width in zip(headers, widths):
+        table.add_column(header, width=width, overflow="fold")
+    for row in cells:
+        table.add_row(*(Text(cell) for cell in row))
+    console.print(table)
+    console.print(LEGEND, markup=False, highlight=False)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
+
+
+def _fitted_widths(
+    headers: tuple[str, ...], cells: list[list[str]], *, wrapping: tuple[int, ...], width: int
+) -> list[int]:
+    """Column widths within ``width`` (two spaces between columns): the ``wrapping`` columns
+    give way, widest first, down to their longest word; the others keep their longest cell."""
+    columns = list(zip(headers, *cells))
+    widths = [max(len(cell) for cell in column) for column in columns]
+    least = [
+        max(len(word) for cell in column for word in cell.split()) if i in wrapping else widths[i]
+        for i, column in enumerate(columns)
+    ]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        shrinkable = [i for i in wrapping if widths[i] > least[i]]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=lambda i: widths[i])] -= 1
+    return widths
+
+
+def _hardware(values: list[str]) -> str:
+    if set(values) == {h.value for h in Hardware}:
+        return ALL_HARDWARE
+    return ", ".join(values) or "-"
+
+
 def run(args: argparse.Namespace) -> int:
+    registry = get_registry()
     rows = backend_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    if args.markdown:
+    elif args.markdown:
         print(markdown_table(rows))
-        return 0
-    table = Table(title="quantkit backends")
-    for column in ("backend", "available", "bits", "quantize on", "run on", "calib.", "saves", "LoRA"):
-        table.add_column(column)
-    for r in rows:
-        available = "yes" if r["available"] else f"no: {r['reason']}"
-        table.add_row(
-            r["name"], available, ", ".join(map(str, r["bits"])), ", ".join(r["quantize_hardware"]),
-            ", ".join(r["inference_hardware"]), str(r["requires_calibration"]), str(r["serializable"]),
-            str(r["trainable"]),
+    else:
+        print_table(rows, Console())
+    if not registry.backends:
+        Console(stderr=True).print(
+            f"[bold red]no backend is registered[/]: check {ALLOW_ENV} and {DENY_ENV}", highlight=False
         )
-    Console().print(table)
-    return 0
+    return 1 if registry.host.failures or not registry.backends else 0

@@ -8,33 +8,34 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
+from ..compare import Comparison, Event, Protocol, resolve_methods, run_checks, terminal_table, write_reports
+from ..core.hardware import resolve_device
+from ..core.resolve import default_comparison
 
-def add_parser(subparsers) -> None:
-    from quantkit.compare import Protocol
-    from quantkit.core.resolve import default_comparison
 
-    parser = subparsers.add_parser(
-        "compare", help="compare quantization methods on one model and one text",
-        description=(
-            "Quantize the model with every method (each in a fresh process), save it, and measure "
-            "bits/param, size, peak memory, quantization time, perplexity, KL divergence and top-1 "
-            "agreement against the float baseline, and prefill/decode speed. Results are kept per "
-            "method in --out: a rerun resumes, skipping methods already measured."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Quantize the model with every method (each in a fresh process), save it, and measure "
+        "bits/param, size, peak memory, quantization time, perplexity, KL divergence and top-1 "
+        "agreement against the float baseline, and prefill/decode speed. Results are kept per "
+        "method in --out: a rerun resumes, skipping methods already measured."
     )
     parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--methods", action="append", metavar="LIST",
                         help="comma-separated presets, quant_methods, fp32/bf16/fp16, 'default' or 'all' "
-                             f"(default: {','.join(('fp32', *default_comparison()))}; the fp32 baseline is always added)")
+                             f"(default: {','.join(('fp32', *default_comparison()))}; "
+                             "the fp32 baseline is always added)")
     parser.add_argument("--config-file", type=Path,
                         help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
     parser.add_argument("--dataset", default=Protocol.dataset,
                         help=f"dataset name or text file (default: {Protocol.dataset}, built in)")
     parser.add_argument("--tokens", type=int, default=Protocol.eval_tokens,
                         help=f"evaluation tokens (default {Protocol.eval_tokens})")
-    parser.add_argument("--seqlen", type=int, default=Protocol.seqlen, help=f"evaluation window (default {Protocol.seqlen})")
+    parser.add_argument("--seqlen", type=int, default=Protocol.seqlen,
+                        help=f"evaluation window (default {Protocol.seqlen})")
     parser.add_argument("--stride", type=int, help="window stride (default: --seqlen, no overlap)")
     parser.add_argument("--calibration-samples", type=int, default=Protocol.calibration_samples,
                         help=f"calibration windows (default {Protocol.calibration_samples})")
@@ -48,15 +49,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--json", type=Path, help="also write the results (one object per method) to this file")
     parser.add_argument("--force", action="store_true", help="measure every method again")
     parser.add_argument("--keep-models", action="store_true", help="keep each saved model in OUT/models")
-    parser.set_defaults(func=run)
 
 
-def protocol_from_args(args: argparse.Namespace):
-    import torch
-
-    from quantkit.compare import Protocol
-    from quantkit.core.hardware import resolve_device
-
+def protocol_from_args(args: argparse.Namespace) -> Protocol:
     return Protocol(
         model=args.model, dataset=args.dataset, eval_tokens=args.tokens, seqlen=args.seqlen,
         stride=args.stride or args.seqlen, calibration_samples=args.calibration_samples,
@@ -85,7 +80,7 @@ class ProgressView:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: Event) -> None:
         p = self.progress
         if event.stage in ("done", "failed", "unavailable", "skipped"):
             if self.current is not None:
@@ -106,9 +101,6 @@ class ProgressView:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantkit.compare import Comparison, resolve_methods
-    from quantkit.report import rich_table, run_checks, summarize, write_reports
-
     console = Console(stderr=True)
     protocol = protocol_from_args(args)
     names = [n.strip() for item in args.methods or [] for n in item.split(",") if n.strip()]
@@ -125,17 +117,17 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
     wall = time.perf_counter() - start
-    rows = summarize(comparison.results())
+    results = comparison.results()
     command = "quantkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    written = write_reports(rows, args.out, protocol.describe(), json_path=args.json, wall_seconds=wall,
+    written = write_reports(results, args.out, protocol.describe(), json_path=args.json, wall_seconds=wall,
                             command=command)
-    out = Console(width=max(Console().width, 130))
-    out.print(rich_table(rows, title=f"quantkit compare ({wall / 60:.1f} min; * = Pareto front)"))
-    for check in run_checks(rows):
+    out = Console()
+    out.print(terminal_table(results, width=out.width, title=f"quantkit compare ({wall / 60:.1f} min)"))
+    for check in run_checks(results):
         color = {"PASS": "green", "FAIL": "red"}.get(check.status, "yellow")
         out.print(f"[{color}]{check.status}[/] {check.name}: {check.detail}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in written.values()), highlight=False)
     if interrupted:
         console.print("[yellow]interrupted[/]: rerun the same command to resume")
         return 130
-    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+    return 1 if any(r.status == "failed" for r in results) else 0

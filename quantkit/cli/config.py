@@ -6,19 +6,17 @@ import argparse
 from pathlib import Path
 
 from ..core.config_files import read_config_file
+from ..core.resolve import config_from_dict
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("config", help="work with config files")
+def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     validate = actions.add_parser("validate", help="check a JSON/YAML config file and print it normalized")
     validate.add_argument("file", type=Path)
-    validate.set_defaults(func=run_validate)
 
 
-def run_validate(args: argparse.Namespace) -> int:
-    from quantkit.core.resolve import config_from_dict
-
+def run(args: argparse.Namespace) -> int:
+    """``validate`` (the only action): print the file's config, normalized, as JSON."""
     config = config_from_dict(read_config_file(args.file))
     print(config.to_json_string(), end="")
     return 0

@@ -6,8 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
+from .. import finetune as ft
+from ..core.config import QuantConfig
+from ..core.errors import ConfigValueError
+from ..core.hardware import resolve_device
+from ..core.serialization import atomic_path
+from ..models import load_model
 from .options import add_config_options, config_from_args
 
 SHORT_FORMS = {
@@ -16,12 +23,11 @@ SHORT_FORMS = {
 }
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "finetune", help="LoRA fine-tune a quantized model and save the adapter",
-        description="Quantize a model, train LoRA adapters on a text for a few steps, and write the adapter "
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Quantize a model, train LoRA adapters on a text for a few steps, and write the adapter "
         "(safetensors), the loss curve (loss.png) and metrics.json into --out. "
-        f"Besides presets, --method takes {', '.join(f'{k!r} ({v})' for k, v in SHORT_FORMS.items())}.",
+        f"Besides presets, --method takes {', '.join(f'{k!r} ({v})' for k, v in SHORT_FORMS.items())}."
     )
     parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
     add_config_options(parser)
@@ -35,21 +41,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--alpha", type=float, default=8, help="LoRA alpha (default: 8)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
     parser.add_argument(
-        "--target-modules", default="all-linear",
+        "--target-modules",
+        default="all-linear",
         help="comma-separated module names to adapt (default: all-linear, every linear but the output head)",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantkit import finetune as ft
-    from quantkit.core.hardware import resolve_device
-    from quantkit.models import load_model
-    from quantkit.core.serialization import atomic_path
-
     device = resolve_device(args.device)
     quantize = _quantization(args, device)
     targets = args.target_modules if args.target_modules == ft.ALL_LINEAR else args.target_modules.split(",")
@@ -58,16 +59,28 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"quantization: {quantize.to_diff_dict() if quantize else 'none (float)'}", highlight=False)
     model, tokenizer = load_model(args.model)
     result = ft.finetune(
-        model, tokenizer, args.text, steps=args.steps, lora=lora, quantize=quantize, lr=args.lr,
-        batch_size=args.batch_size, seqlen=args.seqlen, gradient_checkpointing=args.gradient_checkpointing,
-        device=device, seed=args.seed,
+        model,
+        tokenizer,
+        args.text,
+        steps=args.steps,
+        lora=lora,
+        quantize=quantize,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device=device,
+        seed=args.seed,
     )
     base = result.model.get_base_model()
     metrics = {
         "losses": result.losses,
         "peak_rss_bytes": result.peak_rss_bytes,
         "seconds": result.seconds,
-        "steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen, "lr": args.lr,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seqlen": args.seqlen,
+        "lr": args.lr,
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "text": args.text or "pydoc (built-in)",
         "backend": getattr(base, "quantkit_backend", None),
@@ -87,10 +100,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantization(args: argparse.Namespace, device):
-    from quantkit import finetune as ft
-    from quantkit.core.errors import ConfigValueError
-
+def _quantization(args: argparse.Namespace, device: torch.device) -> QuantConfig | None:
     if args.method in SHORT_FORMS:
         if args.overrides:
             raise ConfigValueError("--set", "KEY=VALUE", args.overrides, f"none with --method {args.method}")

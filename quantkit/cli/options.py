@@ -18,7 +18,11 @@ def add_config_options(parser: argparse.ArgumentParser, *, required: bool = True
     group.add_argument("--config", type=Path, help="a JSON (or YAML) config file")
     group.add_argument("--method", help="a quant_method (gptq, gguf, ...) or preset (nf4, int8, gguf-q4_k_m, ...)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field (value parsed as JSON when it can be), repeatable",
     )
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..compare import GOALS, load_results, recommend
+from ..core.hardware import Hardware
 
-def add_parser(subparsers) -> None:
-    from quantkit.core.hardware import Hardware
-    from quantkit.recommend import GOALS
 
-    parser = subparsers.add_parser(
-        "recommend", help="recommend a method for a hardware and a goal",
-        description="A decision tree over the backends' declared capabilities and, with --results, "
-                    "the measurements of quantkit compare. Prints one line per rule applied.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "A decision tree over the backends' declared capabilities and, with --results, "
+        "the measurements of quantkit compare. Prints one line per rule applied."
     )
     parser.add_argument("--hardware", required=True, choices=[h.value for h in Hardware])
     parser.add_argument("--goal", required=True, choices=GOALS)
@@ -26,12 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--min-bits", type=float, default=3.0,
                         help="lowest nominal bits 'smallest' considers without measurements (default 3)")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantkit.recommend import load_results, recommend
-
     results = load_results(args.results) if args.results else None
     rec = recommend(args.hardware, args.goal, results=results,
                     max_ppl_increase=args.max_ppl_increase, min_bits=args.min_bits)

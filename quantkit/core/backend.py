@@ -1,4 +1,4 @@
-"""The contract every quantization backend implements."""
+"""The contract every quantization backend implements, and the template doing their common work."""
 
 from __future__ import annotations
 
@@ -10,30 +10,37 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .capabilities import Availability, Capabilities
+from .capabilities import Availability, Capabilities, check_shape_limits
 from .config import QuantConfig
+from .errors import ConfigTypeError, QuantkitError
+from .linears import Target, check_finite, quantizable_linears, replace_linears
 from .presets import Preset
-from .serialization import read_safetensors_folder, write_safetensors_folder
+from .serialization import quant_config_of, read_safetensors_folder, unique_state_dict, write_safetensors_folder
 
 
 class Backend(abc.ABC):
-    """One quantization method's implementation.
+    """One quantization method's implementation, on a template that does the common work.
 
-    Subclasses set three class attributes and implement :meth:`quantize`:
+    Subclasses set three class attributes and implement :meth:`storage_bits`:
 
     - ``name``: unique backend name (shown by ``quantkit backends``);
     - ``config_class``: the :class:`QuantConfig` subclass it accepts;
-    - ``capabilities``: a :class:`Capabilities` declaration;
+    - ``capabilities``: a :class:`Capabilities` declaration, shape limits included;
 
     and may declare ``presets`` (named configs, with their place in ``quantkit compare``'s
     default run) and ``aliases`` (other names of the method, e.g. ``bnb``).
 
-    Serialization: a backend whose output is serializable implements
-    :meth:`prepare_for_loading` (replace linears with empty quantized modules
-    so that the saved state dict loads into them). It may override
-    :meth:`save_pretrained`/:meth:`load_pretrained` for a folder layout of its
-    own, and :meth:`save_file`/:meth:`load_file` for single-file formats
-    listed in ``file_suffixes`` (e.g. ``.gguf``).
+    Quantizing: a calibration-free backend implements :meth:`quantize_linear`, which the
+    template's :meth:`quantize` calls for each linear once the whole model is checked
+    (:meth:`targets`), then :meth:`place`\\ s the model. A calibrated one overrides
+    :meth:`quantize`, starting from :meth:`targets` (see :mod:`quantkit.layerwise`).
+
+    Serialization: a serializable backend implements :meth:`empty_module`, from which
+    :meth:`prepare_for_loading` builds the empty model the saved state dict loads into.
+    :meth:`quantization_config_block` and :meth:`saved_tensors` shape what
+    :meth:`save_pretrained` writes; a layout of its own overrides :meth:`save_pretrained`/
+    :meth:`load_pretrained`, and a single-file format listed in ``file_suffixes`` (e.g.
+    ``.gguf``) implements :meth:`save_file`/:meth:`load_file`.
     """
 
     name: ClassVar[str]
@@ -50,7 +57,28 @@ class Backend(abc.ABC):
             return Availability(False, f"missing package(s): {', '.join(missing)}")
         return Availability(True)
 
-    @abc.abstractmethod
+    # -- checking -------------------------------------------------------------------------
+
+    def check_config(self, config: QuantConfig) -> None:
+        """Refuse a config this backend cannot run, before anything changes: one of another
+        class here; a backend with rules of its own extends this."""
+        if not isinstance(config, self.config_class):
+            raise ConfigTypeError(type(self).__name__, "config", config, self.config_class.__name__)
+
+    def targets(self, model: nn.Module, config: QuantConfig, *, check_weights: bool = True) -> list[Target]:
+        """The linears of ``model`` to quantize with their effective configs, found in one walk and
+        checked before any is touched: :meth:`check_config`, every declared shape limit and,
+        with ``check_weights``, finite weights."""
+        self.check_config(config)
+        targets = quantizable_linears(model, config)
+        check_shape_limits(targets, self.capabilities.shape_limits)
+        if check_weights:
+            for name, linear, _ in targets:
+                check_finite(name, linear.weight)
+        return targets
+
+    # -- quantizing -----------------------------------------------------------------------
+
     def quantize(
         self,
         model: nn.Module,
@@ -61,24 +89,49 @@ class Backend(abc.ABC):
     ) -> nn.Module:
         """Quantize ``model`` in place and return it.
 
-        ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when
-        the backend declares ``requires_calibration``, else ``None``.
+        ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when the backend
+        declares ``requires_calibration``, else ``None``. The template checks every target,
+        replaces each by :meth:`quantize_linear` and :meth:`place`\\ s the model.
         """
+        device = torch.device(device)
+        targets = self.targets(model, config)
+        with torch.no_grad():
+            replace_linears(
+                model, targets, lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device),
+                description=self.name,
+            )
+        return self.place(model, config, device)
+
+    def quantize_linear(self, name: str, linear: nn.Linear, config: QuantConfig, device: torch.device) -> nn.Module:
+        """The quantized module replacing ``linear`` (module ``name``, ``config`` its effective
+        config), quantized on ``device``."""
+        raise NotImplementedError(f"backend {self.name!r} implements neither quantize nor quantize_linear")
+
+    def place(self, model: nn.Module, config: QuantConfig, device: torch.device) -> nn.Module:
+        """``model`` once its linears are quantized, on ``device`` (moved there by default)."""
+        return model.to(device)
+
+    # -- the format -----------------------------------------------------------------------
 
     @abc.abstractmethod
     def storage_bits(self, config: QuantConfig, name: str, out_features: int, in_features: int) -> int:
-        """Exact number of bits this format stores for the ``out x in`` linear
-        called ``name`` (weights, scales, zeros, indices): the estimator's source.
-
-        ``name`` is ``""`` when unknown (an estimate from a parameter count).
-        """
+        """Exact number of bits this format stores for the ``out x in`` linear called ``name``
+        (weights, scales, zeros, indices) under ``config``, its effective config: the estimator's
+        source. ``name`` is ``""`` when unknown (an estimate from a parameter count)."""
 
     def code_bits(self, config: QuantConfig, name: str, out_features: int, in_features: int) -> float | None:
-        """Bits of each weight's code in linear ``name`` (scales and zeros left out):
-        ``config``'s width unless the format picks per-tensor types (GGUF mixes)."""
-        return (config.for_module(name) if name else config).code_bits
+        """Bits of each weight's code in linear ``name`` (scales and zeros left out) under its
+        effective ``config``: the config's width unless the format picks per-tensor types (GGUF mixes)."""
+        return config.code_bits
 
-    def other_bits(self, config: QuantConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int) -> int:
+    def deterministic(self, config: QuantConfig) -> bool:
+        """Whether a model quantized with ``config`` gives the same outputs on every run (the
+        comparison evaluates one that does not several times and reports the spread)."""
+        return True
+
+    def other_bits(
+        self, config: QuantConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int
+    ) -> int:
         """Stored bits of ``model``'s parameter ``name``, which is not a quantized linear's
         weight (embeddings, norms, biases, skipped layers): kept at ``float_bits`` unless
         the format also packs it (GGUF's token embedding)."""
@@ -90,13 +143,34 @@ class Backend(abc.ABC):
         estimator calls ``storage_bits`` inside it."""
         return contextlib.nullcontext()
 
-    def prepare_for_loading(self, model: nn.Module, config: QuantConfig) -> nn.Module:
-        """Swap the linears of an empty (meta-device) model for empty quantized modules."""
+    # -- saving and loading ---------------------------------------------------------------
+
+    def empty_module(self, name: str, linear: nn.Linear, config: QuantConfig) -> nn.Module:
+        """An empty quantized module for ``linear`` (``config``: its effective config) that the
+        saved state dict loads into."""
         raise NotImplementedError(f"backend {self.name!r} does not load saved models")
+
+    def prepare_for_loading(self, model: nn.Module, config: QuantConfig) -> nn.Module:
+        """Swap the linears of an empty model for :meth:`empty_module`\\ s."""
+        targets = self.targets(model, config, check_weights=False)
+        return replace_linears(model, targets, self.empty_module, description=f"{self.name} (loading)")
+
+    def quantization_config_block(self, model: nn.Module, config: QuantConfig) -> dict:
+        """The ``quantization_config`` block of the saved ``config.json``: transformers' own
+        where one exists, else the config's :meth:`~QuantConfig.to_dict`."""
+        try:
+            return config.to_hf_dict()
+        except QuantkitError:
+            return config.to_dict()
+
+    def saved_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors :meth:`save_pretrained` writes: the state dict, tied copies left out."""
+        return unique_state_dict(model)
 
     def save_pretrained(self, model: nn.Module, directory: Path) -> None:
         """Write ``model`` into the empty folder ``directory`` (safetensors + config.json)."""
-        write_safetensors_folder(model, directory)
+        block = self.quantization_config_block(model, quant_config_of(model))
+        write_safetensors_folder(model, directory, block, self.saved_tensors(model))
 
     def load_pretrained(self, directory: Path, config: QuantConfig, device: torch.device) -> nn.Module:
         """Read a folder written by :meth:`save_pretrained`."""

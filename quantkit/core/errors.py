@@ -23,9 +23,7 @@ class ConfigTypeError(QuantkitError, TypeError):
 
     def __init__(self, config: str, field: str, value: object, expected: str):
         self.config, self.field, self.value, self.expected = config, field, value, expected
-        super().__init__(
-            f"{config}.{field}={value!r} has type {type(value).__name__}; expected {expected}"
-        )
+        super().__init__(f"{config}.{field}={value!r} has type {type(value).__name__}; expected {expected}")
 
 
 class UnknownFieldError(QuantkitError, ValueError):
@@ -36,16 +34,36 @@ class UnknownFieldError(QuantkitError, ValueError):
         super().__init__(f"{config} has no field {key!r}{did_you_mean(key, known)}")
 
 
-class UnknownMethodError(QuantkitError, ValueError):
-    """No registered config or backend has this ``quant_method``."""
+class UnknownNameError(QuantkitError, ValueError):
+    """A name nothing registered (a method, preset, dataset, command, plugin).
 
-    def __init__(self, method: object, known: Iterable[str], note: str = ""):
+    The message suggests the closest registered name (or ``hint`` instead), lists the
+    registered ones under ``listing`` and ends with ``note``.
+    """
+
+    def __init__(
+        self, field: str, name: object, known: Iterable[str], *, listing: str, hint: str | None = None, note: str = ""
+    ):
         known = sorted(set(known))
+        self.field, self.name, self.known = field, name, known
+        hint = did_you_mean(name, known) if hint is None else hint
+        super().__init__(f"{field}={name!r} is unknown{hint}; {listing}: {', '.join(known) or '(none)'}{note}")
+
+
+class UnknownMethodError(UnknownNameError):
+    """No registered config or backend has this ``quant_method`` (nor is it an alias or preset)."""
+
+    def __init__(
+        self,
+        method: object,
+        known: Iterable[str],
+        *,
+        listing: str = "registered methods",
+        hint: str | None = None,
+        note: str = "",
+    ):
         self.method = method
-        super().__init__(
-            f"quant_method={method!r} is unknown{did_you_mean(str(method), known)}; "
-            f"registered methods: {', '.join(known) or '(none)'}{note}"
-        )
+        super().__init__("quant_method", method, known, listing=listing, hint=hint, note=note)
 
 
 class BackendUnavailableError(QuantkitError, RuntimeError):
@@ -68,9 +86,10 @@ class QuantizationError(QuantkitError, RuntimeError):
     """Quantizing failed (no quantizable layers, non-finite weights, bad calibration data)."""
 
 
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """Return ``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
+def did_you_mean(word: object, candidates: Iterable[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest candidate (case ignored), or ``""``."""
     if not isinstance(word, str):
         return ""
-    close = difflib.get_close_matches(word, [c for c in candidates if isinstance(c, str)], n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    by_folded = {c.lower(): c for c in candidates if isinstance(c, str)}
+    close = difflib.get_close_matches(word.lower(), list(by_folded), n=1)
+    return f"; did you mean {by_folded[close[0]]!r}?" if close else ""

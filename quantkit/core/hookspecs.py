@@ -6,7 +6,9 @@ A plugin is a module (or object) with functions decorated by
     [project.entry-points.quantkit]
     mybackend = "my_package.plugin"
 
-The built-in backends are plugins of exactly this kind.
+quantkit's own backends, datasets and subcommands are plugins of exactly this kind, and
+load first. A hook that raises, or a ``register`` call that is refused (a name already
+taken), fails the whole plugin: what it registered is dropped and the failure reported.
 """
 
 from __future__ import annotations
@@ -50,5 +52,6 @@ def quantkit_register_commands(register: Callable[[Command], None]) -> None:
     """Register ``quantkit`` subcommands.
 
     Call ``register(command)`` with a :class:`quantkit.Command`; ``quantkit NAME`` then
-    runs it. quantkit's own subcommands are registered through this hook too.
+    runs it. quantkit's own subcommands are registered through this hook too, first: a
+    name they took is refused.
     """

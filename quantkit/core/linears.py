@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -12,17 +13,26 @@ from .errors import QuantizationError
 from .progress import track
 
 
-def quantizable_linears(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear, QuantConfig]]:
+class Target(NamedTuple):
+    """A linear to quantize: its full name in the model, the module and its effective config."""
+
+    name: str
+    linear: nn.Linear
+    config: QuantConfig
+
+
+def quantizable_linears(model: nn.Module, config: QuantConfig) -> list[Target]:
     """Every ``nn.Linear`` not skipped by the config, with its effective config.
 
     Output heads tied to the input embedding are skipped too: quantizing them
     would quantize the embedding.
     """
     tied = _tied_output_names(model)
-    found = []
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and not config.skips(name) and name not in tied:
-            found.append((name, module, config.for_module(name)))
+    found = [
+        Target(name, module, config.for_module(name))
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not config.skips(name) and name not in tied
+    ]
     if not found:
         raise QuantizationError(
             f"{type(model).__name__} has no nn.Linear to quantize with {config.quant_method} "
@@ -45,19 +55,14 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def replace_linears(
     model: nn.Module,
-    config: QuantConfig,
+    targets: Sequence[Target],
     build: Callable[[str, nn.Linear, QuantConfig], nn.Module],
     *,
     description: str,
-    check_weights: bool = True,
 ) -> nn.Module:
-    """Replace each quantizable linear by ``build(name, linear, effective_config)``."""
-    targets = quantizable_linears(model, config)
-    if check_weights:
-        for name, linear, _ in targets:
-            check_finite(name, linear.weight)
-    for name, linear, module_config in track(targets, description):
-        set_submodule(model, name, build(name, linear, module_config))
+    """Replace each target by ``build(name, linear, effective_config)``, behind a progress bar."""
+    for name, linear, config in track(targets, description):
+        set_submodule(model, name, build(name, linear, config))
     return model
 
 

@@ -1,20 +1,33 @@
 """What the plugins registered (backends with their configs and presets, datasets, commands),
-and dispatch of a config to the backend that runs it."""
+the lookup of every name a user writes, and dispatch of a config to the backend that runs it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend
 from .commands import Command
 from .config import QuantConfig
-from .errors import BackendUnavailableError, QuantkitError, UnknownMethodError, UnsupportedHardwareError
+from .errors import (
+    BackendUnavailableError,
+    QuantkitError,
+    UnknownMethodError,
+    UnknownNameError,
+    UnsupportedHardwareError,
+)
 from .hardware import Hardware
-from .plugin_host import PluginHost
+from .plugin_host import PluginFailure, PluginHost
 from .presets import Preset
 from .text import Dataset
+
+log = logging.getLogger("quantkit")
+
+WIDTH_NAME = re.compile(r"(?:u?int|w)?(\d+)(?:[-_ ]?bits?)?", re.IGNORECASE)
+"""``int4``, ``4bit``, ``4-bit``: a code width, which several methods' presets share."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +40,12 @@ class RegisteredPreset:
 
 
 class Registry:
-    """Everything the plugins registered, checked for clashes as it arrives."""
+    """Everything the plugins registered, checked for clashes as it arrives.
+
+    Names are unique across methods, aliases and presets, ignoring case; the first to
+    register a name keeps it (quantkit's own plugins register first). A plugin that fails
+    in any hook, a refused clash included, loses everything it registered.
+    """
 
     def __init__(self, host: PluginHost) -> None:
         self.host = host
@@ -37,20 +55,40 @@ class Registry:
         self.commands: dict[str, Command] = {}
         self._configs: dict[str, type[QuantConfig]] = {}
         self._aliases: dict[str, str] = {}
-        host.call_each("quantkit_register_backends", register=self.register_backend)
-        host.call_each("quantkit_register_datasets", register=self.register_dataset)
-        host.call_each("quantkit_register_commands", register=self.register_command)
+        self._owners: dict[tuple[str, str], str | None] = {}
+        """(``"backend"``, ``"dataset"`` or ``"command"``, name) -> the plugin that registered it."""
+        self._claims: dict[str | None, list[str]] = {}
+        """Plugin -> every name it asked for (the refused ones too)."""
+        self._lost: dict[str, PluginFailure] = {}
+        """A name a failed plugin asked for -> its failure, for the error that name gets."""
+        for hook, register in (
+            ("quantkit_register_backends", self.register_backend),
+            ("quantkit_register_datasets", self.register_dataset),
+            ("quantkit_register_commands", self.register_command),
+        ):
+            for failure in host.call_each(hook, register):
+                self._forget(failure)
+        for failure in host.failures:
+            log.warning("quantkit: plugin %r failed (%s): %s", failure.name, failure.stage, failure.reason)
 
     # -- registration (the ``register`` callbacks of the hooks) ----------------------------
 
-    def register_backend(self, backend: Backend) -> None:
-        """Add a backend, its config class, aliases and presets; refuse any clash."""
+    def register_backend(self, backend: Backend, *, plugin: str | None = None) -> None:
+        """Add a backend, its config class, aliases and presets; refuse any clash.
+
+        A second backend for a registered ``quant_method`` must take that method's config
+        class; a config class of its own under a taken ``quant_method`` is refused.
+        """
         if not isinstance(backend, Backend):
             raise QuantkitError(f"register() takes a quantkit.Backend, got {type(backend).__name__}")
-        if backend.name in self.backends:
-            raise QuantkitError(f"backend name {backend.name!r} is registered twice")
         cls = backend.config_class
         method = cls.quant_method
+        presets = [p.name for p in backend.presets]
+        self._claims.setdefault(plugin, []).extend([backend.name, str(method), *backend.aliases, *presets])
+        if backend.name in self.backends:
+            raise QuantkitError(
+                f"backend name {backend.name!r} is registered twice (first by {self._by('backend', backend.name)})"
+            )
         if not isinstance(method, str) or not method:
             raise QuantkitError(f"backend {backend.name!r}: {cls.__name__}.quant_method must be a non-empty str")
         known = self._configs.get(method)
@@ -58,63 +96,173 @@ class Registry:
             owner = next(b.name for b in self.backends.values() if b.config_class is known)
             raise QuantkitError(
                 f"backend {backend.name!r} declares quant_method={method!r} with {cls.__module__}.{cls.__name__}, "
-                f"but backend {owner!r} already registered {known.__module__}.{known.__name__} for it: "
-                "a plugin must choose its own quant_method"
+                f"but backend {owner!r} ({self._by('backend', owner)}) already registered "
+                f"{known.__module__}.{known.__name__} for it: a plugin must choose its own quant_method"
             )
-        names = self._names()
-        clashes = [a for a in backend.aliases if a in names or a == method]
-        clashes += [p.name for p in backend.presets if p.name in names or p.name in backend.aliases]
-        if method in names and known is None:
-            clashes.append(method)
+        wanted = [*([method] if known is None else []), *backend.aliases, *presets]
+        taken = self._taken()
+        clashes = [f"{n!r} ({taken[n.lower()]})" for n in wanted if n.lower() in taken]
+        folded = [n.lower() for n in wanted]
+        clashes += [f"{n!r} (declared twice)" for i, n in enumerate(wanted) if n.lower() in folded[:i]]
         if clashes:
-            raise QuantkitError(f"backend {backend.name!r} registers names already taken: {', '.join(clashes)}")
+            raise QuantkitError(
+                f"backend {backend.name!r} registers names already taken: {', '.join(clashes)}; "
+                "names are unique across methods, aliases and presets, ignoring case"
+            )
         for p in backend.presets:
             cls(**dict(p.fields))  # a preset must be a valid config: fail at registration, not at use
         self.backends[backend.name] = backend
+        self._owners[("backend", backend.name)] = plugin
         self._configs[method] = cls
         self._aliases.update(dict.fromkeys(backend.aliases, method))
         self.presets.update({p.name: RegisteredPreset(p, method, backend.name) for p in backend.presets})
 
-    def register_dataset(self, dataset: Dataset) -> None:
+    def register_dataset(self, dataset: Dataset, *, plugin: str | None = None) -> None:
         """Add a dataset (what the ``register`` callback of the hook does)."""
+        if not isinstance(dataset, Dataset):
+            raise QuantkitError(f"register() takes a quantkit.Dataset, got {type(dataset).__name__}")
+        self._claims.setdefault(plugin, []).append(dataset.name)
         if dataset.name in self.datasets:
-            raise QuantkitError(f"dataset name {dataset.name!r} is registered twice")
+            raise QuantkitError(
+                f"dataset name {dataset.name!r} is registered twice (first by {self._by('dataset', dataset.name)})"
+            )
         self.datasets[dataset.name] = dataset
+        self._owners[("dataset", dataset.name)] = plugin
 
-    def register_command(self, command: Command) -> None:
+    def register_command(self, command: Command, *, plugin: str | None = None) -> None:
         """Add a ``quantkit`` subcommand (what the ``register`` callback of the hook does)."""
         if not isinstance(command, Command):
             raise QuantkitError(f"register() takes a quantkit.Command, got {type(command).__name__}")
+        self._claims.setdefault(plugin, []).append(command.name)
         if command.name in self.commands:
-            raise QuantkitError(f"command {command.name!r} is registered twice")
+            raise QuantkitError(
+                f"command {command.name!r} is registered twice (first by {self._by('command', command.name)}): "
+                "a plugin must choose another name"
+            )
         self.commands[command.name] = command
+        self._owners[("command", command.name)] = plugin
 
-    def _names(self) -> set[str]:
-        return {*self._configs, *self._aliases, *self.presets}
+    def _by(self, kind: str, name: str) -> str:
+        plugin = self._owners.get((kind, name))
+        if plugin is None:
+            return "a direct register call"
+        return f"quantkit's own plugin {plugin!r}" if self.host.is_builtin(plugin) else f"plugin {plugin!r}"
+
+    def _taken(self) -> dict[str, str]:
+        """Every method, alias and preset name, lower-cased -> what holds it."""
+        taken = {}
+        for b in self.backends.values():
+            taken[b.config_class.quant_method.lower()] = f"quant_method of backend {b.name!r}"
+            taken.update({a.lower(): f"alias of backend {b.name!r}" for a in b.aliases})
+            taken.update({p.name.lower(): f"preset of backend {b.name!r}" for p in b.presets})
+        return taken
+
+    def _forget(self, failure: PluginFailure) -> None:
+        """Drop everything the failed plugin registered; remember the names it asked for."""
+        for name in self._claims.pop(failure.name, []):
+            self._lost.setdefault(name, failure)
+        for kind, name in [key for key, owner in self._owners.items() if owner == failure.name]:
+            del self._owners[(kind, name)]
+            if kind == "dataset":
+                del self.datasets[name]
+            elif kind == "command":
+                del self.commands[name]
+            else:
+                backend = self.backends.pop(name)
+                self.presets = {k: p for k, p in self.presets.items() if p.backend != name}
+                for alias in backend.aliases:
+                    del self._aliases[alias]
+                if not self.backends_for_method(backend.config_class.quant_method):
+                    del self._configs[backend.config_class.quant_method]
 
     # -- lookups ---------------------------------------------------------------------------
 
     def config_classes(self) -> dict[str, type[QuantConfig]]:
         return dict(self._configs)
 
-    def aliases(self) -> dict[str, str]:
-        """Alias -> ``quant_method`` (``bnb`` -> ``bitsandbytes``)."""
-        return dict(self._aliases)
+    def builtin_backends(self) -> dict[str, Backend]:
+        """The backends quantkit's own plugins registered (a third party's left out)."""
+        return {n: b for n, b in self.backends.items() if self.host.is_builtin(self._owners.get(("backend", n)))}
 
-    def method_name(self, name: Any, *, presets: bool = False) -> str:
-        """The ``quant_method`` that ``name`` (a method or an alias) stands for.
+    def method_name(self, name: Any) -> str:
+        """The ``quant_method`` that ``name`` (a method or an alias, case ignored) stands for.
 
-        Raises :class:`UnknownMethodError` with the closest known name; ``presets`` adds
-        the preset names to the candidates the message suggests.
+        Raises :class:`UnknownMethodError` with the closest name, or the presets of the
+        width ``name`` gives (``int4``), and the plugins that failed.
         """
-        if isinstance(name, str):
-            if name in self._configs:
-                return name
-            if name in self._aliases:
-                return self._aliases[name]
+        found = _find(name, [*self._configs, *self._aliases])
+        if found is None:
+            raise self._unknown_method(name, presets=False)
+        return self._aliases.get(found, found)
+
+    def lookup(self, name: Any) -> tuple[str, dict[str, Any]]:
+        """``(quant_method, fields)`` of a preset, method or alias name (case ignored); the
+        fields are the preset's (none for a method or an alias)."""
+        found = _find(name, [*self.presets, *self._configs, *self._aliases])
+        if found is None:
+            raise self._unknown_method(name, presets=True)
+        if found in self.presets:
+            return self.presets[found].quant_method, dict(self.presets[found].preset.fields)
+        return self._aliases.get(found, found), {}
+
+    def dataset(self, name: str) -> Dataset:
+        """The dataset registered as ``name`` (case ignored)."""
+        found = _find(name, self.datasets)
+        if found is None:
+            raise UnknownNameError(
+                "dataset",
+                name,
+                self.datasets,
+                listing="registered datasets (a text file's path works too)",
+                note=self._failure_note(name),
+            )
+        return self.datasets[found]
+
+    def command(self, name: str) -> Command:
+        """The ``quantkit`` subcommand ``name``."""
+        if name not in self.commands:
+            raise UnknownNameError("command", name, self.commands, listing="commands", note=self._failure_note(name))
+        return self.commands[name]
+
+    def _unknown_method(self, name: Any, *, presets: bool) -> UnknownMethodError:
         known = [*self._configs, *self._aliases, *(self.presets if presets else ())]
-        failed = "".join(f"; plugin {f.name!r} failed ({f.stage}): {f.reason}" for f in self.host.failures)
-        raise UnknownMethodError(name, known, note=failed)
+        listing = "registered methods, aliases and presets" if presets else "registered methods and aliases"
+        preset = None if presets else self.presets.get(_find(name, self.presets) or "")
+        if preset is not None:
+            hint = (
+                f"; {name!r} is a preset, not a quant_method: pass the name itself where a config is asked for, "
+                f"or quant_method={preset.quant_method!r} with its fields {dict(preset.preset.fields)}"
+            )
+        else:
+            hint = self._width_hint(name)
+        return UnknownMethodError(name, known, listing=listing, hint=hint, note=self._failure_note(name))
+
+    def _width_hint(self, name: Any) -> str | None:
+        """For ``int4``-like names: the presets and methods of that width (no one method owns it)."""
+        match = WIDTH_NAME.fullmatch(name.strip()) if isinstance(name, str) else None
+        if match is None:
+            return None
+        bits = match.group(1)
+        presets = sorted(
+            n
+            for n, p in self.presets.items()
+            if self._configs[p.quant_method](**dict(p.preset.fields)).code_bits == float(bits)
+        )
+        methods = sorted(m for m, cls in self._configs.items() if float(bits) in cls.bit_widths())
+        return (
+            f"; {name!r} names a width, not a method: choose a {bits}-bit preset "
+            f"({', '.join(presets) or 'none registered'}) or a method that takes {bits} bits "
+            f"({', '.join(methods) or 'none registered'}) and set its width field"
+        )
+
+    def _failure_note(self, name: Any) -> str:
+        lost = self._lost.get(name) if isinstance(name, str) else None
+        if lost is not None:
+            return f"; {name!r} comes from plugin {lost.name!r}, which failed ({lost.stage}): {lost.reason}"
+        if not self.host.failures:
+            return ""
+        failed = "; ".join(f"{f.name!r} ({f.stage}): {f.reason}" for f in self.host.failures)
+        return f"; plugins that failed, one of which may provide it: {failed}"
 
     def config_class(self, method: str) -> type[QuantConfig]:
         return self._configs[self.method_name(method)]
@@ -151,12 +299,10 @@ class Registry:
             if hardware in getattr(backend.capabilities, attr):
                 return backend
         declared = ", ".join(
-            f"{b.name} ({', '.join(sorted(h.value for h in getattr(b.capabilities, attr)))})"
-            for b in available
+            f"{b.name} ({', '.join(sorted(h.value for h in getattr(b.capabilities, attr)))})" for b in available
         )
         able = sorted(
-            b.name for b in self.backends.values()
-            if hardware in getattr(b.capabilities, attr) and b.is_available()
+            b.name for b in self.backends.values() if hardware in getattr(b.capabilities, attr) and b.is_available()
         )
         raise UnsupportedHardwareError(
             f"quant_method={config.quant_method!r} cannot {purpose} on {hardware.value}: "
@@ -165,16 +311,29 @@ class Registry:
         )
 
     def backend_named(self, name: str) -> Backend:
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise QuantkitError(f"no backend named {name!r}; registered: {', '.join(sorted(self.backends))}") from None
+        found = _find(name, self.backends)
+        if found is None:
+            raise UnknownNameError(
+                "backend", name, self.backends, listing="registered backends", note=self._failure_note(name)
+            )
+        return self.backends[found]
 
     def backend_for_suffix(self, suffix: str) -> Backend | None:
         for backend in self.backends.values():
             if suffix.lower() in backend.file_suffixes:
                 return backend
         return None
+
+
+def _find(name: Any, names: Iterable[str]) -> str | None:
+    """``name`` among ``names``: exactly, else ignoring case and surrounding blanks."""
+    if not isinstance(name, str):
+        return None
+    names = list(names)
+    if name in names:
+        return name
+    folded = name.strip().lower()
+    return next((n for n in names if n.lower() == folded), None)
 
 
 _registry: Registry | None = None

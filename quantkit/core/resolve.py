@@ -13,15 +13,10 @@ from typing import Any
 from .config import QuantConfig
 from .config_files import read_json
 from .errors import ConfigTypeError, UnknownFieldError
-from .registry import Registry, get_registry
+from .registry import get_registry
 
 SHORT_FORM_PRESET = "qlora"
 """The preset ``True`` names (and a dict without ``quant_method`` overrides): QLoRA's 4-bit base."""
-
-
-def config_classes(registry: Registry | None = None) -> dict[str, type[QuantConfig]]:
-    """Every registered config class by ``quant_method``."""
-    return (registry or get_registry()).config_classes()
 
 
 def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
@@ -55,15 +50,11 @@ def config_from_hf_dict(data: Mapping[str, Any]) -> QuantConfig:
 
 
 def preset(name: str, overrides: Mapping[str, Any] | None = None) -> QuantConfig:
-    """The config a preset, a ``quant_method`` or an alias names, with ``overrides`` applied."""
+    """The config a preset, a ``quant_method`` or an alias names (case ignored), with ``overrides`` applied."""
     registry = get_registry()
     if not isinstance(name, str):
         raise ConfigTypeError("method", "name", name, "a preset or method name (str)")
-    found = registry.presets.get(name)
-    if found is not None:
-        method, fields = found.quant_method, dict(found.preset.fields)
-    else:
-        method, fields = registry.method_name(name, presets=True), {}
+    method, fields = registry.lookup(name)
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigTypeError(name, "overrides", overrides, "a dict of config fields")
     return config_from_dict({**fields, **(overrides or {}), "quant_method": method})
@@ -98,7 +89,9 @@ def as_config(value: QuantConfig | Mapping[str, Any] | bool | str) -> QuantConfi
 
 def default_comparison() -> tuple[str, ...]:
     """The presets of ``quantkit compare``'s default run, in the order the backends rank them."""
-    ranked = [(p.preset.comparison_rank, name) for name, p in get_registry().presets.items()
-              if p.preset.comparison_rank is not None]
+    ranked = [
+        (p.preset.comparison_rank, name)
+        for name, p in get_registry().presets.items()
+        if p.preset.comparison_rank is not None
+    ]
     return tuple(name for _, name in sorted(ranked))
-

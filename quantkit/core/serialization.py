@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,26 +33,22 @@ def quant_config_of(model: nn.Module) -> QuantConfig:
     return config
 
 
-def quantization_config_block(config: QuantConfig) -> dict:
-    """What ``config.json`` stores: transformers' own block where one exists."""
-    try:
-        return config.to_hf_dict()
-    except QuantkitError:
-        return config.to_dict()
-
-
 @contextmanager
 def atomic_path(path: Path, *, directory: bool):
     """Yield a temporary sibling of ``path``; move it into place only on success.
 
     An existing ``path`` is replaced only after the new one is complete, so an
-    interrupted save leaves the old model (or nothing) — never half a model.
+    interrupted save leaves the old model (or nothing) — never half a model. What is
+    moved into place gets the modes the umask gives new files and folders (the
+    temporary folder itself is private while it is written).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp if directory else tmp / path.name
     try:
+        umask = _umask(tmp)
         yield target
+        _apply_umask(target, umask)
         if directory and path.is_dir():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, backup)
@@ -63,6 +60,23 @@ def atomic_path(path: Path, *, directory: bool):
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask(scratch: Path) -> int:
+    """The process umask, read from the mode of a new folder in the empty folder ``scratch``
+    (``os.umask`` can only be read by setting it, which races with threads creating files)."""
+    probe = scratch / "umask-probe"
+    probe.mkdir(0o777)
+    try:
+        return 0o777 & ~stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir()
+
+
+def _apply_umask(target: Path, umask: int) -> None:
+    """Give ``target`` (a file, or a folder and everything in it) the modes new ones get."""
+    for item in reversed([target, *target.rglob("*")] if target.is_dir() else [target]):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,18 +92,18 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_safetensors_folder(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``config.json`` (with ``quantization_config``) and ``model.safetensors``."""
-    config = quant_config_of(model)
+def write_safetensors_folder(
+    model: nn.Module, directory: Path, quantization_config: dict, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write ``config.json`` (with the ``quantization_config`` block) and ``tensors`` as ``model.safetensors``."""
     hf_config = model.config.to_dict()
-    hf_config["quantization_config"] = quantization_config_block(config)
+    hf_config["quantization_config"] = quantization_config
     if not hf_config.get("architectures"):
         hf_config["architectures"] = [type(model).__name__]
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(directory)
-    tensors = unique_state_dict(model) if tensors is None else tensors
     # One metadata key only: safetensors stores metadata as a hash map, so several keys
     # would come out in varying order and break byte-for-byte reproducible checkpoints.
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from quantkit.core.backend import Backend
-from quantkit.core.capabilities import Capabilities
-from quantkit.core.hookspecs import hookimpl
-from quantkit.core.capabilities import ALL_HARDWARE
-from quantkit.core.linears import quantizable_linears, replace_linears, set_submodule
+from quantkit import ALL_HARDWARE, Backend, Capabilities, hookimpl
 
 from .config import AbsmaxInt8Config
 
@@ -43,6 +37,9 @@ class AbsmaxInt8Linear(nn.Module):
 
 
 class AbsmaxInt8Backend(Backend):
+    """quantkit walks the model, checks it, swaps each linear and saves/loads the result: a
+    calibration-free backend only says how one linear is quantized, stored and sized."""
+
     name = "example-int8"
     config_class = AbsmaxInt8Config
     capabilities = Capabilities(
@@ -54,20 +51,12 @@ class AbsmaxInt8Backend(Backend):
         description="example plugin: per-channel absmax int8 weights",
     )
 
-    def quantize(self, model, config, *, calibration, device):
-        dtype = getattr(torch, config.scale_dtype)
-        model.to(device)
-        return replace_linears(
-            model, config, lambda name, linear, cfg: AbsmaxInt8Linear.from_linear(linear, dtype),
-            description="absmax-int8",
-        )
+    def quantize_linear(self, name, linear, config, device):
+        return AbsmaxInt8Linear.from_linear(linear.to(device), getattr(torch, config.scale_dtype))
 
-    def prepare_for_loading(self, model, config):
-        dtype = getattr(torch, config.scale_dtype)
-        for name, linear, _ in quantizable_linears(model, config):
-            set_submodule(model, name, AbsmaxInt8Linear(linear.in_features, linear.out_features,
-                                                        linear.bias is not None, dtype))
-        return model
+    def empty_module(self, name, linear, config):
+        bias = linear.bias is not None
+        return AbsmaxInt8Linear(linear.in_features, linear.out_features, bias, getattr(torch, config.scale_dtype))
 
     def storage_bits(self, config, name, out_features, in_features):
         scale_bits = 32 if config.scale_dtype == "float32" else 16

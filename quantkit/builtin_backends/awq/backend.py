@@ -17,8 +17,9 @@ Per decoder layer (through :mod:`quantkit.layerwise`), as AutoAWQ does for Llama
 The pipeline then runs the quantized layer to get the next layer's inputs.
 
 AWQ's formats store ``in_features / group_size`` groups per row, so ``group_size`` must divide
-every quantized layer's ``in_features``: otherwise :class:`QuantizationError` names the layers
-(SmolLM2-135M's 576-wide inputs take group_size 32 or 64, not 128).
+every quantized layer's ``in_features`` (:data:`AWQ_SHAPE_LIMITS`): otherwise a
+:class:`QuantizationError` names the layers (SmolLM2-135M's 576-wide inputs take group_size 32
+or 64, not 128).
 """
 
 from __future__ import annotations
@@ -29,15 +30,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import AWQConfig, PRESETS
 from quantkit.core.backend import Backend
-from quantkit.core.capabilities import Capabilities
-from quantkit.core.capabilities import ALL_HARDWARE
-from quantkit.core.errors import QuantizationError
-from quantkit.core.linears import quantizable_linears, set_submodule
+from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.layerwise import LayerContext, LinearGroup, quantize_layerwise
 
-from .awq import apply_clip, apply_scales_to_previous, awq_pseudo_quantize, input_channel_mean_abs, search_clip, search_scales
+from .awq import (
+    apply_clip,
+    apply_scales_to_previous,
+    awq_pseudo_quantize,
+    input_channel_mean_abs,
+    search_clip,
+    search_scales,
+)
+from .config import PRESETS, AWQConfig
 from .packing import gemv_group_width
 from .qlinear import AWQLinear
 
@@ -46,30 +51,12 @@ log = logging.getLogger("quantkit")
 DEFAULT_SEARCH_TOKENS = 1024
 
 
-def check_awq_shapes(model: nn.Module, config: AWQConfig) -> None:
-    """Refuse layers the AWQ format cannot store: ``group_size`` must divide ``in_features``
-    and the 4-bit packing needs ``out_features`` (GEMM) or ``in_features`` (GEMV) divisible by 8."""
-    bad = []
-    for name, linear, cfg in quantizable_linears(model, config):
-        if linear.in_features % cfg.group_size:
-            bad.append(f"{name} (in_features={linear.in_features}, {linear.in_features} % {cfg.group_size} = "
-                       f"{linear.in_features % cfg.group_size})")
-        packed = linear.out_features if cfg.version == "gemm" else linear.in_features
-        if packed % 8:
-            raise QuantizationError(f"{name}: the AWQ {cfg.version} layout packs 8 weights per word; {packed} is not a multiple of 8")
-    if bad:
-        raise QuantizationError(
-            f"AWQ group_size={config.group_size} must divide in_features (the format stores in_features / "
-            f"group_size groups per row); it does not for {len(bad)} layer(s): {'; '.join(bad[:3])}"
-            f"{' ...' if len(bad) > 3 else ''}. Use a group_size dividing them (e.g. "
-            f"{_dividing_group_size(model, config)}) or list them in modules_to_not_convert"
-        )
-
-
-def _dividing_group_size(model: nn.Module, config: AWQConfig) -> str:
-    widths = [linear.in_features for _, linear, _ in quantizable_linears(model, config)]
-    fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
-    return f"group_size={fits[0]}" if fits else "no AWQ group size fits every layer"
+AWQ_SHAPE_LIMITS = (
+    ShapeLimit("in_features", "group_size", "the format stores in_features / group_size groups per row"),
+    ShapeLimit("out_features", 8, "the GEMM layout packs 8 outputs per 32-bit word", when={"version": "gemm"}),
+    ShapeLimit("in_features", 8, "the GEMV layout packs 8 inputs per 32-bit word", when={"version": "gemv"}),
+)
+"""What AutoAWQ's formats need of a linear."""
 
 
 class _AWQLayerQuantizer:
@@ -103,7 +90,9 @@ class _AWQLayerQuantizer:
                 target = ctx.targets[name]
                 if group.clips(name):
                     cfg = target.config
-                    max_val = search_clip(target.linear.weight, kept[members[0]], cfg.bits, cfg.group_size, cfg.zero_point)
+                    max_val = search_clip(
+                        target.linear.weight, kept[members[0]], cfg.bits, cfg.group_size, cfg.zero_point
+                    )
                     apply_clip(target.linear, max_val)
         for name, target in ctx.targets.items():
             cfg, linear = target.config, target.linear
@@ -143,7 +132,9 @@ class _AWQLayerQuantizer:
             zero_point=cfg.zero_point, forward_fn=forward,
         )
         apply_scales_to_previous(previous, linears, result.scales)
-        log.debug("%s: AWQ scales for %s: ratio %.2f, loss %.4g", ctx.name, ", ".join(members), result.ratio, result.loss)
+        log.debug(
+            "%s: AWQ scales for %s: ratio %.2f, loss %.4g", ctx.name, ", ".join(members), result.ratio, result.loss
+        )
         return result.scales
 
 
@@ -161,29 +152,27 @@ class AWQBackend(Backend):
         serializable=True,
         trainable=True,
         description="AWQ in plain torch (Llama-family decoders); checkpoints in the AutoAWQ GEMM/GEMV format",
+        shape_limits=AWQ_SHAPE_LIMITS,
     )
 
     def __init__(self, search_tokens: int = DEFAULT_SEARCH_TOKENS):
         self.search_tokens = search_tokens
 
     def storage_bits(self, config: AWQConfig, name: str, out_features: int, in_features: int) -> int:
-        cfg = config.for_module(name) if name else config
-        groups = math.ceil(in_features / cfg.group_size)
-        if cfg.version == "gemm":
+        groups = math.ceil(in_features / config.group_size)
+        if config.version == "gemm":
             return in_features * out_features * 4 + groups * out_features * (4 + 16)
-        width = gemv_group_width(groups, cfg.group_size)
+        width = gemv_group_width(groups, config.group_size)
         return in_features * out_features * 4 + out_features * width * (32 + 8 * 16)
 
     def quantize(self, model: nn.Module, config: AWQConfig, *, calibration, device) -> nn.Module:
-        check_awq_shapes(model, config)
+        targets = self.targets(model, config)
         seqlen = calibration.shape[-1] if calibration is not None and calibration.dim() == 2 else 1
         quantize_layerwise(
-            model, config, calibration, device, _AWQLayerQuantizer(), description="AWQ",
+            model, targets, calibration, device, _AWQLayerQuantizer(), description="AWQ",
             chunk_samples=max(1, self.search_tokens // seqlen),
         )
         return model
 
-    def prepare_for_loading(self, model: nn.Module, config: AWQConfig) -> nn.Module:
-        for name, linear, cfg in quantizable_linears(model, config):
-            set_submodule(model, name, AWQLinear.empty_like(linear, cfg.group_size, cfg.version))
-        return model
+    def empty_module(self, name: str, linear: nn.Linear, config: AWQConfig) -> AWQLinear:
+        return AWQLinear.empty_like(linear, config.group_size, config.version)

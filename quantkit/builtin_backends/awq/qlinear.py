@@ -60,7 +60,9 @@ class AWQLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, group_size: int, version: str, device: torch.device | str = "meta") -> AWQLinear:
+    def empty_like(
+        cls, linear: nn.Linear, group_size: int, version: str, device: torch.device | str = "meta"
+    ) -> AWQLinear:
         """An unfilled module shaped for ``linear`` (for loading a checkpoint into)."""
         bias = linear.bias
         return cls(

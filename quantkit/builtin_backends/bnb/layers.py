@@ -20,14 +20,18 @@ saved and the logits computed never depend on whether a forward has run.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .config import BnbConfig
 from quantkit.core.errors import ModelFormatError
 
-QUANTIZED_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+from .config import BnbConfig
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
+
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
 
 
@@ -38,6 +42,8 @@ def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:
 
 def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) -> nn.Module:
     """``linear`` quantized on ``device`` as bitsandbytes' 4-bit or LLM.int8 linear."""
+    import bitsandbytes as bnb
+
     if config.load_in_8bit:
         module = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -62,6 +68,8 @@ def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) 
 def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
     """An empty (meta) bitsandbytes linear that ``load_state_dict(..., assign=True)`` fills
     from the saved layout (the module doc), on the CPU."""
+    import bitsandbytes as bnb
+
     out_features, in_features = linear.out_features, linear.in_features
     if config.load_in_8bit:
         module = bnb.nn.Linear8bitLt(
@@ -90,6 +98,8 @@ def sync_int8_statistics(model: nn.Module) -> nn.Module:
     ``Module.to`` moves a quantized ``Int8Params`` by replacing its data, which leaves the
     ``CB``/``SCB`` attributes bitsandbytes reads at the first forward on the old device.
     """
+    import bitsandbytes as bnb
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear8bitLt) and module.weight.SCB is not None:
             module.weight.CB = module.weight.data
@@ -97,7 +107,16 @@ def sync_int8_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
+def mixes_4bit_and_8bit(model: nn.Module) -> bool:
+    """Whether ``model`` holds both 4-bit and LLM.int8 linears (which transformers cannot load)."""
+    import bitsandbytes as bnb
+
+    return len({type(m) for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}) > 1
+
+
 def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConfig) -> bnb.nn.Linear4bit:
+    import bitsandbytes as bnb
+
     module = bnb.nn.Linear4bit(
         in_features, out_features, bias=bias, compute_dtype=getattr(torch, config.compute_dtype),
         compress_statistics=config.use_double_quant, quant_type=config.quant_type,
@@ -109,6 +128,8 @@ def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConf
 
 def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args) -> None:
     """Turn the saved 4-bit tensors of ``module`` into its ``Params4bit`` weight (in place)."""
+    import bitsandbytes as bnb
+
     weight = state_dict.get(prefix + "weight")
     if weight is None:
         return
@@ -126,6 +147,8 @@ def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args)
 
 def _load_int8(module: bnb.nn.Linear8bitLt, state_dict: dict, prefix: str, *_args) -> None:
     """Turn the saved int8 weight and row scales of ``module`` into its ``Int8Params`` (in place)."""
+    import bitsandbytes as bnb
+
     weight = state_dict.get(prefix + "weight")
     if weight is None:
         return

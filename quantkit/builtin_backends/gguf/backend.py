@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -9,12 +10,17 @@ import torch
 from torch import nn
 
 from quantkit.core.backend import Backend
-from quantkit.core.capabilities import Capabilities
-from .config import GGUFConfig, PRESETS
-from quantkit.core.capabilities import ALL_HARDWARE
-from .config import ggml_code_bits
+from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
+from quantkit.core.linears import Target, check_finite
 
+from .config import PRESETS, GGUFConfig, ggml_code_bits
+from .convert import EmbeddingPlan, embedding_plan, empty_embedding, install_embedding, linear_type, type_counts
+from .export import write_gguf
 from .mixes import ModelShape, bound_shape, row_bytes
+from .qlinear import GGUFEmbedding, GGUFLinear
+from .reader import read_gguf
+
+log = logging.getLogger("quantkit")
 
 
 class GGUFBackend(Backend):
@@ -45,45 +51,72 @@ class GGUFBackend(Backend):
         Q4_0 for Q2_K rows that 256-weight super-blocks do not divide counts as 4 bits."""
         return ggml_code_bits(_linear_type(config, name, in_features))
 
-    def other_bits(self, config: GGUFConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int) -> int:
+    def other_bits(
+        self, config: GGUFConfig, model: nn.Module, name: str, parameter: torch.Tensor, float_bits: int
+    ) -> int:
         """The token embedding is packed too, in the type llama.cpp gives it (``output``'s when tied)."""
-        from .convert import embedding_plan
-
-        plan = embedding_plan(model, config, ModelShape.of(getattr(model, "config", None)))
+        plan = _embedding_plan(model, config)
         if plan is None or name != f"{plan.name}.weight":
             return super().other_bits(config, model, name, parameter, float_bits)
         return plan.module.num_embeddings * row_bytes(plan.qtype, plan.module.embedding_dim) * 8
 
     def storage_context(self, model: nn.Module) -> AbstractContextManager:
-        """Make :meth:`storage_bits` see ``model``'s layer count and attention groups."""
+        """Make :meth:`storage_bits` (and the linears' types) see ``model``'s layer count and attention groups."""
         return bound_shape(ModelShape.of(getattr(model, "config", None)))
 
-    def quantize(self, model: nn.Module, config: GGUFConfig, *, calibration, device) -> nn.Module:
-        from .convert import quantize_model
+    def targets(self, model: nn.Module, config: GGUFConfig, *, check_weights: bool = True) -> list[Target]:
+        """The template's targets; the token embedding's weights are checked with theirs."""
+        targets = super().targets(model, config, check_weights=check_weights)
+        plan = _embedding_plan(model, config)
+        if check_weights and plan is not None:
+            check_finite(plan.name, plan.module.weight)
+        return targets
 
-        return quantize_model(model, config, torch.device(device))
+    def quantize(self, model: nn.Module, config: GGUFConfig, *, calibration, device) -> nn.Module:
+        """The template's quantization, then the token embedding's."""
+        device = torch.device(device)
+        with self.storage_context(model):
+            super().quantize(model, config, calibration=calibration, device=device)
+        plan = _embedding_plan(model, config)
+        if plan is not None:
+            with torch.no_grad():
+                install_embedding(model, plan, GGUFEmbedding.from_embedding(plan.module, plan.qtype, device))
+        log.info("GGUF %s tensor types: %s", config.quant_type, type_counts(model))
+        return model
+
+    def quantize_linear(self, name: str, linear: nn.Linear, config: GGUFConfig, device: torch.device) -> GGUFLinear:
+        return GGUFLinear.from_linear(linear, _linear_type(config, name, linear.in_features), device)
+
+    def empty_module(self, name: str, linear: nn.Linear, config: GGUFConfig) -> GGUFLinear:
+        return GGUFLinear(linear.in_features, linear.out_features, _linear_type(config, name, linear.in_features),
+                          bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
 
     def prepare_for_loading(self, model: nn.Module, config: GGUFConfig) -> nn.Module:
-        from .convert import prepare_model
-
-        return prepare_model(model, config)
+        """Empty GGUF modules of the types ``config`` gives, the token embedding included (saved
+        ``ggml_type`` buffers win on load)."""
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # an empty transformers model is not tied yet: tie it as quantize() saw it
+        with self.storage_context(model):
+            super().prepare_for_loading(model, config)
+        plan = _embedding_plan(model, config)
+        if plan is not None:
+            install_embedding(model, plan, empty_embedding(plan))
+        return model
 
     def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
         """A complete llama.cpp ``.gguf``: hyperparameters, tokenizer, every tensor."""
-        from .export import write_gguf
-
         write_gguf(model, path, tokenizer)
 
     def load_file(self, path: Path, device: torch.device) -> nn.Module:
         """A quantized Llama ``.gguf`` as a model whose quantized tensors stay GGUF modules."""
-        from .reader import read_gguf
-
         return read_gguf(path, device)
+
+
+def _embedding_plan(model: nn.Module, config: GGUFConfig) -> EmbeddingPlan | None:
+    return embedding_plan(model, config, ModelShape.of(getattr(model, "config", None)))
 
 
 def _linear_type(config: GGUFConfig, name: str, in_features: int) -> str:
     """The ggml type of linear ``name`` (``""``: unknown) under its effective config, with the
     model shape bound by :meth:`GGUFBackend.storage_context`."""
-    from .convert import linear_type
-
-    return linear_type(config.for_module(name) if name else config, name, in_features, None)
+    return linear_type(config, name, in_features, None)

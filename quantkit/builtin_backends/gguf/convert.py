@@ -1,4 +1,4 @@
-"""Swapping a transformers model's linears and token embedding for GGUF modules.
+"""Which ggml type each linear of a transformers model gets, and its token embedding's.
 
 Linears are the ones :func:`quantkit.core.linears.quantizable_linears` selects. Like
 llama.cpp, GGUF also quantizes the token embedding (unless its module is listed in
@@ -8,20 +8,15 @@ takes llama.cpp's output rule and shares the packed table.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from quantkit.builtin_backends.gguf.config import GGUFConfig
-from quantkit.core.linears import check_finite, replace_linears, set_submodule
+from quantkit.core.linears import set_submodule
 
+from .config import GGUFConfig
 from .mixes import ModelShape, Role, role_of, tensor_type
 from .qlinear import GGUFEmbedding, GGUFLinear
-
-log = logging.getLogger("quantkit")
 
 
 @dataclass(frozen=True)
@@ -63,60 +58,18 @@ def _call(model: nn.Module, method: str) -> nn.Module | None:
         return None
 
 
-def quantize_model(model: nn.Module, config: GGUFConfig, device: torch.device) -> nn.Module:
-    """Quantize ``model``'s linears and token embedding in place, on ``device``."""
-    shape = ModelShape.of(model.config)
-    plan = embedding_plan(model, config, shape)
-    if plan is not None:
-        check_finite(plan.name, plan.module.weight)
-
-    def build(name: str, linear: nn.Linear, module_config: GGUFConfig) -> nn.Module:
-        return GGUFLinear.from_linear(linear, linear_type(module_config, name, linear.in_features, shape), device)
-
-    with torch.no_grad():
-        _convert(model, config, build, plan, lambda: GGUFEmbedding.from_embedding(plan.module, plan.qtype, device),
-                 description=f"GGUF {config.quant_type}", check_weights=True)
-    log.info("GGUF %s tensor types: %s", config.quant_type, type_counts(model))
-    return model.to(device)
+def install_embedding(model: nn.Module, plan: EmbeddingPlan, embedding: GGUFEmbedding) -> None:
+    """Swap ``embedding`` in for the planned token embedding (and a head tied to it)."""
+    set_submodule(model, plan.name, embedding)
+    if plan.tied_head is not None:
+        set_submodule(model, plan.tied_head, GGUFLinear.tied_to(embedding))
 
 
-def prepare_model(model: nn.Module, config: GGUFConfig) -> nn.Module:
-    """Swap in empty GGUF modules of the types ``config`` gives (saved ``ggml_type`` buffers win on load)."""
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # an empty transformers model is not tied yet: tie it as quantize() saw it
-    shape = ModelShape.of(model.config)
-    plan = embedding_plan(model, config, shape)
-
-    def build(name: str, linear: nn.Linear, module_config: GGUFConfig) -> nn.Module:
-        qtype = linear_type(module_config, name, linear.in_features, shape)
-        return GGUFLinear(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None,
-                          device=linear.weight.device, dtype=linear.weight.dtype)
-
-    def build_embedding() -> GGUFEmbedding:
-        weight = plan.module.weight
-        return GGUFEmbedding(plan.module.num_embeddings, plan.module.embedding_dim, plan.qtype,
-                             padding_idx=plan.module.padding_idx, device=weight.device, dtype=weight.dtype)
-
-    return _convert(model, config, build, plan, build_embedding, description="GGUF (loading)", check_weights=False)
-
-
-def _convert(
-    model: nn.Module,
-    config: GGUFConfig,
-    build: Callable[[str, nn.Linear, GGUFConfig], nn.Module],
-    plan: EmbeddingPlan | None,
-    build_embedding: Callable[[], GGUFEmbedding],
-    *,
-    description: str,
-    check_weights: bool,
-) -> nn.Module:
-    replace_linears(model, config, build, description=description, check_weights=check_weights)
-    if plan is not None:
-        embedding = build_embedding()
-        set_submodule(model, plan.name, embedding)
-        if plan.tied_head is not None:
-            set_submodule(model, plan.tied_head, GGUFLinear.tied_to(embedding))
-    return model
+def empty_embedding(plan: EmbeddingPlan) -> GGUFEmbedding:
+    """An empty GGUF embedding of the planned type that a saved state dict fills."""
+    weight = plan.module.weight
+    return GGUFEmbedding(plan.module.num_embeddings, plan.module.embedding_dim, plan.qtype,
+                         padding_idx=plan.module.padding_idx, device=weight.device, dtype=weight.dtype)
 
 
 def type_counts(model: nn.Module) -> dict[str, int]:

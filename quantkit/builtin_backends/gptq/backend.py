@@ -25,14 +25,10 @@ import torch
 from torch import nn
 
 from quantkit.core.backend import Backend
-from quantkit.core.capabilities import Capabilities
-from .config import PRESETS, GPTQConfig
-from quantkit.core.capabilities import ALL_HARDWARE
-from quantkit.core.config import QuantConfig
-from quantkit.core.errors import QuantizationError
-from quantkit.core.linears import quantizable_linears, replace_linears, set_submodule
+from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.layerwise import LayerContext, quantize_layerwise
 
+from .config import PRESETS, GPTQConfig
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from .packing import pack_gptq
 from .qlinear import GPTQLinear, gptq_groups
@@ -48,29 +44,17 @@ def gptq_storage_bits(bits: int, group_size: int, out_features: int, in_features
     return qweight + qzeros + groups * out_features * 16 + in_features * 32
 
 
-def check_packable(model: nn.Module, config: QuantConfig) -> None:
-    """GPTQ v1 packs whole 32-bit words: ``in * bits`` and ``out * bits`` must be multiples of 32."""
-    for name, linear, module_config in quantizable_linears(model, config):
-        bits = module_config.bits
-        for field, size in (("in_features", linear.in_features), ("out_features", linear.out_features)):
-            if size * bits % 32:
-                raise QuantizationError(
-                    f"{name} has {field}={size}; the GPTQ format packs {bits}-bit values into 32-bit "
-                    f"words and needs {field} * bits to be a multiple of 32: use other bits or add "
-                    f"{name!r} to modules_to_not_convert"
-                )
+GPTQ_SHAPE_LIMITS = (
+    ShapeLimit(("in_features", "bits"), 32, "the GPTQ format packs each output's codes into 32-bit words"),
+    ShapeLimit(("out_features", "bits"), 32, "the GPTQ format packs each group's zero points into 32-bit words"),
+)
+"""What the GPTQ v1 format (shared by round-to-nearest) needs of a linear."""
 
 
 def packed_module(linear: nn.Linear, result: GPTQResult) -> GPTQLinear:
     packed = pack_gptq(result.intweight, result.zeros, result.scales, result.g_idx, result.bits)
     module = GPTQLinear.from_packed(packed, result.bits, linear.bias)
     return module.to(linear.weight.device)
-
-
-def prepare_gptq_linears(model: nn.Module, config: QuantConfig) -> nn.Module:
-    for name, linear, module_config in quantizable_linears(model, config):
-        set_submodule(model, name, GPTQLinear.empty_like(linear, module_config.bits, module_config.group_size))
-    return model
 
 
 class _GPTQLayerQuantizer:
@@ -172,17 +156,19 @@ class GPTQBackend(Backend):
         requires_calibration=True,
         serializable=True,
         trainable=True,
-        description="GPTQ in plain torch (Llama-family decoders); checkpoints in the GPTQ v1 (auto-gptq/GPTQModel) format",
+        description=(
+            "GPTQ in plain torch (Llama-family decoders); checkpoints in the GPTQ v1 (auto-gptq/GPTQModel) format"
+        ),
+        shape_limits=GPTQ_SHAPE_LIMITS,
     )
 
     def storage_bits(self, config: GPTQConfig, name: str, out_features: int, in_features: int) -> int:
-        module_config = config.for_module(name) if name else config
-        return gptq_storage_bits(module_config.bits, module_config.group_size, out_features, in_features)
+        return gptq_storage_bits(config.bits, config.group_size, out_features, in_features)
 
     def quantize(self, model: nn.Module, config: GPTQConfig, *, calibration, device) -> nn.Module:
-        check_packable(model, config)
-        quantize_layerwise(model, config, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ")
+        targets = self.targets(model, config)
+        quantize_layerwise(model, targets, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ")
         return model
 
-    def prepare_for_loading(self, model: nn.Module, config: GPTQConfig) -> nn.Module:
-        return prepare_gptq_linears(model, config)
+    def empty_module(self, name: str, linear: nn.Linear, config: GPTQConfig) -> GPTQLinear:
+        return GPTQLinear.empty_like(linear, config.bits, config.group_size)

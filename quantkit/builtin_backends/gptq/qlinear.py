@@ -47,7 +47,9 @@ class GPTQLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, bits: int, group_size: int, device: torch.device | str = "meta") -> GPTQLinear:
+    def empty_like(
+        cls, linear: nn.Linear, bits: int, group_size: int, device: torch.device | str = "meta"
+    ) -> GPTQLinear:
         """An unfilled module shaped for ``linear`` (for loading a checkpoint into)."""
         bias = linear.bias
         return cls(

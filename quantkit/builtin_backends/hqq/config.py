@@ -34,5 +34,7 @@ class HQQConfig(QuantConfig):
 
 PRESETS = (
     Preset("hqq-4bit-g64", {"nbits": 4, "group_size": 64}, 45, "HQQ's common 4-bit setting"),
-    Preset("hqq-2bit-g16", {"nbits": 2, "group_size": 16, "axis": 0}, 70, "HQQ 2-bit on axis 0, hqq's advice for low bits"),
+    Preset(
+        "hqq-2bit-g16", {"nbits": 2, "group_size": 16, "axis": 0}, 70, "HQQ 2-bit on axis 0, hqq's advice for low bits"
+    ),
 )

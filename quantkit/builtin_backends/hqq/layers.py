@@ -6,15 +6,21 @@ Always with an explicit device: hqq defaults to ``cuda``. The modules stay real
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from torch import nn
 
 from .config import HQQConfig
 
+if TYPE_CHECKING:
+    from hqq.core.quantize import HQQLinear
+
 
 def hqq_quant_config(config: HQQConfig) -> dict:
     """hqq's ``quant_config`` dict for ``config`` (hqq's defaults, e.g. zero rounding at 4 bits)."""
+    from hqq.core.quantize import BaseQuantizeConfig
+
     quant_config = BaseQuantizeConfig(nbits=config.nbits, group_size=config.group_size, axis=config.axis)
     quant_config["weight_quant_params"]["optimize"] = config.optimize
     return quant_config
@@ -22,6 +28,8 @@ def hqq_quant_config(config: HQQConfig) -> dict:
 
 def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) -> HQQLinear:
     """``linear`` quantized by hqq on ``device`` (the optimizer, when on, runs there too)."""
+    from hqq.core.quantize import HQQLinear
+
     linear = linear.to(device)
     module = HQQLinear(
         linear, hqq_quant_config(config), del_orig=True,
@@ -34,6 +42,8 @@ def saved_linear(config: HQQConfig, W_q: torch.Tensor, meta: dict, bias: torch.T
                  device: torch.device) -> HQQLinear:
     """An ``HQQLinear`` on ``device`` holding saved codes and hqq ``meta`` fields
     (``nbits``, ``group_size``, ``axis``, ``shape``, ``scale``, ``zero``)."""
+    from hqq.core.quantize import HQQLinear, Quantizer
+
     module = HQQLinear(
         None, hqq_quant_config(config), compute_dtype=getattr(torch, config.compute_dtype),
         device=str(device), initialize=False,
@@ -49,3 +59,10 @@ def saved_linear(config: HQQConfig, W_q: torch.Tensor, meta: dict, bias: torch.T
     module.out_features, module.in_features = meta["shape"]
     module.ready = True
     return module
+
+
+def hqq_linears(model: nn.Module) -> dict[str, HQQLinear]:
+    """``model``'s ``HQQLinear`` modules by name."""
+    from hqq.core.quantize import HQQLinear
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, HQQLinear)}

@@ -41,15 +41,26 @@ import math
 
 import torch
 
+from quantkit.core.capabilities import ShapeLimit
+from quantkit.core.errors import ModelFormatError
+
 from .config import HQQConfig
-from quantkit.core.errors import ConfigValueError, ModelFormatError
 
 LAYOUT_VERSION = 1
 META_SUFFIX = "quant_meta"
 CODES_PER_ELEMENT = {8: 1, 4: 2, 3: 10, 2: 4, 1: 8}
 FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
-HQQ_GROUP_MULTIPLE = 8
-"""hqq requires group sizes that are multiples of 8."""
+WEIGHTS = ("out_features", "in_features")
+
+HQQ_SHAPE_LIMITS = (
+    ShapeLimit("group_size", 8, "hqq's requirement"),
+    ShapeLimit(WEIGHTS, "group_size", "hqq quantizes the row-major weight in runs of group_size"),
+    # axis 1 packs the out * in / group_size groups; axis 0 the group_size rows (a multiple of 8)
+    ShapeLimit(WEIGHTS, ("group_size", 2), "hqq packs 2 4-bit groups per byte", when={"nbits": 4, "axis": 1}),
+    ShapeLimit(WEIGHTS, ("group_size", 4), "hqq packs 4 2-bit groups per byte", when={"nbits": 2, "axis": 1}),
+    ShapeLimit(WEIGHTS, ("group_size", 8), "hqq packs 8 1-bit groups per byte", when={"nbits": 1, "axis": 1}),
+)
+"""What hqq needs of a linear to group and pack it without losing weights (3-bit codes are padded)."""
 
 
 def grouped_shape(config: HQQConfig, out_features: int, in_features: int) -> tuple[int, int]:
@@ -69,24 +80,6 @@ def stored_bits(config: HQQConfig, out_features: int, in_features: int) -> int:
     codes = rows * columns * (32 if config.nbits == 3 else 8)
     groups = math.ceil(out_features * in_features / config.group_size)
     return codes + 2 * groups * FLOAT_BITS[config.compute_dtype] + 7 * 32
-
-
-def check_layer(name: str, config: HQQConfig, out_features: int, in_features: int) -> None:
-    """Refuse shapes hqq cannot group or pack without losing weights."""
-    n = out_features * in_features
-    if n % config.group_size:
-        raise ConfigValueError(
-            "HQQConfig", "group_size", config.group_size,
-            f"a divisor of the {out_features}x{in_features} = {n} weights of {name} (and a multiple of 8)",
-        )
-    rows, _ = grouped_shape(config, out_features, in_features)
-    per_element = CODES_PER_ELEMENT[config.nbits]
-    if config.nbits != 3 and rows % per_element:
-        raise ConfigValueError(
-            "HQQConfig", "group_size", config.group_size,
-            f"a value leaving a multiple of {per_element} groups in {name} ({out_features}x{in_features}): "
-            f"hqq packs {per_element} {config.nbits}-bit groups per byte",
-        )
 
 
 def layer_tensors(name: str, W_q: torch.Tensor, meta: dict, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

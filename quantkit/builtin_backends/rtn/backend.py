@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.builtin_backends.gptq.backend import check_packable, gptq_storage_bits, packed_module, prepare_gptq_linears
+from quantkit.builtin_backends.gptq.backend import GPTQ_SHAPE_LIMITS, gptq_storage_bits, packed_module
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
-from quantkit.core.linears import replace_linears
 
 from .config import PRESETS, RTNConfig
 
@@ -27,22 +26,20 @@ class RTNBackend(Backend):
         serializable=True,
         trainable=True,
         description="round-to-nearest min/max group quantization (reference baseline); GPTQ v1 checkpoint format",
+        shape_limits=GPTQ_SHAPE_LIMITS,
     )
 
     def storage_bits(self, config: RTNConfig, name: str, out_features: int, in_features: int) -> int:
-        module_config = config.for_module(name) if name else config
-        return gptq_storage_bits(module_config.bits, module_config.group_size, out_features, in_features)
+        return gptq_storage_bits(config.bits, config.group_size, out_features, in_features)
 
-    def quantize(self, model: nn.Module, config: RTNConfig, *, calibration, device) -> nn.Module:
-        check_packable(model, config)
-        device = torch.device(device)
+    def quantize_linear(self, name: str, linear: nn.Linear, config: RTNConfig, device: torch.device) -> GPTQLinear:
+        weight = linear.weight.detach().to(device)
+        result = rtn_quantize(weight, bits=config.bits, group_size=config.group_size, sym=config.sym)
+        return packed_module(linear, result)
 
-        def build(name: str, linear: nn.Linear, cfg: RTNConfig) -> GPTQLinear:
-            result = rtn_quantize(linear.weight.detach().to(device), bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
-            return packed_module(linear, result)
+    def place(self, model: nn.Module, config: RTNConfig, device: torch.device) -> nn.Module:
+        """The model stays where it was (``device`` only computes), as GPTQ's does."""
+        return model
 
-        with torch.no_grad():
-            return replace_linears(model, config, build, description="RTN")
-
-    def prepare_for_loading(self, model: nn.Module, config: RTNConfig) -> nn.Module:
-        return prepare_gptq_linears(model, config)
+    def empty_module(self, name: str, linear: nn.Linear, config: RTNConfig) -> GPTQLinear:
+        return GPTQLinear.empty_like(linear, config.bits, config.group_size)

@@ -20,6 +20,10 @@ class RTNConfig(QuantConfig):
     group_size: int = spec(128, **GROUP_SIZE)
     sym: bool = spec(False)
 
+    @property
+    def symmetric(self) -> bool:
+        return self.sym
+
 
 # On the grids of the calibrated presets: symmetric like GPTQ's, with zero points like AWQ's,
 # so that each comparison isolates what the calibration adds.

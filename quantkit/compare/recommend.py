@@ -7,15 +7,16 @@ measured. Every rule applied adds one line to the explanation.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .core.backend import Backend
-from .core.errors import ConfigValueError, ModelFormatError
-from .core.hardware import Hardware, hardware_of
+from ..api import backends as all_backends
+from ..core.backend import Backend
+from ..core.errors import ConfigValueError
+from ..core.hardware import Hardware, hardware_of
+from ..core.registry import get_registry
+from ..core.resolve import preset
+from .results import Result, complete
 
 GOALS = ("inference", "fine-tuning", "smallest", "fastest")
 TYPICAL_LAYER = (4096, 4096)
@@ -32,7 +33,7 @@ class Candidate:
     nominal_bits: float | None
     bits_per_param: float | None
     """Measured when results are given, else the format's stored bits on a 4096x4096 layer."""
-    result: dict | None = None
+    result: Result | None = None
 
 
 @dataclass
@@ -47,33 +48,23 @@ class Recommendation:
     alternatives: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The recommendation as plain data (``quantkit recommend --json``)."""
         return {"hardware": self.hardware.value, "goal": self.goal, "method": self.method, "config": self.config,
                 "reasons": self.reasons, "alternatives": self.alternatives}
-
-
-def load_results(path: str | os.PathLike) -> list[dict]:
-    """The result rows of a ``quantkit compare --json`` file."""
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"results file {os.fspath(path)!r} could not be read: {exc}") from exc
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
-        raise ModelFormatError(f"{os.fspath(path)!r} is not a quantkit compare results list")
-    return rows
 
 
 def recommend(
     hardware: Hardware | str,
     goal: str,
     *,
-    results: Sequence[dict] | None = None,
+    results: Sequence[Result] | None = None,
     backends: Sequence[Backend] | None = None,
     max_ppl_increase: float = 10.0,
     min_bits: float = 3.0,
 ) -> Recommendation:
     """Pick a method for ``goal`` on ``hardware``.
 
-    ``results`` (rows of ``quantkit compare``) turn estimates into measurements;
+    ``results`` (of ``quantkit compare``, see :func:`load_results`) turn estimates into measurements;
     ``max_ppl_increase`` (percent over the float baseline) bounds the quality
     ``smallest`` and ``fastest`` may give up, ``min_bits`` the nominal width
     ``smallest`` goes down to without measurements.
@@ -82,16 +73,12 @@ def recommend(
     if goal not in GOALS:
         raise ConfigValueError("recommend", "goal", goal, ", ".join(GOALS))
     if backends is None:
-        from .api import backends as all_backends
-
         backends = all_backends()
     rec = Recommendation(hardware, goal)
     eligible = _eligible_backends(backends, hardware, goal, rec)
     candidates = _candidates(eligible)
     if results is not None:
-        from .report import summarize
-
-        results = summarize(results)
+        results = complete(results)
         candidates = _measured(candidates, results, eligible, goal, rec)
     if not candidates:
         rec.reasons.append("no method satisfies these rules")
@@ -138,9 +125,6 @@ def _eligible_backends(
 
 
 def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
-    from .core.registry import get_registry
-    from .core.resolve import preset
-
     found = []
     for name in get_registry().presets:
         config = preset(name)
@@ -152,27 +136,25 @@ def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
     return found
 
 
-def _measured(candidates: list[Candidate], results: Sequence[dict], backends: Sequence[Backend],
+def _measured(candidates: list[Candidate], results: Sequence[Result], backends: Sequence[Backend],
               goal: str, rec: Recommendation) -> list[Candidate]:
     """Replace estimates with the rows of ``results`` measured with an eligible backend."""
     by_method = {b.config_class.quant_method: b for b in backends}
     measured = []
     for r in results:
-        if r.get("status") != "ok" or r.get("perplexity") is None:
+        if not r.measured:
             continue
-        config = r.get("config")
-        if config is None:
+        if r.is_float:
             if goal != "fastest":
                 continue
-            backend, bits = None, {"float32": 32.0, "bfloat16": 16.0, "float16": 16.0}.get(r.get("dtype"), 32.0)
+            backend = None
         else:
-            backend = by_method.get(config.get("quant_method"))
+            backend = by_method.get(r.config.get("quant_method"))
             if backend is None:
                 continue
-            bits = r.get("nominal_bits")
-        measured.append(Candidate(r["method"], backend, config or {"dtype": r.get("dtype")}, bits,
-                                  r.get("bits_per_param"), r))
-    skipped = [r["method"] for r in results if r.get("status") != "ok"]
+        measured.append(Candidate(r.method, backend, r.config or {"dtype": r.dtype}, r.nominal_bits,
+                                  r.bits_per_param, r))
+    skipped = [r.method for r in results if r.status != "ok"]
     rec.reasons.append(
         f"measured results: {len(measured)} eligible method(s) of {len(results)}"
         + (f"; not measured: {', '.join(skipped)}" if skipped else "")
@@ -223,15 +205,15 @@ def _smallest(cands: list[Candidate], rec: Recommendation, *, measured: bool, ma
 def _fastest(cands: list[Candidate], rec: Recommendation, *, hardware: Hardware, measured: bool,
              max_ppl_increase: float, **_) -> list[Candidate]:
     if measured:
-        timed = [c for c in cands if c.result and c.result.get("decode_tokens_per_s")]
-        devices = {hardware_of(c.result["protocol"]["device"]) for c in timed if c.result.get("protocol")}
+        timed = [c for c in cands if c.result and c.result.decode_tokens_per_s]
+        devices = {hardware_of(c.result.protocol["device"]) for c in timed if c.result.protocol}
         if devices and devices != {hardware}:
             rec.reasons.append(f"speeds were measured on {', '.join(d.value for d in devices)}, not "
                                f"{hardware.value}: they do not transfer; using the declared formats instead")
         else:
             kept = _within_quality(timed, rec, max_ppl_increase)
             rec.reasons.append("fastest: highest measured decode tokens/s wins")
-            return sorted(kept, key=lambda c: -c.result["decode_tokens_per_s"])
+            return sorted(kept, key=lambda c: -c.result.decode_tokens_per_s)
         cands = [c for c in cands if c.backend is not None]
     kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= 4]
     rec.reasons.append("fastest, not measured (a heuristic: kernels differ; run quantkit compare on this "
@@ -240,15 +222,15 @@ def _fastest(cands: list[Candidate], rec: Recommendation, *, hardware: Hardware,
     return sorted(kept, key=lambda c: (c.bits_per_param or 99))
 
 
-def _quality_key(cands: list[Candidate]):
-    if cands and all(c.result.get("kl_divergence") is not None for c in cands):
-        return (lambda c: c.result["kl_divergence"]), "KL divergence from the float baseline"
-    return (lambda c: c.result["perplexity"]), "perplexity"
+def _quality_key(cands: list[Candidate]) -> tuple[Callable[[Candidate], float], str]:
+    if cands and all(c.result.kl_divergence is not None for c in cands):
+        return (lambda c: c.result.kl_divergence), "KL divergence from the float baseline"
+    return (lambda c: c.result.perplexity), "perplexity"
 
 
 def _within_quality(cands: list[Candidate], rec: Recommendation, max_ppl_increase: float) -> list[Candidate]:
     kept = [c for c in cands
-            if c.result.get("delta_perplexity_pct") is None or c.result["delta_perplexity_pct"] <= max_ppl_increase]
+            if c.result.delta_perplexity_pct is None or c.result.delta_perplexity_pct <= max_ppl_increase]
     dropped = sorted({c.method for c in cands} - {c.method for c in kept})
     rec.reasons.append(f"quality guard: perplexity at most {max_ppl_increase:g}% above the baseline"
                        + (f"; dropped {', '.join(dropped)}" if dropped else ""))
