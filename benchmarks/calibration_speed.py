@@ -27,8 +27,8 @@ import quantkit
 from quantkit import AWQConfig, GPTQConfig
 from quantkit.calibration import calibration_tokens
 from quantkit.compare import run_header
-from quantkit.models import load_model
 from quantkit.layerwise import decoder_stack
+from quantkit.models import load_model
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,15 @@ class Shapes:
     def linears(self) -> list[tuple[int, int]]:
         """(out, in) of every linear of a layer."""
         h = self.hidden
-        return [(self.q_out, h), (self.kv_out, h), (self.kv_out, h), (h, self.q_out), (self.mlp, h), (self.mlp, h), (h, self.mlp)]
+        return [
+            (self.q_out, h),
+            (self.kv_out, h),
+            (self.kv_out, h),
+            (h, self.q_out),
+            (self.mlp, h),
+            (self.mlp, h),
+            (h, self.mlp),
+        ]
 
     def group_inputs(self) -> list[int]:
         """Input width of each group of linears sharing an input."""
@@ -83,8 +91,12 @@ class Shapes:
 
 def gptq_flops(s: Shapes, tokens: int, seqlen: int) -> dict[str, float]:
     """Forward passes (true_sequential: each group's pass stops at its input), Hessians, solves."""
-    prefix = [0, s.qkv() + s.attention(seqlen), s.qkv() + s.attention(seqlen) + s.o(),
-              s.qkv() + s.attention(seqlen) + s.o() + s.gate_up()]
+    prefix = [
+        0,
+        s.qkv() + s.attention(seqlen),
+        s.qkv() + s.attention(seqlen) + s.o(),
+        s.qkv() + s.attention(seqlen) + s.o() + s.gate_up(),
+    ]
     forward = s.layers * tokens * sum(prefix) + (s.layers - 1) * tokens * s.layer(seqlen)
     hessians = s.layers * tokens * sum(2 * n * n for n in s.group_inputs())
     # Cholesky, inverse and lazy-batch updates: about out * in^2 + in^3 per linear.
@@ -157,12 +169,16 @@ def main() -> None:
     tokens = calibration_tokens(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
     shapes = Shapes.of(model)
     gflops = matmul_gflops(args.threads)
-    print(f"{args.nsamples} x {args.seqlen} tokens, {args.threads} threads, float32 GEMM {gflops:.0f} GFLOP/s, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"{args.nsamples} x {args.seqlen} tokens, {args.threads} threads, float32 GEMM {gflops:.0f} GFLOP/s, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     results = []
     for method in args.methods.split(","):
         if method == "gptq":
-            config = GPTQConfig(bits=args.bits, group_size=args.gptq_group_size, nsamples=args.nsamples, seqlen=args.seqlen)
+            config = GPTQConfig(
+                bits=args.bits, group_size=args.gptq_group_size, nsamples=args.nsamples, seqlen=args.seqlen
+            )
             flops = gptq_flops(shapes, tokens.numel(), args.seqlen)
         elif method == "awq":
             from quantkit.builtin_backends.awq.backend import DEFAULT_SEARCH_TOKENS
@@ -180,17 +196,24 @@ def main() -> None:
         del work
         total = sum(flops.values())
         result = {
-            "method": method, "config": config.to_diff_dict(), "seconds": round(seconds, 1),
-            "peak_rss_mib": round(rss.peak / 2**20), "tflop": round(total / 1e12, 2),
+            "method": method,
+            "config": config.to_diff_dict(),
+            "seconds": round(seconds, 1),
+            "peak_rss_mib": round(rss.peak / 2**20),
+            "tflop": round(total / 1e12, 2),
             "tflop_parts": {k: round(v / 1e12, 2) for k, v in flops.items()},
-            "floor_seconds": round(total / (gflops * 1e9), 1), "achieved_gflops": round(total / seconds / 1e9, 1),
+            "floor_seconds": round(total / (gflops * 1e9), 1),
+            "achieved_gflops": round(total / seconds / 1e9, 1),
             "load_average": round(os.getloadavg()[0], 1),
         }
         results.append(result)
         parts = ", ".join(f"{k} {v:.2f}" for k, v in result["tflop_parts"].items())
-        print(f"{method}: {seconds:.1f} s, peak RSS {result['peak_rss_mib']} MiB, {total / 1e12:.1f} TFLOP ({parts}) "
-              f"-> {result['achieved_gflops']:.0f} GFLOP/s achieved; floor at {gflops:.0f} GFLOP/s: "
-              f"{result['floor_seconds']:.0f} s ({seconds / result['floor_seconds']:.2f}x)", flush=True)
+        print(
+            f"{method}: {seconds:.1f} s, peak RSS {result['peak_rss_mib']} MiB, {total / 1e12:.1f} TFLOP ({parts}) "
+            f"-> {result['achieved_gflops']:.0f} GFLOP/s achieved; floor at {gflops:.0f} GFLOP/s: "
+            f"{result['floor_seconds']:.0f} s ({seconds / result['floor_seconds']:.2f}x)",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -51,16 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     console.print(run_header(), highlight=False)
     summary = []
     for model, tokens, seqlen in itertools.product(args.model or [None], args.tokens, args.seqlen):
-        protocol = Protocol(model=model, dataset=args.dataset, eval_tokens=tokens, seqlen=seqlen, stride=seqlen,
-                            calibration_samples=args.calibration_samples, calibration_seqlen=seqlen,
-                            device=args.device, threads=args.threads)
+        protocol = Protocol(
+            model=model,
+            dataset=args.dataset,
+            eval_tokens=tokens,
+            seqlen=seqlen,
+            stride=seqlen,
+            calibration_samples=args.calibration_samples,
+            calibration_seqlen=seqlen,
+            device=args.device,
+            threads=args.threads,
+        )
         methods = resolve_methods(args.methods.split(",") if args.methods else None, protocol, args.config_file)
         out = args.out / f"{Path(model).name if model else 'default'}-t{tokens}-s{seqlen}"
         console.print(f"\n[bold]{protocol.describe()}[/] -> {out}", highlight=False)
         start = time.perf_counter()
-        comparison = Comparison(methods, protocol, out, force=args.force,
-                                on_event=lambda e: e.stage in ("done", "failed", "unavailable")
-                                and console.print(f"  {e.method}: {e.stage}", highlight=False))
+        comparison = Comparison(
+            methods,
+            protocol,
+            out,
+            force=args.force,
+            on_event=lambda e: (
+                e.stage in ("done", "failed", "unavailable")
+                and console.print(f"  {e.method}: {e.stage}", highlight=False)
+            ),
+        )
         results = comparison.run()
         wall = time.perf_counter() - start
         write_reports(results, out, protocol.describe(), wall_seconds=wall, command=shlex.join(sys.argv))
@@ -71,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         summary.append((out.name, wall, checks))
     console.print("\n[bold]summary[/]")
     for name, wall, checks in summary:
-        console.print(f"{name}: {wall / 60:.1f} min; " + ", ".join(f"{c.status} {c.name}" for c in checks),
-                      highlight=False)
+        console.print(
+            f"{name}: {wall / 60:.1f} min; " + ", ".join(f"{c.status} {c.name}" for c in checks), highlight=False
+        )
     return 0
 
 

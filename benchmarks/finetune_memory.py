@@ -17,6 +17,7 @@ reset through ``/proc/self/clear_refs`` between phases):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -66,14 +67,26 @@ def main() -> None:
             if METHODS[method] is not None:
                 _run([sys.executable, __file__, "--prepare", method, "--checkpoint", str(checkpoint)], args.threads)
             command = [
-                sys.executable, __file__, "--worker", method, "--checkpoint", str(checkpoint),
-                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
-                "--threads", str(args.threads),
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                "--checkpoint",
+                str(checkpoint),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--seqlen",
+                str(args.seqlen),
+                "--threads",
+                str(args.threads),
             ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
             result = json.loads(_run(command, args.threads).strip().splitlines()[-1])
             results.append(result)
             print(
-                f"{method:6s} load peak {result['load_peak_mib']:7.0f} MiB | loaded {result['before_train_mib']:7.0f} MiB"
+                f"{method:6s} load peak {result['load_peak_mib']:7.0f} MiB | "
+                f"loaded {result['before_train_mib']:7.0f} MiB"
                 f" | train peak {result['train_peak_mib']:7.0f} MiB | {result['seconds_per_step']:.2f} s/step"
                 f" | losses {', '.join(f'{x:.3f}' for x in result['losses'])}",
                 flush=True,
@@ -115,21 +128,34 @@ def worker(args: argparse.Namespace) -> None:
     _reset_peak()
     start = time.perf_counter()
     result = ft.finetune(
-        model, tokenizer, tokens, steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen,
-        gradient_checkpointing=args.gradient_checkpointing, lr=1e-3,
+        model,
+        tokenizer,
+        tokens,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lr=1e-3,
     )
     seconds = time.perf_counter() - start
-    print(json.dumps({
-        "method": args.worker,
-        "backend": getattr(result.model.get_base_model(), "quantkit_backend", None),
-        "steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen,
-        "gradient_checkpointing": args.gradient_checkpointing, "threads": args.threads,
-        "load_peak_mib": load_peak / 2**20,
-        "before_train_mib": before / 2**20,
-        "train_peak_mib": _peak_rss() / 2**20,
-        "seconds_per_step": seconds / args.steps,
-        "losses": result.losses,
-    }))
+    print(
+        json.dumps(
+            {
+                "method": args.worker,
+                "backend": getattr(result.model.get_base_model(), "quantkit_backend", None),
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "seqlen": args.seqlen,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "threads": args.threads,
+                "load_peak_mib": load_peak / 2**20,
+                "before_train_mib": before / 2**20,
+                "train_peak_mib": _peak_rss() / 2**20,
+                "seconds_per_step": seconds / args.steps,
+                "losses": result.losses,
+            }
+        )
+    )
 
 
 def _run(command: list[str], threads: int) -> str:
@@ -142,10 +168,8 @@ def _run(command: list[str], threads: int) -> str:
 
 def _reset_peak() -> None:
     """Reset the kernel's peak-RSS counter (Linux); elsewhere peaks cover the whole process."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_rss() -> int:

@@ -39,23 +39,42 @@ from quantkit.compare import (
 from quantkit.core.resolve import preset
 from quantkit.estimate import estimate
 
-MEASURED_METHODS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "rtn-4bit-g128", "gptq-4bit-g128", "awq-4bit-g128",
-                    "hqq-4bit-g64", "gguf-q8_0", "gguf-q4_k_m", "gguf-q2_k")
+MEASURED_METHODS = (
+    "bf16",
+    "int8",
+    "nf4",
+    "nf4-dq",
+    "fp4",
+    "rtn-4bit-g128",
+    "gptq-4bit-g128",
+    "awq-4bit-g128",
+    "hqq-4bit-g64",
+    "gguf-q8_0",
+    "gguf-q4_k_m",
+    "gguf-q2_k",
+)
 
 LLAMA2 = {
-    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40),
-    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8),
+    "7B": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+    ),
+    "13B": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40
+    ),
+    "70B": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
 }
 """Llama-2's published architectures (vocabulary 32000, untied output head)."""
 
 SEED_FORMATS = (
-    ("FP32", None, "float32", 32), ("FP16", None, "float16", 16), ("8-bit (LLM.int8)", "int8", "float16", 8),
-    ("4-bit (NF4)", "nf4", "float16", 4), ("4-bit + double quant", "nf4-dq", "float16", 4),
-    ("GPTQ 4-bit g128", "gptq-4bit-g128", "float16", 4), ("AWQ 4-bit g128", "awq-4bit-g128", "float16", 4),
+    ("FP32", None, "float32", 32),
+    ("FP16", None, "float16", 16),
+    ("8-bit (LLM.int8)", "int8", "float16", 8),
+    ("4-bit (NF4)", "nf4", "float16", 4),
+    ("4-bit + double quant", "nf4-dq", "float16", 4),
+    ("GPTQ 4-bit g128", "gptq-4bit-g128", "float16", 4),
+    ("AWQ 4-bit g128", "awq-4bit-g128", "float16", 4),
 )
 """Row label, preset (``None``: unquantized), dtype of everything not quantized, nominal bits."""
 
@@ -89,9 +108,13 @@ def rows_from_results(path: Path) -> list[dict]:
     """The same rows from a ``quantkit compare`` results file."""
     rows = []
     for r in json.loads(path.read_text()):
-        row = {"method": r["method"], "estimated_bits": r.get("estimated_bits_per_param"),
-               "estimated_bytes": r.get("estimated_size_bytes"), "bits": r.get("bits_per_param"),
-               "size_bytes": r.get("size_bytes")}
+        row = {
+            "method": r["method"],
+            "estimated_bits": r.get("estimated_bits_per_param"),
+            "estimated_bytes": r.get("estimated_size_bytes"),
+            "bits": r.get("bits_per_param"),
+            "size_bytes": r.get("size_bytes"),
+        }
         if r.get("status") != "ok":
             row["error"] = f"{r.get('status')}: {r.get('reason')}"
         rows.append(row)
@@ -100,20 +123,30 @@ def rows_from_results(path: Path) -> list[dict]:
 
 def measured_table(rows: list[dict]) -> Table:
     table = Table(title="estimator vs measured (saved files)")
-    for column in ("method", "bits/param measured", "estimated", "error", "size MB measured", "estimated MB",
-                   "error "):
+    for column in ("method", "bits/param measured", "estimated", "error", "size MB measured", "estimated MB", "error "):
         table.add_column(column, justify="left" if column == "method" else "right")
     errors = [f"{r['method']}: {r['error']}" for r in rows if r.get("error")]
     table.caption, table.caption_justify = "\n".join(errors) or None, "left"
     for r in rows:
         if r.get("bits") is None:
-            table.add_row(r["method"], "-", _fmt(r.get("estimated_bits"), "{:.4f}"), "-", "-",
-                          _fmt(r.get("estimated_bytes"), "mb"), "-")
+            table.add_row(
+                r["method"],
+                "-",
+                _fmt(r.get("estimated_bits"), "{:.4f}"),
+                "-",
+                "-",
+                _fmt(r.get("estimated_bytes"), "mb"),
+                "-",
+            )
             continue
         table.add_row(
-            r["method"], f"{r['bits']:.4f}", _fmt(r.get("estimated_bits"), "{:.4f}"),
-            _rel(r["bits"], r.get("estimated_bits")), f"{r['size_bytes'] / 1e6:.2f}",
-            _fmt(r.get("estimated_bytes"), "mb"), _rel(r["size_bytes"], r.get("estimated_bytes")),
+            r["method"],
+            f"{r['bits']:.4f}",
+            _fmt(r.get("estimated_bits"), "{:.4f}"),
+            _rel(r["bits"], r.get("estimated_bits")),
+            f"{r['size_bytes'] / 1e6:.2f}",
+            _fmt(r.get("estimated_bytes"), "mb"),
+            _rel(r["size_bytes"], r.get("estimated_bytes")),
         )
     return table
 
@@ -128,23 +161,46 @@ def seed_rows() -> list[dict]:
             from_count = estimate(size, config, dtype=dtype if config is None else "float16")
             from_arch = estimate(config=config, model_config=arch, dtype=dtype)
             popular = float(size.rstrip("B")) * 1e9 * bits / 8
-            rows.append({"model": f"Llama-2-{size}", "format": label, "popular_gb": popular / 1e9,
-                         "params": from_arch.params, "bits_per_param": from_arch.bits_per_param,
-                         "count_gb": from_count.total_bytes / 1e9, "arch_gb": from_arch.total_bytes / 1e9,
-                         "arch_gib": from_arch.total_bytes / 2**30,
-                         "popular_error_pct": 100 * (popular / from_arch.total_bytes - 1)})
+            rows.append(
+                {
+                    "model": f"Llama-2-{size}",
+                    "format": label,
+                    "popular_gb": popular / 1e9,
+                    "params": from_arch.params,
+                    "bits_per_param": from_arch.bits_per_param,
+                    "count_gb": from_count.total_bytes / 1e9,
+                    "arch_gb": from_arch.total_bytes / 1e9,
+                    "arch_gib": from_arch.total_bytes / 2**30,
+                    "popular_error_pct": 100 * (popular / from_arch.total_bytes - 1),
+                }
+            )
     return rows
 
 
 def seed_table(rows: list[dict]) -> Table:
     table = Table(title="Llama-2 memory: popular figures vs the estimator")
-    for column in ("model", "format", "popular GB", "bits/param", "from count GB", "architecture GB",
-                   "architecture GiB", "popular is off by"):
+    for column in (
+        "model",
+        "format",
+        "popular GB",
+        "bits/param",
+        "from count GB",
+        "architecture GB",
+        "architecture GiB",
+        "popular is off by",
+    ):
         table.add_column(column, justify="left" if column in ("model", "format") else "right")
     for r in rows:
-        table.add_row(r["model"], r["format"], f"{r['popular_gb']:.1f}", f"{r['bits_per_param']:.3f}",
-                      f"{r['count_gb']:.2f}", f"{r['arch_gb']:.2f}", f"{r['arch_gib']:.2f}",
-                      f"{r['popular_error_pct']:+.1f}%")
+        table.add_row(
+            r["model"],
+            r["format"],
+            f"{r['popular_gb']:.1f}",
+            f"{r['bits_per_param']:.3f}",
+            f"{r['count_gb']:.2f}",
+            f"{r['arch_gb']:.2f}",
+            f"{r['arch_gib']:.2f}",
+            f"{r['popular_error_pct']:+.1f}%",
+        )
     return table
 
 
@@ -153,10 +209,12 @@ def seed_notes(rows: list[dict]) -> list[str]:
     notes = []
     for r in rows:
         if abs(r["popular_error_pct"]) >= 5:
-            notes.append(f"{r['model']} {r['format']}: the popular {r['popular_gb']:.1f} GB is "
-                         f"{abs(r['popular_error_pct']):.0f}% {'over' if r['popular_error_pct'] > 0 else 'under'} "
-                         f"the {r['arch_gb']:.2f} GB ({r['arch_gib']:.2f} GiB) the format stores "
-                         f"({r['params'] / 1e9:.2f} B parameters, {r['bits_per_param']:.3f} bits per linear weight)")
+            notes.append(
+                f"{r['model']} {r['format']}: the popular {r['popular_gb']:.1f} GB is "
+                f"{abs(r['popular_error_pct']):.0f}% {'over' if r['popular_error_pct'] > 0 else 'under'} "
+                f"the {r['arch_gb']:.2f} GB ({r['arch_gib']:.2f} GiB) the format stores "
+                f"({r['params'] / 1e9:.2f} B parameters, {r['bits_per_param']:.3f} bits per linear weight)"
+            )
     return notes
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .core.text import Dataset, split_text
 from .core.errors import QuantkitError
 from .core.hookspecs import hookimpl
+from .core.text import Dataset, split_text
 
 OFFLINE_HINT = "use the offline built-in dataset 'pydoc' or a local .txt/.jsonl file instead"
 
@@ -54,23 +54,47 @@ def _hub(name: str, calibration: tuple, evaluation: tuple, field: str = "text") 
 @hookimpl
 def quantkit_register_datasets(register) -> None:
     register(Dataset("pydoc", "Python's documentation topics, shipped with CPython (offline)", _pydoc))
-    register(Dataset(
-        "wikitext2", "WikiText-2 raw: train for calibration, test for evaluation (hub)",
-        _hub("wikitext2", ((("wikitext", "wikitext-2-raw-v1"), {"split": "train"})),
-             ((("wikitext", "wikitext-2-raw-v1"), {"split": "test"}))),
-        offline=False,
-    ))
-    register(Dataset(
-        "c4", "C4 English: train shard 0 for calibration, validation shard 0 for evaluation (hub)",
-        _hub("c4",
-             ((("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"})),
-             ((("allenai/c4",), {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                                 "split": "validation"}))),
-        offline=False,
-    ))
-    register(Dataset(
-        "pileval", "The Pile validation sample AWQ calibrates on (hub)",
-        _hub("pileval", ((("mit-han-lab/pile-val-backup",), {"split": "validation"})),
-             ((("mit-han-lab/pile-val-backup",), {"split": "validation"}))),
-        offline=False,
-    ))
+    register(
+        Dataset(
+            "wikitext2",
+            "WikiText-2 raw: train for calibration, test for evaluation (hub)",
+            _hub(
+                "wikitext2",
+                ((("wikitext", "wikitext-2-raw-v1"), {"split": "train"})),
+                ((("wikitext", "wikitext-2-raw-v1"), {"split": "test"})),
+            ),
+            offline=False,
+        )
+    )
+    register(
+        Dataset(
+            "c4",
+            "C4 English: train shard 0 for calibration, validation shard 0 for evaluation (hub)",
+            _hub(
+                "c4",
+                ((("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"})),
+                (
+                    (
+                        ("allenai/c4",),
+                        {
+                            "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                            "split": "validation",
+                        },
+                    )
+                ),
+            ),
+            offline=False,
+        )
+    )
+    register(
+        Dataset(
+            "pileval",
+            "The Pile validation sample AWQ calibrates on (hub)",
+            _hub(
+                "pileval",
+                ((("mit-han-lab/pile-val-backup",), {"split": "validation"})),
+                ((("mit-han-lab/pile-val-backup",), {"split": "validation"})),
+            ),
+            offline=False,
+        )
+    )

@@ -136,8 +136,13 @@ class _Totals:
 
 
 def _score(
-    logits: torch.Tensor, targets: torch.Tensor, ref: np.ndarray | None, row: int,
-    writer: ReferenceWriter | None, totals: _Totals, chunk: int = 128,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ref: np.ndarray | None,
+    row: int,
+    writer: ReferenceWriter | None,
+    totals: _Totals,
+    chunk: int = 128,
 ) -> None:
     """Accumulate one window's metrics in float64, ``chunk`` rows at a time.
 

@@ -46,7 +46,11 @@ log = logging.getLogger("quantkit")
 
 ALL_LINEAR = "all-linear"
 LORA_DEFAULTS: dict[str, Any] = {
-    "r": 16, "lora_alpha": 8, "target_modules": ALL_LINEAR, "lora_dropout": 0.05, "bias": "none",
+    "r": 16,
+    "lora_alpha": 8,
+    "target_modules": ALL_LINEAR,
+    "lora_dropout": 0.05,
+    "bias": "none",
 }
 """What ``lora=True`` means (txtai's short form): rank 16, alpha 8, every linear but the output head."""
 
@@ -141,8 +145,15 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
     cannot be re-quantized without their calibration data.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         with warnings.catch_warnings():  # PEFT warns about layer types it does not know: this layer is for them
             warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
@@ -246,8 +257,13 @@ def attach_lora(
     stray = sorted(n for n in trainable if ".lora_" not in n)
     if stray and config.bias == "none" and not config.modules_to_save:
         raise QuantkitError(f"base parameters would train besides the adapters: {stray[:5]}")
-    log.info("LoRA r=%d alpha=%s on %d modules: %d trainable parameters", config.r, config.lora_alpha,
-             len(_lora_layers(peft_model)), sum(p.numel() for n, p in peft_model.named_parameters() if n in trainable))
+    log.info(
+        "LoRA r=%d alpha=%s on %d modules: %d trainable parameters",
+        config.r,
+        config.lora_alpha,
+        len(_lora_layers(peft_model)),
+        sum(p.numel() for n, p in peft_model.named_parameters() if n in trainable),
+    )
     return peft_model
 
 
@@ -361,7 +377,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_ne
         )
     finally:
         model.train(was_training)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # -- the training loop ----------------------------------------------------------------
@@ -420,8 +436,10 @@ def finetune(
         model = model.to(device)  # quantized models stay where their backend put them
     if quantize is not None:
         model = quantize_model(model, qlora_config(quantize, device), device=device, tokenizer=tokenizer)
-    tokens = text if isinstance(text, torch.Tensor) else calibration_tokens(
-        tokenizer, text, nsamples=steps * batch_size, seqlen=seqlen, seed=seed
+    tokens = (
+        text
+        if isinstance(text, torch.Tensor)
+        else calibration_tokens(tokenizer, text, nsamples=steps * batch_size, seqlen=seqlen, seed=seed)
     )
     peft_model = model if adapted else attach_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)

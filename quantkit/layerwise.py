@@ -372,7 +372,13 @@ def quantize_layerwise(
         device_peak = f", {device} peak {report.peak_device_bytes / 2**20:.0f} MiB"
     log.info(
         "%s: %d layers on %d x %d tokens in %.1f s; peak RSS %.0f MiB%s",
-        description, report.layers, nsamples, seqlen, report.seconds, report.peak_rss_bytes / 2**20, device_peak,
+        description,
+        report.layers,
+        nsamples,
+        seqlen,
+        report.seconds,
+        report.peak_rss_bytes / 2**20,
+        device_peak,
     )
     setattr(model, REPORT_ATTR, report)
     return report

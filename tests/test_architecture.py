@@ -61,7 +61,8 @@ def test_core_import_graph_has_no_cycle_and_stays_in_the_core():
     known = modules()
     graph = {
         name: {resolve(t, known) for t, _ in internal_imports(path)} - {name}
-        for name, path in known.items() if name.startswith("quantkit.core")
+        for name, path in known.items()
+        if name.startswith("quantkit.core")
     }
     for name, targets in graph.items():
         outside = [t for t in targets if not t.startswith("quantkit.core")]

@@ -55,8 +55,12 @@ class HalfBackend(Backend):
     name = "template-half"
     config_class = HalfConfig
     capabilities = Capabilities(
-        quantize_hardware=ALL_HARDWARE, inference_hardware=ALL_HARDWARE, requires_calibration=False,
-        serializable=True, trainable=True, shape_limits=(ShapeLimit("in_features", 64, "whole tiles of 64"),),
+        quantize_hardware=ALL_HARDWARE,
+        inference_hardware=ALL_HARDWARE,
+        requires_calibration=False,
+        serializable=True,
+        trainable=True,
+        shape_limits=(ShapeLimit("in_features", 64, "whole tiles of 64"),),
     )
 
     def __init__(self) -> None:
@@ -172,44 +176,106 @@ def _refusal(backend: str, config: QuantConfig, model: nn.Module) -> ShapeLimitE
 @pytest.mark.parametrize(
     ("backend", "config", "shape", "field", "expected"),
     [
-        ("gptq", quantkit.GPTQConfig(bits=3, group_size=8), dict(hidden=72, intermediate=136), "bits", [
-            "GPTQConfig bits=3 does not fit 14 layer(s): in_features * bits must be a multiple of 32",
-            "model.layers.0.self_attn.q_proj (in_features=72, 72 * 3 = 216, 216 % 32 = 24)",
-            "Every layer fits bits=8: use it,",
-        ]),
-        ("gptq", quantkit.GPTQConfig(bits=3, group_size=32), dict(hidden=96, intermediate=128), "bits", [
-            "out_features * bits must be a multiple of 32 (the GPTQ format packs each group's zero points",
-            "model.layers.0.self_attn.k_proj (out_features=48, 48 * 3 = 144, 144 % 32 = 16)",
-        ]),
-        ("rtn", quantkit.RTNConfig(bits=3), dict(hidden=72, intermediate=136), "bits", [
-            "RTNConfig bits=3 does not fit", "in_features * bits must be a multiple of 32",
-        ]),
-        ("awq", quantkit.AWQConfig(group_size=64), dict(hidden=96), "group_size", [
-            "AWQConfig group_size=64 does not fit 12 layer(s): in_features must be a multiple of group_size",
-            "model.layers.0.self_attn.q_proj (in_features=96, 96 % 64 = 32); ", "; and 9 more.",
-            "Every layer fits group_size=32: use it,",
-        ]),
-        ("awq", quantkit.AWQConfig(group_size=32, modules_to_not_convert=["lm_head", "down_proj"]),
-         dict(intermediate=132), "version", [
-            "AWQConfig version='gemm' does not fit 4 layer(s): out_features must be a multiple of 8 (the GEMM layout",
-            "model.layers.0.mlp.gate_proj (out_features=132, 132 % 8 = 4)", "Change the config or add",
-        ]),
-        ("hqq", quantkit.HQQConfig(group_size=60), {}, "group_size", [
-            "HQQConfig group_size=60 does not fit 14 layer(s): group_size must be a multiple of 8 (hqq's requirement)",
-        ]),
-        ("hqq", quantkit.HQQConfig(group_size=48), {}, "group_size", [
-            "out_features * in_features must be a multiple of group_size",
-            "model.layers.0.self_attn.q_proj (out_features=64, in_features=64, 64 * 64 = 4096, 4096 % 48 = 16)",
-        ]),
-        ("hqq", quantkit.HQQConfig(nbits=4, group_size=2048), {}, "group_size", [
-            "HQQConfig group_size=2048, nbits=4, axis=1 does not fit",
-            "out_features * in_features must be a multiple of group_size * 2 (hqq packs 2 4-bit groups per byte)",
-        ]),
+        (
+            "gptq",
+            quantkit.GPTQConfig(bits=3, group_size=8),
+            dict(hidden=72, intermediate=136),
+            "bits",
+            [
+                "GPTQConfig bits=3 does not fit 14 layer(s): in_features * bits must be a multiple of 32",
+                "model.layers.0.self_attn.q_proj (in_features=72, 72 * 3 = 216, 216 % 32 = 24)",
+                "Every layer fits bits=8: use it,",
+            ],
+        ),
+        (
+            "gptq",
+            quantkit.GPTQConfig(bits=3, group_size=32),
+            dict(hidden=96, intermediate=128),
+            "bits",
+            [
+                "out_features * bits must be a multiple of 32 (the GPTQ format packs each group's zero points",
+                "model.layers.0.self_attn.k_proj (out_features=48, 48 * 3 = 144, 144 % 32 = 16)",
+            ],
+        ),
+        (
+            "rtn",
+            quantkit.RTNConfig(bits=3),
+            dict(hidden=72, intermediate=136),
+            "bits",
+            [
+                "RTNConfig bits=3 does not fit",
+                "in_features * bits must be a multiple of 32",
+            ],
+        ),
+        (
+            "awq",
+            quantkit.AWQConfig(group_size=64),
+            dict(hidden=96),
+            "group_size",
+            [
+                "AWQConfig group_size=64 does not fit 12 layer(s): in_features must be a multiple of group_size",
+                "model.layers.0.self_attn.q_proj (in_features=96, 96 % 64 = 32); ",
+                "; and 9 more.",
+                "Every layer fits group_size=32: use it,",
+            ],
+        ),
+        (
+            "awq",
+            quantkit.AWQConfig(group_size=32, modules_to_not_convert=["lm_head", "down_proj"]),
+            dict(intermediate=132),
+            "version",
+            [
+                "AWQConfig version='gemm' does not fit 4 layer(s): out_features must be a multiple of 8 "
+                "(the GEMM layout",
+                "model.layers.0.mlp.gate_proj (out_features=132, 132 % 8 = 4)",
+                "Change the config or add",
+            ],
+        ),
+        (
+            "hqq",
+            quantkit.HQQConfig(group_size=60),
+            {},
+            "group_size",
+            [
+                "HQQConfig group_size=60 does not fit 14 layer(s): group_size must be a multiple of 8 "
+                "(hqq's requirement)",
+            ],
+        ),
+        (
+            "hqq",
+            quantkit.HQQConfig(group_size=48),
+            {},
+            "group_size",
+            [
+                "out_features * in_features must be a multiple of group_size",
+                "model.layers.0.self_attn.q_proj (out_features=64, in_features=64, 64 * 64 = 4096, 4096 % 48 = 16)",
+            ],
+        ),
+        (
+            "hqq",
+            quantkit.HQQConfig(nbits=4, group_size=2048),
+            {},
+            "group_size",
+            [
+                "HQQConfig group_size=2048, nbits=4, axis=1 does not fit",
+                "out_features * in_features must be a multiple of group_size * 2 (hqq packs 2 4-bit groups per byte)",
+            ],
+        ),
         ("hqq", quantkit.HQQConfig(nbits=2, group_size=2048), {}, "group_size", ["hqq packs 4 2-bit groups per byte"]),
         ("hqq", quantkit.HQQConfig(nbits=1, group_size=1024), {}, "group_size", ["hqq packs 8 1-bit groups per byte"]),
     ],
-    ids=["gptq-in", "gptq-out", "rtn-in", "awq-group", "awq-gemm", "hqq-multiple-of-8", "hqq-groups",
-         "hqq-4bit-packing", "hqq-2bit-packing", "hqq-1bit-packing"],
+    ids=[
+        "gptq-in",
+        "gptq-out",
+        "rtn-in",
+        "awq-group",
+        "awq-gemm",
+        "hqq-multiple-of-8",
+        "hqq-groups",
+        "hqq-4bit-packing",
+        "hqq-2bit-packing",
+        "hqq-1bit-packing",
+    ],
 )
 def test_each_declared_limit_is_refused_with_a_clear_message(backend, config, shape, field, expected):
     if not get_registry().backends[backend].is_available():
@@ -249,13 +315,21 @@ def test_shape_limits_are_plain_data():
 def test_declarations_of_the_builtin_backends():
     builtin = get_registry().builtin_backends().values()
     declared = {b.name: (b.capabilities.merges_adapters, b.capabilities.peft_native) for b in builtin}
-    assert declared == {"bitsandbytes": (True, True), "hqq": (True, True), "gptq": (False, False),
-                        "awq": (False, False), "rtn": (False, False), "gguf": (False, False)}
+    assert declared == {
+        "bitsandbytes": (True, True),
+        "hqq": (True, True),
+        "gptq": (False, False),
+        "awq": (False, False),
+        "rtn": (False, False),
+        "gguf": (False, False),
+    }
 
 
 def test_merge_is_refused_naming_a_backend_that_does_not_declare_it(half):
-    for model in (quantkit.quantize(make_tiny_llama(), quantkit.RTNConfig(group_size=32), device="cpu"),
-                  quantkit.quantize(make_tiny_llama(), HalfConfig(), device="cpu")):
+    for model in (
+        quantkit.quantize(make_tiny_llama(), quantkit.RTNConfig(group_size=32), device="cpu"),
+        quantkit.quantize(make_tiny_llama(), HalfConfig(), device="cpu"),
+    ):
         adapted = ft.attach_lora(model, {"r": 4})
         name = model.quantkit_backend
         with pytest.raises(QuantkitError, match=f"backend '{name}' declares merges_adapters=False"):
@@ -302,8 +376,12 @@ def _modes(path) -> dict[str, int]:
 def test_saved_model_folder_and_files_follow_the_umask(umask_027, tmp_path):
     model = quantkit.quantize(make_tiny_llama(), quantkit.RTNConfig(group_size=32), device="cpu")
     folder = quantkit.save(model, tmp_path / "m")
-    assert _modes(folder) == {"m": 0o750, "config.json": 0o640, "generation_config.json": 0o640,
-                              "model.safetensors": 0o640}
+    assert _modes(folder) == {
+        "m": 0o750,
+        "config.json": 0o640,
+        "generation_config.json": 0o640,
+        "model.safetensors": 0o640,
+    }
     quantkit.save(model, folder)  # replacing an existing folder
     assert _modes(folder)["model.safetensors"] == 0o640
     adapter = ft.save_adapter(ft.attach_lora(model, {"r": 4}), tmp_path / "adapter")

@@ -51,15 +51,39 @@ from quantkit.compare.plots import plot
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.resolve import default_comparison
 
-PROTOCOL = Protocol(model="tiny", eval_tokens=256, seqlen=64, stride=64, calibration_samples=4,
-                    calibration_seqlen=32, threads=1)
+PROTOCOL = Protocol(
+    model="tiny", eval_tokens=256, seqlen=64, stride=64, calibration_samples=4, calibration_seqlen=32, threads=1
+)
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 RESULT_KEYS = (
-    "method", "config", "available", "status", "reason", "backend", "nominal_bits", "code_bits", "requires_calibration",
-    "bits_per_param", "estimated_bits_per_param", "size_bytes", "estimated_size_bytes",
-    "quantized_params", "quantized_bytes", "quantize_seconds", "peak_rss_bytes", "rss_before_quantize_bytes",
-    "perplexity", "delta_perplexity", "delta_perplexity_pct", "kl_divergence", "top1_agreement",
-    "prefill_tokens_per_s", "decode_tokens_per_s", "eval_seconds", "worker_seconds", "quantize_cpu_seconds",
+    "method",
+    "config",
+    "available",
+    "status",
+    "reason",
+    "backend",
+    "nominal_bits",
+    "code_bits",
+    "requires_calibration",
+    "bits_per_param",
+    "estimated_bits_per_param",
+    "size_bytes",
+    "estimated_size_bytes",
+    "quantized_params",
+    "quantized_bytes",
+    "quantize_seconds",
+    "peak_rss_bytes",
+    "rss_before_quantize_bytes",
+    "perplexity",
+    "delta_perplexity",
+    "delta_perplexity_pct",
+    "kl_divergence",
+    "top1_agreement",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "eval_seconds",
+    "worker_seconds",
+    "quantize_cpu_seconds",
     "cpu_seconds",
 )
 """The CSV columns (and first JSON keys) of every result, as quantkit has always written them."""
@@ -68,10 +92,22 @@ RESULT_KEYS = (
 # -- methods and protocol -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,bits", [
-    ("fp32", 32), ("bf16", 16), ("nf4", 4), ("nf4-dq", 4), ("int8", 8), ("gptq-4bit-g128", 4),
-    ("hqq-2bit-g16", 2), ("gguf-q4_k_m", 4), ("gguf-q8_0", 8), ("gguf-q2_k", 2), ("rtn-4bit-g128", 4),
-])
+@pytest.mark.parametrize(
+    "name,bits",
+    [
+        ("fp32", 32),
+        ("bf16", 16),
+        ("nf4", 4),
+        ("nf4-dq", 4),
+        ("int8", 8),
+        ("gptq-4bit-g128", 4),
+        ("hqq-2bit-g16", 2),
+        ("gguf-q4_k_m", 4),
+        ("gguf-q8_0", 8),
+        ("gguf-q2_k", 2),
+        ("rtn-4bit-g128", 4),
+    ],
+)
 def test_nominal_bits(name, bits):
     assert method_from_name(name, PROTOCOL).nominal_bits == bits
 
@@ -134,12 +170,15 @@ def test_method_and_protocol_validation_and_keys():
 
 
 def test_stored_bytes_counts_the_tensors_of_quantized_modules_only(tmp_path):
-    save_file({
-        "model.q_proj.qweight": torch.zeros(8, 4, dtype=torch.int32),   # 128 bytes
-        "model.q_proj.scales": torch.zeros(2, 8, dtype=torch.float16),  # 32 bytes
-        "model.q_proj_extra.weight": torch.zeros(10, dtype=torch.float32),  # another module: 40 bytes
-        "model.embed.weight": torch.zeros(16, 4, dtype=torch.float32),   # 256 bytes
-    }, tmp_path / "model.safetensors")
+    save_file(
+        {
+            "model.q_proj.qweight": torch.zeros(8, 4, dtype=torch.int32),  # 128 bytes
+            "model.q_proj.scales": torch.zeros(2, 8, dtype=torch.float16),  # 32 bytes
+            "model.q_proj_extra.weight": torch.zeros(10, dtype=torch.float32),  # another module: 40 bytes
+            "model.embed.weight": torch.zeros(16, 4, dtype=torch.float32),  # 256 bytes
+        },
+        tmp_path / "model.safetensors",
+    )
     (tmp_path / "config.json").write_text("{}")
     measured = stored_bytes(tmp_path, ["model.q_proj"])
     assert measured["quantized_bytes"] == 160
@@ -204,22 +243,33 @@ def rows(ppl: dict[str, float]) -> list[Result]:
         m = method_from_name(name, PROTOCOL)
         bits = {32: 32.0, 8: 8.2, 4: 4.5, 2: 2.6}[int(m.nominal_bits)]
         calibrated = m.config is not None and m.config.quant_method in ("gptq", "awq")
-        out.append(fake_result(m, perplexity=value, bits_per_param=bits, estimated_bits_per_param=bits,
-                               size_bytes=bits * 1e6, requires_calibration=calibrated, kl_divergence=0.0))
+        out.append(
+            fake_result(
+                m,
+                perplexity=value,
+                bits_per_param=bits,
+                estimated_bits_per_param=bits,
+                size_bytes=bits * 1e6,
+                requires_calibration=calibrated,
+                kl_divergence=0.0,
+            )
+        )
     return complete(out)
 
 
 def test_checks_pass_on_a_sound_comparison():
-    results = rows({"fp32": 10.0, "int8": 10.05, "nf4": 11.0, "gptq-4bit-g128": 10.6, "rtn-4bit-g128": 11.5,
-                    "gguf-q2_k": 30.0})
+    results = rows(
+        {"fp32": 10.0, "int8": 10.05, "nf4": 11.0, "gptq-4bit-g128": 10.6, "rtn-4bit-g128": 11.5, "gguf-q2_k": 30.0}
+    )
     checks = run_checks(results)
     assert [c.status for c in checks] == ["PASS"] * 4, [c.line() for c in checks]
     assert results[1].delta_perplexity_pct == pytest.approx(0.5)
 
 
 def test_checks_fail_where_the_results_say_so():
-    results = rows({"fp32": 10.0, "int8": 10.2, "nf4": 9.0, "gptq-4bit-g128": 12.0, "rtn-4bit-g128": 11.5,
-                    "gguf-q2_k": 30.0})
+    results = rows(
+        {"fp32": 10.0, "int8": 10.2, "nf4": 9.0, "gptq-4bit-g128": 12.0, "rtn-4bit-g128": 11.5, "gguf-q2_k": 30.0}
+    )
     results[2] = dataclasses.replace(results[2], bits_per_param=4.8)  # nf4: 6.7% above its estimate
     status = {c.name.split()[0]: c for c in run_checks(results)}
     assert status["8-bit"].status == "FAIL" and "int8 +2.00% FAILED" in status["8-bit"].detail
@@ -232,12 +282,14 @@ def test_checks_fail_where_the_results_say_so():
 def test_calibrated_methods_are_checked_against_rtn_on_the_same_grid():
     """A symmetric GPTQ grid is compared with symmetric RTN, not with the (finer) asymmetric one."""
     results = rows({"fp32": 10.0, "gptq-4bit-g128": 11.0, "rtn-4bit-g128": 11.5})
-    asym = dataclasses.replace(results[2], method="rtn-4bit-g128-asym", perplexity=10.8,
-                               config={**results[2].config, "sym": False})
+    asym = dataclasses.replace(
+        results[2], method="rtn-4bit-g128-asym", perplexity=10.8, config={**results[2].config, "sym": False}
+    )
     calibrated = next(c for c in run_checks([*results, asym]) if c.name.startswith("calibrated"))
     assert calibrated.status == "PASS" and "rtn-4bit-g128-asym" not in calibrated.detail
-    gptq_asym = dataclasses.replace(results[1], method="gptq-4bit-g128-asym",
-                                    config={**results[1].config, "sym": False})
+    gptq_asym = dataclasses.replace(
+        results[1], method="gptq-4bit-g128-asym", config={**results[1].config, "sym": False}
+    )
     calibrated = next(c for c in run_checks([*results, asym, gptq_asym]) if c.name.startswith("calibrated"))
     assert calibrated.status == "FAIL" and "gptq-4bit-g128-asym 11.000 < rtn-4bit-g128-asym 10.800" in calibrated.detail
 
@@ -256,8 +308,14 @@ def test_pareto_front():
 
 def test_reports_list_every_method_including_unavailable_ones(tmp_path):
     results = rows({"fp32": 10.0, "nf4": 11.0})
-    results.append(Result.of(method_from_name("awq-4bit-g128", PROTOCOL), PROTOCOL, "unavailable",
-                              "awq: group_size 128 does not divide 576"))
+    results.append(
+        Result.of(
+            method_from_name("awq-4bit-g128", PROTOCOL),
+            PROTOCOL,
+            "unavailable",
+            "awq: group_size 128 does not divide 576",
+        )
+    )
     csv_text = to_csv(results)
     assert csv_text.splitlines()[0].split(",") == list(RESULT_KEYS)
     assert len(csv_text.splitlines()) == 4
@@ -297,13 +355,16 @@ def test_results_files_name_what_they_cannot_read(tmp_path):
 class WithEnergy(Result):
     """One more metric: its field and column are the whole declaration."""
 
-    energy_joules: float | None = column(label="energy J", fmt="{:.1f}", group=Group.COST, short="J", terminal=2,
-                                         markdown=True, csv=True)
+    energy_joules: float | None = column(
+        label="energy J", fmt="{:.1f}", group=Group.COST, short="J", terminal=2, markdown=True, csv=True
+    )
 
 
 def test_a_metric_declared_on_the_record_reaches_every_view():
-    results = [WithEnergy(**dataclasses.asdict(r), energy_joules=joules)
-               for r, joules in zip(rows({"fp32": 10.0, "nf4": 11.0}), (12.5, 3.5))]
+    results = [
+        WithEnergy(**dataclasses.asdict(r), energy_joules=joules)
+        for r, joules in zip(rows({"fp32": 10.0, "nf4": 11.0}), (12.5, 3.5))
+    ]
     data = results[1].to_dict()
     assert data["energy_joules"] == 3.5 and WithEnergy.from_dict(json.loads(json.dumps(data))) == results[1]
     header, _, nf4 = to_csv(results).splitlines()
@@ -324,8 +385,10 @@ def test_the_terminal_table_fits_80_columns_and_names_what_it_leaves_out():
         lines = console.file.getvalue().splitlines()
         assert max(map(cell_len, lines)) <= width
         for r in results:  # one line per method, its perplexity in it
-            assert any(line.startswith(f"{r.method} ") and (r.perplexity is None or f"{r.perplexity:.5g}" in line)
-                       for line in lines), (width, r.method)
+            assert any(
+                line.startswith(f"{r.method} ") and (r.perplexity is None or f"{r.perplexity:.5g}" in line)
+                for line in lines
+            ), (width, r.method)
         text = "\n".join(lines)
         assert "bits = bits/param" in text and "awq-4bit-g128: failed: QuantizationError" in text
         assert ("left out at this width: quantize s, peak RSS MB" in text) == (width == 80)
@@ -366,8 +429,13 @@ def test_a_method_that_is_not_deterministic_is_evaluated_repeatedly_and_keeps_it
 
     monkeypatch.setattr(worker, "load_model", noisy_model)
     protocol = dataclasses.replace(PROTOCOL, eval_tokens=128, seqlen=32, stride=32, decode_tokens=2, prompt_tokens=8)
-    job = {"protocol": protocol.to_dict(), "reference": str(tmp_path / "reference.npy"), "write_reference": False,
-           "models": None, "scratch": str(tmp_path)}
+    job = {
+        "protocol": protocol.to_dict(),
+        "reference": str(tmp_path / "reference.npy"),
+        "write_reference": False,
+        "models": None,
+        "scratch": str(tmp_path),
+    }
     events = []
 
     def report(stage, done=0, total=0, **_):
@@ -401,25 +469,51 @@ def tiny_model_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_model_folder()).save_pretrained(folder)
     return folder
 
 
 def compare_command(model: Path, out: Path, methods: str) -> list[str]:
-    return [sys.executable, "-m", "quantkit.cli.main", "compare", "--model", str(model), "--methods", methods,
-            "--tokens", "256", "--seqlen", "64", "--decode-tokens", "4", "--threads", "1", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "quantkit.cli.main",
+        "compare",
+        "--model",
+        str(model),
+        "--methods",
+        methods,
+        "--tokens",
+        "256",
+        "--seqlen",
+        "64",
+        "--decode-tokens",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "QUANTKIT_QUIET": "1"}
-    first = subprocess.Popen(compare_command(tiny_model_dir, out, "fp32,bf16"), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        compare_command(tiny_model_dir, out, "fp32,bf16"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     baseline = out / "results" / "fp32.json"
     deadline = time.monotonic() + 300
     while not baseline.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -431,8 +525,9 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     time.sleep(3)  # the orphaned worker notices its parent is gone and stops
     assert not (out / "results" / "bf16.json").exists()
 
-    second = subprocess.run(compare_command(tiny_model_dir, out, "fp32,bf16"), env=env, capture_output=True,
-                            text=True, timeout=300)
+    second = subprocess.run(
+        compare_command(tiny_model_dir, out, "fp32,bf16"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr
     assert "fp32: skipped" in second.stderr and "bf16: done" in second.stderr  # skipped, then resumed
     assert read_result(baseline).worker_seconds == finished
@@ -447,8 +542,23 @@ def test_compare_end_to_end_on_the_embedded_model(tmp_path):
     from quantkit.cli.main import main
 
     out, json_path = tmp_path / "out", tmp_path / "results.json"
-    code = main(["compare", "--methods", "rtn-4bit-g128", "--tokens", "1024", "--seqlen", "256",
-                 "--decode-tokens", "8", "--out", str(out), "--json", str(json_path)])
+    code = main(
+        [
+            "compare",
+            "--methods",
+            "rtn-4bit-g128",
+            "--tokens",
+            "1024",
+            "--seqlen",
+            "256",
+            "--decode-tokens",
+            "8",
+            "--out",
+            str(out),
+            "--json",
+            str(json_path),
+        ]
+    )
     assert code == 0
     base, rtn = json.loads(json_path.read_text())
     assert set(RESULT_KEYS) <= set(rtn)

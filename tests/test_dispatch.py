@@ -26,8 +26,10 @@ class FakeBackend(Backend):
     config_class = FakeConfig
     capabilities = Capabilities(
         quantize_hardware=frozenset({Hardware.CUDA}),
-        inference_hardware=frozenset({Hardware.CUDA, Hardware.ROCM}), requires_calibration=False,
-        serializable=True, trainable=False,
+        inference_hardware=frozenset({Hardware.CUDA, Hardware.ROCM}),
+        requires_calibration=False,
+        serializable=True,
+        trainable=False,
     )
 
     def quantize(self, model, config, *, calibration, device):
@@ -40,8 +42,12 @@ class FakeBackend(Backend):
 class MissingLibBackend(FakeBackend):
     name = "fake-missing"
     capabilities = Capabilities(
-        quantize_hardware=frozenset(Hardware), inference_hardware=frozenset(Hardware),
-        requires_calibration=False, serializable=True, trainable=False, requires=("no_such_module_xyz",),
+        quantize_hardware=frozenset(Hardware),
+        inference_hardware=frozenset(Hardware),
+        requires_calibration=False,
+        serializable=True,
+        trainable=False,
+        requires=("no_such_module_xyz",),
     )
 
 
@@ -84,7 +90,9 @@ def test_duplicate_backend_names_are_refused():
 @pytest.mark.parametrize(
     ("device", "hip", "expected"),
     [
-        ("cpu", None, Hardware.CPU), ("cuda", None, Hardware.CUDA), ("cuda:1", "6.2", Hardware.ROCM),
+        ("cpu", None, Hardware.CPU),
+        ("cuda", None, Hardware.CUDA),
+        ("cuda:1", "6.2", Hardware.ROCM),
         ("mps", None, Hardware.MPS),
     ],
 )

@@ -31,8 +31,10 @@ def tokens():
     return torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("n,seqlen,stride", [(4096, 512, 512), (4096, 512, 256), (100, 512, 512), (1000, 512, 300),
-                                             (2, 2, 1), (513, 512, 512), (37, 8, 3)])
+@pytest.mark.parametrize(
+    "n,seqlen,stride",
+    [(4096, 512, 512), (4096, 512, 256), (100, 512, 512), (1000, 512, 300), (2, 2, 1), (513, 512, 512), (37, 8, 3)],
+)
 def test_windows_score_every_target_once_with_enough_context(n, seqlen, stride):
     windows = sliding_windows(n, seqlen, stride)
     scored = []

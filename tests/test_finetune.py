@@ -33,7 +33,8 @@ def _base_state(model) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {
         k.replace(".base_layer", ""): v.detach().clone()
-        for k, v in state.items() if ".lora_" not in k and isinstance(v, torch.Tensor)
+        for k, v in state.items()
+        if ".lora_" not in k and isinstance(v, torch.Tensor)
     }
 
 
@@ -66,8 +67,11 @@ def test_lora_settings_are_checked() -> None:
 
 def test_all_linear_targets_every_linear_but_the_head(tiny_llama) -> None:
     targets = ft.lora_targets(tiny_llama)
-    assert sorted(targets) == sorted(f"model.layers.{i}.{p}.{n}" for i in range(2) for p, n in (
-        [("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]]))
+    assert sorted(targets) == sorted(
+        f"model.layers.{i}.{p}.{n}"
+        for i in range(2)
+        for p, n in ([("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]])
+    )
 
 
 # -- preparation and the adapters ----------------------------------------------------
@@ -143,8 +147,11 @@ class FrozenBackend(Backend):
     name = "frozen"
     config_class = quantkit.RTNConfig
     capabilities = Capabilities(
-        quantize_hardware=ALL_HARDWARE, inference_hardware=ALL_HARDWARE,
-        requires_calibration=False, serializable=False, trainable=False,
+        quantize_hardware=ALL_HARDWARE,
+        inference_hardware=ALL_HARDWARE,
+        requires_calibration=False,
+        serializable=False,
+        trainable=False,
     )
 
     def quantize(self, model, config, *, calibration, device):
@@ -217,10 +224,17 @@ def test_batched_generation_matches_one_prompt_at_a_time(smollm_tokenizer) -> No
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(smollm_tokenizer), max_position_embeddings=256,
-    )).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(smollm_tokenizer),
+            max_position_embeddings=256,
+        )
+    ).eval()
     tokenizer = copy.deepcopy(smollm_tokenizer)
     prompts = ["def", "The quick brown fox jumps over"]
     batched = ft.generate(model, tokenizer, prompts, max_new_tokens=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -13,29 +14,60 @@ import quantkit
 from quantkit.core.config_files import MAX_DEPTH, read_config_file
 from quantkit.core.resolve import as_config, config_from_dict, config_from_hf_dict, preset
 
-BUILTIN_CONFIGS = (quantkit.BnbConfig, quantkit.GPTQConfig, quantkit.AWQConfig, quantkit.HQQConfig,
-                   quantkit.GGUFConfig, quantkit.RTNConfig)
+BUILTIN_CONFIGS = (
+    quantkit.BnbConfig,
+    quantkit.GPTQConfig,
+    quantkit.AWQConfig,
+    quantkit.HQQConfig,
+    quantkit.GGUFConfig,
+    quantkit.RTNConfig,
+)
 FIELDS = sorted({f.name for cls in BUILTIN_CONFIGS for f in dataclasses.fields(cls)})
-HF_KEYS = ["quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "llm_int8_skip_modules",
-           "llm_int8_threshold", "bits", "w_bit", "group_size", "q_group_size", "format", "checkpoint_format",
-           "dataset", "version", "zero_point", "modules_to_not_convert", "module_overrides", "quantkit_config"]
+HF_KEYS = [
+    "quant_method",
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "llm_int8_skip_modules",
+    "llm_int8_threshold",
+    "bits",
+    "w_bit",
+    "group_size",
+    "q_group_size",
+    "format",
+    "checkpoint_format",
+    "dataset",
+    "version",
+    "zero_point",
+    "modules_to_not_convert",
+    "module_overrides",
+    "quantkit_config",
+]
 METHODS = ["bitsandbytes", "bnb", "gptq", "awq", "hqq", "gguf", "rtn", "GPTQ", "", "nope"]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["nf4", "Q4_K_M", "gemm", "float32", "lm_head", "*.down_proj"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["nf4", "Q4_K_M", "gemm", "float32", "lm_head", "*.down_proj"]),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.one_of(st.text(max_size=8), st.integers(), st.sampled_from(FIELDS)), inner, max_size=3), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.sampled_from(FIELDS)), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 keys = st.one_of(st.sampled_from(FIELDS + HF_KEYS + ["schema_version"]), st.text(max_size=8), st.integers())
 dicts = st.dictionaries(keys, values, max_size=6)
 
 
 def only_quantkit_errors(call, *args):
-    try:
+    with contextlib.suppress(quantkit.QuantkitError):
         call(*args)
-    except quantkit.QuantkitError:
-        pass
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,24 +95,30 @@ def test_names_and_short_forms_raise_only_quantkit_errors(value, overrides):
         only_quantkit_errors(preset, value, overrides)
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"quant_method": []}, "unknown"),
-    ({"quant_method": "gptq", 5: 1}, "no field 5"),
-    ({"quant_method": "bitsandbytes", "llm_int8_threshold": float("inf")}, "llm_int8_threshold"),
-    ({"quant_method": "gptq", "damp_percent": float("nan")}, "damp_percent"),
-    ({"quant_method": "gptq", "schema_version": True}, "schema_version"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"quant_method": []}, "unknown"),
+        ({"quant_method": "gptq", 5: 1}, "no field 5"),
+        ({"quant_method": "bitsandbytes", "llm_int8_threshold": float("inf")}, "llm_int8_threshold"),
+        ({"quant_method": "gptq", "damp_percent": float("nan")}, "damp_percent"),
+        ({"quant_method": "gptq", "schema_version": True}, "schema_version"),
+    ],
+)
 def test_regressions_from_the_fuzzing_campaign(data, match):
     with pytest.raises(quantkit.QuantkitError, match=match):
         config_from_dict(data)
 
 
-@pytest.mark.parametrize("block", [
-    {"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": 5},
-    {"quant_method": "gptq", "modules_to_not_convert": 5},
-    {"quant_method": "awq", "module_overrides": "ab"},
-    {"quant_method": "gptq", "module_overrides": {"x": 5}},
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": 5},
+        {"quant_method": "gptq", "modules_to_not_convert": 5},
+        {"quant_method": "awq", "module_overrides": "ab"},
+        {"quant_method": "gptq", "module_overrides": {"x": 5}},
+    ],
+)
 def test_transformers_blocks_with_wrong_types(block):
     with pytest.raises(quantkit.QuantkitError):
         config_from_hf_dict(block)
@@ -97,11 +135,14 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".yaml", "a: " + "[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5)),
-    (".json", "[" * 100_000 + "]" * 100_000),
-    (".json", '{"a": ' * (MAX_DEPTH + 5) + "1" + "}" * (MAX_DEPTH + 5)),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".yaml", "a: " + "[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5)),
+        (".json", "[" * 100_000 + "]" * 100_000),
+        (".json", '{"a": ' * (MAX_DEPTH + 5) + "1" + "}" * (MAX_DEPTH + 5)),
+    ],
+)
 def test_deep_nesting_is_refused(tmp_path, suffix, text):
     path = tmp_path / f"deep{suffix}"
     path.write_text(text)

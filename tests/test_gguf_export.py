@@ -20,8 +20,12 @@ from quantkit.cli.main import main as cli_main
 from quantkit.core.errors import ModelFormatError, QuantkitError
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-SAMPLES = ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x ** 2  # 12345",
-           "naïve café – 日本語 <|im_start|>user hi<|im_end|>", "   leading spaces\n\n\ttabs"]
+SAMPLES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    return x ** 2  # 12345",
+    "naïve café – 日本語 <|im_start|>user hi<|im_end|>",
+    "   leading spaces\n\n\ttabs",
+]
 
 
 def tiny_tokenizer(vocab_size: int = 400):
@@ -34,11 +38,20 @@ def tiny_tokenizer(vocab_size: int = 400):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(list(topics.values())[:20], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -67,9 +80,16 @@ def test_gguf_metadata_and_tensor_layout(exported):
     assert field("general.architecture") == "llama"
     assert field("general.file_type") == LlamaFileType.MOSTLY_Q4_K_M
     assert field("general.quantization_version") == 2
-    expected = {"llama.block_count": 4, "llama.embedding_length": 64, "llama.feed_forward_length": 256,
-                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
-                "llama.context_length": 512, "llama.vocab_size": 512}
+    expected = {
+        "llama.block_count": 4,
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 256,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.context_length": 512,
+        "llama.vocab_size": 512,
+    }
     assert {key: field(key) for key in expected} == expected
     assert field("llama.rope.freq_base") == pytest.approx(10000.0)
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
@@ -140,8 +160,15 @@ def test_untied_model_with_float_head_round_trips(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    )
     model = quantkit.quantize(LlamaForCausalLM(config).eval(), GGUFConfig(quant_type="Q5_1"))
     quantkit.save(model, tmp_path / "m.gguf")
     tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
@@ -154,8 +181,19 @@ def test_untied_model_with_float_head_round_trips(tmp_path):
     torch.testing.assert_close(_logits(hf), _logits(model), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "truncate_header", "truncate_metadata", "truncate_tensors",
-                                    "truncate_last_bytes", "empty", "huge_string_length"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "magic",
+        "version",
+        "truncate_header",
+        "truncate_metadata",
+        "truncate_tensors",
+        "truncate_last_bytes",
+        "empty",
+        "huge_string_length",
+    ],
+)
 def test_damaged_files_raise_model_format_error(exported, tmp_path, damage):
     _, _, path = exported
     data = path.read_bytes()
@@ -215,12 +253,18 @@ def test_cli_quantizes_to_gguf_and_reads_gguf(tmp_path):
     make_tiny_llama(hidden=64, intermediate=256, vocab=512).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "q.gguf"
-    assert cli_main(["quantize", "--model", str(folder), "--method", "gguf", "--set", "quant_type=Q5_K_M",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            ["quantize", "--model", str(folder), "--method", "gguf", "--set", "quant_type=Q5_K_M", "--out", str(out)]
+        )
+        == 0
+    )
     assert GGUFReader(out).fields["general.file_type"].contents() == LlamaFileType.MOSTLY_Q5_K_M
     again = tmp_path / "again"
-    assert cli_main(["quantize", "--model", str(out), "--method", "gguf", "--set", "quant_type=Q8_0",
-                     "--out", str(again)]) == 0
+    assert (
+        cli_main(["quantize", "--model", str(out), "--method", "gguf", "--set", "quant_type=Q8_0", "--out", str(again)])
+        == 0
+    )
     assert type_counts(quantkit.load(again)) == {"Q8_0": 15}
 
 
@@ -313,7 +357,9 @@ def test_llama_cpp_runs_the_file(smollm2_q4_k_m):
     with torch.no_grad():
         ours = model(tokens[:, :48]).logits[0]
     agreement = (llama_logits.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    print(f"\nllama.cpp {llama_cpp.__version__} vs quantkit on the exported Q4_K_M file: top-1 agreement "
-          f"{agreement:.1%} over {len(prompt)} positions, max |logit diff| {(llama_logits - ours).abs().max():.3f}")
+    print(
+        f"\nllama.cpp {llama_cpp.__version__} vs quantkit on the exported Q4_K_M file: top-1 agreement "
+        f"{agreement:.1%} over {len(prompt)} positions, max |logit diff| {(llama_logits - ours).abs().max():.3f}"
+    )
     assert agreement > 0.9
     assert llama_logits[-1].argmax() == ours[-1].argmax()

@@ -144,8 +144,14 @@ def test_gptq_result_packs_to_its_dequantized_weight(bits: int, desc_act: bool, 
     x = correlated_inputs(400, in_features, seed=bits)
     weight = torch.randn(32, in_features, generator=torch.Generator().manual_seed(bits))
     result = gptq_quantize(
-        weight, hessian(x), bits=bits, group_size=group_size, sym=False,
-        desc_act=desc_act, static_groups=static_groups, block_size=48,
+        weight,
+        hessian(x),
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        block_size=48,
     )
     assert result.scales.shape == result.zeros.shape == (3, 32)
     assert torch.equal(torch.bincount(result.g_idx, minlength=3), torch.tensor([64, 64, 32]))
@@ -326,9 +332,14 @@ def test_search_clip_picks_the_least_output_error() -> None:
         q = awq_pseudo_quantize(torch.clamp(grouped_w, -limit, limit).reshape(12, 64), 4, 32).dequantized
         errors.append(((grouped_x * (q.reshape(12, 1, 2, 32) - grouped_w)).sum(-1)).pow(2).mean(1))
     errors = torch.stack(errors)  # (shrinks, rows, groups)
-    chosen = torch.stack([errors[round((1 - m / f).item() * 20), r, g]
-                          for (r, g), m, f in zip(torch.cartesian_prod(torch.arange(12), torch.arange(2)).tolist(),
-                                                  max_val.flatten(), full.flatten())]).view(12, 2)
+    chosen = torch.stack(
+        [
+            errors[round((1 - m / f).item() * 20), r, g]
+            for (r, g), m, f in zip(
+                torch.cartesian_prod(torch.arange(12), torch.arange(2)).tolist(), max_val.flatten(), full.flatten()
+            )
+        ]
+    ).view(12, 2)
     assert torch.allclose(chosen, errors.amin(0), rtol=1e-4, atol=1e-7)
 
     linear = nn.Linear(64, 12, bias=False)

@@ -42,7 +42,12 @@ def test_layer_inputs_match_the_models_hidden_states(tiny_llama, chunk_samples: 
         expected = tiny_llama(tokens, output_hidden_states=True).hidden_states
     recorder = _Recorder()
     report = quantize_layerwise(
-        tiny_llama, quantizable_linears(tiny_llama, GPTQConfig()), tokens, "cpu", recorder, description="test",
+        tiny_llama,
+        quantizable_linears(tiny_llama, GPTQConfig()),
+        tokens,
+        "cpu",
+        recorder,
+        description="test",
         chunk_samples=chunk_samples,
     )
     assert recorder.names == ["model.layers.0", "model.layers.1"]
@@ -58,8 +63,15 @@ def test_targets_are_relative_names_without_skipped_modules(tiny_llama) -> None:
     targets = quantizable_linears(tiny_llama, config)
     quantize_layerwise(tiny_llama, targets, _tokens(), "cpu", recorder, description="test")
     all_linears = sorted(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
     )
     assert recorder.targets[0] == all_linears
     assert recorder.targets[1] == [n for n in all_linears if n.startswith("self_attn")]
@@ -78,9 +90,9 @@ def test_quantized_layer_feeds_the_next_layer(tiny_llama) -> None:
     (x0, kwargs0), (x1, _) = seen
     with torch.no_grad():
         expected = tiny_llama.model.layers[0](x0, **kwargs0)
-        attention_only = x0 + tiny_llama.model.layers[0].self_attn(
-            tiny_llama.model.layers[0].input_layernorm(x0), **kwargs0
-        )[0]
+        attention_only = (
+            x0 + tiny_llama.model.layers[0].self_attn(tiny_llama.model.layers[0].input_layernorm(x0), **kwargs0)[0]
+        )
     torch.testing.assert_close(x1, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1, attention_only, rtol=1e-5, atol=1e-5)  # the zeroed MLP adds nothing
 
@@ -143,8 +155,14 @@ def test_linears_outside_decoder_layers_are_refused() -> None:
 def test_decoder_stack_of_supported_families() -> None:
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    small = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                 num_attention_heads=4, num_key_value_heads=2)
+    small = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     for model in (MistralForCausalLM(MistralConfig(**small)), Qwen2ForCausalLM(Qwen2Config(**small))):
         stack = decoder_stack(model)
         assert stack.layer_name(0) == "model.layers.0" and len(stack.layers) == 1
@@ -154,10 +172,17 @@ def test_qwen2_with_biases_quantizes_and_reloads(tmp_path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     quantized = quantkit.quantize(model, GPTQConfig(group_size=32), calibration=_tokens())
     ids = _tokens(1, 32, seed=1)
@@ -212,7 +237,8 @@ def _compare(smollm, method_config, rtn_config) -> tuple[float, float, float]:
 @pytest.mark.slow
 def test_gptq_4bit_g128_beats_rtn_on_smollm2(smollm) -> None:
     float_ppl, rtn_ppl, gptq_ppl = _compare(
-        smollm, GPTQConfig(bits=4, group_size=128, nsamples=NSAMPLES, seqlen=SEQLEN),
+        smollm,
+        GPTQConfig(bits=4, group_size=128, nsamples=NSAMPLES, seqlen=SEQLEN),
         RTNConfig(bits=4, group_size=128, sym=True),
     )
     assert float_ppl < gptq_ppl < rtn_ppl
@@ -222,7 +248,9 @@ def test_gptq_4bit_g128_beats_rtn_on_smollm2(smollm) -> None:
 def test_awq_4bit_g64_beats_rtn_on_smollm2(smollm) -> None:
     # AWQ's format needs group_size | in_features: 576 % 128 = 64, so g64 is the AWQ setting here.
     float_ppl, rtn_ppl, awq_ppl = _compare(
-        smollm, AWQConfig(group_size=64, nsamples=NSAMPLES, seqlen=SEQLEN), RTNConfig(bits=4, group_size=64, sym=False),
+        smollm,
+        AWQConfig(group_size=64, nsamples=NSAMPLES, seqlen=SEQLEN),
+        RTNConfig(bits=4, group_size=64, sym=False),
     )
     assert float_ppl < awq_ppl < rtn_ppl
 
@@ -234,7 +262,8 @@ DOWN_PROJ_ONLY = ["lm_head", "*.self_attn.*", "*.gate_proj", "*.up_proj"]
 @pytest.mark.slow
 def test_awq_4bit_g128_beats_rtn_on_the_same_down_projections(smollm) -> None:
     float_ppl, rtn_ppl, awq_ppl = _compare(
-        smollm, AWQConfig(group_size=128, nsamples=NSAMPLES, seqlen=SEQLEN, modules_to_not_convert=DOWN_PROJ_ONLY),
+        smollm,
+        AWQConfig(group_size=128, nsamples=NSAMPLES, seqlen=SEQLEN, modules_to_not_convert=DOWN_PROJ_ONLY),
         RTNConfig(bits=4, group_size=128, sym=False, modules_to_not_convert=DOWN_PROJ_ONLY),
     )
     assert float_ppl < awq_ppl < rtn_ppl

@@ -15,13 +15,18 @@ GPU = frozenset({Hardware.CUDA, Hardware.ROCM})
 EVERYWHERE = frozenset(Hardware)
 
 
-def fake_backend(name, config_class, bits_per_weight, *, hardware=EVERYWHERE, trainable=False,
-                 calibration=False, available=True):
+def fake_backend(
+    name, config_class, bits_per_weight, *, hardware=EVERYWHERE, trainable=False, calibration=False, available=True
+):
     """A backend that only declares: what the recommender reads."""
 
     class Fake(Backend):
-        capabilities = Capabilities(quantize_hardware=hardware,
-            inference_hardware=hardware, requires_calibration=calibration, serializable=True, trainable=trainable,
+        capabilities = Capabilities(
+            quantize_hardware=hardware,
+            inference_hardware=hardware,
+            requires_calibration=calibration,
+            serializable=True,
+            trainable=trainable,
         )
 
         def is_available(self):
@@ -47,17 +52,20 @@ def bnb_bits(config):
 
 def gguf_bits(config):
     return {"Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.5, "Q4_K_M": 4.8, "Q4_0": 4.5, "Q3_K_M": 3.9, "Q2_K": 2.6}.get(
-        config.quant_type, 16)
+        config.quant_type, 16
+    )
 
 
 def every_backend(**overrides):
     backends = {
-        "bitsandbytes": fake_backend("bitsandbytes", BnbConfig, bnb_bits, hardware=GPU | {Hardware.CPU},
-                                     trainable=True),
+        "bitsandbytes": fake_backend(
+            "bitsandbytes", BnbConfig, bnb_bits, hardware=GPU | {Hardware.CPU}, trainable=True
+        ),
         "gptq": fake_backend("gptq", GPTQConfig, 4.16, calibration=True),
         "awq": fake_backend("awq", AWQConfig, 4.16, calibration=True),
-        "hqq": fake_backend("hqq", HQQConfig, lambda c: c.nbits + 32 / c.group_size, hardware=GPU | {Hardware.CPU},
-                            trainable=True),
+        "hqq": fake_backend(
+            "hqq", HQQConfig, lambda c: c.nbits + 32 / c.group_size, hardware=GPU | {Hardware.CPU}, trainable=True
+        ),
         "gguf": fake_backend("gguf", GGUFConfig, gguf_bits),
         "rtn": fake_backend("rtn", RTNConfig, 4.25),
     }
@@ -91,9 +99,14 @@ def test_inference_without_measurements_prefers_calibrated_methods():
     rec = recommend("cpu", "inference", backends=every_backend())
     assert rec.method in ("gptq-4bit-g128", "awq-4bit-g128")
     assert any("calibrated methods (awq, gptq)" in r for r in rec.reasons)
-    rec = recommend("cpu", "inference", backends=every_backend(
-        gptq=fake_backend("gptq", GPTQConfig, 4.16, calibration=True, hardware=GPU),
-        awq=fake_backend("awq", AWQConfig, 4.16, calibration=True, hardware=GPU)))
+    rec = recommend(
+        "cpu",
+        "inference",
+        backends=every_backend(
+            gptq=fake_backend("gptq", GPTQConfig, 4.16, calibration=True, hardware=GPU),
+            awq=fake_backend("awq", AWQConfig, 4.16, calibration=True, hardware=GPU),
+        ),
+    )
     assert rec.method == "nf4-dq"  # no calibrated backend runs on the CPU: the smallest 4-bit format
 
 
@@ -104,21 +117,41 @@ def test_smallest_keeps_a_floor_of_bits_without_measurements():
 
 
 def result(method, config, ppl, bits, decode, *, kl=None, device="cpu", nominal=4.0, dtype="float32"):
-    return Result(method, status="ok", config=config, perplexity=ppl, bits_per_param=bits,
-                  decode_tokens_per_s=decode, kl_divergence=kl, nominal_bits=nominal, dtype=dtype,
-                  protocol={"device": device})
+    return Result(
+        method,
+        status="ok",
+        config=config,
+        perplexity=ppl,
+        bits_per_param=bits,
+        decode_tokens_per_s=decode,
+        kl_divergence=kl,
+        nominal_bits=nominal,
+        dtype=dtype,
+        protocol={"device": device},
+    )
 
 
 RESULTS = [
     result("fp32", None, 10.0, 32.0, 40.0, kl=0.0, nominal=32.0),
-    result("int8", {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True}, 10.03, 8.2, 8.0,
-           kl=0.001, nominal=8.0),
+    result(
+        "int8",
+        {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True},
+        10.03,
+        8.2,
+        8.0,
+        kl=0.001,
+        nominal=8.0,
+    ),
     result("nf4", {"quant_method": "bitsandbytes", "quant_type": "nf4"}, 10.9, 4.55, 12.0, kl=0.06),
     result("gptq-4bit-g128", {"quant_method": "gptq", "bits": 4, "group_size": 128}, 10.5, 4.16, 20.0, kl=0.04),
     result("rtn-4bit-g128", {"quant_method": "rtn", "bits": 4, "group_size": 128}, 12.9, 4.38, 25.0, kl=0.2),
     result("gguf-q2_k", {"quant_method": "gguf", "quant_type": "Q2_K"}, 40.0, 2.9, 30.0, kl=1.5, nominal=2.0),
-    Result("awq-4bit-g128", status="unavailable", reason="awq: group_size 128 does not divide 576",
-           config={"quant_method": "awq"}),
+    Result(
+        "awq-4bit-g128",
+        status="unavailable",
+        reason="awq: group_size 128 does not divide 576",
+        config={"quant_method": "awq"},
+    ),
 ]
 
 

@@ -24,28 +24,50 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "method in --out: a rerun resumes, skipping methods already measured."
     )
     parser.add_argument("--model", help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M)")
-    parser.add_argument("--methods", action="append", metavar="LIST",
-                        help="comma-separated presets, quant_methods, fp32/bf16/fp16, 'default' or 'all' "
-                             f"(default: {','.join(('fp32', *default_comparison()))}; "
-                             "the fp32 baseline is always added)")
-    parser.add_argument("--config-file", type=Path,
-                        help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}")
-    parser.add_argument("--dataset", default=Protocol.dataset,
-                        help=f"dataset name or text file (default: {Protocol.dataset}, built in)")
-    parser.add_argument("--tokens", type=int, default=Protocol.eval_tokens,
-                        help=f"evaluation tokens (default {Protocol.eval_tokens})")
-    parser.add_argument("--seqlen", type=int, default=Protocol.seqlen,
-                        help=f"evaluation window (default {Protocol.seqlen})")
+    parser.add_argument(
+        "--methods",
+        action="append",
+        metavar="LIST",
+        help="comma-separated presets, quant_methods, fp32/bf16/fp16, 'default' or 'all' "
+        f"(default: {','.join(('fp32', *default_comparison()))}; "
+        "the fp32 baseline is always added)",
+    )
+    parser.add_argument(
+        "--config-file",
+        type=Path,
+        help="YAML/JSON list of methods: preset names or {name, preset|quant_method, fields...}",
+    )
+    parser.add_argument(
+        "--dataset", default=Protocol.dataset, help=f"dataset name or text file (default: {Protocol.dataset}, built in)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=Protocol.eval_tokens, help=f"evaluation tokens (default {Protocol.eval_tokens})"
+    )
+    parser.add_argument(
+        "--seqlen", type=int, default=Protocol.seqlen, help=f"evaluation window (default {Protocol.seqlen})"
+    )
     parser.add_argument("--stride", type=int, help="window stride (default: --seqlen, no overlap)")
-    parser.add_argument("--calibration-samples", type=int, default=Protocol.calibration_samples,
-                        help=f"calibration windows (default {Protocol.calibration_samples})")
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=Protocol.calibration_samples,
+        help=f"calibration windows (default {Protocol.calibration_samples})",
+    )
     parser.add_argument("--calibration-seqlen", type=int, help="calibration window length (default: --seqlen)")
-    parser.add_argument("--decode-tokens", type=int, default=Protocol.decode_tokens,
-                        help=f"greedy tokens timed for decode speed (default {Protocol.decode_tokens})")
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=Protocol.decode_tokens,
+        help=f"greedy tokens timed for decode speed (default {Protocol.decode_tokens})",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
     parser.add_argument("--threads", type=int, help="torch threads for every method (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("quantkit-compare"),
-                        help="folder for per-method results, logs, report and plots (default ./quantkit-compare)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("quantkit-compare"),
+        help="folder for per-method results, logs, report and plots (default ./quantkit-compare)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results (one object per method) to this file")
     parser.add_argument("--force", action="store_true", help="measure every method again")
     parser.add_argument("--keep-models", action="store_true", help="keep each saved model in OUT/models")
@@ -53,10 +75,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:
     return Protocol(
-        model=args.model, dataset=args.dataset, eval_tokens=args.tokens, seqlen=args.seqlen,
-        stride=args.stride or args.seqlen, calibration_samples=args.calibration_samples,
-        calibration_seqlen=args.calibration_seqlen or args.seqlen, device=str(resolve_device(args.device)),
-        threads=args.threads or torch.get_num_threads(), decode_tokens=args.decode_tokens,
+        model=args.model,
+        dataset=args.dataset,
+        eval_tokens=args.tokens,
+        seqlen=args.seqlen,
+        stride=args.stride or args.seqlen,
+        calibration_samples=args.calibration_samples,
+        calibration_seqlen=args.calibration_seqlen or args.seqlen,
+        device=str(resolve_device(args.device)),
+        threads=args.threads or torch.get_num_threads(),
+        decode_tokens=args.decode_tokens,
     )
 
 
@@ -67,8 +95,14 @@ class ProgressView:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.overall = self.progress.add_task("methods", total=total)
         self.current = None
         self.started = 0.0
@@ -96,8 +130,12 @@ class ProgressView:
             self.current = p.add_task(f"{event.method}: starting", total=None)
             return
         if self.current is not None:
-            p.update(self.current, description=f"{event.method}: {event.stage}",
-                     total=event.total or None, completed=event.done)
+            p.update(
+                self.current,
+                description=f"{event.method}: {event.stage}",
+                total=event.total or None,
+                completed=event.done,
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     results = comparison.results()
     command = "quantkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    written = write_reports(results, args.out, protocol.describe(), json_path=args.json, wall_seconds=wall,
-                            command=command)
+    written = write_reports(
+        results, args.out, protocol.describe(), json_path=args.json, wall_seconds=wall, command=command
+    )
     out = Console()
     out.print(terminal_table(results, width=out.width, title=f"quantkit compare ({wall / 60:.1f} min)"))
     for check in run_checks(results):

@@ -20,17 +20,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", required=True, choices=[h.value for h in Hardware])
     parser.add_argument("--goal", required=True, choices=GOALS)
     parser.add_argument("--results", type=Path, help="a quantkit compare results JSON (--json or OUT/results.json)")
-    parser.add_argument("--max-ppl-increase", type=float, default=10.0,
-                        help="percent of perplexity over the baseline smallest/fastest may give up (default 10)")
-    parser.add_argument("--min-bits", type=float, default=3.0,
-                        help="lowest nominal bits 'smallest' considers without measurements (default 3)")
+    parser.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=10.0,
+        help="percent of perplexity over the baseline smallest/fastest may give up (default 10)",
+    )
+    parser.add_argument(
+        "--min-bits",
+        type=float,
+        default=3.0,
+        help="lowest nominal bits 'smallest' considers without measurements (default 3)",
+    )
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     results = load_results(args.results) if args.results else None
-    rec = recommend(args.hardware, args.goal, results=results,
-                    max_ppl_increase=args.max_ppl_increase, min_bits=args.min_bits)
+    rec = recommend(
+        args.hardware, args.goal, results=results, max_ppl_increase=args.max_ppl_increase, min_bits=args.min_bits
+    )
     if args.json:
         print(json.dumps(rec.to_dict(), indent=2))
         return 0 if rec.method else 1

@@ -14,8 +14,9 @@ from .results import Result
 def pareto_front(results: Sequence[Result], x: str = "bits_per_param", y: str = "perplexity") -> list[str]:
     """Methods no other method beats on both fields ``x`` and ``y`` (lower is better), by ascending ``x``."""
     points = [(getattr(r, x), getattr(r, y), r.method) for r in results if r.measured and getattr(r, x) is not None]
-    front = [p for p in points if not any(o[0] <= p[0] and o[1] <= p[1] and (o[0] < p[0] or o[1] < p[1])
-                                          for o in points)]
+    front = [
+        p for p in points if not any(o[0] <= p[0] and o[1] <= p[1] and (o[0] < p[0] or o[1] < p[1]) for o in points)
+    ]
     return [name for *_, name in sorted(front)]
 
 
@@ -76,21 +77,32 @@ def run_checks(results: Sequence[Result], ppl_tolerance: float = 0.01, size_tole
     checks = []
 
     eight = by_bits.get(8.0, [])
-    outcomes = [] if base is None else [
-        (f"{r.method} {r.delta_perplexity_pct:+.2f}%", abs(r.perplexity / base.perplexity - 1) <= ppl_tolerance)
-        for r in eight
-    ]
-    checks.append(_verdict(f"8-bit within {ppl_tolerance:.0%} of baseline perplexity", outcomes,
-                           "needs the baseline and an 8-bit method"))
+    outcomes = (
+        []
+        if base is None
+        else [
+            (f"{r.method} {r.delta_perplexity_pct:+.2f}%", abs(r.perplexity / base.perplexity - 1) <= ppl_tolerance)
+            for r in eight
+        ]
+    )
+    checks.append(
+        _verdict(
+            f"8-bit within {ppl_tolerance:.0%} of baseline perplexity",
+            outcomes,
+            "needs the baseline and an 8-bit method",
+        )
+    )
 
     four, two = by_bits.get(4.0, []), by_bits.get(2.0, [])
     outcomes = []
     if eight and two:
         low, high = max(r.perplexity for r in eight), min(r.perplexity for r in two)
-        outcomes = [(f"{r.method} {r.perplexity:.3f} in [{low:.3f}, {high:.3f}]", low <= r.perplexity <= high)
-                    for r in four]
-    checks.append(_verdict("4-bit between 8-bit and 2-bit perplexity", outcomes,
-                           "needs 4-bit, 8-bit and 2-bit methods"))
+        outcomes = [
+            (f"{r.method} {r.perplexity:.3f} in [{low:.3f}, {high:.3f}]", low <= r.perplexity <= high) for r in four
+        ]
+    checks.append(
+        _verdict("4-bit between 8-bit and 2-bit perplexity", outcomes, "needs 4-bit, 8-bit and 2-bit methods")
+    )
 
     outcomes = []
     for r in ok:
@@ -101,18 +113,30 @@ def run_checks(results: Sequence[Result], ppl_tolerance: float = 0.01, size_tole
         same_group = [o for o in rtn if _grid(o)[0] == grid[0]]
         same_grid = [o for o in same_group if _grid(o) == grid]
         for o in same_grid or same_group or rtn:
-            outcomes.append((f"{r.method} {r.perplexity:.3f} < {o.method} {o.perplexity:.3f}",
-                             r.perplexity < o.perplexity))
-    checks.append(_verdict("calibrated methods ahead of RTN at equal bits", outcomes,
-                           "needs a calibrated method and RTN at the same bits"))
+            outcomes.append(
+                (f"{r.method} {r.perplexity:.3f} < {o.method} {o.perplexity:.3f}", r.perplexity < o.perplexity)
+            )
+    checks.append(
+        _verdict(
+            "calibrated methods ahead of RTN at equal bits",
+            outcomes,
+            "needs a calibrated method and RTN at the same bits",
+        )
+    )
 
     outcomes = []
     for r in ok:
         est = r.estimated_bits_per_param
         if est:
             err = r.bits_per_param / est - 1
-            outcomes.append((f"{r.method} {r.bits_per_param:.3f} vs {est:.3f} ({err:+.2%})",
-                             abs(err) <= size_tolerance))
-    checks.append(_verdict(f"measured bits/param within {size_tolerance:.0%} of the estimator", outcomes,
-                           "needs measured methods with estimates"))
+            outcomes.append(
+                (f"{r.method} {r.bits_per_param:.3f} vs {est:.3f} ({err:+.2%})", abs(err) <= size_tolerance)
+            )
+    checks.append(
+        _verdict(
+            f"measured bits/param within {size_tolerance:.0%} of the estimator",
+            outcomes,
+            "needs measured methods with estimates",
+        )
+    )
     return checks

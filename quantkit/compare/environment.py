@@ -19,10 +19,16 @@ def environment() -> dict[str, Any]:
     import transformers
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "quantkit": distribution_version("quantkit") or "?",
-            "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1min": load}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "quantkit": distribution_version("quantkit") or "?",
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": load,
+    }
 
 
 def run_header() -> str:

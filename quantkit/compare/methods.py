@@ -30,7 +30,9 @@ class FloatFormat(NamedTuple):
 
 
 FLOAT_FORMATS: dict[str, FloatFormat] = {
-    "fp32": FloatFormat("float32", 32.0), "bf16": FloatFormat("bfloat16", 16.0), "fp16": FloatFormat("float16", 16.0),
+    "fp32": FloatFormat("float32", 32.0),
+    "bf16": FloatFormat("bfloat16", 16.0),
+    "fp16": FloatFormat("float16", 16.0),
 }
 """Unquantized methods by name: the model stored in a float dtype."""
 
@@ -65,8 +67,11 @@ class Method:
 
     def to_dict(self) -> dict[str, Any]:
         """Name, config dict and dtype (and :attr:`evaluations` when set): what the worker gets."""
-        data = {"name": self.name, "config": None if self.config is None else self.config.to_dict(),
-                "dtype": self.dtype}
+        data = {
+            "name": self.name,
+            "config": None if self.config is None else self.config.to_dict(),
+            "dtype": self.dtype,
+        }
         if self.evaluations is not None:  # absent for deterministic methods: their keys predate it
             data["evaluations"] = self.evaluations
         return data
@@ -75,8 +80,12 @@ class Method:
     def from_dict(cls, data: Mapping[str, Any]) -> Method:
         """The method :meth:`to_dict` wrote."""
         config = data.get("config")
-        return cls(data["name"], None if config is None else config_from_dict(config), data.get("dtype", "float32"),
-                   data.get("evaluations"))
+        return cls(
+            data["name"],
+            None if config is None else config_from_dict(config),
+            data.get("dtype", "float32"),
+            data.get("evaluations"),
+        )
 
     def key(self) -> str:
         """A short hash: a result counts for this method only when measured with the same key."""
@@ -109,8 +118,9 @@ def quantized_method(name: str, config: QuantConfig, protocol: Protocol) -> Meth
     return method if deterministic else dataclasses.replace(method, evaluations=protocol.repeats)
 
 
-def method_from_name(name: str, protocol: Protocol, overrides: Mapping[str, Any] | None = None,
-                     label: str | None = None) -> Method:
+def method_from_name(
+    name: str, protocol: Protocol, overrides: Mapping[str, Any] | None = None, label: str | None = None
+) -> Method:
     """``fp32``/``bf16``/``fp16``, a preset or a ``quant_method``, with the protocol's calibration."""
     if name in FLOAT_FORMATS:
         return Method(label or name, None, FLOAT_FORMATS[name].dtype)
@@ -122,8 +132,11 @@ def with_protocol(config: QuantConfig, protocol: Protocol, explicit: Iterable[st
     """``config`` with the protocol's calibration samples, length and text, unless set explicitly."""
     explicit = set(explicit)
     fields = {f.name for f in dataclasses.fields(config)}
-    wanted = {"nsamples": protocol.calibration_samples, "seqlen": protocol.calibration_seqlen,
-              "dataset": protocol.dataset}
+    wanted = {
+        "nsamples": protocol.calibration_samples,
+        "seqlen": protocol.calibration_seqlen,
+        "dataset": protocol.dataset,
+    }
     changes = {k: v for k, v in wanted.items() if k in fields and k not in explicit}
     return dataclasses.replace(config, **changes) if changes else config
 

@@ -46,27 +46,47 @@ def plot(results: Sequence[Result], out: Path) -> list[Path]:
         ys = [min(r.perplexity, ceiling) for r in points]
         for backend in backends:
             mine = [(px, py, r) for px, py, r in zip(xs, ys, points) if (r.backend or "?") == backend]
-            ax.scatter([px for px, _, _ in mine], [py for _, py, _ in mine], color=colors[backend], label=backend,
-                       marker="o", zorder=3, edgecolors=["black" if r.requires_calibration else "none"
-                                                         for _, _, r in mine])
+            ax.scatter(
+                [px for px, _, _ in mine],
+                [py for _, py, _ in mine],
+                color=colors[backend],
+                label=backend,
+                marker="o",
+                zorder=3,
+                edgecolors=["black" if r.requires_calibration else "none" for _, _, r in mine],
+            )
         by_name = {r.method: r for r in points}
         front = [m for m in pareto_front(results, x=x) if m in by_name]
         if len(front) > 1:
-            ax.plot([getattr(by_name[m], x) * scale for m in front], [by_name[m].perplexity for m in front],
-                    "--", color="tab:red", label="Pareto front", zorder=2)
+            ax.plot(
+                [getattr(by_name[m], x) * scale for m in front],
+                [by_name[m].perplexity for m in front],
+                "--",
+                color="tab:red",
+                label="Pareto front",
+                zorder=2,
+            )
         for r in floats:
             ax.axhline(r.perplexity, color="gray", linewidth=0.8, linestyle=":", zorder=1)
-            ax.annotate(f"{r.method} ({r.perplexity:.3g}, {getattr(r, x) * scale:.4g} "
-                        f"{'bits' if x == 'bits_per_param' else 'MB'})", (0.01, r.perplexity),
-                        xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
-                        fontsize=8, color="gray")
+            ax.annotate(
+                f"{r.method} ({r.perplexity:.3g}, {getattr(r, x) * scale:.4g} "
+                f"{'bits' if x == 'bits_per_param' else 'MB'})",
+                (0.01, r.perplexity),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=8,
+                color="gray",
+            )
         span = max(xs) - min(xs) or 1.0
         ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.45 * span)
         _label_points(ax, points, xs, ys, ceiling, offset=0.04 * span)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (log scale, lower is better)")
-        ax.set_title(f"perplexity vs {'bits per parameter' if x == 'bits_per_param' else 'size'} "
-                     "(black edge: calibrated methods)")
+        ax.set_title(
+            f"perplexity vs {'bits per parameter' if x == 'bits_per_param' else 'size'} "
+            "(black edge: calibrated methods)"
+        )
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
@@ -77,8 +97,16 @@ def plot(results: Sequence[Result], out: Path) -> list[Path]:
     return paths
 
 
-def _label_points(ax, points: Sequence[Result], xs: Sequence[float], ys: Sequence[float], ceiling: float,
-                  *, offset: float, gap: float = 0.042) -> None:
+def _label_points(
+    ax,
+    points: Sequence[Result],
+    xs: Sequence[float],
+    ys: Sequence[float],
+    ceiling: float,
+    *,
+    offset: float,
+    gap: float = 0.042,
+) -> None:
     """Name every point, its label moved vertically (with a leader line) so that no two overlap."""
     low, high = (math.log(v) for v in ax.get_ylim())
     wanted = [(math.log(y) - low) / (high - low) for y in ys]
@@ -92,5 +120,12 @@ def _label_points(ax, points: Sequence[Result], xs: Sequence[float], ys: Sequenc
         following = placed[i] = min(placed[i], following - gap)
     for i, r in enumerate(points):
         text = r.method if r.perplexity <= ceiling else f"{r.method} (ppl {r.perplexity:.4g}, off scale)"
-        ax.annotate(text, (xs[i], ys[i]), xytext=(xs[i] + offset, placed[i]), textcoords=("data", "axes fraction"),
-                    fontsize=7.5, va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
+        ax.annotate(
+            text,
+            (xs[i], ys[i]),
+            xytext=(xs[i] + offset, placed[i]),
+            textcoords=("data", "axes fraction"),
+            fontsize=7.5,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5},
+        )

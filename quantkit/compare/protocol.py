@@ -40,8 +40,17 @@ class Protocol:
     re-measures only them."""
 
     def __post_init__(self) -> None:
-        positive = ("eval_tokens", "seqlen", "stride", "calibration_samples", "calibration_seqlen",
-                    "threads", "decode_tokens", "prompt_tokens", "repeats")
+        positive = (
+            "eval_tokens",
+            "seqlen",
+            "stride",
+            "calibration_samples",
+            "calibration_seqlen",
+            "threads",
+            "decode_tokens",
+            "prompt_tokens",
+            "repeats",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -49,8 +49,14 @@ class Recommendation:
 
     def to_dict(self) -> dict:
         """The recommendation as plain data (``quantkit recommend --json``)."""
-        return {"hardware": self.hardware.value, "goal": self.goal, "method": self.method, "config": self.config,
-                "reasons": self.reasons, "alternatives": self.alternatives}
+        return {
+            "hardware": self.hardware.value,
+            "goal": self.goal,
+            "method": self.method,
+            "config": self.config,
+            "reasons": self.reasons,
+            "alternatives": self.alternatives,
+        }
 
 
 def recommend(
@@ -83,10 +89,17 @@ def recommend(
     if not candidates:
         rec.reasons.append("no method satisfies these rules")
         return rec
-    choose = {"inference": _for_inference, "fine-tuning": _for_fine_tuning,
-              "smallest": _smallest, "fastest": _fastest}[goal]
-    ranked = choose(candidates, rec, hardware=hardware, measured=results is not None,
-                    max_ppl_increase=max_ppl_increase, min_bits=min_bits)
+    choose = {"inference": _for_inference, "fine-tuning": _for_fine_tuning, "smallest": _smallest, "fastest": _fastest}[
+        goal
+    ]
+    ranked = choose(
+        candidates,
+        rec,
+        hardware=hardware,
+        measured=results is not None,
+        max_ppl_increase=max_ppl_increase,
+        min_bits=min_bits,
+    )
     if ranked:
         rec.method, rec.config = ranked[0].method, ranked[0].config
         rec.alternatives = [c.method for c in ranked[1:4]]
@@ -131,13 +144,13 @@ def _candidates(backends: Sequence[Backend]) -> list[Candidate]:
         backend = next((b for b in backends if b.config_class.quant_method == config.quant_method), None)
         if backend is None:
             continue
-        found.append(Candidate(name, backend, config.to_diff_dict(), config.code_bits,
-                               _typical_bits(backend, config)))
+        found.append(Candidate(name, backend, config.to_diff_dict(), config.code_bits, _typical_bits(backend, config)))
     return found
 
 
-def _measured(candidates: list[Candidate], results: Sequence[Result], backends: Sequence[Backend],
-              goal: str, rec: Recommendation) -> list[Candidate]:
+def _measured(
+    candidates: list[Candidate], results: Sequence[Result], backends: Sequence[Backend], goal: str, rec: Recommendation
+) -> list[Candidate]:
     """Replace estimates with the rows of ``results`` measured with an eligible backend."""
     by_method = {b.config_class.quant_method: b for b in backends}
     measured = []
@@ -152,8 +165,9 @@ def _measured(candidates: list[Candidate], results: Sequence[Result], backends: 
             backend = by_method.get(r.config.get("quant_method"))
             if backend is None:
                 continue
-        measured.append(Candidate(r.method, backend, r.config or {"dtype": r.dtype}, r.nominal_bits,
-                                  r.bits_per_param, r))
+        measured.append(
+            Candidate(r.method, backend, r.config or {"dtype": r.dtype}, r.nominal_bits, r.bits_per_param, r)
+        )
     skipped = [r.method for r in results if r.status != "ok"]
     rec.reasons.append(
         f"measured results: {len(measured)} eligible method(s) of {len(results)}"
@@ -164,19 +178,23 @@ def _measured(candidates: list[Candidate], results: Sequence[Result], backends: 
 
 def _for_inference(cands: list[Candidate], rec: Recommendation, *, measured: bool, **_) -> list[Candidate]:
     four = [c for c in cands if c.nominal_bits is not None and 3 < c.nominal_bits <= 4]
-    rec.reasons.append(f"inference: 4-bit methods keep about a quarter of fp16's weight memory at a small "
-                       f"quality cost: {len(four)} candidate(s)")
+    rec.reasons.append(
+        f"inference: 4-bit methods keep about a quarter of fp16's weight memory at a small "
+        f"quality cost: {len(four)} candidate(s)"
+    )
     if measured:
         key, what = _quality_key(four)
         rec.reasons.append(f"measured: lowest {what} wins")
         return sorted(four, key=key)
     calibrated = [c for c in four if c.backend.capabilities.requires_calibration]
     if calibrated:
-        rec.reasons.append("not measured: calibrated methods ("
-                           + ", ".join(sorted({c.backend.name for c in calibrated}))
-                           + ") keep more accuracy than round-to-nearest at equal bits; pick the fewest stored bits")
+        rec.reasons.append(
+            "not measured: calibrated methods ("
+            + ", ".join(sorted({c.backend.name for c in calibrated}))
+            + ") keep more accuracy than round-to-nearest at equal bits; pick the fewest stored bits"
+        )
         four = calibrated
-    return sorted(four, key=lambda c: (c.bits_per_param or 99))
+    return sorted(four, key=lambda c: c.bits_per_param or 99)
 
 
 def _for_fine_tuning(cands: list[Candidate], rec: Recommendation, *, measured: bool, **_) -> list[Candidate]:
@@ -185,41 +203,51 @@ def _for_fine_tuning(cands: list[Candidate], rec: Recommendation, *, measured: b
         key, what = _quality_key(four)
         rec.reasons.append(f"fine-tuning, measured: the frozen base's {what} bounds the adapter; lowest wins")
         return sorted(four, key=key)
-    rec.reasons.append("fine-tuning, not measured: the 4-bit base with the fewest stored bits leaves the most "
-                       "memory for activations and optimizer state (QLoRA's choice)")
-    return sorted(four, key=lambda c: (c.bits_per_param or 99))
+    rec.reasons.append(
+        "fine-tuning, not measured: the 4-bit base with the fewest stored bits leaves the most "
+        "memory for activations and optimizer state (QLoRA's choice)"
+    )
+    return sorted(four, key=lambda c: c.bits_per_param or 99)
 
 
-def _smallest(cands: list[Candidate], rec: Recommendation, *, measured: bool, max_ppl_increase: float,
-              min_bits: float, **_) -> list[Candidate]:
+def _smallest(
+    cands: list[Candidate], rec: Recommendation, *, measured: bool, max_ppl_increase: float, min_bits: float, **_
+) -> list[Candidate]:
     if measured:
         kept = _within_quality(cands, rec, max_ppl_increase)
         rec.reasons.append("smallest: fewest measured bits per parameter wins")
         return sorted(kept, key=lambda c: c.bits_per_param)
     kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= min_bits]
-    rec.reasons.append(f"smallest, not measured: below {min_bits:g} bits quality collapses on most models "
-                       f"(pass --results to let measurements decide); fewest stored bits per parameter wins")
-    return sorted(kept, key=lambda c: (c.bits_per_param or 99))
+    rec.reasons.append(
+        f"smallest, not measured: below {min_bits:g} bits quality collapses on most models "
+        f"(pass --results to let measurements decide); fewest stored bits per parameter wins"
+    )
+    return sorted(kept, key=lambda c: c.bits_per_param or 99)
 
 
-def _fastest(cands: list[Candidate], rec: Recommendation, *, hardware: Hardware, measured: bool,
-             max_ppl_increase: float, **_) -> list[Candidate]:
+def _fastest(
+    cands: list[Candidate], rec: Recommendation, *, hardware: Hardware, measured: bool, max_ppl_increase: float, **_
+) -> list[Candidate]:
     if measured:
         timed = [c for c in cands if c.result and c.result.decode_tokens_per_s]
         devices = {hardware_of(c.result.protocol["device"]) for c in timed if c.result.protocol}
         if devices and devices != {hardware}:
-            rec.reasons.append(f"speeds were measured on {', '.join(d.value for d in devices)}, not "
-                               f"{hardware.value}: they do not transfer; using the declared formats instead")
+            rec.reasons.append(
+                f"speeds were measured on {', '.join(d.value for d in devices)}, not "
+                f"{hardware.value}: they do not transfer; using the declared formats instead"
+            )
         else:
             kept = _within_quality(timed, rec, max_ppl_increase)
             rec.reasons.append("fastest: highest measured decode tokens/s wins")
             return sorted(kept, key=lambda c: -c.result.decode_tokens_per_s)
         cands = [c for c in cands if c.backend is not None]
     kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= 4]
-    rec.reasons.append("fastest, not measured (a heuristic: kernels differ; run quantkit compare on this "
-                       "hardware and pass --results): decoding reads every weight once per token, so at 4 bits "
-                       "or more the fewest stored bits per parameter wins")
-    return sorted(kept, key=lambda c: (c.bits_per_param or 99))
+    rec.reasons.append(
+        "fastest, not measured (a heuristic: kernels differ; run quantkit compare on this "
+        "hardware and pass --results): decoding reads every weight once per token, so at 4 bits "
+        "or more the fewest stored bits per parameter wins"
+    )
+    return sorted(kept, key=lambda c: c.bits_per_param or 99)
 
 
 def _quality_key(cands: list[Candidate]) -> tuple[Callable[[Candidate], float], str]:
@@ -229,11 +257,14 @@ def _quality_key(cands: list[Candidate]) -> tuple[Callable[[Candidate], float], 
 
 
 def _within_quality(cands: list[Candidate], rec: Recommendation, max_ppl_increase: float) -> list[Candidate]:
-    kept = [c for c in cands
-            if c.result.delta_perplexity_pct is None or c.result.delta_perplexity_pct <= max_ppl_increase]
+    kept = [
+        c for c in cands if c.result.delta_perplexity_pct is None or c.result.delta_perplexity_pct <= max_ppl_increase
+    ]
     dropped = sorted({c.method for c in cands} - {c.method for c in kept})
-    rec.reasons.append(f"quality guard: perplexity at most {max_ppl_increase:g}% above the baseline"
-                       + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+    rec.reasons.append(
+        f"quality guard: perplexity at most {max_ppl_increase:g}% above the baseline"
+        + (f"; dropped {', '.join(dropped)}" if dropped else "")
+    )
     return kept
 
 

@@ -29,15 +29,19 @@ def reproducibility(results: Sequence[Result]) -> str:
     """Which methods are not deterministic, with their perplexity spread; the others reproduce exactly."""
     varying = [r for r in results if r.measured and r.evaluations is not None]
     if not varying:
-        return ("Reproducibility: every method gives the same perplexity, KL and top-1 on every run "
-                "(no backend declares otherwise).")
+        return (
+            "Reproducibility: every method gives the same perplexity, KL and top-1 on every run "
+            "(no backend declares otherwise)."
+        )
     parts = [
         f"{r.method} ({r.backend}) {r.perplexity_min:.5g} to {r.perplexity_max:.5g} over {r.evaluations} "
         f"evaluations of the same quantized model (+{(r.evaluations - 1) * r.eval_seconds:.0f} s)"
         for r in varying
     ]
-    return (f"Reproducibility: not deterministic, the table shows the mean perplexity: {'; '.join(parts)}. "
-            "Every other method gives the same perplexity, KL and top-1 on every run.")
+    return (
+        f"Reproducibility: not deterministic, the table shows the mean perplexity: {'; '.join(parts)}. "
+        "Every other method gives the same perplexity, KL and top-1 on every run."
+    )
 
 
 def terminal_table(results: Sequence[Result], *, width: int, title: str = "quantkit compare") -> Table:
@@ -46,8 +50,10 @@ def terminal_table(results: Sequence[Result], *, width: int, title: str = "quant
     and :func:`reproducibility`); ``--json`` and the report keep everything."""
     front = set(pareto_front(results))
     columns = columns_of(results, "terminal")
-    cells = {c.name: [c.header] + [c.cell(r) + (" *" if c.name == "method" and r.method in front else "")
-                                   for r in results] for c in columns}
+    cells = {
+        c.name: [c.header] + [c.cell(r) + (" *" if c.name == "method" and r.method in front else "") for r in results]
+        for c in columns
+    }
     widths = {name: max(map(cell_len, column)) for name, column in cells.items()}
     shown = list(columns)
     while sum(widths[c.name] for c in shown) + GAP * (len(shown) - 1) > width and max(c.terminal for c in shown) > 1:
@@ -62,11 +68,20 @@ def terminal_table(results: Sequence[Result], *, width: int, title: str = "quant
         notes.append(f"left out at this width: {', '.join(left_out)} (see report.md, --json)")
     notes += [f"{r.method}: {_status(r)}" for r in results if r.status != "ok"]
     notes.append(reproducibility(results))
-    table = Table(title=title, caption="\n".join(notes), caption_justify="left", box=box.SIMPLE_HEAD,
-                  show_edge=False, pad_edge=False, padding=(0, GAP - 1), collapse_padding=True)
+    table = Table(
+        title=title,
+        caption="\n".join(notes),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, GAP - 1),
+        collapse_padding=True,
+    )
     for c in shown:
-        table.add_column(c.header, justify="left" if c.name == "method" else "right",
-                         no_wrap=c.name != "method", overflow="fold")
+        table.add_column(
+            c.header, justify="left" if c.name == "method" else "right", no_wrap=c.name != "method", overflow="fold"
+        )
     for i, result in enumerate(results, start=1):
         table.add_row(*(cells[c.name][i] for c in shown), style=None if result.status == "ok" else "dim")
     return table
@@ -89,8 +104,15 @@ def to_csv(results: Sequence[Result]) -> str:
     return out.getvalue()
 
 
-def to_markdown(results: Sequence[Result], protocol_text: str, checks: Sequence[Check], *,
-                wall_seconds: float | None = None, command: str | None = None, plots: Sequence[Path] = ()) -> str:
+def to_markdown(
+    results: Sequence[Result],
+    protocol_text: str,
+    checks: Sequence[Check],
+    *,
+    wall_seconds: float | None = None,
+    command: str | None = None,
+    plots: Sequence[Path] = (),
+) -> str:
     """The comparison as a Markdown report: protocol, table, reproducibility, Pareto front, checks, plots."""
     columns = columns_of(results, "markdown")
     headers = [c.label for c in columns] + ["status"]
@@ -100,8 +122,11 @@ def to_markdown(results: Sequence[Result], protocol_text: str, checks: Sequence[
     lines += [f"Protocol: {protocol_text}.", ""]
     if wall_seconds is not None:
         workers = sum(r.worker_seconds or 0.0 for r in results)
-        lines += [f"Wall time of this invocation: {wall_seconds / 60:.1f} min; the methods' workers took "
-                  f"{workers / 60:.1f} min in all (methods a resumed run skipped included).", ""]
+        lines += [
+            f"Wall time of this invocation: {wall_seconds / 60:.1f} min; the methods' workers took "
+            f"{workers / 60:.1f} min in all (methods a resumed run skipped included).",
+            "",
+        ]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in table_rows(results, columns)]
     lines += [
@@ -124,8 +149,15 @@ def to_markdown(results: Sequence[Result], protocol_text: str, checks: Sequence[
     return "\n".join(lines) + "\n"
 
 
-def write_reports(results: Sequence[Result], out: Path, protocol_text: str, *, json_path: Path | None = None,
-                  wall_seconds: float | None = None, command: str | None = None) -> dict[str, Path]:
+def write_reports(
+    results: Sequence[Result],
+    out: Path,
+    protocol_text: str,
+    *,
+    json_path: Path | None = None,
+    wall_seconds: float | None = None,
+    command: str | None = None,
+) -> dict[str, Path]:
     """Write ``results.json``, ``results.csv``, ``report.md`` and the plots into ``out``
     (and the JSON also to ``json_path``); return the paths by kind."""
     out.mkdir(parents=True, exist_ok=True)

@@ -105,36 +105,55 @@ class Result:
     nominal_bits: float | None = column(csv=True)
     code_bits: float | None = column(label="code bits", fmt="{:.2f}", group=Group.SIZE, markdown=True, csv=True)
     requires_calibration: bool | None = column(csv=True)
-    bits_per_param: float | None = column(label="bits/param", fmt="{:.3f}", group=Group.SIZE, short="bits",
-                                          terminal=1, markdown=True, csv=True)
+    bits_per_param: float | None = column(
+        label="bits/param", fmt="{:.3f}", group=Group.SIZE, short="bits", terminal=1, markdown=True, csv=True
+    )
     """Stored bits of the quantized linears per weight, measured on the saved files."""
-    estimated_bits_per_param: float | None = column(label="est. bits", fmt="{:.3f}", group=Group.SIZE,
-                                                    markdown=True, csv=True)
-    size_bytes: int | None = column(label="size MB", fmt="{:.1f}", scale=MB, group=Group.SIZE, short="MB",
-                                    terminal=2, markdown=True, csv=True)
-    estimated_size_bytes: int | None = column(label="est. MB", fmt="{:.1f}", scale=MB, group=Group.SIZE,
-                                              markdown=True, csv=True)
+    estimated_bits_per_param: float | None = column(
+        label="est. bits", fmt="{:.3f}", group=Group.SIZE, markdown=True, csv=True
+    )
+    size_bytes: int | None = column(
+        label="size MB", fmt="{:.1f}", scale=MB, group=Group.SIZE, short="MB", terminal=2, markdown=True, csv=True
+    )
+    estimated_size_bytes: int | None = column(
+        label="est. MB", fmt="{:.1f}", scale=MB, group=Group.SIZE, markdown=True, csv=True
+    )
     quantized_params: int | None = column(csv=True)
     quantized_bytes: int | None = column(csv=True)
-    quantize_seconds: float | None = column(label="quantize s", fmt="{:.1f}", group=Group.COST, short="quant s",
-                                            terminal=4, markdown=True, csv=True)
-    peak_rss_bytes: int | None = column(label="peak RSS MB", fmt="{:.1f}", scale=MB, group=Group.COST,
-                                        short="RSS MB", terminal=4, markdown=True, csv=True)
+    quantize_seconds: float | None = column(
+        label="quantize s", fmt="{:.1f}", group=Group.COST, short="quant s", terminal=4, markdown=True, csv=True
+    )
+    peak_rss_bytes: int | None = column(
+        label="peak RSS MB",
+        fmt="{:.1f}",
+        scale=MB,
+        group=Group.COST,
+        short="RSS MB",
+        terminal=4,
+        markdown=True,
+        csv=True,
+    )
     rss_before_quantize_bytes: int | None = column(csv=True)
-    perplexity: float | None = column(label="ppl", fmt="{:.5g}", group=Group.QUALITY, terminal=1, markdown=True,
-                                      csv=True)
+    perplexity: float | None = column(
+        label="ppl", fmt="{:.5g}", group=Group.QUALITY, terminal=1, markdown=True, csv=True
+    )
     """The mean over :attr:`evaluations` where the method is evaluated more than once."""
     delta_perplexity: float | None = column(csv=True)
-    delta_perplexity_pct: float | None = column(label="Δppl %", fmt="{:+.2f}", group=Group.QUALITY, terminal=1,
-                                                markdown=True, csv=True)
-    kl_divergence: float | None = column(label="KL", fmt="{:.3g}", group=Group.QUALITY, terminal=2, markdown=True,
-                                         csv=True)
-    top1_agreement: float | None = column(label="top-1", fmt="{:.2%}", group=Group.QUALITY, terminal=2,
-                                          markdown=True, csv=True)
-    prefill_tokens_per_s: float | None = column(label="prefill tok/s", fmt="{:.0f}", group=Group.SPEED,
-                                                markdown=True, csv=True)
-    decode_tokens_per_s: float | None = column(label="decode tok/s", fmt="{:.1f}", group=Group.SPEED,
-                                               short="dec/s", terminal=3, markdown=True, csv=True)
+    delta_perplexity_pct: float | None = column(
+        label="Δppl %", fmt="{:+.2f}", group=Group.QUALITY, terminal=1, markdown=True, csv=True
+    )
+    kl_divergence: float | None = column(
+        label="KL", fmt="{:.3g}", group=Group.QUALITY, terminal=2, markdown=True, csv=True
+    )
+    top1_agreement: float | None = column(
+        label="top-1", fmt="{:.2%}", group=Group.QUALITY, terminal=2, markdown=True, csv=True
+    )
+    prefill_tokens_per_s: float | None = column(
+        label="prefill tok/s", fmt="{:.0f}", group=Group.SPEED, markdown=True, csv=True
+    )
+    decode_tokens_per_s: float | None = column(
+        label="decode tok/s", fmt="{:.1f}", group=Group.SPEED, short="dec/s", terminal=3, markdown=True, csv=True
+    )
     eval_seconds: float | None = column(csv=True)
     """Seconds of one evaluation (the mean where there are several)."""
     worker_seconds: float | None = column(csv=True)
@@ -160,9 +179,16 @@ class Result:
     def of(cls, method: Method, protocol: Protocol, status: str, reason: str = "", **values: Any) -> Result:
         """The result of ``method`` under ``protocol`` with its identity and keys, and ``values``."""
         identity = dict(
-            method=method.name, config=method.to_dict()["config"], dtype=method.dtype, status=status,
-            available=status != "unavailable", reason=reason, nominal_bits=method.nominal_bits,
-            protocol=protocol.to_dict(), protocol_key=protocol.key(), method_key=method.key(),
+            method=method.name,
+            config=method.to_dict()["config"],
+            dtype=method.dtype,
+            status=status,
+            available=status != "unavailable",
+            reason=reason,
+            nominal_bits=method.nominal_bits,
+            protocol=protocol.to_dict(),
+            protocol_key=protocol.key(),
+            method_key=method.key(),
             evaluations=method.evaluations,
         )
         return cls(**{**identity, **values})
@@ -188,8 +214,9 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: every field in order, optional ones only when set."""
-        return {c.name: getattr(self, c.name) for c in self.columns()
-                if not (c.optional and getattr(self, c.name) is None)}
+        return {
+            c.name: getattr(self, c.name) for c in self.columns() if not (c.optional and getattr(self, c.name) is None)
+        }
 
     @property
     def measured(self) -> bool:

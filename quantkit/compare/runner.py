@@ -86,8 +86,12 @@ class Comparison:
         self.out = Path(self.out)
         self.paths = RunPaths(self.out)
         if not self.methods or self.methods[0].name != BASELINE or not self.methods[0].is_float:
-            raise ConfigValueError("Comparison", "methods", [m.name for m in self.methods],
-                                   f"a list starting with the float baseline {BASELINE!r}")
+            raise ConfigValueError(
+                "Comparison",
+                "methods",
+                [m.name for m in self.methods],
+                f"a list starting with the float baseline {BASELINE!r}",
+            )
 
     def pending(self) -> list[Method]:
         """Methods without a finished result for this protocol (all with ``force``)."""
@@ -172,13 +176,21 @@ class Comparison:
 
     def _run_worker(self, method: Method, job_path: Path, log: Path) -> str | None:
         """Run one worker to its end; the error that stopped it, or ``None``."""
-        env = {**os.environ, "QUANTKIT_QUIET": "1", "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": str(self.protocol.threads)}
+        env = {
+            **os.environ,
+            "QUANTKIT_QUIET": "1",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(self.protocol.threads),
+        }
         error = None
         with open(log, "w", encoding="utf-8") as log_file:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "quantkit.compare", str(job_path)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                text=True,
             )
             try:
                 for line in worker.stdout:
@@ -218,7 +230,7 @@ def _parse_event(line: str) -> dict | None:
     if not line.startswith(EVENT_PREFIX):
         return None
     try:
-        return json.loads(line[len(EVENT_PREFIX):])
+        return json.loads(line[len(EVENT_PREFIX) :])
     except json.JSONDecodeError:
         return None
 
@@ -245,8 +257,11 @@ def _estimates(methods: Sequence[Method], protocol: Protocol) -> dict[str, dict[
         except Exception as exc:  # an estimate is a comparison point, never a reason to stop
             estimates[m.name] = {"estimate_error": f"{type(exc).__name__}: {exc}"}
             continue
-        estimates[m.name] = {"estimated_bits_per_param": e.bits_per_param, "estimated_size_bytes": e.total_bytes,
-                             "code_bits": e.code_bits}
+        estimates[m.name] = {
+            "estimated_bits_per_param": e.bits_per_param,
+            "estimated_size_bytes": e.total_bytes,
+            "code_bits": e.code_bits,
+        }
     return estimates
 
 

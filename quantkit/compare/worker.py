@@ -89,13 +89,22 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
     quantize_seconds, quantize_cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
     peak_rss = _peak_rss_bytes()
     report("save")
-    stored = save_and_measure(model, method, quantized_names, scratch=Path(job["scratch"]),
-                              keep_in=Path(job["models"]) if job["models"] else None)
+    stored = save_and_measure(
+        model,
+        method,
+        quantized_names,
+        scratch=Path(job["scratch"]),
+        keep_in=Path(job["models"]) if job["models"] else None,
+    )
     reference = Path(job["reference"])
     runs = evaluate_repeatedly(
-        model, eval_ids, protocol, method.evaluations or 1,
+        model,
+        eval_ids,
+        protocol,
+        method.evaluations or 1,
         reference=reference if not job["write_reference"] and reference.is_file() else None,
-        write_reference=reference if job["write_reference"] else None, report=report,
+        write_reference=reference if job["write_reference"] else None,
+        report=report,
     )
     result = mean_of(runs)
     report("decode")
@@ -104,7 +113,11 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
     if method.evaluations is not None:
         spread = {"perplexity_min": min(r.perplexity for r in runs), "perplexity_max": max(r.perplexity for r in runs)}
     return Result.of(
-        method, protocol, "ok", **job.get("estimate", {}), **spread,
+        method,
+        protocol,
+        "ok",
+        **job.get("estimate", {}),
+        **spread,
         backend=backend.name if backend else None,
         requires_calibration=bool(backend and backend.capabilities.requires_calibration),
         bits_per_param=8 * stored["quantized_bytes"] / quantized_params,
@@ -129,19 +142,32 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
     )
 
 
-def evaluate_repeatedly(model: nn.Module, tokens: torch.Tensor, protocol: Protocol, times: int, *,
-                        reference: Path | None, write_reference: Path | None,
-                        report: Callable[..., None]) -> list[EvalResult]:
+def evaluate_repeatedly(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    protocol: Protocol,
+    times: int,
+    *,
+    reference: Path | None,
+    write_reference: Path | None,
+    report: Callable[..., None],
+) -> list[EvalResult]:
     """Evaluate ``model`` ``times`` times on the protocol's windows, without quantizing it again
     (only the first pass writes ``write_reference``); progress counts the windows of every pass."""
     runs: list[EvalResult] = []
     report("evaluate", 0, times)
     for i in range(times):
-        runs.append(evaluate(
-            model, tokens, seqlen=protocol.seqlen, stride=protocol.stride, reference=reference,
-            write_reference=write_reference if i == 0 else None,
-            progress=lambda done, total, i=i: report("evaluate", i * total + done, times * total),
-        ))
+        runs.append(
+            evaluate(
+                model,
+                tokens,
+                seqlen=protocol.seqlen,
+                stride=protocol.stride,
+                reference=reference,
+                write_reference=write_reference if i == 0 else None,
+                progress=lambda done, total, i=i: report("evaluate", i * total + done, times * total),
+            )
+        )
     return runs
 
 
@@ -149,8 +175,11 @@ def mean_of(runs: Sequence[EvalResult]) -> EvalResult:
     """One evaluation, or the mean of several (their counts are equal, their measures may differ)."""
     if len(runs) == 1:
         return runs[0]
-    means = {f.name: statistics.fmean(getattr(r, f.name) for r in runs)
-             for f in dataclasses.fields(EvalResult) if isinstance(getattr(runs[0], f.name), float)}
+    means = {
+        f.name: statistics.fmean(getattr(r, f.name) for r in runs)
+        for f in dataclasses.fields(EvalResult)
+        if isinstance(getattr(runs[0], f.name), float)
+    }
     return dataclasses.replace(runs[0], **means)
 
 
@@ -172,8 +201,11 @@ def apply_method(model: nn.Module, tokenizer, method: Method, protocol: Protocol
     calibration = None
     if backend.capabilities.requires_calibration:
         calibration = calibration_tokens(
-            tokenizer, protocol.dataset, nsamples=getattr(method.config, "nsamples", protocol.calibration_samples),
-            seqlen=getattr(method.config, "seqlen", protocol.calibration_seqlen), seed=protocol.seed,
+            tokenizer,
+            protocol.dataset,
+            nsamples=getattr(method.config, "nsamples", protocol.calibration_samples),
+            seqlen=getattr(method.config, "seqlen", protocol.calibration_seqlen),
+            seed=protocol.seed,
         )
     return quantize(model, method.config, calibration=calibration, device=device), backend
 
@@ -194,8 +226,14 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
-def save_and_measure(model: nn.Module, method: Method, quantized_names: Iterable[str], *,
-                     keep_in: Path | None = None, scratch: Path | None = None) -> dict[str, int]:
+def save_and_measure(
+    model: nn.Module,
+    method: Method,
+    quantized_names: Iterable[str],
+    *,
+    keep_in: Path | None = None,
+    scratch: Path | None = None,
+) -> dict[str, int]:
     """Save ``model`` as its backend does (a float method: one safetensors file) and count the
     bytes on disk (see :func:`stored_bytes`). The saved folder is kept under ``keep_in``,
     else written to a temporary folder (in ``scratch``) and removed."""

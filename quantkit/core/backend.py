@@ -97,7 +97,9 @@ class Backend(abc.ABC):
         targets = self.targets(model, config)
         with torch.no_grad():
             replace_linears(
-                model, targets, lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device),
+                model,
+                targets,
+                lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device),
                 description=self.name,
             )
         return self.place(model, config, device)

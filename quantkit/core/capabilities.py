@@ -124,8 +124,9 @@ def check_shape_limits(targets: Sequence[Target], limits: Sequence[ShapeLimit]) 
             raise ShapeLimitError(limit, bad, _fitting_values(limit, bad[0].config, targets, limits))
 
 
-def _fitting_values(limit: ShapeLimit, config: QuantConfig, targets: Sequence[Target],
-                    limits: Sequence[ShapeLimit]) -> list[str]:
+def _fitting_values(
+    limit: ShapeLimit, config: QuantConfig, targets: Sequence[Target], limits: Sequence[ShapeLimit]
+) -> list[str]:
     """``field=value`` for each declared choice of the limit's config fields that every target
     would satisfy, with every limit."""
     choices = {f.name: f.metadata.get("choices") or () for f in dataclasses.fields(config)}

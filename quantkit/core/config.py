@@ -151,9 +151,7 @@ class QuantConfig:
             return
         choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
         if choices is not None and value not in choices:
-            raise ConfigValueError(
-                type(self).__name__, f.name, value, ", ".join(map(repr, choices))
-            )
+            raise ConfigValueError(type(self).__name__, f.name, value, ", ".join(map(repr, choices)))
         if valid is not None and not valid(value):
             raise ConfigValueError(type(self).__name__, f.name, value, f.metadata["allowed"])
 
@@ -164,7 +162,9 @@ class QuantConfig:
         for key in partial:
             if key in _NOT_OVERRIDABLE:
                 raise ConfigValueError(
-                    name, f"module_overrides[{pattern!r}]", key,
+                    name,
+                    f"module_overrides[{pattern!r}]",
+                    key,
                     "any field except " + ", ".join(_NOT_OVERRIDABLE),
                 )
         self._replace(partial)
@@ -231,9 +231,7 @@ class QuantConfig:
             raise ConfigValueError(cls.__name__, "quant_method", method, repr(cls.quant_method))
         version = data.pop("schema_version", SCHEMA_VERSION)
         if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
-            raise ConfigValueError(
-                cls.__name__, "schema_version", version, f"1..{SCHEMA_VERSION}"
-            )
+            raise ConfigValueError(cls.__name__, "schema_version", version, f"1..{SCHEMA_VERSION}")
         data = cls.migrate(data, version)
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
@@ -275,7 +273,9 @@ class QuantConfig:
         ``module_overrides`` (quantkit's own key, ignored by transformers) only when set."""
         if self.hf_quant_method is None:
             raise ConfigValueError(
-                type(self).__name__, "quant_method", self.quant_method,
+                type(self).__name__,
+                "quant_method",
+                self.quant_method,
                 "a method transformers serializes (bitsandbytes, gptq, awq)",
             )
         block: dict[str, Any] = {"quant_method": self.hf_quant_method, **copy.deepcopy(dict(self.hf_constants))}
@@ -294,7 +294,9 @@ class QuantConfig:
             raise ConfigTypeError(cls.__name__, "quantization_config", data, "a dict")
         if cls.hf_quant_method is None:
             raise ConfigValueError(
-                cls.__name__, "quant_method", data.get("quant_method"),
+                cls.__name__,
+                "quant_method",
+                data.get("quant_method"),
                 "a method transformers serializes (bitsandbytes, gptq, awq)",
             )
         if isinstance(data.get(HF_EXACT_CONFIG_KEY), Mapping):

@@ -128,11 +128,7 @@ def read_config(directory: Path) -> dict:
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded) safetensors model, on the CPU."""
     index = directory / INDEX_NAME
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else [WEIGHTS_NAME]
-    )
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = directory / name

@@ -109,11 +109,14 @@ class _AWQLayerQuantizer:
         if len(members) != len(group.names):
             log.info("%s: AWQ does not scale %s (some are not quantized)", ctx.name, ", ".join(group.names))
             return None
-        if group.scale_when_square and getattr(previous, "weight", None) is not None and (
-            previous.weight.shape != linears[0].weight.shape
+        if (
+            group.scale_when_square
+            and getattr(previous, "weight", None) is not None
+            and (previous.weight.shape != linears[0].weight.shape)
         ):
             return None
         if group.inspect is None:
+
             def forward() -> Tensor:
                 return torch.cat([linear(x) for linear in linears], dim=-1)
         else:
@@ -128,8 +131,12 @@ class _AWQLayerQuantizer:
         # search_scales reads only the per-channel mean |x| from its x when forward_fn is given:
         # pass the mean over all calibration tokens, and evaluate the loss on the kept ones.
         result = search_scales(
-            mean_abs.view(1, -1), linears, w_bits=cfg.bits, group_size=cfg.group_size,
-            zero_point=cfg.zero_point, forward_fn=forward,
+            mean_abs.view(1, -1),
+            linears,
+            w_bits=cfg.bits,
+            group_size=cfg.group_size,
+            zero_point=cfg.zero_point,
+            forward_fn=forward,
         )
         apply_scales_to_previous(previous, linears, result.scales)
         log.debug(
@@ -169,7 +176,12 @@ class AWQBackend(Backend):
         targets = self.targets(model, config)
         seqlen = calibration.shape[-1] if calibration is not None and calibration.dim() == 2 else 1
         quantize_layerwise(
-            model, targets, calibration, device, _AWQLayerQuantizer(), description="AWQ",
+            model,
+            targets,
+            calibration,
+            device,
+            _AWQLayerQuantizer(),
+            description="AWQ",
             chunk_samples=max(1, self.search_tokens // seqlen),
         )
         return model

@@ -66,8 +66,13 @@ class AWQLinear(nn.Module):
         """An unfilled module shaped for ``linear`` (for loading a checkpoint into)."""
         bias = linear.bias
         return cls(
-            linear.in_features, linear.out_features, group_size, version,
-            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device=device,
+            linear.in_features,
+            linear.out_features,
+            group_size,
+            version,
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=device,
         )
 
     @classmethod
@@ -77,8 +82,13 @@ class AWQLinear(nn.Module):
         """Pack integer weights ``(out, in)``, zero points and scales ``(n_groups, out)``."""
         out_features, in_features = intweight.shape
         module = cls(
-            in_features, out_features, in_features // scales.shape[0], version,
-            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta",
+            in_features,
+            out_features,
+            in_features // scales.shape[0],
+            version,
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device="meta",
         )
         packed = (pack_awq if version == "gemm" else pack_awq_gemv)(intweight, zeros, scales)
         for name, tensor in packed.items():

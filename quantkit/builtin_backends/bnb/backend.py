@@ -82,8 +82,12 @@ class BnbBackend(Backend):
 def _quant_state_json(config: BnbConfig, out_features: int, in_features: int) -> str:
     """The JSON bitsandbytes packs into ``weight.quant_state.bitsandbytes__<type>`` (its nested
     offset is a float of typical length: the size is exact to a few bytes)."""
-    state = {"quant_type": config.quant_type, "blocksize": config.blocksize, "dtype": "float32",
-             "shape": [out_features, in_features]}
+    state = {
+        "quant_type": config.quant_type,
+        "blocksize": config.blocksize,
+        "dtype": "float32",
+        "shape": [out_features, in_features],
+    }
     if config.use_double_quant:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.012345678901234567)
     return json.dumps(state)

@@ -35,9 +35,7 @@ class BnbConfig(QuantConfig):
     quant_type: str = spec("nf4", choices=("nf4", "fp4"), hf="bnb_4bit_quant_type")
     use_double_quant: bool = spec(False, hf="bnb_4bit_use_double_quant")
     compute_dtype: str = spec("float32", choices=COMPUTE_DTYPES, hf="bnb_4bit_compute_dtype")
-    blocksize: int = spec(
-        64, choices=(32, 64, 128, 256, 512, 1024, 2048, 4096), doc="4-bit quantization block"
-    )
+    blocksize: int = spec(64, choices=(32, 64, 128, 256, 512, 1024, 2048, 4096), doc="4-bit quantization block")
     llm_int8_threshold: float = spec(
         6.0, valid=lambda v: v >= 0, allowed=">= 0 (0 disables the outlier path)", hf="llm_int8_threshold"
     )
@@ -50,7 +48,9 @@ class BnbConfig(QuantConfig):
     def validate(self) -> None:
         if self.load_in_4bit == self.load_in_8bit:
             raise ConfigValueError(
-                "BnbConfig", "load_in_4bit", self.load_in_4bit,
+                "BnbConfig",
+                "load_in_4bit",
+                self.load_in_4bit,
                 "exactly one of load_in_4bit and load_in_8bit set to True",
             )
 
@@ -76,15 +76,20 @@ class BnbConfig(QuantConfig):
 PRESETS = (
     Preset("int8", {"load_in_4bit": False, "load_in_8bit": True}, 10, "LLM.int8 at its default outlier threshold 6"),
     # small models' activation outliers are milder: 1.5 keeps ~11 % of SmolLM2's input columns in float
-    Preset("int8-t1.5", {"load_in_4bit": False, "load_in_8bit": True, "llm_int8_threshold": 1.5}, 11,
-           "LLM.int8 with activations above 1.5 kept in float"),
+    Preset(
+        "int8-t1.5",
+        {"load_in_4bit": False, "load_in_8bit": True, "llm_int8_threshold": 1.5},
+        11,
+        "LLM.int8 with activations above 1.5 kept in float",
+    ),
     Preset("nf4", {"quant_type": "nf4"}, 30, "4-bit NormalFloat, blocks of 64"),
     Preset("nf4-dq", {"quant_type": "nf4", "use_double_quant": True}, 31, "NF4 with double quantization (QLoRA's)"),
     Preset("fp4", {"quant_type": "fp4"}, 32, "4-bit float, blocks of 64"),
 )
 
 QLORA = Preset(
-    "qlora", {"quant_type": "nf4", "use_double_quant": True, "compute_dtype": "bfloat16"},
+    "qlora",
+    {"quant_type": "nf4", "use_double_quant": True, "compute_dtype": "bfloat16"},
     doc="QLoRA's base: NF4 with double quantization and bfloat16 compute (what quantize=True means)",
 )
 PRESETS = (*PRESETS, QLORA)

@@ -46,19 +46,27 @@ def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) 
 
     if config.load_in_8bit:
         module = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            has_fp16_weights=False, threshold=config.llm_int8_threshold, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=config.llm_int8_threshold,
+            device="meta",
         )
         # Int8Params quantizes when moved off the CPU-resident float weight.
-        module.weight = bnb.nn.Int8Params(
-            linear.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
-        ).to(device)
+        module.weight = bnb.nn.Int8Params(linear.weight.data.cpu(), requires_grad=False, has_fp16_weights=False).to(
+            device
+        )
     else:
         module = _linear4bit(linear.in_features, linear.out_features, linear.bias is not None, config)
         module.weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False, blocksize=config.blocksize,
-            compress_statistics=config.use_double_quant, quant_type=config.quant_type,
-            quant_storage=torch.uint8, module=module,
+            linear.weight.data,
+            requires_grad=False,
+            blocksize=config.blocksize,
+            compress_statistics=config.use_double_quant,
+            quant_type=config.quant_type,
+            quant_storage=torch.uint8,
+            module=module,
         ).to(device)
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
@@ -73,20 +81,31 @@ def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
     out_features, in_features = linear.out_features, linear.in_features
     if config.load_in_8bit:
         module = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=linear.bias is not None,
-            has_fp16_weights=False, threshold=config.llm_int8_threshold, device="meta",
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=config.llm_int8_threshold,
+            device="meta",
         )
         module.weight = bnb.nn.Int8Params(
             torch.empty(out_features, in_features, dtype=torch.int8, device="meta"),
-            requires_grad=False, has_fp16_weights=False,
+            requires_grad=False,
+            has_fp16_weights=False,
         )
         module.register_load_state_dict_pre_hook(_load_int8)
     else:
         module = _linear4bit(in_features, out_features, linear.bias is not None, config)
         packed = torch.empty((out_features * in_features + 1) // 2, 1, dtype=torch.uint8, device="meta")
         module.weight = bnb.nn.Params4bit(
-            packed, requires_grad=False, blocksize=config.blocksize, compress_statistics=config.use_double_quant,
-            quant_type=config.quant_type, quant_storage=torch.uint8, module=module, bnb_quantized=True,
+            packed,
+            requires_grad=False,
+            blocksize=config.blocksize,
+            compress_statistics=config.use_double_quant,
+            quant_type=config.quant_type,
+            quant_storage=torch.uint8,
+            module=module,
+            bnb_quantized=True,
         )
         module.register_load_state_dict_pre_hook(_load_4bit)
     return module
@@ -118,9 +137,14 @@ def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConf
     import bitsandbytes as bnb
 
     module = bnb.nn.Linear4bit(
-        in_features, out_features, bias=bias, compute_dtype=getattr(torch, config.compute_dtype),
-        compress_statistics=config.use_double_quant, quant_type=config.quant_type,
-        quant_storage=torch.uint8, device="meta",
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=getattr(torch, config.compute_dtype),
+        compress_statistics=config.use_double_quant,
+        quant_type=config.quant_type,
+        quant_storage=torch.uint8,
+        device="meta",
     )
     keep_canonical_layout(module)
     return module
@@ -133,7 +157,7 @@ def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args)
     weight = state_dict.get(prefix + "weight")
     if weight is None:
         return
-    stats = {key[len(prefix):]: state_dict.pop(key) for key in list(state_dict) if key.startswith(prefix + "weight.")}
+    stats = {key[len(prefix) :]: state_dict.pop(key) for key in list(state_dict) if key.startswith(prefix + "weight.")}
     if not any(key.startswith(QUANT_STATE_KEY) for key in stats):
         raise ModelFormatError(
             f"{prefix}weight is not a bitsandbytes 4-bit weight (no {prefix}{QUANT_STATE_KEY}nf4/fp4 "
@@ -141,7 +165,11 @@ def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args)
             "quantization_config disagree on this layer"
         )
     state_dict[prefix + "weight"] = bnb.nn.Params4bit.from_prequantized(
-        data=weight, quantized_stats=stats, requires_grad=False, device=weight.device, module=module,
+        data=weight,
+        quantized_stats=stats,
+        requires_grad=False,
+        device=weight.device,
+        module=module,
     )
 
 
@@ -159,6 +187,6 @@ def _load_int8(module: bnb.nn.Linear8bitLt, state_dict: dict, prefix: str, *_arg
             f"{prefix}SCB {'missing' if scb is None else 'present'}); the file and its "
             "quantization_config disagree on this layer"
         )
-    state_dict[prefix + "weight"] = bnb.nn.Int8Params(
-        weight, requires_grad=False, has_fp16_weights=False, SCB=scb
-    ).to(weight.device)
+    state_dict[prefix + "weight"] = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scb).to(
+        weight.device
+    )

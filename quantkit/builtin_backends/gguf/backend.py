@@ -88,8 +88,14 @@ class GGUFBackend(Backend):
         return GGUFLinear.from_linear(linear, _linear_type(config, name, linear.in_features), device)
 
     def empty_module(self, name: str, linear: nn.Linear, config: GGUFConfig) -> GGUFLinear:
-        return GGUFLinear(linear.in_features, linear.out_features, _linear_type(config, name, linear.in_features),
-                          bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+        return GGUFLinear(
+            linear.in_features,
+            linear.out_features,
+            _linear_type(config, name, linear.in_features),
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
 
     def prepare_for_loading(self, model: nn.Module, config: GGUFConfig) -> nn.Module:
         """Empty GGUF modules of the types ``config`` gives, the token embedding included (saved

@@ -10,8 +10,18 @@ from quantkit.core.config import QuantConfig, spec
 from quantkit.core.presets import Preset
 
 GGUF_TENSOR_TYPES = (
-    "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
-    "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q5_1",
+    "Q5_0",
+    "Q4_1",
+    "Q4_0",
+    "Q6_K",
+    "Q5_K",
+    "Q4_K",
+    "Q3_K",
+    "Q2_K",
 )
 GGUF_MIXES = ("Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K")
 
@@ -42,6 +52,13 @@ class GGUFConfig(QuantConfig):
 
 PRESETS = tuple(
     Preset(f"gguf-{t.lower()}", {"quant_type": t}, rank, f"llama.cpp's {t}")
-    for t, rank in (("Q8_0", 20), ("Q6_K", 21), ("Q5_K_M", 22), ("Q4_K_M", 50), ("Q4_0", 51),
-                    ("Q3_K_M", 52), ("Q2_K", 53))
+    for t, rank in (
+        ("Q8_0", 20),
+        ("Q6_K", 21),
+        ("Q5_K_M", 22),
+        ("Q4_K_M", 50),
+        ("Q4_0", 51),
+        ("Q3_K_M", 52),
+        ("Q2_K", 53),
+    )
 )

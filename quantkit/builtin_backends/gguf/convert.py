@@ -68,8 +68,14 @@ def install_embedding(model: nn.Module, plan: EmbeddingPlan, embedding: GGUFEmbe
 def empty_embedding(plan: EmbeddingPlan) -> GGUFEmbedding:
     """An empty GGUF embedding of the planned type that a saved state dict fills."""
     weight = plan.module.weight
-    return GGUFEmbedding(plan.module.num_embeddings, plan.module.embedding_dim, plan.qtype,
-                         padding_idx=plan.module.padding_idx, device=weight.device, dtype=weight.dtype)
+    return GGUFEmbedding(
+        plan.module.num_embeddings,
+        plan.module.embedding_dim,
+        plan.qtype,
+        padding_idx=plan.module.padding_idx,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
 
 
 def type_counts(model: nn.Module) -> dict[str, int]:

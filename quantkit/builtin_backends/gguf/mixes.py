@@ -37,22 +37,36 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 MIX_BASE_TYPES: dict[str, str] = {
     "Q2_K": "Q2_K",
-    "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
-    "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
-    "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
+    "Q3_K_S": "Q3_K",
+    "Q3_K_M": "Q3_K",
+    "Q3_K_L": "Q3_K",
+    "Q4_K_S": "Q4_K",
+    "Q4_K_M": "Q4_K",
+    "Q5_K_S": "Q5_K",
+    "Q5_K_M": "Q5_K",
 }
 """Each llama.cpp mix and its default ggml type."""
 
 FILE_TYPES: dict[str, LlamaFileType] = {
-    "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
-    "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q5_1": LlamaFileType.MOSTLY_Q5_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
-    "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q4_0": LlamaFileType.MOSTLY_Q4_0, "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+    "F16": LlamaFileType.MOSTLY_F16,
+    "BF16": LlamaFileType.MOSTLY_BF16,
+    "Q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "Q5_1": LlamaFileType.MOSTLY_Q5_1,
+    "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "Q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "Q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "Q6_K": LlamaFileType.MOSTLY_Q6_K,
     # pure K types have no ftype of their own: the "_S" mixes are the closest (mostly that type)
-    "Q5_K": LlamaFileType.MOSTLY_Q5_K_S, "Q4_K": LlamaFileType.MOSTLY_Q4_K_S, "Q3_K": LlamaFileType.MOSTLY_Q3_K_S,
+    "Q5_K": LlamaFileType.MOSTLY_Q5_K_S,
+    "Q4_K": LlamaFileType.MOSTLY_Q4_K_S,
+    "Q3_K": LlamaFileType.MOSTLY_Q3_K_S,
     "Q2_K": LlamaFileType.MOSTLY_Q2_K,
-    "Q3_K_S": LlamaFileType.MOSTLY_Q3_K_S, "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M,
-    "Q3_K_L": LlamaFileType.MOSTLY_Q3_K_L, "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
-    "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M, "Q5_K_S": LlamaFileType.MOSTLY_Q5_K_S,
+    "Q3_K_S": LlamaFileType.MOSTLY_Q3_K_S,
+    "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M,
+    "Q3_K_L": LlamaFileType.MOSTLY_Q3_K_L,
+    "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
+    "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
+    "Q5_K_S": LlamaFileType.MOSTLY_Q5_K_S,
     "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
 }
 """``general.file_type`` written for each ``quant_type``."""

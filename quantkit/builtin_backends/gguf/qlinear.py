@@ -71,8 +71,9 @@ class GGUFWeight(nn.Module):
                 )
             if qtype != self.qtype:
                 shape = (self.rows, row_bytes(qtype, self.cols))
-                self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=self.weight.device),
-                                           requires_grad=False)
+                self.weight = nn.Parameter(
+                    torch.empty(shape, dtype=torch.uint8, device=self.weight.device), requires_grad=False
+                )
                 self.qtype = qtype
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
@@ -101,8 +102,14 @@ class GGUFLinear(GGUFWeight):
         """Quantize ``linear``'s weight to ``qtype``, on ``device`` (default: the weight's)."""
         weight = linear.weight.detach()
         device = device or weight.device
-        module = cls(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None,
-                     device=device, dtype=weight.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            qtype,
+            bias=linear.bias is not None,
+            device=device,
+            dtype=weight.dtype,
+        )
         module.load_bytes(quants.quantize(weight.to(device), qtype), qtype)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -120,8 +127,10 @@ class GGUFLinear(GGUFWeight):
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class GGUFEmbedding(GGUFWeight):
@@ -148,8 +157,14 @@ class GGUFEmbedding(GGUFWeight):
         """Quantize ``embedding``'s table to ``qtype``, on ``device`` (default: the table's)."""
         weight = embedding.weight.detach()
         device = device or weight.device
-        module = cls(embedding.num_embeddings, embedding.embedding_dim, qtype,
-                     padding_idx=embedding.padding_idx, device=device, dtype=weight.dtype)
+        module = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            qtype,
+            padding_idx=embedding.padding_idx,
+            device=device,
+            dtype=weight.dtype,
+        )
         module.load_bytes(quants.quantize(weight.to(device), qtype), qtype)
         return module
 

@@ -133,8 +133,9 @@ def _fill(model: nn.Module, tensors: dict, file_quant_type: str | None) -> GGUFC
     for module_name, (qtype, value) in packed.items():
         module = modules[module_name]
         if isinstance(module, nn.Embedding):
-            replacement = GGUFEmbedding(module.num_embeddings, module.embedding_dim, qtype,
-                                        padding_idx=module.padding_idx)
+            replacement = GGUFEmbedding(
+                module.num_embeddings, module.embedding_dim, qtype, padding_idx=module.padding_idx
+            )
         else:
             replacement = GGUFLinear(module.in_features, module.out_features, qtype)
         replacement.load_bytes(value, qtype)

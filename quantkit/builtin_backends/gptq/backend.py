@@ -92,27 +92,42 @@ class _GPTQLayerQuantizer:
         stacked = torch.cat([linear.weight for linear in linears])
         with _one_cpu_thread(stacked.device):
             result = gptq_quantize(
-                stacked, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
-                desc_act=cfg.desc_act, static_groups=cfg.static_groups, damp_percent=cfg.damp_percent,
+                stacked,
+                H,
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                sym=cfg.sym,
+                desc_act=cfg.desc_act,
+                static_groups=cfg.static_groups,
+                damp_percent=cfg.damp_percent,
             )
         label = f"{ctx.name}.{{{','.join(names)}}}"
         if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:
             log.warning(
                 "%s: Hessian not invertible with damp_percent=%g (dead or collinear inputs); used %g",
-                label, cfg.damp_percent, result.damp_percent,
+                label,
+                cfg.damp_percent,
+                result.damp_percent,
             )
         log.debug("%s: GPTQ loss %.4g", label, result.loss)
         split = {}
         rows = [linear.out_features for linear in linears]
         parts = zip(
-            result.intweight.split(rows), result.scales.split(rows, dim=1),
-            result.zeros.split(rows, dim=1), result.dequantized.split(rows),
+            result.intweight.split(rows),
+            result.scales.split(rows, dim=1),
+            result.zeros.split(rows, dim=1),
+            result.dequantized.split(rows),
         )
         for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
             linear.weight.copy_(dequantized)
             split[name] = replace(
-                result, intweight=intweight, scales=scales.contiguous(), zeros=zeros.contiguous(),
-                g_idx=result.g_idx.clone(), dequantized=dequantized, loss=None,
+                result,
+                intweight=intweight,
+                scales=scales.contiguous(),
+                zeros=zeros.contiguous(),
+                g_idx=result.g_idx.clone(),
+                dequantized=dequantized,
+                loss=None,
             )
         return split
 

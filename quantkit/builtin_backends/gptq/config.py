@@ -21,7 +21,10 @@ class GPTQConfig(CalibratedConfig):
     quant_method: ClassVar[str] = "gptq"
     hf_quant_method: ClassVar[str] = "gptq"
     hf_constants: ClassVar[dict[str, Any]] = {
-        "format": "gptq", "checkpoint_format": "gptq", "modules_in_block_to_quantize": None, "use_exllama": True,
+        "format": "gptq",
+        "checkpoint_format": "gptq",
+        "modules_in_block_to_quantize": None,
+        "use_exllama": True,
     }
 
     dataset: str | None = spec(None, doc="calibration dataset name or file; None: built-in text", hf="dataset")

@@ -110,8 +110,13 @@ def _group_params(weight: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: 
 
 
 def _finish(
-    intweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: int,
-    loss: float | None, damp: float | None,
+    intweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    loss: float | None,
+    damp: float | None,
 ) -> GPTQResult:
     groups = g_idx.long()
     dequantized = scales[groups].t() * (intweight - zeros[groups].t())

@@ -53,8 +53,13 @@ class GPTQLinear(nn.Module):
         """An unfilled module shaped for ``linear`` (for loading a checkpoint into)."""
         bias = linear.bias
         return cls(
-            linear.in_features, linear.out_features, bits, gptq_groups(linear.in_features, group_size),
-            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device=device,
+            linear.in_features,
+            linear.out_features,
+            bits,
+            gptq_groups(linear.in_features, group_size),
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=device,
         )
 
     @classmethod
@@ -62,8 +67,13 @@ class GPTQLinear(nn.Module):
         """Wrap the output of :func:`quantkit.builtin_backends.gptq.packing.pack_gptq` (and the float bias)."""
         qweight = packed["qweight"]
         module = cls(
-            qweight.shape[0] * 32 // bits, qweight.shape[1], bits, packed["scales"].shape[0],
-            bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta",
+            qweight.shape[0] * 32 // bits,
+            qweight.shape[1],
+            bits,
+            packed["scales"].shape[0],
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device="meta",
         )
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             setattr(module, name, packed[name])

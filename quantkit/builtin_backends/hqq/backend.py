@@ -55,12 +55,16 @@ class HQQBackend(Backend):
             for field in ("quant_zero", "quant_scale"):
                 if getattr(cfg, field):
                     raise ConfigValueError(
-                        "HQQConfig", prefix + field, True,
+                        "HQQConfig",
+                        prefix + field,
+                        True,
                         "False (hqq 0.2.8 ignores quantized zero/scale meta-data: deprecated upstream)",
                     )
             if cfg.compute_dtype != config.compute_dtype:
                 raise ConfigValueError(
-                    "HQQConfig", prefix + "compute_dtype", cfg.compute_dtype,
+                    "HQQConfig",
+                    prefix + "compute_dtype",
+                    cfg.compute_dtype,
                     f"{config.compute_dtype!r}, the model's (HQQLinear takes inputs of its compute dtype)",
                 )
 

@@ -32,27 +32,38 @@ def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) 
 
     linear = linear.to(device)
     module = HQQLinear(
-        linear, hqq_quant_config(config), del_orig=True,
-        compute_dtype=getattr(torch, config.compute_dtype), device=str(device),
+        linear,
+        hqq_quant_config(config),
+        del_orig=True,
+        compute_dtype=getattr(torch, config.compute_dtype),
+        device=str(device),
     )
     return module.train(linear.training)
 
 
-def saved_linear(config: HQQConfig, W_q: torch.Tensor, meta: dict, bias: torch.Tensor | None,
-                 device: torch.device) -> HQQLinear:
+def saved_linear(
+    config: HQQConfig, W_q: torch.Tensor, meta: dict, bias: torch.Tensor | None, device: torch.device
+) -> HQQLinear:
     """An ``HQQLinear`` on ``device`` holding saved codes and hqq ``meta`` fields
     (``nbits``, ``group_size``, ``axis``, ``shape``, ``scale``, ``zero``)."""
     from hqq.core.quantize import HQQLinear, Quantizer
 
     module = HQQLinear(
-        None, hqq_quant_config(config), compute_dtype=getattr(torch, config.compute_dtype),
-        device=str(device), initialize=False,
+        None,
+        hqq_quant_config(config),
+        compute_dtype=getattr(torch, config.compute_dtype),
+        device=str(device),
+        initialize=False,
     )
     packing = Quantizer.bit_to_packing[meta["nbits"]]
     module.W_q = W_q
     module.meta = {
-        **meta, "packing": packing, "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
-        "view_as_float": False, "quant_scale": False, "quant_zero": False,
+        **meta,
+        "packing": packing,
+        "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+        "view_as_float": False,
+        "quant_scale": False,
+        "quant_zero": False,
     }
     module.bias = bias
     module.cuda(str(device))  # hqq's move to any device: casts meta and bias to the compute dtype

@@ -89,8 +89,15 @@ def layer_tensors(name: str, W_q: torch.Tensor, meta: dict, bias: torch.Tensor |
             f"{name}: HQQLinear with quantized, offloaded or float-viewed meta-data has no quantkit layout"
         )
     out_features, in_features = meta["shape"]
-    info = [LAYOUT_VERSION, out_features, in_features, meta["nbits"], meta["group_size"], meta["axis"],
-            CODES_PER_ELEMENT[meta["nbits"]]]
+    info = [
+        LAYOUT_VERSION,
+        out_features,
+        in_features,
+        meta["nbits"],
+        meta["group_size"],
+        meta["axis"],
+        CODES_PER_ELEMENT[meta["nbits"]],
+    ]
     tensors = {
         f"{name}.W_q": W_q.detach(),
         f"{name}.scale": meta["scale"],
@@ -102,8 +109,9 @@ def layer_tensors(name: str, W_q: torch.Tensor, meta: dict, bias: torch.Tensor |
     return {key: t.to("cpu").contiguous() for key, t in tensors.items()}
 
 
-def pop_layer(name: str, config: HQQConfig, out_features: int, in_features: int,
-              tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+def pop_layer(
+    name: str, config: HQQConfig, out_features: int, in_features: int, tensors: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
     """Take one linear's tensors out of ``tensors``; check them against ``config``.
 
     Returns ``W_q``, the hqq ``meta`` fields read from the file and the bias (or ``None``).
@@ -114,22 +122,39 @@ def pop_layer(name: str, config: HQQConfig, out_features: int, in_features: int,
     except KeyError as exc:
         raise ModelFormatError(f"{name} has no HQQ tensor {exc.args[0]!r} in the saved model") from None
     bias = tensors.pop(f"{name}.bias", None)
-    expected = [LAYOUT_VERSION, out_features, in_features, config.nbits, config.group_size, config.axis,
-                CODES_PER_ELEMENT[config.nbits]]
+    expected = [
+        LAYOUT_VERSION,
+        out_features,
+        in_features,
+        config.nbits,
+        config.group_size,
+        config.axis,
+        CODES_PER_ELEMENT[config.nbits],
+    ]
     groups = out_features * in_features // config.group_size
     side = (groups, 1) if config.axis == 1 else (1, groups)
     dtype = getattr(torch, config.compute_dtype)
     problems = [
         f"{META_SUFFIX} {info} != {expected} expected from the config" if info != expected else "",
-        f"W_q {W_q.dtype} {tuple(W_q.shape)}" if (
+        f"W_q {W_q.dtype} {tuple(W_q.shape)}"
+        if (
             tuple(W_q.shape) != packed_shape(config, out_features, in_features)
-            or W_q.dtype != (torch.int32 if config.nbits == 3 else torch.uint8)) else "",
-        f"scale/zero {scale.dtype} {tuple(scale.shape)}/{tuple(zero.shape)}, expected {dtype} {side}" if (
-            scale.shape != side or zero.shape != side or scale.dtype != dtype or zero.dtype != dtype) else "",
+            or W_q.dtype != (torch.int32 if config.nbits == 3 else torch.uint8)
+        )
+        else "",
+        f"scale/zero {scale.dtype} {tuple(scale.shape)}/{tuple(zero.shape)}, expected {dtype} {side}"
+        if (scale.shape != side or zero.shape != side or scale.dtype != dtype or zero.dtype != dtype)
+        else "",
     ]
     problems = [p for p in problems if p]
     if problems:
         raise ModelFormatError(f"{name}: saved HQQ tensors do not match the config: {'; '.join(problems)}")
-    meta = {"nbits": config.nbits, "group_size": config.group_size, "axis": config.axis,
-            "shape": torch.Size([out_features, in_features]), "scale": scale, "zero": zero}
+    meta = {
+        "nbits": config.nbits,
+        "group_size": config.group_size,
+        "axis": config.axis,
+        "shape": torch.Size([out_features, in_features]),
+        "scale": scale,
+        "zero": zero,
+    }
     return W_q, meta, bias
