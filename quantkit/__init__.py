@@ -36,7 +36,7 @@ from .core.hookspecs import hookimpl
 from .core.presets import Preset
 from .core.resolve import as_config, config_from_dict, config_from_hf_dict, config_from_json_file
 from .core.text import Dataset
-from .estimate import estimate
+from .estimate import estimate, estimate_quantization
 
 __all__ = [
     "ALL_HARDWARE",
@@ -72,6 +72,7 @@ __all__ = [
     "config_from_hf_dict",
     "config_from_json_file",
     "estimate",
+    "estimate_quantization",
     "hookimpl",
     "load",
     "quantize",

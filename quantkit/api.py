@@ -50,7 +50,7 @@ def quantize(
     :class:`UnsupportedHardwareError` — quantkit never skips quantization.
 
     Before it starts, the predicted time and peak memory
-    (:func:`quantkit.estimate.estimate_quantization`) are logged (logger
+    (:func:`quantkit.estimate_quantization`) are logged (logger
     ``quantkit``, INFO) and, above :data:`ANNOUNCE_SECONDS`, printed to stderr
     unless that logging shows or ``QUANTKIT_QUIET`` is set.
     """

@@ -204,7 +204,7 @@ that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 
 MEASURE_ABOVE_SECONDS = 5.0
 """A prediction longer than this at :data:`REFERENCE_RATES` is redone at measured rates."""
 
-PROCESS_BYTES = 400 * 2**20
+PROCESS_BYTES = 300 * 2**20
 """Resident memory of a Python process that imported torch, transformers and quantkit."""
 
 # Elementwise work per token of one decoder layer's forward pass besides its matmuls: norms,
@@ -516,14 +516,18 @@ def _awq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples:
     return parts
 
 
-def _calibration_peak(decoder: _Decoder, model: nn.Module, nsamples: int, chunk_samples: int, working: int) -> int:
+def _calibration_peak(
+    decoder: _Decoder, model: nn.Module, nsamples: int, chunk_samples: int, weights: int, working: int
+) -> int:
     """Bytes beyond the model: the hidden states of every sample, one chunk's temporaries
-    (attention scores, MLP activations) and the method's ``working`` bytes."""
+    (attention scores, MLP activations), the method's ``working`` bytes, and a second copy of
+    the ``weights`` it writes in place (GPTQ's updates, AWQ's scales): a checkpoint loaded
+    memory-mapped keeps its pages and the written copies until the end."""
     item = next(model.parameters()).element_size()
     hidden_states = nsamples * decoder.seqlen * decoder.hidden * item
     chunk_tokens = min(chunk_samples, nsamples) * decoder.seqlen
     temporaries = chunk_tokens * (2 * decoder.heads * decoder.seqlen + 3 * decoder.mlp + 4 * decoder.hidden) * 4
-    return hidden_states + temporaries + working
+    return hidden_states + temporaries + working + weights * item
 
 
 def estimate_quantization(
@@ -571,7 +575,7 @@ def estimate_quantization(
             else:
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
                 working = 6 * largest * 4
-            extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), working)
+            extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), weights, working)
         else:  # a plugin's: at least one forward pass over the calibration tokens
             parts["forward"] = Work(flops=2.0 * weights * nsamples * seqlen)
     result = QuantizeEstimate(

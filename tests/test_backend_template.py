@@ -316,7 +316,7 @@ def test_declarations_of_the_builtin_backends():
     builtin = get_registry().builtin_backends().values()
     declared = {b.name: (b.capabilities.merges_adapters, b.capabilities.peft_native) for b in builtin}
     assert declared == {
-        "bitsandbytes": (True, True),
+        "bitsandbytes": (False, True),
         "hqq": (True, True),
         "gptq": (False, False),
         "awq": (False, False),
@@ -329,6 +329,7 @@ def test_merge_is_refused_naming_a_backend_that_does_not_declare_it(half):
     for model in (
         quantkit.quantize(make_tiny_llama(), quantkit.RTNConfig(group_size=32), device="cpu"),
         quantkit.quantize(make_tiny_llama(), HalfConfig(), device="cpu"),
+        quantkit.quantize(make_tiny_llama(), quantkit.BnbConfig(), device="cpu"),
     ):
         adapted = ft.attach_lora(model, {"r": 4})
         name = model.quantkit_backend

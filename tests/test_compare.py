@@ -412,7 +412,7 @@ def test_backends_declare_what_reproduces_and_only_the_others_are_evaluated_repe
 
 def test_a_method_that_is_not_deterministic_is_evaluated_repeatedly_and_keeps_its_spread(tmp_path, monkeypatch):
     """Noise on the logits stands in for LLM.int8's CPU matmul: the model is loaded and prepared
-    once, evaluated three times; the result is the mean with the spread next to it."""
+    once, evaluated three times; the result is the median evaluation, the spread next to it."""
     from transformers import AutoTokenizer
 
     from quantkit.compare.report import reproducibility
@@ -453,8 +453,9 @@ def test_a_method_that_is_not_deterministic_is_evaluated_repeatedly_and_keeps_it
     assert {"evaluations", "perplexity_min", "perplexity_max"} <= set(repeated.to_dict())
     assert Result.from_dict(json.loads(json.dumps(repeated.to_dict()))) == repeated
     text = reproducibility([once, repeated])
-    assert f"noisy (None) {repeated.perplexity_min:.5g} to {repeated.perplexity_max:.5g} over 3 evaluations" in text
-    assert "Every other method gives the same perplexity" in text
+    low, high = repeated.perplexity_min, repeated.perplexity_max
+    spread = f"noisy (None) perplexity {low:.5g} to {high:.5g} over 3 evaluations"
+    assert spread in text and "Every other method gives the same perplexity" in text
 
 
 # -- end to end (worker processes) -----------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_peak_memory_counts_the_model_and_the_calibration_activations():
         estimate_quantization(SMOLLM2, quantkit.GPTQConfig(), nsamples=n, rates=REFERENCE_RATES) for n in (16, 128)
     )
     model_bytes = 134_515_008 * 4
-    assert model_bytes < small.peak_bytes < model_bytes + 2**30
+    assert 2 * model_bytes < small.peak_bytes < 2 * model_bytes + 2**30  # the weights GPTQ writes: twice
     assert large.peak_bytes - small.peak_bytes == 112 * 512 * 576 * 4  # hidden states of 112 more samples
 
 
@@ -202,8 +202,9 @@ def test_prediction_against_reality_on_a_small_model():
 
 @pytest.mark.slow
 def test_prediction_against_reality_on_smollm2():
-    """GPTQ on SmolLM2 with 4 x 512 calibration tokens, at measured rates: within 2x (measured
-    here: 80 s predicted, 65 s taken on one thread; 95 s and 148 s on two at load 8 on 2 cores)."""
+    """GPTQ on SmolLM2 with 4 x 512 calibration tokens, at measured rates: time within 2x (measured
+    here: 86 s predicted, 82 s taken on one thread; 95 s and 148 s on two at load 8 on 2 cores),
+    peak memory within 30 % (1.30 GiB predicted; 1.25 to 1.47 GiB peak RSS measured)."""
     from quantkit.calibration import calibration_tokens
     from quantkit.models import load_model
 
@@ -211,12 +212,17 @@ def test_prediction_against_reality_on_smollm2():
     config = quantkit.GPTQConfig(bits=4, group_size=128, nsamples=4)
     tokens = calibration_tokens(tokenizer, nsamples=4, seqlen=512)
     with one_thread():
-        predicted = estimate_quantization(model, config, rates=measure_rates.__wrapped__("cpu")).seconds
+        prediction = estimate_quantization(model, config, rates=measure_rates.__wrapped__("cpu"))
         start = time.perf_counter()
-        quantkit.quantize(model, config, calibration=tokens, device="cpu")
+        model = quantkit.quantize(model, config, calibration=tokens, device="cpu")
         measured = time.perf_counter() - start
-    print(f"GPTQ 4 x 512 on SmolLM2, one thread: predicted {predicted:.0f} s, measured {measured:.0f} s")
-    assert 1 / 2 < predicted / measured < 2
+    peak = model.quantkit_calibration_report.peak_rss_bytes
+    print(
+        f"GPTQ 4 x 512 on SmolLM2, one thread: predicted {prediction.seconds:.0f} s, "
+        f"{prediction.peak_bytes / 2**30:.2f} GiB; measured {measured:.0f} s, peak RSS {peak / 2**30:.2f} GiB"
+    )
+    assert 1 / 2 < prediction.seconds / measured < 2
+    assert 0.7 < prediction.peak_bytes / peak < 1.3
 
 
 def test_quantize_announces_its_prediction(tiny_llama, caplog, capsys, monkeypatch):

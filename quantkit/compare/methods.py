@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..core.backend import Backend
 from ..core.config import QuantConfig
@@ -17,26 +17,15 @@ from ..core.errors import ConfigValueError, QuantkitError
 from ..core.hardware import hardware_of
 from ..core.registry import get_registry
 from ..core.resolve import config_from_dict, default_comparison, preset
+from ..estimate import FLOAT_BITS
 from .protocol import Protocol, digest
 
 BASELINE = "fp32"
 
 
-class FloatFormat(NamedTuple):
-    """How an unquantized method stores the model."""
+FLOAT_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Unquantized methods by name: the model stored in a float dtype (of :data:`~quantkit.estimate.FLOAT_BITS`)."""
 
-    dtype: str
-    bits: float
-
-
-FLOAT_FORMATS: dict[str, FloatFormat] = {
-    "fp32": FloatFormat("float32", 32.0),
-    "bf16": FloatFormat("bfloat16", 16.0),
-    "fp16": FloatFormat("float16", 16.0),
-}
-"""Unquantized methods by name: the model stored in a float dtype."""
-
-_FLOAT_BITS = {f.dtype: f.bits for f in FLOAT_FORMATS.values()}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -50,13 +39,13 @@ class Method:
     """Storage dtype of an unquantized method (``config is None``)."""
     evaluations: int | None = None
     """How many times the worker evaluates it when its backend is not deterministic (the result
-    is their mean, with their spread); ``None``: once, the numbers reproduce exactly."""
+    is the median one, with their spread); ``None``: once, the numbers reproduce exactly."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ConfigValueError("Method", "name", self.name, "letters, digits, '.', '_' and '-'")
-        if self.config is None and self.dtype not in _FLOAT_BITS:
-            raise ConfigValueError("Method", "dtype", self.dtype, ", ".join(_FLOAT_BITS))
+        if self.config is None and self.dtype not in FLOAT_DTYPES.values():
+            raise ConfigValueError("Method", "dtype", self.dtype, ", ".join(FLOAT_DTYPES.values()))
         if self.evaluations is not None and (not isinstance(self.evaluations, int) or self.evaluations < 1):
             raise ConfigValueError("Method", "evaluations", self.evaluations, "None or a positive int")
 
@@ -95,7 +84,7 @@ class Method:
     def nominal_bits(self) -> float | None:
         """The bit width the method is named for (4 for NF4 and Q4_K_M, 16 for bf16)."""
         if self.config is None:
-            return _FLOAT_BITS[self.dtype]
+            return float(FLOAT_BITS[self.dtype])
         return self.config.code_bits
 
 
@@ -122,8 +111,8 @@ def method_from_name(
     name: str, protocol: Protocol, overrides: Mapping[str, Any] | None = None, label: str | None = None
 ) -> Method:
     """``fp32``/``bf16``/``fp16``, a preset or a ``quant_method``, with the protocol's calibration."""
-    if name in FLOAT_FORMATS:
-        return Method(label or name, None, FLOAT_FORMATS[name].dtype)
+    if name in FLOAT_DTYPES:
+        return Method(label or name, None, FLOAT_DTYPES[name])
     config = with_protocol(preset(name, overrides), protocol, explicit=set(overrides or ()))
     return quantized_method(label or name, config, protocol)
 
@@ -172,7 +161,7 @@ def resolve_methods(names: Sequence[str] | None, protocol: Protocol, config_file
     (every float dtype and preset).
     """
     methods = methods_from_file(config_file, protocol) if config_file else []
-    groups = {"default": (BASELINE, *default_comparison()), "all": (*FLOAT_FORMATS, *get_registry().presets)}
+    groups = {"default": (BASELINE, *default_comparison()), "all": (*FLOAT_DTYPES, *get_registry().presets)}
     if names or not config_file:
         expanded = [n for name in (names or ["default"]) for n in groups.get(name, (name,))]
         methods += [method_from_name(n, protocol) for n in dict.fromkeys(expanded)]

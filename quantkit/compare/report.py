@@ -26,21 +26,22 @@ def _status(result: Result) -> str:
 
 
 def reproducibility(results: Sequence[Result]) -> str:
-    """Which methods are not deterministic, with their perplexity spread; the others reproduce exactly."""
+    """Which methods their backends declare not deterministic, with the perplexity spread measured;
+    the others give the same numbers on every run (on the same machine)."""
     varying = [r for r in results if r.measured and r.evaluations is not None]
     if not varying:
         return (
-            "Reproducibility: every method gives the same perplexity, KL and top-1 on every run "
-            "(no backend declares otherwise)."
+            "Reproducibility: every method gives the same perplexity, KL and top-1 on every run on the same "
+            "machine (no backend declares otherwise)."
         )
     parts = [
-        f"{r.method} ({r.backend}) {r.perplexity_min:.5g} to {r.perplexity_max:.5g} over {r.evaluations} "
-        f"evaluations of the same quantized model (+{(r.evaluations - 1) * r.eval_seconds:.0f} s)"
+        f"{r.method} ({r.backend}) perplexity {r.perplexity_min:.5g} to {r.perplexity_max:.5g} over "
+        f"{r.evaluations} evaluations of the same quantized model (+{(r.evaluations - 1) * r.eval_seconds:.0f} s)"
         for r in varying
     ]
     return (
-        f"Reproducibility: not deterministic, the table shows the mean perplexity: {'; '.join(parts)}. "
-        "Every other method gives the same perplexity, KL and top-1 on every run."
+        f"Reproducibility: declared not deterministic, the table shows the median: {'; '.join(parts)}. "
+        "Every other method gives the same perplexity, KL and top-1 on every run on the same machine."
     )
 
 

@@ -137,7 +137,7 @@ class Result:
     perplexity: float | None = column(
         label="ppl", fmt="{:.5g}", group=Group.QUALITY, terminal=1, markdown=True, csv=True
     )
-    """The mean over :attr:`evaluations` where the method is evaluated more than once."""
+    """Of the median evaluation (by perplexity) where the method is evaluated more than once."""
     delta_perplexity: float | None = column(csv=True)
     delta_perplexity_pct: float | None = column(
         label="Δppl %", fmt="{:+.2f}", group=Group.QUALITY, terminal=1, markdown=True, csv=True
@@ -155,7 +155,7 @@ class Result:
         label="decode tok/s", fmt="{:.1f}", group=Group.SPEED, short="dec/s", terminal=3, markdown=True, csv=True
     )
     eval_seconds: float | None = column(csv=True)
-    """Seconds of one evaluation (the mean where there are several)."""
+    """Seconds of one evaluation (the median one where there are several)."""
     worker_seconds: float | None = column(csv=True)
     quantize_cpu_seconds: float | None = column(csv=True)
     cpu_seconds: float | None = column(csv=True)
@@ -174,6 +174,7 @@ class Result:
     perplexity_min: float | None = column(optional=True)
     """Lowest perplexity of the :attr:`evaluations`."""
     perplexity_max: float | None = column(optional=True)
+    """Highest perplexity of the :attr:`evaluations`."""
 
     @classmethod
     def of(cls, method: Method, protocol: Protocol, status: str, reason: str = "", **values: Any) -> Result:

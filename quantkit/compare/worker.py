@@ -8,11 +8,9 @@ writes its :class:`Result` atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -106,7 +104,7 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
         write_reference=reference if job["write_reference"] else None,
         report=report,
     )
-    result = mean_of(runs)
+    result = median_run(runs)
     report("decode")
     decode = decode_speed(model, eval_ids[:, : protocol.prompt_tokens], protocol.decode_tokens)
     spread: dict[str, float] = {}
@@ -171,16 +169,9 @@ def evaluate_repeatedly(
     return runs
 
 
-def mean_of(runs: Sequence[EvalResult]) -> EvalResult:
-    """One evaluation, or the mean of several (their counts are equal, their measures may differ)."""
-    if len(runs) == 1:
-        return runs[0]
-    means = {
-        f.name: statistics.fmean(getattr(r, f.name) for r in runs)
-        for f in dataclasses.fields(EvalResult)
-        if isinstance(getattr(runs[0], f.name), float)
-    }
-    return dataclasses.replace(runs[0], **means)
+def median_run(runs: Sequence[EvalResult]) -> EvalResult:
+    """The evaluation with the median perplexity: a measured one, which is every evaluation when they agree."""
+    return sorted(runs, key=lambda r: r.perplexity)[(len(runs) - 1) // 2]
 
 
 def quantized_linears(model: nn.Module, method: Method) -> tuple[list[str], int]:
