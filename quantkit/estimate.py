@@ -17,8 +17,8 @@ softmax, quantizing and packing the weights) and small torch operations (GPTQ's
 column loop, per-chunk overheads), and prices each at a rate measured on the
 device (:func:`measure_rates`, about 0.2 s) or, for short jobs, at
 :data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
-and AWQ timings within 10 % and 25 %; against real runs it is tested within 3x on
-a tiny model and 2.5x on SmolLM2 (``tests/test_estimate.py``).
+and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
+``benchmarks/estimate_accuracy.py`` and its committed results.
 """
 
 from __future__ import annotations
