@@ -81,9 +81,7 @@ def main() -> None:
         if name not in CASES:
             parser.error(f"--cases: unknown case {name!r}; choose from {', '.join(CASES)}")
         load = os.getloadavg()[0]
-        child = subprocess.run(
-            [sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True
-        )
+        child = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True)
         row = json.loads(child.stdout.strip().splitlines()[-1])
         print(
             f"{name:<14} {row['predicted_s']:8.1f} {row['measured_s']:8.1f} "
