@@ -8,8 +8,10 @@ The built-in configs are importable here without their backends' libraries.
 """
 
 from .api import backends, load, quantize, save
+from .builtin_backends.aqlm.config import AQLMConfig
 from .builtin_backends.awq.config import AWQConfig
 from .builtin_backends.bnb.config import BnbConfig
+from .builtin_backends.eetq.config import EETQConfig
 from .builtin_backends.gguf.config import GGUFConfig
 from .builtin_backends.gptq.config import GPTQConfig
 from .builtin_backends.hqq.config import HQQConfig
@@ -26,6 +28,7 @@ from .core.errors import (
     NotTrainableError,
     QuantizationError,
     QuantkitError,
+    SaveError,
     UnknownFieldError,
     UnknownMethodError,
     UnknownNameError,
@@ -40,6 +43,7 @@ from .estimate import estimate, estimate_quantization
 
 __all__ = [
     "ALL_HARDWARE",
+    "AQLMConfig",
     "AWQConfig",
     "Availability",
     "Backend",
@@ -51,6 +55,7 @@ __all__ = [
     "ConfigTypeError",
     "ConfigValueError",
     "Dataset",
+    "EETQConfig",
     "GGUFConfig",
     "GPTQConfig",
     "HQQConfig",
@@ -62,6 +67,7 @@ __all__ = [
     "QuantizationError",
     "QuantkitError",
     "RTNConfig",
+    "SaveError",
     "UnknownFieldError",
     "UnknownMethodError",
     "UnknownNameError",

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from .calibration import calibration_tokens
+from .core.atomic import atomic_path, recover
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.registry import get_registry
 from .core.resolve import as_config, config_from_hf_dict
-from .core.serialization import BACKEND_ATTR, CONFIG_ATTR, atomic_path, quant_config_of, read_config
+from .core.serialization import BACKEND_ATTR, CONFIG_ATTR, CONFIG_NAME, format_errors, quant_config_of, read_config
 from .core.text import tokenize
 from .estimate import QuantizeEstimate, estimate_quantization, format_seconds
 
@@ -111,20 +112,23 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) ->
 def load(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
     """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder)."""
     path = Path(path)
+    recover(path)
     device = resolve_device(device)
     registry = get_registry()
     if not path.exists():
         raise ModelFormatError(f"{str(path)!r} does not exist")
     if path.is_file():
-        backend = registry.backend_for_suffix(path.suffix)
+        backend = registry.backend_for_suffix(path.suffix, hardware_of(device))
         if backend is None:
             raise ModelFormatError(f"{str(path)!r}: no backend reads {path.suffix or 'suffix-less'} files")
         model = backend.load_file(path, device)
         config = quant_config_of(model)
     else:
-        config = config_from_hf_dict(read_config(path)["quantization_config"])
+        with format_errors(path / CONFIG_NAME):
+            config = config_from_hf_dict(read_config(path)["quantization_config"])
         backend = registry.backend_for(config, hardware_of(device), purpose="inference")
-        model = backend.load_pretrained(path, config, device)
+        with format_errors(path):
+            model = backend.load_pretrained(path, config, device)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, BACKEND_ATTR, backend.name)
     return model

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .api import backends
 from .api import quantize as quantize_model
 from .calibration import calibration_tokens
+from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
@@ -40,7 +41,7 @@ from .core.hardware import resolve_device
 from .core.progress import track
 from .core.registry import get_registry
 from .core.resolve import as_config
-from .core.serialization import BACKEND_ATTR, atomic_path
+from .core.serialization import BACKEND_ATTR
 
 log = logging.getLogger("quantkit")
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .builtin_backends.gguf.metadata import check_gguf
+from .core.atomic import atomic_path
 from .core.errors import ModelFormatError
-from .core.serialization import atomic_path
 
 log = logging.getLogger("quantkit")
 
@@ -84,7 +85,7 @@ def load_model(
     if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
         raise ModelFormatError(f"{str(path)!r} does not exist; {MODEL_SOURCES}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as exc:
         where = "the local folder" if path.is_dir() else "the model hub (offline, or no such model?)"
@@ -97,6 +98,7 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     """Dequantize a ``.gguf`` through transformers into a plain float model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(path)  # bounded: nothing is built for a count or shape the file does not back
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -19,13 +19,13 @@ import quantkit
 from quantkit import finetune as ft
 from quantkit.builtin_backends.awq.backend import AWQ_SHAPE_LIMITS
 from quantkit.core import backend as backend_module
+from quantkit.core.atomic import atomic_path
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit, ShapeLimitError, check_shape_limits
 from quantkit.core.config import QuantConfig, spec
 from quantkit.core.errors import ConfigTypeError, ConfigValueError, QuantizationError, QuantkitError
 from quantkit.core.linears import Target, quantizable_linears
 from quantkit.core.registry import get_registry
-from quantkit.core.serialization import atomic_path
 
 # -- a calibration-free backend written on the template ----------------------------------
 
@@ -322,6 +322,8 @@ def test_declarations_of_the_builtin_backends():
         "awq": (False, False),
         "rtn": (False, False),
         "gguf": (False, False),
+        "eetq": (False, False),
+        "aqlm": (False, False),
     }
 
 

@@ -270,3 +270,31 @@ def test_smollm2_perplexity_and_exact_reload(smol, tmp_path, key):
     loaded = quantkit.load(tmp_path / "q", device="cpu")
     head = ids[:, :IDENTITY_TOKENS]
     assert torch.equal(logits(loaded, head), logits(model, head))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BnbConfig(
+            modules_to_not_convert=[], module_overrides={"*.mlp.*": {"load_in_4bit": False, "load_in_8bit": True}}
+        ),
+        BnbConfig(
+            modules_to_not_convert=[], module_overrides={"lm_head": {"load_in_4bit": False, "load_in_8bit": True}}
+        ),
+        BnbConfig(
+            load_in_4bit=False,
+            load_in_8bit=True,
+            modules_to_not_convert=[],
+            module_overrides={"lm_head": {"load_in_4bit": True, "load_in_8bit": False}},
+        ),
+    ],
+)
+def test_module_overrides_with_a_tied_head_reload(tiny_llama, tmp_path, config):
+    """Issue 13: with lm_head not in modules_to_not_convert, loading swapped the tied (never quantized)
+    head for an empty bitsandbytes module that tying then filled with the float embedding: an
+    ``assert`` at the first forward (4-bit) or an AttributeError on ``SCB`` (8-bit)."""
+    model = quantkit.quantize(tiny_llama, config, device="cpu")
+    quantkit.save(model, tmp_path / "q")
+    loaded = quantkit.load(tmp_path / "q", device="cpu")
+    assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))

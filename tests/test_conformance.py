@@ -15,7 +15,7 @@ from quantkit import AWQConfig, BnbConfig, GGUFConfig, GPTQConfig, HQQConfig, RT
 from quantkit.core.registry import get_registry
 from quantkit.testing import CHECKS, conformance_tests
 
-BUILTINS = ("bitsandbytes", "gptq", "awq", "hqq", "gguf", "rtn")
+BUILTINS = ("bitsandbytes", "gptq", "awq", "hqq", "gguf", "rtn", "eetq", "aqlm")
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +32,6 @@ def test_every_builtin_backend_is_here_and_available():
     assert "example-int8" in registry.backends
 
 
-GGUF_KNOWN = {
-    "unavailable_backend_refuses_load": "quantkit.load of a single file takes backend_for_suffix, which "
-    "ignores is_available()",
-}
-
 test_bitsandbytes = conformance_tests("bitsandbytes", [BnbConfig(), BnbConfig(load_in_4bit=False, load_in_8bit=True)])
 # the double-quant state's JSON holds a float offset whose digits vary by a byte or two
 test_bitsandbytes_double_quant = conformance_tests(
@@ -49,7 +44,7 @@ test_awq = conformance_tests("awq", [AWQConfig(group_size=32)])
 test_hqq = conformance_tests("hqq", [HQQConfig(nbits=4, group_size=32)])
 # storage_bits counts the ggml blocks, not the int32 ggml_type stored beside each linear's weight
 test_gguf = conformance_tests(
-    "gguf", [GGUFConfig(quant_type="Q4_K_M"), GGUFConfig(quant_type="Q8_0")], storage_rtol=1e-3, xfail=GGUF_KNOWN
+    "gguf", [GGUFConfig(quant_type="Q4_K_M"), GGUFConfig(quant_type="Q8_0")], storage_rtol=1e-3
 )
 test_rtn = conformance_tests("rtn", [RTNConfig(bits=4, group_size=32)])
 test_example_plugin = conformance_tests("example-int8", [{}, {"scale_dtype": "float16"}])

@@ -275,6 +275,21 @@ TRAINABLE_CONFIGS = {
     "awq": quantkit.AWQConfig(bits=4, group_size=64, nsamples=12, seqlen=128),
     "gguf": quantkit.GGUFConfig(quant_type="Q4_K_M"),
     "rtn": quantkit.RTNConfig(bits=4, group_size=64),
+    "eetq": "eetq-int8",
+    # one greedy code assignment after a short k-means, o_proj only (CI time): LoRA has work to do
+    "aqlm": {
+        "quant_method": "aqlm",
+        "modules_to_not_convert": ["lm_head", "*.mlp.*", "*.q_proj", "*.k_proj", "*.v_proj"],
+        "num_codebooks": 2,
+        "nbits_per_codebook": 8,
+        "beam_size": 1,
+        "rounds": 1,
+        "codebook_steps": 0,
+        "kmeans_iters": 2,
+        "kmeans_points_per_centroid": 8,
+        "nsamples": 12,
+        "seqlen": 128,
+    },
 }
 """One 4-bit config per backend; the test below runs for every backend declaring ``trainable=True``."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 
 import pytest
@@ -12,15 +13,11 @@ from hypothesis import strategies as st
 
 import quantkit
 from quantkit.core.config_files import MAX_DEPTH, read_config_file
+from quantkit.core.registry import get_registry
 from quantkit.core.resolve import as_config, config_from_dict, config_from_hf_dict, preset
 
-BUILTIN_CONFIGS = (
-    quantkit.BnbConfig,
-    quantkit.GPTQConfig,
-    quantkit.AWQConfig,
-    quantkit.HQQConfig,
-    quantkit.GGUFConfig,
-    quantkit.RTNConfig,
+BUILTIN_CONFIGS = tuple(
+    sorted({b.config_class for b in get_registry().builtin_backends().values()}, key=lambda c: c.quant_method)
 )
 FIELDS = sorted({f.name for cls in BUILTIN_CONFIGS for f in dataclasses.fields(cls)})
 HF_KEYS = [
@@ -42,8 +39,17 @@ HF_KEYS = [
     "modules_to_not_convert",
     "module_overrides",
     "quantkit_config",
+    "weights",
+    "num_codebooks",
+    "nbits_per_codebook",
+    "in_group_size",
+    "out_group_size",
+    "linear_weights_not_to_quantize",
 ]
-METHODS = ["bitsandbytes", "bnb", "gptq", "awq", "hqq", "gguf", "rtn", "GPTQ", "", "nope"]
+METHODS = [c.quant_method for c in BUILTIN_CONFIGS] + ["bnb", "GPTQ", "", "nope"]
+SCALE = int(os.environ.get("QUANTKIT_FUZZ_SCALE", "1"))
+"""Multiplies every property test's example count: ``benchmarks/fuzz_configs.py`` runs a long campaign."""
+
 
 scalars = st.one_of(
     st.none(),
@@ -70,14 +76,14 @@ def only_quantkit_errors(call, *args):
         call(*args)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(method=st.one_of(st.sampled_from(METHODS), values), data=dicts)
 def test_config_from_dict_raises_only_quantkit_errors(method, data):
     only_quantkit_errors(config_from_dict, {**data, "quant_method": method})
     only_quantkit_errors(config_from_hf_dict, {**data, "quant_method": method})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cls=st.sampled_from(BUILTIN_CONFIGS), data=st.one_of(dicts, values))
 def test_each_config_class_raises_only_quantkit_errors(cls, data):
     only_quantkit_errors(cls.from_dict, data)
@@ -87,7 +93,7 @@ def test_each_config_class_raises_only_quantkit_errors(cls, data):
         only_quantkit_errors(lambda: cls(**{k: v for k, v in data.items() if k in known}))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100 * SCALE, deadline=None)
 @given(value=st.one_of(values, dicts), overrides=st.one_of(st.none(), dicts))
 def test_names_and_short_forms_raise_only_quantkit_errors(value, overrides):
     only_quantkit_errors(as_config, value)

@@ -262,3 +262,15 @@ def test_smollm2_perplexity_and_exact_reload(smol, tmp_path, key):
     assert hqq_layers(loaded).keys() == hqq_layers(model).keys()
     head = ids[:, :IDENTITY_TOKENS]
     assert torch.equal(logits(loaded, head), logits(model, head))
+
+
+@pytest.mark.parametrize("skipped", [[], ["*.mlp.down_proj"]])
+def test_tied_head_without_lm_head_in_modules_to_not_convert_reloads(tiny_llama, tmp_path, skipped):
+    """Issue 13: the tied head is never quantized, so a list without "lm_head" saved fine and then
+    failed to load ("lm_head has no HQQ tensor"): loading must skip the tied head too."""
+    model = quantkit.quantize(tiny_llama, HQQConfig(nbits=4, modules_to_not_convert=skipped), device="cpu")
+    assert type(model.lm_head) is nn.Linear
+    quantkit.save(model, tmp_path / "q")
+    loaded = quantkit.load(tmp_path / "q", device="cpu")
+    assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))

@@ -19,7 +19,7 @@ from quantkit.core.registry import get_registry, reset_registry
 from quantkit.core.resolve import preset
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = {"bitsandbytes", "gptq", "rtn", "awq", "hqq", "gguf"}
+BUILTINS = {"bitsandbytes", "gptq", "rtn", "awq", "hqq", "gguf", "eetq", "aqlm"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -392,6 +392,7 @@ def test_the_suite_holds_with_third_party_backends_installed(example_site, tmp_p
 
 
 def test_no_backend_at_all_is_loud():
-    env = {"QUANTKIT_DISABLE_PLUGINS": "awq,bnb,gguf,gptq,hqq,rtn", "QUANTKIT_PLUGINS": ""}  # no third party's
+    # every built-in disabled, and no third party's
+    env = {"QUANTKIT_DISABLE_PLUGINS": "aqlm,awq,bnb,eetq,gguf,gptq,hqq,rtn", "QUANTKIT_PLUGINS": ""}
     result = run_cli("backends", env=env)
     assert result.returncode == 1 and "no backend is registered" in result.stderr

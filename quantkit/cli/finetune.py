@@ -10,10 +10,10 @@ import torch
 from rich.console import Console
 
 from .. import finetune as ft
+from ..core.atomic import atomic_path
 from ..core.config import QuantConfig
 from ..core.errors import ConfigValueError
 from ..core.hardware import resolve_device
-from ..core.serialization import atomic_path
 from ..models import load_model
 from .options import add_config_options, config_from_args
 

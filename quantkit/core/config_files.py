@@ -50,9 +50,10 @@ def _check_depth(value: Any, source: str) -> Any:
 def parse_json(text: str, source: str) -> Any:
     """JSON ``text`` (from ``source``, named in errors) with bounded nesting."""
     try:
-        return _check_depth(json.loads(text), source)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, integers over 4300 digits
         raise ModelFormatError(f"{source!r} is not valid JSON: {type(exc).__name__}: {exc}") from exc
+    return _check_depth(value, source)
 
 
 def _read_text(path: Path) -> str:

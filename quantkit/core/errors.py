@@ -86,6 +86,14 @@ class QuantizationError(QuantkitError, RuntimeError):
     """Quantizing failed (no quantizable layers, non-finite weights, bad calibration data)."""
 
 
+class SaveError(QuantkitError, OSError):
+    """Saving failed (disk full, file-size limit, read-only or blocked target); the previous output is kept.
+
+    Built as ``SaveError(errno, message)`` when the cause's errno is known, so ``errno`` tells a
+    full disk (``ENOSPC``) from a size limit (``EFBIG``) or a permission problem.
+    """
+
+
 def did_you_mean(word: object, candidates: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest candidate (case ignored), or ``""``."""
     if not isinstance(word, str):

@@ -70,7 +70,10 @@ def _tied_output_names(model: nn.Module) -> set[str]:
     get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if not (get_input and get_output):
         return set()
-    embedding, head = get_input(), get_output()
+    try:
+        embedding, head = get_input(), get_output()
+    except NotImplementedError:  # transformers' abstract *PreTrainedModel classes
+        return set()
     if embedding is None or head is None or head.weight is not embedding.weight:
         return set()
     return {name for name, module in model.named_modules() if module is head}

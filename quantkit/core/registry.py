@@ -318,10 +318,27 @@ class Registry:
             )
         return self.backends[found]
 
-    def backend_for_suffix(self, suffix: str) -> Backend | None:
+    def backend_for_suffix(self, suffix: str, hardware: Hardware | None = None) -> Backend | None:
+        """The backend owning ``suffix`` files (``None``: no backend does). With ``hardware``, for
+        loading one there: raises :class:`BackendUnavailableError` or :class:`UnsupportedHardwareError`
+        when that backend cannot run inference on it."""
         for backend in self.backends.values():
-            if suffix.lower() in backend.file_suffixes:
+            if suffix.lower() not in backend.file_suffixes:
+                continue
+            if hardware is None:
                 return backend
+            availability = backend.is_available()
+            if not availability:
+                raise BackendUnavailableError(
+                    f"backend {backend.name!r} reads {suffix} files but cannot run here: {availability.reason}"
+                )
+            declared = backend.capabilities.inference_hardware
+            if hardware not in declared:
+                raise UnsupportedHardwareError(
+                    f"backend {backend.name!r} reads {suffix} files but runs inference on "
+                    f"{', '.join(sorted(h.value for h in declared))}, not {hardware.value}"
+                )
+            return backend
         return None
 
 

@@ -1,26 +1,33 @@
-"""Saving and loading quantized models: atomic writes, safetensors only, never pickle."""
+"""Saving and loading quantized models: safetensors only, never pickle.
+
+Loading checks before it allocates: ``config.json`` and the safetensors headers are read and
+checked against each other (:mod:`~quantkit.core.safetensors_files`,
+:mod:`~quantkit.core.empty_models`), the empty model is built on the meta device, the stored
+tensors' dtypes and shapes are compared with its parameters, and only then is tensor data read
+and assigned. Every failure is a :class:`ModelFormatError` naming the file and the field.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import stat
-import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import QuantConfig
-from .errors import ModelFormatError, QuantkitError
+from .config_files import read_json
+from .empty_models import empty_model
+from .errors import BackendUnavailableError, ModelFormatError, QuantkitError, UnsupportedHardwareError
+from .linears import set_submodule
+from .safetensors_files import WEIGHTS_NAME, StoredTensor, load_tensors, stored_tensors
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+MAX_CONFIG_BYTES = 16 * 2**20
+"""Largest ``config.json`` read."""
 CONFIG_ATTR = "quantkit_config"
 BACKEND_ATTR = "quantkit_backend"
 
@@ -31,52 +38,6 @@ def quant_config_of(model: nn.Module) -> QuantConfig:
     if config is None:
         raise QuantkitError(f"{type(model).__name__} was not quantized by quantkit; call quantkit.quantize first")
     return config
-
-
-@contextmanager
-def atomic_path(path: Path, *, directory: bool):
-    """Yield a temporary sibling of ``path``; move it into place only on success.
-
-    An existing ``path`` is replaced only after the new one is complete, so an
-    interrupted save leaves the old model (or nothing) — never half a model. What is
-    moved into place gets the modes the umask gives new files and folders (the
-    temporary folder itself is private while it is written).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp if directory else tmp / path.name
-    try:
-        umask = _umask(tmp)
-        yield target
-        _apply_umask(target, umask)
-        if directory and path.is_dir():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
-        elif directory:
-            os.replace(tmp, path)
-        else:
-            os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask(scratch: Path) -> int:
-    """The process umask, read from the mode of a new folder in the empty folder ``scratch``
-    (``os.umask`` can only be read by setting it, which races with threads creating files)."""
-    probe = scratch / "umask-probe"
-    probe.mkdir(0o777)
-    try:
-        return 0o777 & ~stat.S_IMODE(probe.stat().st_mode)
-    finally:
-        probe.rmdir()
-
-
-def _apply_umask(target: Path, umask: int) -> None:
-    """Give ``target`` (a file, or a folder and everything in it) the modes new ones get."""
-    for item in reversed([target, *target.rglob("*")] if target.is_dir() else [target]):
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,67 +71,102 @@ def write_safetensors_folder(
 
 
 def read_config(directory: Path) -> dict:
-    """The raw ``config.json`` of a saved quantized model (its ``quantization_config`` checked
-    to be a dict; :func:`quantkit.core.resolve.config_from_hf_dict` reads it)."""
+    """The raw ``config.json`` of a saved quantized model: strict UTF-8, bounded size and nesting,
+    an object whose ``quantization_config`` is an object (:func:`quantkit.core.resolve.config_from_hf_dict`
+    reads that)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ModelFormatError(f"{str(directory)!r} has no {CONFIG_NAME}; not a saved model folder")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    block = raw.get("quantization_config")
-    if not isinstance(block, dict):
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFormatError(f"{str(path)!r} is {path.stat().st_size} bytes; at most {MAX_CONFIG_BYTES} are read")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{str(path)!r} holds a {type(raw).__name__}; expected a JSON object")
+    if not isinstance(raw.get("quantization_config"), dict):
         raise ModelFormatError(f"{str(path)!r} has no quantization_config: not a quantized model")
     return raw
 
 
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors model, on the CPU."""
-    index = directory / INDEX_NAME
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise ModelFormatError(f"{str(path)!r} is missing")
-        try:
-            tensors.update(load_file(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelFormatError(f"{str(path)!r} is corrupt or truncated: {exc}") from exc
-    return tensors
+@contextmanager
+def format_errors(source: Path) -> Iterator[None]:
+    """Re-raise the quantkit errors that reading ``source`` causes (a config value it holds, a
+    shape limit its layers break) as :class:`ModelFormatError` errors naming it; those about this
+    machine (an unavailable backend, unsupported hardware) pass unchanged."""
+    try:
+        yield
+    except (ModelFormatError, BackendUnavailableError, UnsupportedHardwareError):
+        raise
+    except QuantkitError as exc:
+        raise ModelFormatError(f"{str(source)!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def empty_model(raw_config: dict) -> nn.Module:
-    """An uninitialised transformers model of the saved architecture (no weights read)."""
-    import transformers
-    from transformers.initialization import no_init_weights
-
-    raw_config = {k: v for k, v in raw_config.items() if k != "quantization_config"}
-    architectures = raw_config.get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        raise ModelFormatError(f"config.json names no known transformers architecture: {architectures}")
-    hf_config = transformers.AutoConfig.for_model(**raw_config)
-    dtype = getattr(torch, str(raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"))
-    with no_init_weights():
-        return cls._from_config(hf_config, dtype=dtype)
-
-
-def read_safetensors_folder(directory: Path, config: QuantConfig, backend, device: torch.device) -> nn.Module:
-    """Rebuild a model saved by :func:`write_safetensors_folder`."""
+def read_checkpoint(directory: Path) -> tuple[dict[str, StoredTensor], nn.Module]:
+    """A saved folder's stored tensors (headers only) and the empty model its ``config.json``
+    describes, each checked against the other before any tensor data is read."""
     raw = read_config(directory)
-    tensors = read_tensors(directory)
-    model = backend.prepare_for_loading(empty_model(raw), config)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+    stored = stored_tensors(directory)
+    return stored, empty_model(raw, stored=stored, source=str(directory / CONFIG_NAME))
+
+
+def check_stored(model: nn.Module, stored: Mapping[str, StoredTensor]) -> None:
+    """Refuse stored tensors whose dtype or shape differs from the parameter or buffer of
+    ``model`` (the empty model, quantized modules swapped in) they are loaded into; modules with
+    load hooks of their own (a layout that adapts to what is stored) check their tensors themselves."""
+    expected = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if not _loads_itself(module):
+            slots = {**module._parameters, **module._buffers}
+            expected.update({f"{prefix}.{k}" if prefix else k: t for k, t in slots.items() if t is not None})
+    for key, entry in stored.items():
+        slot = expected.get(key)
+        if slot is not None and (entry.dtype != slot.dtype or tuple(entry.shape) != tuple(slot.shape)):
+            raise ModelFormatError(
+                f"{str(entry.file)!r}: tensor {key!r} is {entry.dtype} {list(entry.shape)}; "
+                f"the architecture and quantization_config expect {slot.dtype} {list(slot.shape)}"
+            )
+
+
+def _loads_itself(module: nn.Module) -> bool:
+    return bool(module._load_state_dict_pre_hooks) or (
+        type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+    )
+
+
+def fill(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    directory: Path,
+    replaced: Mapping[str, nn.Module] | None = None,
+) -> nn.Module:
+    """Assign ``tensors`` to the empty ``model``'s parameters and buffers, put the ``replaced``
+    modules (loaded by the backend itself) in place and re-tie the weights; every parameter and
+    buffer must then be real (no key missing, none unexpected)."""
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except ModelFormatError as exc:  # from a module's load hook, which knows the tensor but not the folder
+        raise ModelFormatError(f"{str(directory)!r}: {exc}") from exc
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ModelFormatError(f"{str(directory)!r}: its tensors do not fit the architecture: {exc}") from exc
+    replaced = replaced or {}
+    for name, module in replaced.items():
+        set_submodule(model, name, module)
     model.tie_weights()
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()
-    }
-    missing = [k for k in result.missing_keys if k not in tied]
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k not in tied and k.rpartition(".")[0] not in replaced]
     if result.unexpected_keys or missing:
         raise ModelFormatError(
             f"{str(directory)!r} does not match its architecture: "
             f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
-    return model.to(device).eval()
+    unfilled = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:
+        raise ModelFormatError(f"{str(directory)!r}: nothing was loaded into {unfilled[:5]}")
+    return model
+
+
+def read_safetensors_folder(directory: Path, config: QuantConfig, backend, device: torch.device) -> nn.Module:
+    """Rebuild a model saved by :func:`write_safetensors_folder`."""
+    stored, model = read_checkpoint(directory)
+    model = backend.prepare_for_loading(model, config)
+    check_stored(model, stored)
+    return fill(model, load_tensors(stored), directory).to(device).eval()

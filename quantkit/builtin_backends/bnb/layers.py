@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from quantkit.core.config_files import parse_json
 from quantkit.core.errors import ModelFormatError
 
 from .config import BnbConfig
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     import bitsandbytes as bnb
 
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Block sizes a saved 4-bit quant state may name (bitsandbytes' own, nested ones included)."""
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:
@@ -164,6 +168,7 @@ def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args)
             f"tensor; dtype {weight.dtype}, shape {tuple(weight.shape)}); the file and its "
             "quantization_config disagree on this layer"
         )
+    _check_4bit_state(module, prefix, weight, stats)
     state_dict[prefix + "weight"] = bnb.nn.Params4bit.from_prequantized(
         data=weight,
         quantized_stats=stats,
@@ -187,6 +192,72 @@ def _load_int8(module: bnb.nn.Linear8bitLt, state_dict: dict, prefix: str, *_arg
             f"{prefix}SCB {'missing' if scb is None else 'present'}); the file and its "
             "quantization_config disagree on this layer"
         )
+    if scb.dtype != torch.float32 or tuple(scb.shape) != (module.out_features,):
+        raise ModelFormatError(
+            f"{prefix}SCB is {scb.dtype} {list(scb.shape)}; LLM.int8 row scales are float32 [{module.out_features}]"
+        )
     state_dict[prefix + "weight"] = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scb).to(
         weight.device
     )
+
+
+def _check_4bit_state(
+    module: bnb.nn.Linear4bit, prefix: str, weight: torch.Tensor, stats: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a saved 4-bit weight and quant state (``weight.*`` tensors and the packed JSON) that do
+    not describe ``module`` under its config: bitsandbytes itself only asserts on some of it."""
+    state_key = QUANT_STATE_KEY + module.weight.quant_type
+    where = prefix + state_key
+    packed = stats.get(state_key)
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ModelFormatError(
+            f"{prefix}weight: no uint8 vector {where} (the layer's config says {module.weight.quant_type})"
+        )
+    try:
+        state = parse_json(bytes(packed.tolist()).decode("utf-8"), where)
+    except UnicodeDecodeError as exc:
+        raise ModelFormatError(f"{where} is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{where} holds {state!r}, not an object")
+    nested = module.weight.compress_statistics
+    expected = {
+        "quant_type": module.weight.quant_type,
+        "shape": [module.out_features, module.in_features],
+    }
+    allowed = {"quant_type", "blocksize", "dtype", "shape"} | (
+        {"nested_blocksize", "nested_dtype", "nested_offset"} if nested else set()
+    )
+    problems = [f"{k}={state.get(k)!r}, expected {v!r}" for k, v in expected.items() if state.get(k) != v]
+    packed_weight = ((module.out_features * module.in_features + 1) // 2, 1)
+    if weight.dtype != torch.uint8 or tuple(weight.shape) != packed_weight:
+        problems.append(f"{prefix}weight is {weight.dtype} {list(weight.shape)}, expected uint8 {list(packed_weight)}")
+    problems += [f"unexpected field {k!r}" for k in sorted(set(state) - allowed)]
+    blocksize, dtype = state.get("blocksize"), state.get("dtype")
+    if blocksize not in BLOCKSIZES:
+        problems.append(f"blocksize={blocksize!r}, allowed {BLOCKSIZES}")
+    if dtype not in FLOAT_DTYPES:
+        problems.append(f"dtype={dtype!r}, allowed {FLOAT_DTYPES}")
+    blocks = -(-module.out_features * module.in_features // blocksize) if blocksize in BLOCKSIZES else None
+    shapes = {
+        "weight.absmax": (torch.uint8 if nested else torch.float32, [blocks]),
+        "weight.quant_map": (torch.float32, [16]),
+        state_key: (torch.uint8, [packed.numel()]),
+    }
+    if nested:
+        nested_blocksize = state.get("nested_blocksize")
+        if nested_blocksize not in BLOCKSIZES or state.get("nested_dtype") not in FLOAT_DTYPES:
+            problems.append(f"nested_blocksize={nested_blocksize!r}, nested_dtype={state.get('nested_dtype')!r}")
+        elif blocks is not None:
+            shapes["weight.nested_absmax"] = (torch.float32, [-(-blocks // nested_blocksize)])
+        shapes["weight.nested_quant_map"] = (torch.float32, [256])
+        if not isinstance(state.get("nested_offset"), (int, float)) or isinstance(state.get("nested_offset"), bool):
+            problems.append(f"nested_offset={state.get('nested_offset')!r}, expected a number")
+    problems += [f"unexpected tensor {prefix}{k}" for k in sorted(set(stats) - set(shapes))]
+    for key, (dtype_, shape) in shapes.items():
+        tensor = stats.get(key)
+        if tensor is None:
+            problems.append(f"missing tensor {prefix}{key}")
+        elif tensor.dtype != dtype_ or list(tensor.shape) != shape:
+            problems.append(f"{prefix}{key} is {tensor.dtype} {list(tensor.shape)}, expected {dtype_} {shape}")
+    if problems:
+        raise ModelFormatError(f"{prefix}weight: the saved 4-bit quant state is inconsistent: {'; '.join(problems)}")

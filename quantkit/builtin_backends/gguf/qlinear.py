@@ -149,8 +149,10 @@ class GGUFEmbedding(GGUFWeight):
         super().__init__(num_embeddings, embedding_dim, qtype, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        # Output dtype, kept as an empty float buffer so that model.to(dtype) updates it.
-        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        # Output dtype, kept as an empty float buffer so that model.to(dtype) updates it; never on
+        # the meta device (an empty model's), as no state dict fills a non-persistent buffer.
+        marker_device = None if device is not None and torch.device(device).type == "meta" else device
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype, device=marker_device), persistent=False)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, qtype: str, device: torch.device | None = None) -> GGUFEmbedding:

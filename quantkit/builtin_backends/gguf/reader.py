@@ -1,4 +1,4 @@
-"""Reading a quantized llama ``.gguf`` (gguf-py's GGUFReader) into a model with GGUF modules.
+"""Reading a quantized llama ``.gguf`` (checked by :mod:`.header` and :mod:`.metadata`) into a model with GGUF modules.
 
 Quantized tensors keep their ggml bytes (``attn_q``/``attn_k`` rows put back in
 transformers' order); F32 tensors become ordinary float parameters. The model gets the
@@ -13,9 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGUFReader
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from quantkit.builtin_backends.gguf.config import GGUF_MIXES, GGUF_TENSOR_TYPES, GGUFConfig
@@ -25,7 +24,9 @@ from quantkit.core.serialization import CONFIG_ATTR, empty_model
 
 from . import quants
 from .convert import linear_type
-from .export import ARCHITECTURE, head_counts, rope_permutation
+from .export import head_counts, rope_permutation
+from .header import GGUFHeader, read_header
+from .metadata import LLAMA, LlamaShape, check_key_types, llama_shape
 from .mixes import FILE_TYPES, FLOAT_TYPES, ModelShape, Role, gguf_name, tensor_type
 from .qlinear import GGUFEmbedding, GGUFLinear
 
@@ -37,61 +38,63 @@ _TOKEN_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "unknown": "unk_toke
 
 
 def read_gguf(path: Path, device: torch.device) -> nn.Module:
-    """The quantized model in ``path``, on ``device``, with ``quantkit_config`` set."""
-    reader = _open(path)
-    architecture = _field(reader, "general.architecture")
-    if architecture != ARCHITECTURE:
+    """The quantized model in ``path``, on ``device``, with ``quantkit_config`` set.
+
+    The header, the known keys' types and the hyperparameters are checked against the
+    tensors present (:mod:`.metadata`) before any model is built.
+    """
+    header = read_header(path)
+    check_key_types(header)
+    architecture = header.fields["general.architecture"].value
+    if architecture != LLAMA:
         raise ModelFormatError(
             f"{str(path)!r} holds a {architecture!r} model; quantkit reads quantized llama GGUF files "
             "(quantkit.models.load_model reads other architectures as float models)"
         )
-    tensors = {t.name: t for t in reader.tensors}
+    shape = llama_shape(header)
     try:
-        model = empty_model(_hf_config(reader, tensors))
-        config = _fill(model, tensors, _QUANT_TYPES_OF_FILE.get(_field(reader, "general.file_type")))
+        model = empty_model(_hf_config(shape, tied="output.weight" not in header.tensors))
     except ModelFormatError:
         raise
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, TypeError, StrictDataclassError) as exc:  # transformers' config validation
+        raise ModelFormatError(f"{str(path)!r}: transformers refuses its llama hyperparameters: {exc}") from exc
+    file_type = header.fields.get("general.file_type")
+    try:
+        config = _fill(model, header, _QUANT_TYPES_OF_FILE.get(None if file_type is None else file_type.value))
+    except ModelFormatError:
+        raise
+    except (ValueError, RuntimeError) as exc:  # torch/numpy on tensors the checks above let through
         raise ModelFormatError(f"{str(path)!r} does not hold a consistent llama model: {exc}") from exc
     setattr(model, CONFIG_ATTR, config)
     return model.to(device).eval()
 
 
-def _open(path: Path) -> GGUFReader:
-    try:
-        return GGUFReader(path)
-    except Exception as exc:  # gguf-py reports malformed files through many exception types
-        raise ModelFormatError(f"{str(path)!r} is not a readable GGUF file (corrupt or truncated?): {exc}") from exc
-
-
-def _field(reader: GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def _hf_config(reader: GGUFReader, tensors: dict) -> dict:
-    """A transformers ``config.json`` dict, read the way transformers' GGUF loader reads it."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    raw: dict[str, Any] = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "dtype": "float32"}
-    for key, hf_key in GGUF_CONFIG_MAPPING[ARCHITECTURE].items():
-        value = _field(reader, f"{ARCHITECTURE}.{key}")
-        if hf_key is not None and value is not None:
-            raw[hf_key] = value
-    for key, hf_key in _TOKEN_IDS.items():
-        value = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        if value is not None:
-            raw[hf_key] = value
-    raw.setdefault("vocab_size", tensors["token_embd.weight"].shape[1] if "token_embd.weight" in tensors else None)
-    raw["tie_word_embeddings"] = "output.weight" not in tensors
-    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
-    missing = [key for key in required if raw.get(key) is None]
-    if missing:
-        raise ModelFormatError(f"the GGUF metadata lacks {missing}; not a complete llama model")
+def _hf_config(shape: LlamaShape, *, tied: bool) -> dict:
+    """A transformers ``config.json`` dict of the checked hyperparameters, as transformers' GGUF loader reads them."""
+    raw: dict[str, Any] = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "dtype": "float32",
+        "num_hidden_layers": shape.layers,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab,
+        "tie_word_embeddings": tied,
+    }
+    optional = {
+        "max_position_embeddings": shape.context,
+        "rms_norm_eps": shape.rms_norm_eps,
+        "rope_theta": shape.rope_theta,
+    }
+    raw.update({key: value for key, value in optional.items() if value is not None})
+    raw.update({_TOKEN_IDS[name]: token for name, token in shape.token_ids.items()})
     return raw
 
 
-def _fill(model: nn.Module, tensors: dict, file_quant_type: str | None) -> GGUFConfig:
+def _fill(model: nn.Module, header: GGUFHeader, file_quant_type: str | None) -> GGUFConfig:
     """Put the file's tensors into the empty ``model``; return the config describing them."""
     hf = model.config
     heads = head_counts(hf)
@@ -99,17 +102,17 @@ def _fill(model: nn.Module, tensors: dict, file_quant_type: str | None) -> GGUFC
     by_gguf = {gguf_name(key, hf.num_hidden_layers): key for key in model.state_dict()}
     floats: dict[str, torch.Tensor] = {}
     packed: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+    for name, tensor in header.tensors.items():
         key = by_gguf.get(name)
         if key is None:
-            raise ModelFormatError(f"tensor {name!r} is not part of a llama model")
-        qtype = tensor.tensor_type.name
+            raise ModelFormatError(f"{str(header.path)!r}: tensor {name!r} is not part of a llama model")
+        qtype = tensor.qtype
         expected = tuple(model.get_parameter(key).shape)
-        if tuple(int(n) for n in reversed(tensor.shape)) != expected:
+        if tensor.shape[::-1] != expected:
             raise ModelFormatError(
-                f"tensor {name!r} has shape {list(reversed(tensor.shape))}, expected {list(expected)}"
+                f"{str(header.path)!r}: tensor {name!r} has shape {list(tensor.shape[::-1])}, expected {list(expected)}"
             )
-        data = np.array(tensor.data)  # a copy: the reader maps the file read-only
+        data = header.tensor_bytes(tensor)
         kind = name.split(".")[-2]
         order = torch.argsort(rope_permutation(expected[0], heads[kind])) if kind in heads else None
         module_name, _, leaf = key.rpartition(".")
@@ -119,10 +122,10 @@ def _fill(model: nn.Module, tensors: dict, file_quant_type: str | None) -> GGUFC
                     f"tensor {name!r} is {qtype}, a type quantkit's GGUF backend does not implement; "
                     "quantkit.models.load_model reads the file as a float model"
                 )
-            value = torch.from_numpy(data.view(np.uint8).reshape(expected[0], -1))
+            value = torch.from_numpy(data.reshape(expected[0], -1))
             packed[module_name] = (qtype, value if order is None else value[order])
         elif qtype in FLOAT_TYPES:
-            value = quants.dequantize(torch.from_numpy(data.view(np.uint8)), qtype, expected)
+            value = quants.dequantize(torch.from_numpy(data), qtype, expected)
             floats[key] = value if order is None else value[order]
         else:
             raise ModelFormatError(

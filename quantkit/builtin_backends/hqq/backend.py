@@ -14,8 +14,8 @@ from quantkit.core.capabilities import Capabilities
 from quantkit.core.config import QuantConfig
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.hardware import Hardware
-from quantkit.core.linears import set_submodule
-from quantkit.core.serialization import empty_model, read_config, read_tensors, unique_state_dict
+from quantkit.core.safetensors_files import load_tensors
+from quantkit.core.serialization import check_stored, fill, read_checkpoint, unique_state_dict
 
 from .config import PRESETS, HQQConfig
 from .layers import hqq_linears, quantize_linear, saved_linear
@@ -91,27 +91,20 @@ class HQQBackend(Backend):
     def load_pretrained(self, directory: Path, config: HQQConfig, device: torch.device) -> nn.Module:
         self.check_config(config)
         device = torch.device(device)
-        raw = read_config(directory)
-        tensors = read_tensors(directory)
-        model = empty_model(raw)
-        layers = {
-            name: saved_linear(cfg, *pop_layer(name, cfg, linear.out_features, linear.in_features, tensors), device)
-            for name, linear, cfg in self.targets(model, config, check_weights=False)
-        }
+        stored, model = read_checkpoint(directory)
+        targets = self.targets(model, config, check_weights=False)
+        check_stored(model, stored)
+        tensors = load_tensors(stored)
+        try:
+            layers = {
+                name: saved_linear(cfg, *pop_layer(name, cfg, linear.out_features, linear.in_features, tensors), device)
+                for name, linear, cfg in targets
+            }
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"{str(directory)!r}: {exc}") from exc
         extra = sorted(k for k in tensors if k.endswith("." + META_SUFFIX))
         if extra:
             raise ModelFormatError(
                 f"{str(directory)!r} holds HQQ layers its quantization_config does not quantize: {extra[:5]}"
             )
-        result = model.load_state_dict(tensors, strict=False, assign=True)
-        for name, module in layers.items():
-            set_submodule(model, name, module)
-        model.tie_weights()
-        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-        missing = [k for k in result.missing_keys if k not in tied and k.rpartition(".")[0] not in layers]
-        if missing or result.unexpected_keys:
-            raise ModelFormatError(
-                f"{str(directory)!r} does not match its architecture: "
-                f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
-        return self.place(model, config, device).eval()
+        return self.place(fill(model, tensors, directory, layers), config, device).eval()

@@ -1,0 +1,96 @@
+"""Additive quantization of one linear's weight (AQLM's per-layer algorithm) and its cost.
+
+:func:`aq_quantize` follows the paper: per-output-group scales (the group's norm), residual
+k-means of the scaled weight's groups for the first codes and codebooks, then ``rounds`` of beam
+search over the codes (:mod:`.beam_search`) and Adam on codebooks and scales
+(:mod:`.codebook_update`), both minimising the output error on the calibration inputs
+summarised by ``H = X^T X``. Codebooks and scales end rounded to float16, the stored type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .beam_search import beam_search, dequantize, output_error
+from .codebook_update import update_codebooks
+from .config import AQLMConfig
+from .kmeans import residual_kmeans
+
+STORED_DTYPE = torch.float16
+"""dtype of the stored codebooks and scales (the paper counts 16 bits each)."""
+
+EPS = 1e-9
+
+
+@dataclass
+class AQResult:
+    """A quantized weight: ``dequantize(codes, codebooks, scales)`` approximates it."""
+
+    codes: Tensor  # (out / og, in / ig, num_codebooks) long in [0, 2**nbits)
+    codebooks: Tensor  # (num_codebooks, 2**nbits, og, ig) float32, float16-representable
+    scales: Tensor  # (out / og,) float32, float16-representable
+    errors: dict[str, float] = field(default_factory=dict)
+    """Output error after each phase (``kmeans``, ``beam1``, ``adam1``, ..., ``stored``)."""
+
+    def weight(self) -> Tensor:
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+
+def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
+    """AQLM-quantize ``weight (out, in)`` for inputs whose ``X^T X`` is ``H (in, in)``."""
+    W = weight.detach().float()
+    H = H.to(W)
+    og, ig = config.out_group_size, config.in_group_size
+    out_features, in_features = W.shape
+    groups = W.view(out_features // og, og, in_features // ig, ig).transpose(1, 2)  # (O, I, og, ig)
+    scales = groups.flatten(1).norm(dim=1) + EPS
+    points = (groups / scales.view(-1, 1, 1, 1)).reshape(-1, og * ig)
+    generator = torch.Generator().manual_seed(config.seed)
+    books, codes = residual_kmeans(
+        points,
+        config.num_codebooks,
+        2**config.nbits_per_codebook,
+        config.kmeans_iters,
+        generator,
+        config.kmeans_points_per_centroid,
+    )
+    codebooks = books.view(config.num_codebooks, -1, og, ig)
+    codes = codes.view(out_features // og, in_features // ig, config.num_codebooks)
+    errors = {"kmeans": output_error(W, H, dequantize(codes, codebooks, scales))}
+    for r in range(1, config.rounds + 1):
+        codes = beam_search(W, H, codebooks, scales, codes, config.beam_size)
+        errors[f"beam{r}"] = output_error(W, H, dequantize(codes, codebooks, scales))
+        if config.codebook_steps:
+            codebooks, scales = update_codebooks(
+                W, H, codes, codebooks, scales, steps=config.codebook_steps, lr=config.codebook_lr
+            )
+            errors[f"adam{r}"] = output_error(W, H, dequantize(codes, codebooks, scales))
+    codebooks, scales = (t.to(STORED_DTYPE).float() for t in (codebooks, scales))
+    errors["stored"] = output_error(W, H, dequantize(codes, codebooks, scales))
+    return AQResult(codes, codebooks, scales, errors)
+
+
+def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> dict[str, float]:
+    """Floating-point operations (multiply and add counted apart) of :func:`aq_quantize` on one
+    ``out x in`` linear calibrated on ``tokens`` inputs, per phase; the dominant terms only.
+    ``xtx`` is per linear: linears reading the same input (q/k/v, gate/up) share one in practice."""
+    og, ig, books = config.out_group_size, config.in_group_size, config.num_codebooks
+    size = 2**config.nbits_per_codebook
+    points = out_features * in_features // (og * ig)
+    beam = config.beam_size
+    per_centroid = config.kmeans_points_per_centroid
+    fitted = points if per_centroid is None else min(points, per_centroid * size)
+    search_steps = books * (in_features // ig)
+    per_search = 2 * out_features * in_features**2 + search_steps * (
+        2 * size * beam * out_features * ig  # every codeword against every hypothesis
+        + 2 * beam * out_features * ig * in_features  # the rank-ig update of (Ŵ - W) H
+    )
+    return {
+        "xtx": 2.0 * tokens * in_features**2,
+        "kmeans": 2.0 * books * (config.kmeans_iters * fitted + points) * size * og * ig,
+        "beam_search": float(config.rounds * per_search),
+        "codebook_update": 2.0 * config.rounds * config.codebook_steps * out_features * in_features**2,
+    }

@@ -1,0 +1,96 @@
+"""AQLM backend: the paper's calibration in plain torch on any device, aqlm/transformers checkpoints.
+
+AQLM calibrates layer by layer (:mod:`quantkit.layerwise`): per decoder layer and group of
+linears sharing an input, in execution order, it accumulates ``H = X^T X`` of that input (as
+computed by the already quantized part of the layer), quantizes each linear with
+:func:`~quantkit.builtin_backends.aqlm.aq.aq_quantize` and swaps in its
+:class:`~quantkit.builtin_backends.aqlm.qlinear.AQLMLinear`. The saved folder is what
+transformers' AQLM integration loads (``quant_method: aqlm``), and aqlm's ``QuantizedLinear``
+(its numba CPU kernel for 2x8 and 1x8, its dequantizing path otherwise) computes the same
+outputs as this backend's torch forward; aqlm 1.1.7's numba kernel races with more than one numba
+thread (``numba.set_num_threads(1)``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from quantkit.core.backend import Backend
+from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
+from quantkit.core.config import HF_EXACT_CONFIG_KEY
+from quantkit.layerwise import LayerContext, quantize_layerwise
+
+from ..gptq.backend import _one_cpu_thread
+from ..gptq.gptq import HessianAccumulator
+from .aq import aq_quantize
+from .config import PRESETS, AQLMConfig
+from .qlinear import AQLMLinear, code_dtype
+
+log = logging.getLogger("quantkit")
+
+AQLM_SHAPE_LIMITS = (
+    ShapeLimit("in_features", "in_group_size", "AQLM codes whole groups of in_group_size inputs"),
+    ShapeLimit("out_features", "out_group_size", "AQLM codes whole groups of out_group_size outputs"),
+)
+
+
+def aqlm_storage_bits(config: AQLMConfig, out_features: int, in_features: int) -> int:
+    """Codes (int8 or int16) + float16 codebooks + one float16 scale per output group."""
+    num_out = out_features // config.out_group_size
+    codes = num_out * (in_features // config.in_group_size) * config.num_codebooks
+    code_bits = code_dtype(config.nbits_per_codebook).itemsize * 8
+    codebook_values = config.num_codebooks * 2**config.nbits_per_codebook * config.out_group_size * config.in_group_size
+    return codes * code_bits + codebook_values * 16 + num_out * 16
+
+
+def _quantize_layer(ctx: LayerContext) -> None:
+    """AQLM's step of :func:`quantkit.layerwise.quantize_layerwise` for one decoder layer."""
+    for _, members in ctx.target_groups():
+        first = ctx.targets[members[0]].linear
+        accumulator = HessianAccumulator(first.in_features, ctx.device)
+        ctx.observe({members[0]: lambda x, c, h=accumulator: h.add_batch(x)})
+        for name in members:
+            linear, config = ctx.targets[name].linear, ctx.targets[name].config
+            with _one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
+                result = aq_quantize(linear.weight, accumulator.H, config)
+            log.debug("%s.%s: AQLM output error %s", ctx.name, name, result.errors)
+            ctx.replace(name, AQLMLinear.from_result(linear, config, result))
+
+
+class AQLMBackend(Backend):
+    name = "aqlm"
+    config_class = AQLMConfig
+    presets = PRESETS
+    capabilities = Capabilities(
+        quantize_hardware=ALL_HARDWARE,
+        inference_hardware=ALL_HARDWARE,
+        requires_calibration=True,
+        serializable=True,
+        trainable=True,
+        description="AQLM additive quantization in plain torch (Llama-family decoders); aqlm/transformers checkpoints",
+        shape_limits=AQLM_SHAPE_LIMITS,
+    )
+
+    def storage_bits(self, config: AQLMConfig, name: str, out_features: int, in_features: int) -> int:
+        return aqlm_storage_bits(config, out_features, in_features)
+
+    def quantize(self, model: nn.Module, config: AQLMConfig, *, calibration, device) -> nn.Module:
+        targets = self.targets(model, config)
+        quantize_layerwise(model, targets, calibration, device, _quantize_layer, description="AQLM")
+        return model
+
+    def empty_module(self, name: str, linear: nn.Linear, config: AQLMConfig) -> AQLMLinear:
+        return AQLMLinear.empty_like(linear, config)
+
+    def quantization_config_block(self, model: nn.Module, config: AQLMConfig) -> dict:
+        """transformers' AQLM block, naming the float linears exactly, with the full quantkit
+        config (calibration settings, module overrides). Each is named by its weight (``lm_head.weight``,
+        what transformers 4 matches) and by its module (``lm_head``, what transformers 5 matches)."""
+        block = super().quantization_config_block(model, config)
+        del block["modules_to_not_convert"]
+        floats = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        block["linear_weights_not_to_quantize"] = sorted([*floats, *(f"{n}.weight" for n in floats)])
+        block[HF_EXACT_CONFIG_KEY] = config.to_dict()
+        return block
