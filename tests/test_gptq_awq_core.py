@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import nn
@@ -17,7 +15,7 @@ from quantkit.builtin_backends.awq.awq import (
     search_scales,
 )
 from quantkit.builtin_backends.awq.packing import dequantize_awq, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
-from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, group_aware_order, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq
 from quantkit.core.errors import QuantizationError
 
@@ -175,16 +173,64 @@ def test_gptq_dead_inputs_and_degenerate_hessian() -> None:
     assert torch.isfinite(all_dead.dequantized).all()
 
 
-def test_gptq_retries_cholesky_with_more_dampening(caplog: pytest.LogCaptureFixture) -> None:
+def test_gptq_damp_auto_increment_recovers_from_a_non_positive_definite_hessian() -> None:
     weight = torch.randn(8, 2)
     indefinite = torch.tensor([[1.0, 1.5], [1.5, 1.0]])  # eigenvalue -0.5: needs damp > 0.5
-    with caplog.at_level(logging.WARNING):
-        result = gptq_quantize(weight, indefinite, bits=4, group_size=-1)
-    assert result.damp_percent == pytest.approx(0.64)
-    assert "Cholesky failed" in caplog.text
+    result = gptq_quantize(weight, indefinite, bits=4, group_size=-1, damp_percent=0.05, damp_auto_increment=0.1)
+    assert result.damp_percent == pytest.approx(0.55)  # the first step past 0.5
     assert torch.isfinite(result.dequantized).all()
+    with pytest.raises(QuantizationError, match=r"not positive definite.*damp_auto_increment=0\b"):
+        gptq_quantize(weight, indefinite, bits=4, group_size=-1, damp_auto_increment=0)
     with pytest.raises(QuantizationError, match="not positive definite"):
         gptq_quantize(weight, torch.tensor([[1.0, 3.0], [3.0, 1.0]]), bits=4, group_size=-1)
+
+
+def testgroup_aware_order_sorts_within_groups_then_groups_by_their_largest_diagonal() -> None:
+    diag = torch.tensor([1.0, 5.0, 2.0, 9.0, 3.0, 4.0, 0.5, 7.0])  # groups of 3; the last is short
+    assert group_aware_order(diag, 3).tolist() == [3, 5, 4, 1, 2, 0, 6, 7]
+
+
+def outlier_inputs(n: int, features: int, outliers: list[int]) -> torch.Tensor:
+    """Correlated inputs whose ``outliers`` channels are 10x larger than the rest."""
+    x = correlated_inputs(n, features)
+    x[:, outliers] *= 10
+    return x
+
+
+def test_gar_lowers_the_output_error_and_keeps_groups_contiguous() -> None:
+    in_features, group_size = 256, 32
+    x = outlier_inputs(1024, in_features, outliers=[5, 70, 100, 200, 250])
+    H = hessian(x)
+    errors = {}
+    for gar in (False, True):
+        for seed in range(3):
+            weight = torch.randn(64, in_features, generator=torch.Generator().manual_seed(seed))
+            result = gptq_quantize(weight, H, bits=3, group_size=group_size, act_group_aware=gar)
+            assert torch.equal(result.g_idx, (torch.arange(in_features) // group_size).int())
+            packed = pack_gptq(result.intweight, result.zeros, result.scales, result.g_idx, 3)
+            assert torch.equal(dequantize_gptq(**packed, bits=3), result.dequantized)
+            errors[gar, seed] = output_error(weight, result.dequantized, x)
+    assert all(errors[True, seed] < 0.95 * errors[False, seed] for seed in range(3)), errors
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_grid_error_is_at_most_the_min_max_error(sym: bool) -> None:
+    weight = torch.distributions.StudentT(3.0).sample((64, 256))  # heavy tails: min/max ranges are wide
+    minmax, searched = (rtn_quantize(weight, bits=4, group_size=64, sym=sym, mse=mse) for mse in (0.0, 2.0))
+    per_row = [(weight - r.dequantized).square().view(64, 4, 64).sum(-1) for r in (minmax, searched)]
+    assert (per_row[1] <= per_row[0] + 1e-6).all()
+    assert per_row[1].sum() < 0.97 * per_row[0].sum()
+    assert (searched.scales <= minmax.scales).all()
+
+
+def test_gptq_with_mse_grid_beats_min_max_on_heavy_tailed_weights() -> None:
+    x = correlated_inputs(512, 128)
+    weight = torch.distributions.StudentT(3.0).sample((64, 128))
+    errors = [
+        output_error(weight, gptq_quantize(weight, hessian(x), bits=4, group_size=32, mse=mse).dequantized, x)
+        for mse in (0.0, 2.4)
+    ]
+    assert errors[1] < errors[0]
 
 
 def test_gptq_is_deterministic() -> None:

@@ -15,7 +15,7 @@ from quantkit import GPTQConfig, RTNConfig
 from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import unpack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
-from quantkit.core.errors import QuantizationError
+from quantkit.core.errors import ConfigValueError, QuantizationError
 from quantkit.testing import conformance_tests
 
 LINEARS = (
@@ -52,6 +52,8 @@ GPTQ_CONFIGS = [
     GPTQConfig(bits=2, group_size=32, desc_act=True),
     GPTQConfig(bits=8, group_size=64, desc_act=True, static_groups=True),
     GPTQConfig(bits=4, group_size=32, true_sequential=False, damp_percent=0.1),
+    GPTQConfig(bits=4, group_size=32, sym=False, mse=2.4, static_groups=True),
+    GPTQConfig(bits=4, group_size=32, act_group_aware=False, damp_auto_increment=0.0),
 ]
 CONTRACT = ("reload_is_exact", "storage_bits_match_saved_bytes")
 """The checks of quantkit.testing run here on the configs tests/test_conformance.py leaves out
@@ -84,12 +86,56 @@ def test_gptq_configs_quantize_and_save(config: GPTQConfig, tmp_path) -> None:
         assert module.g_idx.dtype == torch.int32 and int(module.g_idx.max()) == groups - 1
         if config.desc_act and not config.static_groups and groups > 1:
             assert not torch.equal(module.g_idx, module.g_idx.sort().values)  # act-order permutes groups
+        elif not config.desc_act:  # GAR reorders the columns of each group: the groups stay contiguous
+            assert torch.equal(module.g_idx, torch.arange(module.in_features, dtype=torch.int32) // groups_of(config))
     error = _relative_error(quantized, reference)
     assert error < {2: 0.8, 3: 0.3, 4: 0.15, 8: 0.01}[config.bits]
 
     quantkit.save(quantized, tmp_path / "q")
     block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert block == config.to_hf_dict()
+
+
+def groups_of(config: GPTQConfig) -> int:
+    return 10**9 if config.group_size == -1 else config.group_size
+
+
+def test_gptq_config_reads_and_writes_gptqmodel_meta_keys() -> None:
+    from transformers import GPTQConfig as HFGPTQConfig
+
+    gptqmodel_block = {  # as GPTQModel 7.6 writes it: these settings only under "meta"
+        "bits": 4,
+        "group_size": 64,
+        "desc_act": False,
+        "sym": True,
+        "quant_method": "gptq",
+        "format": "gptq",
+        "checkpoint_format": "gptq",
+        "meta": {"act_group_aware": False, "damp_percent": 0.1, "damp_auto_increment": 0.02, "mse": 2.4},
+    }
+    config = GPTQConfig.from_hf_dict(gptqmodel_block)
+    assert (config.act_group_aware, config.damp_percent, config.damp_auto_increment, config.mse) == (
+        False,
+        0.1,
+        0.02,
+        2.4,
+    )
+    assert GPTQConfig(desc_act=True, act_group_aware=True).act_group_aware is False  # GPTQModel refuses both
+    block = GPTQConfig(desc_act=True, mse=2.0).to_hf_dict()
+    assert block["meta"]["act_group_aware"] is False
+    assert (block["meta"]["mse"], block["damp_percent"]) == (2.0, block["meta"]["damp_percent"])
+    assert HFGPTQConfig.from_dict(block).to_dict()["meta"]["mse"] == 2.0
+    assert GPTQConfig.from_hf_dict(GPTQConfig(act_group_aware=False, mse=2.0).to_hf_dict()) == GPTQConfig(
+        act_group_aware=False, mse=2.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("damp_auto_increment", 1.0), ("damp_auto_increment", -0.1), ("mse", -1.0)]
+)
+def test_gptq_config_rejects_bad_new_fields(field: str, value: float) -> None:
+    with pytest.raises(ConfigValueError, match=rf"GPTQConfig\.{field}=.*allowed"):
+        GPTQConfig(**{field: value})
 
 
 def test_gptq_beats_rtn_on_the_tiny_model() -> None:

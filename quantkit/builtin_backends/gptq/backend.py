@@ -100,6 +100,9 @@ class _GPTQLayerQuantizer:
                 desc_act=cfg.desc_act,
                 static_groups=cfg.static_groups,
                 damp_percent=cfg.damp_percent,
+                act_group_aware=cfg.act_group_aware,
+                damp_auto_increment=cfg.damp_auto_increment,
+                mse=cfg.mse,
             )
         label = f"{ctx.name}.{{{','.join(names)}}}"
         if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:

@@ -32,18 +32,62 @@ class GPTQConfig(CalibratedConfig):
     group_size: int = spec(128, **GROUP_SIZE, hf="group_size")
     desc_act: bool = spec(False, doc="act-order: quantize columns by descending Hessian diagonal", hf="desc_act")
     sym: bool = spec(True, hf="sym")
-    damp_percent: float = spec(0.01, valid=lambda v: 0 < v < 1, allowed="0 < damp_percent < 1", hf="damp_percent")
+    damp_percent: float = spec(0.05, valid=lambda v: 0 < v < 1, allowed="0 < damp_percent < 1", hf="damp_percent")
     static_groups: bool = spec(False, hf="static_groups")
     true_sequential: bool = spec(True, hf="true_sequential")
+    act_group_aware: bool = spec(
+        True,
+        doc="group-aware reordering (GAR): groups and their columns by descending Hessian diagonal, "
+        "groups kept contiguous; desc_act turns it off",
+    )
+    damp_auto_increment: float = spec(
+        0.01,
+        valid=lambda v: 0 <= v < 1,
+        allowed="0 <= damp_auto_increment < 1",
+        doc="added to damp_percent until the Hessian factorizes (0: fail instead)",
+    )
+    mse: float = spec(
+        0.0,
+        valid=lambda v: v >= 0,
+        allowed="0 (min/max range) or a positive norm exponent, e.g. 2.4",
+        doc="search each group's range for the least sum |w - q|**mse; 0: min/max",
+    )
+
+    hf_meta_fields: ClassVar[tuple[str, ...]] = (
+        "act_group_aware",
+        "damp_percent",
+        "damp_auto_increment",
+        "mse",
+        "static_groups",
+        "true_sequential",
+    )
+    """Fields GPTQModel writes under the block's ``meta`` key (some also at the top, as transformers does)."""
+
+    def validate(self) -> None:
+        """Act-order orders every column itself: it turns GAR off, as in GPTQModel (which refuses both)."""
+        if self.desc_act:
+            object.__setattr__(self, "act_group_aware", False)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """transformers' block, with GPTQModel's ``meta`` keys."""
+        block = super().to_hf_dict()
+        block["meta"] = {name: getattr(self, name) for name in self.hf_meta_fields}
+        return block
 
     @classmethod
     def hf_values(cls, values: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-        """Only the ``gptq`` checkpoint format is read; a dataset given as a list of texts is dropped."""
+        """Only the ``gptq`` checkpoint format is read; a dataset given as a list of texts is dropped;
+        GPTQModel's ``meta`` keys are read where the top level lacks them."""
         fmt = data.get("format", data.get("checkpoint_format", "gptq"))
         if fmt != "gptq":
             raise ConfigValueError("GPTQConfig", "format", fmt, "'gptq'")
         if not isinstance(values.get("dataset"), str):
             values.pop("dataset", None)
+        meta = data.get("meta")
+        if isinstance(meta, Mapping):
+            for name in cls.hf_meta_fields:
+                if meta.get(name) is not None and name not in data:
+                    values[name] = meta[name]
         return values
 
     @property

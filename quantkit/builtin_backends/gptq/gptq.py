@@ -11,11 +11,16 @@ before the weights are rounded against them; an asymmetric group whose zero poin
 (all its weights >= 0, which v1 cannot store) gets zero point 1 and a range stretched to fit;
 and a symmetric group always spans ``[-max|w|, max|w|]``. GPTQ's group parameters are computed
 when the column loop enters a group, from the group's error-compensated weights.
+
+Three refinements of GPTQModel are options of :func:`gptq_quantize`: group-aware activation
+reordering (``act_group_aware``, Gafni et al. 2025: columns sorted by Hessian diagonal within each
+group, groups by their largest diagonal, so the stored groups stay contiguous), a searched range
+per group (``mse``: the shrink of the min/max range with the least ``sum |w - q|**mse``), and
+dampening raised by fixed steps until the Hessian factorizes (``damp_auto_increment``).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +28,13 @@ from torch import Tensor
 
 from quantkit.core.errors import QuantizationError
 
-logger = logging.getLogger(__name__)
-
-_MAX_DAMP = 1.0
 _FP16_MIN_SUBNORMAL = 2.0**-24
 _FP16_MAX = 65504.0
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+"""The searched range tries the shrinks ``1 - i / MSE_GRID`` of the min/max range, ``i < MSE_MAX_SHRINK *
+MSE_GRID`` (the grid of GPTQ's and GPTQModel's quantizer)."""
+_MSE_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass
@@ -99,8 +106,33 @@ def _minmax_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Te
     return scale, zero.masked_fill(lifted, 1.0)
 
 
-def _group_params(weight: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Quantizer params ``(n_groups, out)`` of every group of ``weight (out, in)`` at once."""
+def _fit_params(members: Tensor, bits: int, sym: bool, mse: float) -> tuple[Tensor, Tensor]:
+    """Scale and zero point ``(out,)`` of one group ``members (k, out)``: min/max, or with ``mse > 0``
+    the shrink ``p`` of the min/max range whose quantization error ``sum |w - q|**mse`` is least
+    (ties: the widest range)."""
+    xmin, xmax = members.amin(0), members.amax(0)
+    if mse == 0:
+        return _minmax_params(xmin, xmax, bits, sym)
+    maxq = 2**bits - 1
+    shrinks = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=members.device) / MSE_GRID
+    errors = []
+    for chunk in shrinks.split(max(1, _MSE_CHUNK_ELEMENTS // members.numel())):
+        p = chunk.view(-1, 1)
+        scale, zero = _minmax_params(p * xmin, p * xmax, bits, sym)  # (shrinks, out)
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+        q = torch.clamp(torch.round(members / scale) + zero, 0, maxq)
+        errors.append((scale * (q - zero) - members).abs_().pow_(mse).sum(1))
+    best = shrinks[torch.cat(errors).argmin(0)]
+    return _minmax_params(best * xmin, best * xmax, bits, sym)
+
+
+def _group_params(
+    weight: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool, mse: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Quantizer params ``(n_groups, out)`` of every group of ``weight (out, in)``."""
+    if mse > 0:
+        params = [_fit_params(weight[:, g_idx == g].t(), bits, sym, mse) for g in range(n_groups)]
+        return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
     index = g_idx.long().expand_as(weight)
     empty = weight.new_zeros(weight.shape[0], n_groups)
     xmin = empty.scatter_reduce(1, index, weight, "amin", include_self=False)
@@ -135,19 +167,22 @@ def _finish(
 
 
 @torch.no_grad()
-def rtn_quantize(weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> GPTQResult:
+def rtn_quantize(
+    weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, mse: float = 0.0
+) -> GPTQResult:
     """Round-to-nearest with GPTQ's quantizer; ragged last groups use ``ceil(in / group_size)`` groups."""
     group_size = _validate(weight, bits, group_size)
     w = weight.float()
     in_features = w.shape[1]
     g_idx = torch.arange(in_features, device=w.device) // group_size
-    scales, zeros = _group_params(w, g_idx, -(-in_features // group_size), bits, sym)
+    scales, zeros = _group_params(w, g_idx, -(-in_features // group_size), bits, sym, mse)
     q = torch.clamp(torch.round(w / scales[g_idx].t()) + zeros[g_idx].t(), 0, 2**bits - 1)
     return _finish(q, scales, zeros, g_idx, bits, loss=None, damp=None)
 
 
-def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists."""
+def _inverse_hessian_factor(H: Tensor, damp_percent: float, damp_auto_increment: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; while it does not exist,
+    ``damp`` grows by ``damp_auto_increment`` (below 1; 0: no retry)."""
     mean_diag = H.diagonal().mean()
     damp = damp_percent
     while True:
@@ -161,14 +196,24 @@ def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, flo
             upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
             if torch.isfinite(upper).all():
                 return upper, damp
-        if damp >= _MAX_DAMP:
+        next_damp = damp + damp_auto_increment
+        if not damp < next_damp < 1:
             raise QuantizationError(
-                f"the Hessian is not positive definite even with damp_percent={damp}; "
-                "use more or more varied calibration samples"
+                f"the Hessian is not positive definite even with damp_percent={damp:g} "
+                f"(damp_auto_increment={damp_auto_increment:g}); use more or more varied calibration samples"
             )
-        next_damp = min(2 * damp, _MAX_DAMP)
-        logger.warning("GPTQ: Cholesky failed with damp_percent=%g; retrying with %g", damp, next_damp)
         damp = next_damp
+
+
+def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
+    """GAR's column order: within each full group by decreasing ``diag``, full groups by decreasing
+    largest ``diag`` (ties keep their order), a ragged last group last and unsorted."""
+    n_full = diag.numel() // group_size
+    grouped = diag[: n_full * group_size].view(n_full, group_size)
+    values, local = torch.sort(grouped, dim=1, descending=True, stable=True)
+    order = torch.argsort(values[:, 0], descending=True, stable=True)
+    columns = (local + torch.arange(n_full, device=diag.device).view(-1, 1) * group_size)[order].reshape(-1)
+    return torch.cat((columns, torch.arange(n_full * group_size, diag.numel(), device=diag.device)))
 
 
 @torch.no_grad()
@@ -180,20 +225,30 @@ def gptq_quantize(
     sym: bool = True,
     desc_act: bool = False,
     static_groups: bool = False,
-    damp_percent: float = 0.01,
+    damp_percent: float = 0.05,
     block_size: int = 128,
+    act_group_aware: bool = True,
+    damp_auto_increment: float = 0.01,
+    mse: float = 0.0,
 ) -> GPTQResult:
     """Quantize ``weight (out, in)`` with GPTQ against the Hessian ``H (in, in)``.
 
     Inputs whose Hessian diagonal is 0 (never active) get weight 0. ``desc_act`` quantizes the
     columns in order of decreasing Hessian diagonal; groups are then formed in that order (so
     ``g_idx`` is not sorted) unless ``static_groups``, which fixes every group's parameters up
-    front from the unpermuted weight. Ragged last groups use ``ceil(in / group_size)`` groups.
-    Runs on ``weight.device``; neither input is modified.
+    front from the unpermuted weight. Without ``desc_act``, ``act_group_aware`` quantizes the
+    groups in order of their largest Hessian diagonal and each group's columns in order of
+    decreasing diagonal: ``g_idx`` stays sorted (a ragged last group stays last). ``mse > 0``
+    searches each group's range (:func:`_fit_params`). Ragged last groups use
+    ``ceil(in / group_size)`` groups. Runs on ``weight.device``; neither input is modified.
     """
     group_size = _validate(weight, bits, group_size)
     if not 0 < damp_percent < 1:
         raise ValueError(f"damp_percent must be in (0, 1); got {damp_percent}")
+    if not 0 <= damp_auto_increment < 1:
+        raise ValueError(f"damp_auto_increment must be in [0, 1); got {damp_auto_increment}")
+    if mse < 0:
+        raise ValueError(f"mse must be 0 (min/max) or a positive norm exponent; got {mse}")
     out_features, in_features = weight.shape
     if H.shape != (in_features, in_features):
         raise ValueError(f"H has shape {tuple(H.shape)}; expected ({in_features}, {in_features})")
@@ -211,19 +266,25 @@ def gptq_quantize(
     n_groups = -(-in_features // group_size)
     natural_groups = torch.arange(in_features, device=device) // group_size
     if static_groups:
-        scales, zeros = _group_params(W, natural_groups, n_groups, bits, sym)
+        scales, zeros = _group_params(W, natural_groups, n_groups, bits, sym, mse)
     else:
         scales = W.new_empty(n_groups, out_features)
         zeros = W.new_empty(n_groups, out_features)
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act else None
+    if desc_act:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    elif act_group_aware:
+        perm = group_aware_order(H.diagonal(), group_size)
+    else:
+        perm = None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    # Group of each column in quantization order.
-    column_groups = natural_groups[perm] if static_groups and perm is not None else natural_groups
+    # Group of each column in quantization order: act-order without static groups forms the groups
+    # in that order; otherwise every column keeps its natural group.
+    column_groups = natural_groups if perm is None or (desc_act and not static_groups) else natural_groups[perm]
     column_group_list = column_groups.tolist()
 
-    Hinv, damp = _inverse_hessian_factor(H, damp_percent)
+    Hinv, damp = _inverse_hessian_factor(H, damp_percent, damp_auto_increment)
     del H
     # The column loop runs on W transposed, (in, out): each input column is a contiguous row,
     # which makes its rank-1 updates about 4x faster on CPU than on strided columns.
@@ -238,15 +299,14 @@ def gptq_quantize(
         Err1 = torch.empty_like(W1)
         for i in range(b1 - b0):
             col = b0 + i
+            g = column_group_list[col]
             if not static_groups and col % group_size == 0:
                 end = min(col + group_size, in_features)
                 members = W1[i : end - b0]
                 if end > b1:  # the group runs past this block: add the block's updates so far
                     tail = Wt[b1:end] - Hinv[b0:col, b1:end].t() @ Err1[:i]
                     members = torch.cat((members, tail), 0)
-                g = col // group_size
-                scales[g], zeros[g] = _minmax_params(members.amin(0), members.amax(0), bits, sym)
-            g = column_group_list[col]
+                scales[g], zeros[g] = _fit_params(members, bits, sym, mse)
             w = W1[i]
             q = torch.clamp(torch.round(w / scales[g]) + zeros[g], 0, maxq)
             Qt[col] = q
