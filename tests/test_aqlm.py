@@ -17,9 +17,9 @@ from quantkit.builtin_backends.aqlm.codebook_update import update_codebooks
 from quantkit.builtin_backends.aqlm.config import AQLMConfig
 from quantkit.builtin_backends.aqlm.kmeans import residual_kmeans
 from quantkit.builtin_backends.aqlm.qlinear import AQLMLinear, pack_codes, unpack_codes
-from quantkit.builtin_backends.gptq.backend import _one_cpu_thread as one_cpu_thread
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
 from quantkit.core.errors import ConfigValueError, ModelFormatError, QuantkitError
+from quantkit.layerwise import one_cpu_thread
 from quantkit.testing import conformance_tests
 from quantkit.testing.models import tiny_llama, token_ids
 

@@ -15,9 +15,10 @@ from quantkit.builtin_backends.awq.awq import (
     search_scales,
 )
 from quantkit.builtin_backends.awq.packing import dequantize_awq, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
-from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, group_aware_order, rtn_quantize
+from quantkit.builtin_backends.gptq.gptq import gptq_quantize, group_aware_order, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq
 from quantkit.core.errors import QuantizationError
+from quantkit.layerwise import HessianAccumulator
 
 
 @pytest.fixture(autouse=True)

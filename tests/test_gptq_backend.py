@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit import GPTQConfig, RTNConfig
-from quantkit.builtin_backends.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from quantkit.builtin_backends.gptq.gptq import gptq_quantize, rtn_quantize
 from quantkit.builtin_backends.gptq.packing import unpack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.core.errors import ConfigValueError, QuantizationError
+from quantkit.layerwise import HessianAccumulator
 from quantkit.testing import conformance_tests
 
 LINEARS = (

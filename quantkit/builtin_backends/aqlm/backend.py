@@ -20,10 +20,8 @@ from torch import nn
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.core.config import HF_EXACT_CONFIG_KEY
-from quantkit.layerwise import LayerContext, quantize_layerwise
+from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
 
-from ..gptq.backend import _one_cpu_thread
-from ..gptq.gptq import HessianAccumulator
 from .aq import aq_quantize
 from .config import PRESETS, AQLMConfig
 from .qlinear import AQLMLinear, code_dtype
@@ -53,7 +51,7 @@ def _quantize_layer(ctx: LayerContext) -> None:
         ctx.observe({members[0]: lambda x, c, h=accumulator: h.add_batch(x)})
         for name in members:
             linear, config = ctx.targets[name].linear, ctx.targets[name].config
-            with _one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
+            with one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
                 result = aq_quantize(linear.weight, accumulator.H, config)
             log.debug("%s.%s: AQLM output error %s", ctx.name, name, result.errors)
             ctx.replace(name, AQLMLinear.from_result(linear, config, result))

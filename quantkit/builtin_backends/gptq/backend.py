@@ -18,7 +18,6 @@ format's ``g_idx`` expresses; some third-party kernels refuse such checkpoints.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -26,10 +25,10 @@ from torch import nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
-from quantkit.layerwise import LayerContext, quantize_layerwise
+from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
 
 from .config import PRESETS, GPTQConfig
-from .gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from .gptq import GPTQResult, gptq_quantize
 from .packing import pack_gptq
 from .qlinear import GPTQLinear, gptq_groups
 
@@ -90,7 +89,7 @@ class _GPTQLayerQuantizer:
         cfg = ctx.targets[names[0]].config
         linears = [ctx.targets[name].linear for name in names]
         stacked = torch.cat([linear.weight for linear in linears])
-        with _one_cpu_thread(stacked.device):
+        with one_cpu_thread(stacked.device):
             result = gptq_quantize(
                 stacked,
                 H,
@@ -133,22 +132,6 @@ class _GPTQLayerQuantizer:
                 loss=None,
             )
         return split
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run GPTQ's column loop on one CPU thread: it is thousands of small sequential ops, and
-    intra-op threads add a synchronization to each that costs more than it saves (measured on
-    a shared 2-core machine: a 960 x 576 solve takes 1.8 s on one thread, 20 s on two)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """GPTQ for one linear layer (Frantar et al., 2022), after the auto-gptq / GPTQModel reference.
 
-Usage: feed the layer's calibration inputs to a :class:`HessianAccumulator`, then call
+Usage: feed the layer's calibration inputs to a :class:`quantkit.layerwise.HessianAccumulator`, then call
 :func:`gptq_quantize` with the layer weight and ``accumulator.H``; pack the result with
 :func:`quantkit.builtin_backends.gptq.packing.pack_gptq`. :func:`rtn_quantize` is the round-to-nearest baseline
 with the same quantizer and result type.
@@ -49,26 +49,6 @@ class GPTQResult:
     bits: int
     loss: float | None  # GPTQ's proxy loss, ~ mean over samples of ||(W - Q) x||^2; None for RTN
     damp_percent: float | None  # dampening that made the Hessian invertible; None for RTN
-
-
-class HessianAccumulator:
-    """Running ``H = 2/n * sum(x x^T)`` over the calibration inputs of one linear layer (float32)."""
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.nsamples = 0
-
-    @torch.no_grad()
-    def add_batch(self, x: Tensor) -> None:
-        """Fold in inputs ``(..., in_features)``; each row (token) counts as one sample."""
-        if x.shape[-1] != self.H.shape[0]:
-            raise ValueError(f"input has {x.shape[-1]} features; the accumulator expects {self.H.shape[0]}")
-        x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
-        if x.shape[0] == 0:
-            return
-        total = self.nsamples + x.shape[0]
-        self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
-        self.nsamples = total
 
 
 def _validate(weight: Tensor, bits: int, group_size: int) -> int:
