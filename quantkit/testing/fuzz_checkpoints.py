@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..api import load, quantize, save
+from ..core.empty_models import SIZE_FIELDS
 from ..core.errors import QuantkitError
 from .models import tiny_llama, token_ids
 
@@ -51,16 +52,7 @@ OUTCOMES = ("loaded", "refused", "escaped", "hung", "memory")
 """What an attempt ends in: loaded (and ran a forward), refused with a ``QuantkitError``, any
 other exception (an escape), past the time limit, or past the memory limit."""
 
-SIZE_KEYS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "vocab_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-)
+SIZE_KEYS = (*SIZE_FIELDS, "max_position_embeddings")
 HUGE = (0, -1, 1, 3, 7, 1048576, 2**31, 2**40, 10**30, 2**63)
 ODD_VALUES = (None, True, False, -1, 0, 1.5, float("nan"), "x", "", [], {}, [1], {"a": 1}, 2**70, "float32")
 ARCHITECTURES = (

@@ -27,25 +27,12 @@ from typing import Any
 import torch
 from gguf import GGUFValueType, LlamaFileType
 
+from quantkit.builtin_backends.gguf.header import SCALAR_FORMATS
 from quantkit.core.errors import QuantkitError
 
 OUTCOMES = ("loaded", "refused", "escaped", "hung", "memory")
 """A case's outcome: loaded a valid model, refused with a QuantkitError, another exception
 escaped, it ran past its time bound, or its peak memory grew past its bound."""
-
-_FORMATS = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
 
 
 # -- taking a file apart and putting it back together ------------------------------------
@@ -131,7 +118,7 @@ def encode(kind: GGUFValueType, value: Any, item: GGUFValueType | None = None) -
     if kind is GGUFValueType.ARRAY:
         body = b"".join(encode(item, v)[4:] for v in value)
         return head + struct.pack("<IQ", item, len(value)) + body
-    return head + struct.pack(_FORMATS[kind], value)
+    return head + struct.pack(SCALAR_FORMATS[kind], value)
 
 
 def _string(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -150,11 +137,11 @@ def _skip_value(data: bytes, pos: int, kind: int | None = None) -> int:
         item, n = struct.unpack_from("<IQ", data, pos)
         pos += 12
         if item != GGUFValueType.STRING:
-            return pos + n * struct.calcsize(_FORMATS[GGUFValueType(item)])
+            return pos + n * struct.calcsize(SCALAR_FORMATS[GGUFValueType(item)])
         for _ in range(n):
             pos = _string(data, pos)[1]
         return pos
-    return pos + struct.calcsize(_FORMATS[kind])
+    return pos + struct.calcsize(SCALAR_FORMATS[kind])
 
 
 # -- mutations ------------------------------------------------------------------------
@@ -221,7 +208,7 @@ def structured_mutations(data: bytes) -> Iterator[Mutation]:
                 yield Mutation(f"{key} as {label}", partial(_with_value, pieces, index, value), refuse)
         if key in COUNT_KEYS:
             for n in HOSTILE_COUNTS:
-                value = encode(kind, n) if n < 2 ** (8 * struct.calcsize(_FORMATS[kind])) else None
+                value = encode(kind, n) if n < 2 ** (8 * struct.calcsize(SCALAR_FORMATS[kind])) else None
                 if value is not None and value != original:
                     refuse = _count_must_refuse(key, n)
                     yield Mutation(f"{key}={n}", partial(_with_value, pieces, index, value), refuse)

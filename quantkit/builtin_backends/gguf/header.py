@@ -33,7 +33,7 @@ MAX_DIMS = 4
 MAX_TENSOR_NAME = 63
 """Bytes of a tensor name (ggml's ``GGML_MAX_NAME`` is 64 with the terminating zero)."""
 
-_SCALARS: dict[GGUFValueType, str] = {
+SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
     GGUFValueType.UINT16: "<H",
@@ -186,14 +186,14 @@ class _Parser:
         if kind is GGUFValueType.STRING:
             return KeyValue(kind, self.string(f"value of {key!r}"))
         if kind is not GGUFValueType.ARRAY:
-            return KeyValue(kind, self.scalar(_SCALARS[kind], f"value of {key!r}"))
+            return KeyValue(kind, self.scalar(SCALAR_FORMATS[kind], f"value of {key!r}"))
         item = self.value_type(f"element type of {key!r}")
         if item is GGUFValueType.ARRAY:
             raise self.fail(f"{key!r} is an array of arrays, which llama.cpp does not read either")
         if item is GGUFValueType.STRING:
             n = self.count(f"length of array {key!r}", _STRING_LENGTH)
             return KeyValue(kind, self.strings(key, n), item)
-        dtype = np.dtype(_SCALARS[item])
+        dtype = np.dtype(SCALAR_FORMATS[item])
         n = self.count(f"length of array {key!r}", dtype.itemsize)
         start = self.take(n * dtype.itemsize, f"values of {key!r}")
         return KeyValue(kind, np.frombuffer(self.buffer, dtype=dtype, count=n, offset=start).copy(), item)
