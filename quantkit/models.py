@@ -14,7 +14,7 @@ from torch import nn
 
 from .builtin_backends.gguf.metadata import check_gguf
 from .core.atomic import atomic_path
-from .core.errors import ModelFormatError
+from .core.errors import ConfigValueError, ModelFormatError
 
 log = logging.getLogger("quantkit")
 
@@ -26,7 +26,10 @@ MODEL_SOURCES = "a model is a hub id, a local folder or a .gguf file; leave it o
 
 def cache_dir() -> Path:
     """Where converted models are cached (``$QUANTKIT_CACHE``, else ``~/.cache/quantkit``)."""
-    return Path(os.environ.get("QUANTKIT_CACHE") or Path.home() / ".cache" / "quantkit")
+    folder = Path(os.environ.get("QUANTKIT_CACHE") or Path.home() / ".cache" / "quantkit")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigValueError("environment", "QUANTKIT_CACHE", str(folder), "a folder (or unset)")
+    return folder
 
 
 def default_model_gguf() -> Path:

@@ -142,3 +142,10 @@ def test_a_float_model_offering_only_pickled_weights_is_refused(tmp_path):
     with pytest.raises(quantkit.ModelFormatError, match="could not load"):
         load_model(str(folder))
     assert not marker.exists()
+
+
+def test_a_cache_variable_naming_a_file_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(quantkit.QuantkitError, match="QUANTKIT_CACHE"):
+        load_model()
