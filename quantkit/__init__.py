@@ -17,7 +17,7 @@ from .builtin_backends.gptq.config import GPTQConfig
 from .builtin_backends.hqq.config import HQQConfig
 from .builtin_backends.rtn.config import RTNConfig
 from .core.backend import Backend
-from .core.capabilities import ALL_HARDWARE, Availability, Capabilities
+from .core.capabilities import ALL_HARDWARE, Availability, Capabilities, ShapeLimitError
 from .core.commands import Command
 from .core.config import CalibratedConfig, QuantConfig, spec
 from .core.errors import (
@@ -68,6 +68,7 @@ __all__ = [
     "QuantkitError",
     "RTNConfig",
     "SaveError",
+    "ShapeLimitError",
     "UnknownFieldError",
     "UnknownMethodError",
     "UnknownNameError",

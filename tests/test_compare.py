@@ -40,7 +40,6 @@ from quantkit.compare import (
     read_result,
     resolve_methods,
     run_checks,
-    stored_bytes,
     terminal_table,
     to_csv,
     to_markdown,
@@ -50,6 +49,7 @@ from quantkit.compare import (
 from quantkit.compare.plots import plot
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.resolve import default_comparison
+from quantkit.core.safetensors_files import stored_bytes
 
 PROTOCOL = Protocol(
     model="tiny", eval_tokens=256, seqlen=64, stride=64, calibration_samples=4, calibration_seqlen=32, threads=1

@@ -18,7 +18,7 @@ from .recommend import GOALS, Recommendation, recommend
 from .report import terminal_table, to_csv, to_markdown, write_reports
 from .results import Column, Group, Result, column, complete, is_done, load_results, read_result, write_json_atomic
 from .runner import Comparison, Event, model_config
-from .worker import apply_method, quantized_linears, save_and_measure, stored_bytes
+from .worker import apply_method, quantized_linears, save_and_measure
 
 __all__ = [
     "BASELINE",
@@ -49,7 +49,6 @@ __all__ = [
     "run_checks",
     "run_header",
     "save_and_measure",
-    "stored_bytes",
     "terminal_table",
     "to_csv",
     "to_markdown",

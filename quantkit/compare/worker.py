@@ -29,6 +29,7 @@ from ..calibration import calibration_tokens, evaluation_tokens
 from ..core.backend import Backend
 from ..core.config import QuantConfig
 from ..core.linears import quantizable_linears
+from ..core.safetensors_files import stored_bytes
 from ..core.serialization import unique_state_dict
 from ..evaluate import EvalResult, decode_speed, evaluate
 from ..models import load_model
@@ -249,27 +250,6 @@ def save_and_measure(
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
-
-
-def stored_bytes(folder: Path, module_names: Iterable[str]) -> dict[str, int]:
-    """Bytes of a saved model folder: ``size_bytes`` (every file) and ``quantized_bytes``
-    (the safetensors tensors named ``<module>.*`` for the given modules)."""
-    prefixes = tuple(f"{name}." for name in module_names)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    quantized = 0
-    for path in folder.rglob("*.safetensors"):
-        for name, info in safetensors_header(path).items():
-            if name != "__metadata__" and name.startswith(prefixes):
-                begin, end = info["data_offsets"]
-                quantized += end - begin
-    return {"size_bytes": size, "quantized_bytes": quantized}
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, byte offsets)."""
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(length))
 
 
 def main(job_path: str) -> int:

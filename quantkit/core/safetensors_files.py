@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -116,6 +117,20 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         ranges.append((*offsets, key))
     _check_tiling(path, sorted(ranges), size - 8 - length)
     return entries
+
+
+def stored_bytes(folder: Path, module_names: Iterable[str]) -> dict[str, int]:
+    """Bytes of a saved model folder: ``size_bytes`` (every file) and ``quantized_bytes``
+    (the safetensors tensors named ``<module>.*`` for the given modules)."""
+    prefixes = tuple(f"{name}." for name in module_names)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    quantized = sum(
+        entry.nbytes
+        for path in folder.rglob("*.safetensors")
+        for name, entry in read_header(path).items()
+        if name.startswith(prefixes)
+    )
+    return {"size_bytes": size, "quantized_bytes": quantized}
 
 
 def load_tensors(stored: dict[str, StoredTensor]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,6 @@ from safetensors import safe_open
 from torch import nn
 
 from ..api import load, quantize, save
-from ..compare import stored_bytes
 from ..core.backend import Backend
 from ..core.capabilities import Availability
 from ..core.config import QuantConfig
@@ -47,6 +46,7 @@ from ..core.hardware import Hardware, hardware_of, resolve_device
 from ..core.linears import quantizable_linears
 from ..core.registry import get_registry
 from ..core.resolve import as_config
+from ..core.safetensors_files import stored_bytes
 from ..core.serialization import unique_state_dict
 from ..estimate import estimate
 from .models import tiny_llama, token_ids
