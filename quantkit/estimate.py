@@ -576,8 +576,11 @@ def estimate_quantization(
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
                 working = 6 * largest * 4
             extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), weights, working)
-        else:  # a plugin's: at least one forward pass over the calibration tokens
-            parts["forward"] = Work(flops=2.0 * weights * nsamples * seqlen)
+        else:  # another method: one forward pass over the calibration tokens, and the work it declares
+            tokens = nsamples * seqlen
+            parts["forward"] = Work(flops=2.0 * weights * tokens)
+            declared = sum(backend.calibration_flops(cfg, *lin.weight.shape, tokens) for _, lin, cfg in targets)
+            parts["calibration"] = Work(flops=declared)
     result = QuantizeEstimate(
         config.quant_method, parts, rates or REFERENCE_RATES, PROCESS_BYTES + model_bytes + extra, calibration
     )

@@ -224,3 +224,19 @@ def test_quantize_command_prints_the_prediction(tiny_llama, tmp_path, monkeypatc
     assert main(["quantize", "--method", "rtn", "--set", "group_size=32", "--out", str(tmp_path / "q")]) == 0
     assert any("rtn: predicted" in r.getMessage() for r in caplog.records)  # shown without --verbose
     assert logging.getLogger("quantkit").level == logging.NOTSET  # and the level is restored
+
+
+def test_other_calibrated_methods_are_priced_by_the_work_their_backend_declares():
+    from quantkit.builtin_backends.aqlm.aq import aq_flops
+
+    config = quantkit.AQLMConfig(nsamples=16)
+    prediction = estimate_quantization(SMOLLM2, config, rates=REFERENCE_RATES)
+    tokens = 16 * config.seqlen
+    per_shape = {  # SmolLM2's quantized linears per layer: q, o (576 x 576), k, v (192 x 576), gate, up, down
+        (576, 576): 2,
+        (192, 576): 2,
+        (1536, 576): 2,
+        (576, 1536): 1,
+    }
+    expected = 30 * sum(n * sum(aq_flops(config, o, i, tokens).values()) for (o, i), n in per_shape.items())
+    assert prediction.parts["calibration"].flops == pytest.approx(expected)

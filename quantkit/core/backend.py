@@ -126,6 +126,12 @@ class Backend(abc.ABC):
         effective ``config``: the config's width unless the format picks per-tensor types (GGUF mixes)."""
         return config.code_bits
 
+    def calibration_flops(self, config: QuantConfig, out_features: int, in_features: int, tokens: int) -> float:
+        """Matrix-multiply FLOPs the method spends on one ``out x in`` linear calibrated on ``tokens``
+        inputs, beyond the forward passes (statistics, searches, solves): the time estimator's source
+        for methods it has no formula of its own for. 0 for calibration-free methods."""
+        return 0.0
+
     def deterministic(self, config: QuantConfig) -> bool:
         """Whether a model quantized with ``config`` gives the same outputs on every run (the
         comparison evaluates one that does not several times and reports the spread)."""

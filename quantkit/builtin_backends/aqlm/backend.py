@@ -22,7 +22,7 @@ from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.core.config import HF_EXACT_CONFIG_KEY
 from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
 
-from .aq import aq_quantize
+from .aq import aq_flops, aq_quantize
 from .config import PRESETS, AQLMConfig
 from .qlinear import AQLMLinear, code_dtype
 
@@ -73,6 +73,9 @@ class AQLMBackend(Backend):
 
     def storage_bits(self, config: AQLMConfig, name: str, out_features: int, in_features: int) -> int:
         return aqlm_storage_bits(config, out_features, in_features)
+
+    def calibration_flops(self, config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> float:
+        return sum(aq_flops(config, out_features, in_features, tokens).values())
 
     def quantize(self, model: nn.Module, config: AQLMConfig, *, calibration, device) -> nn.Module:
         targets = self.targets(model, config)
