@@ -33,11 +33,25 @@ def _available_backends() -> list[quantkit.Backend]:
     return [b for b in quantkit.api.get_registry().builtin_backends().values() if b.is_available()]
 
 
+CHEAP = {
+    "aqlm": {
+        "num_codebooks": 1,
+        "nbits_per_codebook": 4,
+        "beam_size": 1,
+        "rounds": 1,
+        "codebook_steps": 2,
+        "kmeans_iters": 2,
+    }
+}
+"""Overrides of defaults whose full search costs minutes even on the tiny model (trainability does
+not depend on how well the codes were searched)."""
+
+
 def _configs() -> list:
     """One config per available backend (bitsandbytes: 4-bit and 8-bit), sized for the tiny model."""
     cases = []
     for backend in _available_backends():
-        configs = [backend.config_class()]
+        configs = [backend.config_class(**CHEAP.get(backend.name, {}))]
         if backend.name == "bitsandbytes":
             configs.append(quantkit.BnbConfig(load_in_4bit=False, load_in_8bit=True))
         for config in configs:
