@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import threading
 import time
 
 import psutil
 import torch
+from calibration_speed import PeakRSS  # this folder's scripts import each other when run
 
 import quantkit
 from quantkit.builtin_backends.aqlm.aq import aq_flops
@@ -32,28 +32,6 @@ from quantkit.compare.protocol import Protocol
 from quantkit.core.resolve import as_config
 from quantkit.evaluate import evaluate
 from quantkit.models import load_model
-
-
-class PeakRSS:
-    """Largest resident set size of this process while the block runs."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, process.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def parse_value(text: str):
