@@ -15,7 +15,14 @@ from quantkit.builtin_backends.awq.awq import (
     search_scales,
 )
 from quantkit.builtin_backends.awq.packing import dequantize_awq, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
-from quantkit.builtin_backends.gptq.gptq import gptq_quantize, group_aware_order, rtn_quantize
+from quantkit.builtin_backends.gptq.gptq import (
+    MSE_GRID,
+    MSE_MAX_SHRINK,
+    _range_errors,
+    gptq_quantize,
+    group_aware_order,
+    rtn_quantize,
+)
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq
 from quantkit.core.errors import QuantizationError
 from quantkit.layerwise import HessianAccumulator
@@ -222,6 +229,19 @@ def test_mse_grid_error_is_at_most_the_min_max_error(sym: bool) -> None:
     assert (per_row[1] <= per_row[0] + 1e-6).all()
     assert per_row[1].sum() < 0.97 * per_row[0].sum()
     assert (searched.scales <= minmax.scales).all()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_coarse_to_fine_range_search_is_close_to_the_exhaustive_grid(sym: bool) -> None:
+    weight = torch.distributions.StudentT(3.0).sample((256, 64))
+    searched = rtn_quantize(weight, bits=4, group_size=64, sym=sym, mse=2.4)
+    searched_error = (weight - searched.dequantized).abs().pow(2.4).sum(1)
+    members = weight.t().contiguous()
+    grid = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID)).view(-1, 1) / MSE_GRID
+    exhaustive_error = _range_errors(members, members.amin(0), members.amax(0), grid, 4, sym, 2.4).amin(0)
+    assert (searched_error >= exhaustive_error * (1 - 1e-3)).all()  # nothing beats the whole grid
+    assert searched_error.sum() <= 1.01 * exhaustive_error.sum()
+    assert (searched_error <= exhaustive_error * (1 + 1e-3)).float().mean() > 0.9
 
 
 def test_gptq_with_mse_grid_beats_min_max_on_heavy_tailed_weights() -> None:

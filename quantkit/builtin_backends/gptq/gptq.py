@@ -32,9 +32,11 @@ _FP16_MIN_SUBNORMAL = 2.0**-24
 _FP16_MAX = 65504.0
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
+MSE_COARSE_STEP = 4
 """The searched range tries the shrinks ``1 - i / MSE_GRID`` of the min/max range, ``i < MSE_MAX_SHRINK *
-MSE_GRID`` (the grid of GPTQ's and GPTQModel's quantizer)."""
-_MSE_CHUNK_ELEMENTS = 2**23
+MSE_GRID`` (the grid of GPTQ's and GPTQModel's quantizer), coarse to fine: every ``MSE_COARSE_STEP``-th
+shrink, then each row's ``2 * (MSE_COARSE_STEP - 1)`` neighbours of its best one."""
+_MSE_CHUNK_ELEMENTS = 2**18  # a (shrinks, k, out) slab that stays in the L2 cache
 
 
 @dataclass
@@ -86,24 +88,35 @@ def _minmax_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Te
     return scale, zero.masked_fill(lifted, 1.0)
 
 
+def _range_errors(
+    members: Tensor, xmin: Tensor, xmax: Tensor, shrinks: Tensor, bits: int, sym: bool, mse: float
+) -> Tensor:
+    """``sum |w - q|**mse`` ``(n, out)`` of ``members (k, out)`` quantized on each of the ``n`` shrunk
+    ranges ``shrinks * [xmin, xmax]`` (``shrinks``: ``(n, 1)`` for every row, or ``(n, out)``)."""
+    maxq = 2**bits - 1
+    errors = []
+    for p in shrinks.split(max(1, _MSE_CHUNK_ELEMENTS // members.numel())):
+        scale, zero = _minmax_params(p * xmin, p * xmax, bits, sym)
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+        error = torch.div(members, scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(members)
+        errors.append(error.abs_().pow_(mse).sum(1))
+    return torch.cat(errors)
+
+
 def _fit_params(members: Tensor, bits: int, sym: bool, mse: float) -> tuple[Tensor, Tensor]:
     """Scale and zero point ``(out,)`` of one group ``members (k, out)``: min/max, or with ``mse > 0``
-    the shrink ``p`` of the min/max range whose quantization error ``sum |w - q|**mse`` is least
-    (ties: the widest range)."""
+    the shrink ``p`` of the min/max range whose quantization error ``sum |w - q|**mse`` is least on
+    the coarse-to-fine grid of ``MSE_COARSE_STEP`` (ties: the widest range)."""
     xmin, xmax = members.amin(0), members.amax(0)
     if mse == 0:
         return _minmax_params(xmin, xmax, bits, sym)
-    maxq = 2**bits - 1
-    shrinks = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=members.device) / MSE_GRID
-    errors = []
-    for chunk in shrinks.split(max(1, _MSE_CHUNK_ELEMENTS // members.numel())):
-        p = chunk.view(-1, 1)
-        scale, zero = _minmax_params(p * xmin, p * xmax, bits, sym)  # (shrinks, out)
-        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
-        q = torch.clamp(torch.round(members / scale) + zero, 0, maxq)
-        errors.append((scale * (q - zero) - members).abs_().pow_(mse).sum(1))
-    best = shrinks[torch.cat(errors).argmin(0)]
-    return _minmax_params(best * xmin, best * xmax, bits, sym)
+    n = int(MSE_MAX_SHRINK * MSE_GRID)
+    coarse = torch.arange(0, n, MSE_COARSE_STEP, device=members.device)
+    best = coarse[_range_errors(members, xmin, xmax, 1 - coarse.view(-1, 1) / MSE_GRID, bits, sym, mse).argmin(0)]
+    offsets = torch.arange(1 - MSE_COARSE_STEP, MSE_COARSE_STEP, device=members.device).view(-1, 1)
+    fine = 1 - (best + offsets).clamp_(0, n - 1) / MSE_GRID  # (2 * step - 1, out), widest range first
+    shrink = fine.gather(0, _range_errors(members, xmin, xmax, fine, bits, sym, mse).argmin(0, keepdim=True))[0]
+    return _minmax_params(shrink * xmin, shrink * xmax, bits, sym)
 
 
 def _group_params(
