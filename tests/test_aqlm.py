@@ -15,7 +15,7 @@ from quantkit.builtin_backends.aqlm.aq import AQResult, aq_quantize
 from quantkit.builtin_backends.aqlm.beam_search import beam_search, dequantize, output_error
 from quantkit.builtin_backends.aqlm.codebook_update import update_codebooks
 from quantkit.builtin_backends.aqlm.config import AQLMConfig
-from quantkit.builtin_backends.aqlm.kmeans import residual_kmeans
+from quantkit.builtin_backends.aqlm.kmeans import first_argmax, nearest, residual_kmeans
 from quantkit.builtin_backends.aqlm.qlinear import AQLMLinear, pack_codes, unpack_codes
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
 from quantkit.core.errors import ConfigValueError, ModelFormatError, QuantkitError
@@ -41,6 +41,14 @@ def structured_problem(out_features: int = 512, in_features: int = 256, seed: in
     X += 0.3 * torch.randn(4096, in_features, generator=g)
     X[:, :4] *= 10
     return W, X.T @ X
+
+
+def test_nearest_centroid_is_the_first_argmin_of_the_distances():
+    g = torch.Generator().manual_seed(0)
+    points, centroids = torch.randn(3000, 8, generator=g), torch.randn(256, 8, generator=g)
+    assert torch.equal(nearest(points, centroids), torch.cdist(points, centroids).argmin(1))
+    scores = torch.randint(0, 4, (500, 16), generator=g).float()  # many ties: the first maximum wins
+    assert torch.equal(first_argmax(scores), scores.argmax(1))
 
 
 def test_each_phase_lowers_the_output_error_and_beats_rtn_at_equal_bits():
