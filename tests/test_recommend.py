@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from quantkit import AWQConfig, Backend, BnbConfig, Capabilities, GGUFConfig, GPTQConfig, Hardware, HQQConfig, RTNConfig
+from quantkit import (
+    AQLMConfig,
+    AWQConfig,
+    Backend,
+    BnbConfig,
+    Capabilities,
+    GGUFConfig,
+    GPTQConfig,
+    Hardware,
+    HQQConfig,
+    RTNConfig,
+)
 from quantkit.compare import Result, load_results, recommend
 from quantkit.core.capabilities import Availability
 from quantkit.core.errors import ConfigValueError, ModelFormatError
@@ -16,7 +27,15 @@ EVERYWHERE = frozenset(Hardware)
 
 
 def fake_backend(
-    name, config_class, bits_per_weight, *, hardware=EVERYWHERE, trainable=False, calibration=False, available=True
+    name,
+    config_class,
+    bits_per_weight,
+    *,
+    hardware=EVERYWHERE,
+    trainable=False,
+    calibration=False,
+    available=True,
+    quality_floor_bits=3.0,
 ):
     """A backend that only declares: what the recommender reads."""
 
@@ -27,6 +46,7 @@ def fake_backend(
             requires_calibration=calibration,
             serializable=True,
             trainable=trainable,
+            quality_floor_bits=quality_floor_bits,
         )
 
         def is_available(self):
@@ -114,6 +134,18 @@ def test_smallest_keeps_a_floor_of_bits_without_measurements():
     rec = recommend("cpu", "smallest", backends=every_backend())
     assert rec.method == "gguf-q3_k_m"
     assert recommend("cpu", "smallest", backends=every_backend(), min_bits=2).method == "gguf-q2_k"
+
+
+def test_smallest_goes_down_to_a_backends_declared_quality_floor():
+    aqlm = fake_backend("aqlm", AQLMConfig, lambda c: c.num_codebooks * c.nbits_per_codebook / 8, calibration=True)
+    assert recommend("cpu", "smallest", backends=every_backend(aqlm=aqlm)).method == "gguf-q3_k_m"
+    aqlm = fake_backend(
+        "aqlm", AQLMConfig, lambda c: c.num_codebooks * c.nbits_per_codebook / 8, calibration=True, quality_floor_bits=2
+    )
+    rec = recommend("cpu", "smallest", backends=every_backend(aqlm=aqlm))
+    assert rec.method.startswith("aqlm-") and rec.config["quant_method"] == "aqlm"
+    assert any("lower: aqlm 2" in reason for reason in rec.reasons)
+    assert recommend("cpu", "smallest", backends=every_backend(aqlm=aqlm), min_bits=3).method == "gguf-q3_k_m"
 
 
 def result(method, config, ppl, bits, decode, *, kl=None, device="cpu", nominal=4.0, dtype="float32"):

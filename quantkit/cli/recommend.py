@@ -29,8 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-bits",
         type=float,
-        default=3.0,
-        help="lowest nominal bits 'smallest' considers without measurements (default 3)",
+        help="lowest nominal bits 'smallest' considers without measurements "
+        "(default: each backend's declared quality floor, 3 for scalar codes, 2 for AQLM)",
     )
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 

@@ -66,14 +66,15 @@ def recommend(
     results: Sequence[Result] | None = None,
     backends: Sequence[Backend] | None = None,
     max_ppl_increase: float = 10.0,
-    min_bits: float = 3.0,
+    min_bits: float | None = None,
 ) -> Recommendation:
     """Pick a method for ``goal`` on ``hardware``.
 
     ``results`` (of ``quantkit compare``, see :func:`load_results`) turn estimates into measurements;
     ``max_ppl_increase`` (percent over the float baseline) bounds the quality
     ``smallest`` and ``fastest`` may give up, ``min_bits`` the nominal width
-    ``smallest`` goes down to without measurements.
+    ``smallest`` goes down to without measurements (default: each backend's declared
+    ``quality_floor_bits``).
     """
     hardware = Hardware(hardware)
     if goal not in GOALS:
@@ -211,17 +212,37 @@ def _for_fine_tuning(cands: list[Candidate], rec: Recommendation, *, measured: b
 
 
 def _smallest(
-    cands: list[Candidate], rec: Recommendation, *, measured: bool, max_ppl_increase: float, min_bits: float, **_
+    cands: list[Candidate],
+    rec: Recommendation,
+    *,
+    measured: bool,
+    max_ppl_increase: float,
+    min_bits: float | None,
+    **_,
 ) -> list[Candidate]:
     if measured:
         kept = _within_quality(cands, rec, max_ppl_increase)
         rec.reasons.append("smallest: fewest measured bits per parameter wins")
         return sorted(kept, key=lambda c: c.bits_per_param)
-    kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= min_bits]
-    rec.reasons.append(
-        f"smallest, not measured: below {min_bits:g} bits quality collapses on most models "
-        f"(pass --results to let measurements decide); fewest stored bits per parameter wins"
-    )
+
+    def floor(c: Candidate) -> float:
+        return c.backend.capabilities.quality_floor_bits if min_bits is None else min_bits
+
+    kept = [c for c in cands if c.nominal_bits is not None and c.nominal_bits >= floor(c)]
+    if min_bits is None:
+        floors = sorted({(c.backend.capabilities.quality_floor_bits, c.backend.name) for c in cands})
+        below = [f"{name} {bits:g}" for bits, name in floors if bits < 3]
+        rec.reasons.append(
+            "smallest, not measured: each method down to the fewest bits at which it keeps usable quality, "
+            "as its backend declares (scalar codes collapse below 3 bits on most models"
+            + (f"; lower: {', '.join(below)}" if below else "")
+            + "; pass --results to let measurements decide); fewest stored bits per parameter wins"
+        )
+    else:
+        rec.reasons.append(
+            f"smallest, not measured: no method below {min_bits:g} bits (--min-bits); "
+            "fewest stored bits per parameter wins"
+        )
     return sorted(kept, key=lambda c: c.bits_per_param or 99)
 
 

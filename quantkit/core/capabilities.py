@@ -171,6 +171,10 @@ class Capabilities:
     shape_limits: tuple[ShapeLimit, ...] = ()
     """What the format needs of every linear it stores, checked on all of them before any is
     quantized (:func:`check_shape_limits`)."""
+    quality_floor_bits: float = 3.0
+    """The fewest nominal bits per weight at which the method keeps usable quality on typical
+    LLMs (scalar codes collapse below ~3; additive codebooks hold at 2); ``quantkit recommend``'s
+    ``smallest`` goes no lower without measurements."""
 
     def missing_requirements(self) -> list[str]:
         return [name for name in self.requires if importlib.util.find_spec(name) is None]
@@ -188,6 +192,7 @@ class Capabilities:
             "merges_adapters": self.merges_adapters,
             "peft_native": self.peft_native,
             "shape_limits": [str(limit) for limit in self.shape_limits],
+            "quality_floor_bits": self.quality_floor_bits,
         }
 
 
