@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-from quantkit.builtin_backends.eetq.qlinear import GEMV_ROWS, EetqLinear
+from quantkit.builtin_backends.eetq.kernels import GEMV_ROWS
+from quantkit.builtin_backends.eetq.qlinear import EetqLinear
 
 KINDS = ("float32", "eetq")
 

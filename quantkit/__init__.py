@@ -20,6 +20,7 @@ from .core.backend import Backend
 from .core.capabilities import ALL_HARDWARE, Availability, Capabilities, ShapeLimitError
 from .core.commands import Command
 from .core.config import CalibratedConfig, QuantConfig, spec
+from .core.dispatch import KernelLinear, chosen_kernels, set_kernel
 from .core.errors import (
     BackendUnavailableError,
     ConfigTypeError,
@@ -36,6 +37,7 @@ from .core.errors import (
 )
 from .core.hardware import Hardware
 from .core.hookspecs import hookimpl
+from .core.kernels import Kernel, KernelUnavailableError
 from .core.presets import Preset
 from .core.resolve import as_config, config_from_dict, config_from_hf_dict, config_from_json_file
 from .core.text import Dataset
@@ -60,6 +62,9 @@ __all__ = [
     "GPTQConfig",
     "HQQConfig",
     "Hardware",
+    "Kernel",
+    "KernelLinear",
+    "KernelUnavailableError",
     "ModelFormatError",
     "NotTrainableError",
     "Preset",
@@ -75,6 +80,7 @@ __all__ = [
     "UnsupportedHardwareError",
     "as_config",
     "backends",
+    "chosen_kernels",
     "config_from_dict",
     "config_from_hf_dict",
     "config_from_json_file",
@@ -84,5 +90,6 @@ __all__ = [
     "load",
     "quantize",
     "save",
+    "set_kernel",
     "spec",
 ]

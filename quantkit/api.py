@@ -17,6 +17,7 @@ from .calibration import calibration_tokens
 from .core.atomic import atomic_path, recover
 from .core.backend import Backend
 from .core.config import QuantConfig
+from .core.dispatch import set_kernel
 from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.registry import get_registry
@@ -109,8 +110,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) ->
     return path
 
 
-def load(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
-    """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder)."""
+def load(path: str | os.PathLike, device: torch.device | str | None = None, *, kernel: str | None = None) -> nn.Module:
+    """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder).
+
+    Each quantized linear runs the fastest registered kernel that can serve it on its device
+    (``quantkit backends --kernels`` lists them); ``kernel`` forces one by name on all of them,
+    refused with :class:`~quantkit.core.kernels.KernelUnavailableError` (the reason, and the
+    kernels that can) where it cannot serve a layer.
+    """
     path = Path(path)
     recover(path)
     device = resolve_device(device)
@@ -129,6 +136,8 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> n
         backend = registry.backend_for(config, hardware_of(device), purpose="inference")
         with format_errors(path):
             model = backend.load_pretrained(path, config, device)
+    if kernel is not None:
+        set_kernel(model, kernel)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, BACKEND_ATTR, backend.name)
     return model

@@ -139,8 +139,9 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
     """LoRA around a quantized linear that PEFT has no layer for (quantkit's GPTQ, AWQ,
     RTN and GGUF modules): ``base(x) + B(A(dropout(x))) * scaling``.
 
-    The base layer's forward must be differentiable in its input (these dequantize and
-    call ``F.linear``). It is recomputed in the backward pass instead of keeping its
+    The base layer's forward must be differentiable in its input (GGUF's dequantizes and calls
+    ``F.linear``; the others' kernels send the input's gradient through the dequantized weight).
+    It is recomputed in the backward pass instead of keeping its
     dequantized float weight alive for it, so that training holds one layer's float
     weight at a time, as bitsandbytes does. Merging is not supported: the base formats
     cannot be re-quantized without their calibration data.

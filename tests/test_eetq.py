@@ -15,11 +15,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import quantkit
-from quantkit.builtin_backends.eetq.backend import EETQ_CAPABILITIES
 from quantkit.builtin_backends.eetq.config import EETQConfig
+from quantkit.builtin_backends.eetq.kernels import EETQ_CAPABILITIES, GEMV_ROWS
 from quantkit.builtin_backends.eetq.layout import ROW_PERMUTATION, dequantize, pack, quantize, unpack
-from quantkit.builtin_backends.eetq.qlinear import GEMV_ROWS, EetqLinear
+from quantkit.builtin_backends.eetq.qlinear import EetqLinear
 from quantkit.core.capabilities import ShapeLimitError
+from quantkit.core.dispatch import set_kernel
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.resolve import config_from_hf_dict
 from quantkit.testing import conformance_tests, tiny_llama
@@ -271,5 +272,5 @@ def test_eetq_package_agrees():  # pragma: no cover - no such machine in CI
     x = torch.randn(4, 192)
     expected = module(x)
     module.cuda()
-    module.use_eetq_kernel()
+    set_kernel(module, "eetq")
     assert torch.allclose(module(x.cuda()).cpu(), expected, rtol=1e-2, atol=1e-2)

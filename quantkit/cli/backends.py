@@ -1,4 +1,4 @@
-"""``quantkit backends``: every backend and what it declares."""
+"""``quantkit backends``: every backend and what it declares; with ``--kernels``, every kernel."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
     parser.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="list every kernel instead: what it serves and declares, and whether it can run here",
+    )
 
 
 def backend_rows(*, builtin_only: bool = False) -> list[dict]:
@@ -63,6 +68,55 @@ def backend_rows(*, builtin_only: bool = False) -> list[dict]:
             }
         )
     return rows
+
+
+def kernel_rows() -> list[dict]:
+    """Every registered kernel, highest priority first, with whether this machine can run it."""
+    kernels = sorted(get_registry().kernels, key=lambda k: (-k.priority, k.name))
+    return [k.to_dict() for k in kernels]
+
+
+def print_kernels(rows: list[dict], console: Console) -> None:
+    """The kernels as a table that fits ``console``'s width, why one cannot run here in numbered notes."""
+    notes, cells = [], []
+    for r in rows:
+        ready = "yes"
+        if not r["available"]:
+            notes.append(f"({len(notes) + 1}) {r['name']}: {r['reason']}")
+            ready = f"no ({len(notes)})"
+        needs = [
+            *([f"groups {', '.join(map(str, r['group_sizes']))}"] if r["group_sizes"] else []),
+            *r["shape_limits"],
+            *([f"package {', '.join(r['requires'])}"] if r["requires"] else []),
+        ]
+        cells.append(
+            [
+                r["name"],
+                ", ".join(r["layers"]) or "every layer",
+                ready,
+                str(r["priority"]),
+                _hardware(r["devices"]),
+                ", ".join(r["dtypes"]) + (f" (as {r['compute_dtype']})" if r["compute_dtype"] else ""),
+                ", ".join(map(str, r["bits"])) or "any",
+                "; ".join(needs) or "-",
+            ]
+        )
+    headers = ("kernel", "serves", "ready", "prio.", "device", "dtypes", "bits", "needs")
+    widths = _fitted_widths(headers, cells, wrapping=(1, 5, 7), width=console.width)
+    table = Table(title="quantkit kernels", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
+    for header, width in zip(headers, widths):
+        table.add_column(header, width=width, overflow="fold")
+    for row in cells:
+        table.add_row(*(Text(cell) for cell in row))
+    console.print(table)
+    console.print(
+        "prio.: higher is chosen first (each layer runs the fastest kernel that can serve it); dtypes: the "
+        "activation dtypes taken (computed as); needs: what a layer must meet",
+        markup=False,
+        highlight=False,
+    )
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -144,6 +198,13 @@ def _hardware(values: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     registry = get_registry()
+    if args.kernels:
+        rows = kernel_rows()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_kernels(rows, Console())
+        return 1 if registry.host.failures else 0
     rows = backend_rows()
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -61,6 +61,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"greedy tokens timed for decode speed (default {Protocol.decode_tokens})",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best present)")
+    parser.add_argument(
+        "--kernel",
+        help="force this kernel on every quantized linear (default: the fastest valid one for each; "
+        "see quantkit backends --kernels)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads for every method (default: torch's default)")
     parser.add_argument(
         "--out",
@@ -85,6 +90,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
         device=str(resolve_device(args.device)),
         threads=args.threads or torch.get_num_threads(),
         decode_tokens=args.decode_tokens,
+        kernel=args.kernel,
     )
 
 

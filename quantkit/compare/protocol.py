@@ -33,6 +33,8 @@ class Protocol:
     device: str = "cpu"
     threads: int = 2
     decode_tokens: int = 8
+    kernel: str | None = None
+    """The kernel forced on every quantized linear (``None``: each runs the fastest valid one)."""
     prompt_tokens: int = 128
     repeats: int = 3
     """Evaluations of a method whose backend is not deterministic (its result keeps their spread).
@@ -62,6 +64,8 @@ class Protocol:
         """The fields every method is measured on (``repeats`` is in the keys of the methods it concerns)."""
         data = dataclasses.asdict(self)
         del data["repeats"]
+        if data["kernel"] is None:  # the keys of protocols from before kernels existed stay the same
+            del data["kernel"]
         return data
 
     def key(self) -> str:
@@ -76,5 +80,5 @@ class Protocol:
             f"evaluation: first {self.eval_tokens} tokens, windows of {self.seqlen} every {self.stride}; "
             f"calibration: {self.calibration_samples} x {self.calibration_seqlen} tokens (seed {self.seed}); "
             f"device {self.device}, {self.threads} threads; decode: {self.decode_tokens} greedy tokens "
-            f"after a {self.prompt_tokens}-token prompt"
+            f"after a {self.prompt_tokens}-token prompt" + (f"; kernel {self.kernel}" if self.kernel else "")
         )

@@ -28,6 +28,7 @@ from ..api import quantize, save
 from ..calibration import calibration_tokens, evaluation_tokens
 from ..core.backend import Backend
 from ..core.config import QuantConfig
+from ..core.dispatch import set_kernel
 from ..core.linears import quantizable_linears
 from ..core.safetensors_files import stored_bytes
 from ..core.serialization import unique_state_dict
@@ -199,7 +200,8 @@ def apply_method(model: nn.Module, tokenizer, method: Method, protocol: Protocol
             seqlen=getattr(method.config, "seqlen", protocol.calibration_seqlen),
             seed=protocol.seed,
         )
-    return quantize(model, method.config, calibration=calibration, device=device), backend
+    model = quantize(model, method.config, calibration=calibration, device=device)
+    return (model if protocol.kernel is None else set_kernel(model, protocol.kernel)), backend
 
 
 def _cpu_seconds() -> float:

@@ -40,5 +40,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def present_hardware() -> frozenset[Hardware]:
+    """The hardware families this machine has: the CPU, and the GPU torch sees."""
+    present = {Hardware.CPU}
+    if torch.cuda.is_available():
+        present.add(hardware_of("cuda"))
+    if torch.backends.mps.is_available():
+        present.add(Hardware.MPS)
+    return frozenset(present)
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
     return default_device() if device is None else torch.device(device)

@@ -21,6 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from .backend import Backend
     from .commands import Command
+    from .kernels import Kernel
     from .text import Dataset
 
 hookspec = pluggy.HookspecMarker("quantkit")
@@ -54,4 +55,16 @@ def quantkit_register_commands(register: Callable[[Command], None]) -> None:
     Call ``register(command)`` with a :class:`quantkit.Command`; ``quantkit NAME`` then
     runs it. quantkit's own subcommands are registered through this hook too, first: a
     name they took is refused.
+    """
+
+
+@hookspec
+def quantkit_register_kernels(register: Callable[[Kernel], None]) -> None:
+    """Register matmul kernels of quantized layers.
+
+    Call ``register(kernel)`` with a :class:`quantkit.Kernel` once per kernel. A name may serve
+    several layer classes through several kernels, one per class, but not one class twice. A
+    layer deriving from :class:`quantkit.KernelLinear` runs the highest-priority
+    registered kernel that can serve it (``"dequantize"``, quantkit's reference, when none
+    can). Import optional packages inside ``matmul``, and declare them in ``requires``.
     """

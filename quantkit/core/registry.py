@@ -1,4 +1,4 @@
-"""What the plugins registered (backends with their configs and presets, datasets, commands),
+"""What the plugins registered (backends with their configs and presets, kernels, datasets, commands),
 the lookup of every name a user writes, and dispatch of a config to the backend that runs it."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedHardwareError,
 )
 from .hardware import Hardware
+from .kernels import DEQUANTIZE, Kernel
 from .plugin_host import PluginFailure, PluginHost
 from .presets import Preset
 from .text import Dataset
@@ -53,16 +54,20 @@ class Registry:
         self.datasets: dict[str, Dataset] = {}
         self.presets: dict[str, RegisteredPreset] = {}
         self.commands: dict[str, Command] = {}
+        self.kernels: list[Kernel] = [DEQUANTIZE]
+        """Every kernel, quantkit's reference first, in registration order."""
         self._configs: dict[str, type[QuantConfig]] = {}
         self._aliases: dict[str, str] = {}
         self._owners: dict[tuple[str, str], str | None] = {}
-        """(``"backend"``, ``"dataset"`` or ``"command"``, name) -> the plugin that registered it."""
+        """(``"backend"``, ``"kernel"``, ``"dataset"`` or ``"command"``, name) -> the plugin that
+        registered it; a kernel's name is its :attr:`~Kernel.label`."""
         self._claims: dict[str | None, list[str]] = {}
         """Plugin -> every name it asked for (the refused ones too)."""
         self._lost: dict[str, PluginFailure] = {}
         """A name a failed plugin asked for -> its failure, for the error that name gets."""
         for hook, register in (
             ("quantkit_register_backends", self.register_backend),
+            ("quantkit_register_kernels", self.register_kernel),
             ("quantkit_register_datasets", self.register_dataset),
             ("quantkit_register_commands", self.register_command),
         ):
@@ -117,6 +122,25 @@ class Registry:
         self._aliases.update(dict.fromkeys(backend.aliases, method))
         self.presets.update({p.name: RegisteredPreset(p, method, backend.name) for p in backend.presets})
 
+    def register_kernel(self, kernel: Kernel, *, plugin: str | None = None) -> None:
+        """Add a kernel (what the ``register`` callback of the hook does); refuse a name already
+        registered for one of its layer classes, or one serving no layer class."""
+        if not isinstance(kernel, Kernel):
+            raise QuantkitError(f"register() takes a quantkit.Kernel, got {type(kernel).__name__}")
+        self._claims.setdefault(plugin, []).append(kernel.name)
+        if not kernel.layers:
+            raise QuantkitError(f"kernel {kernel.name!r} must declare the layer classes it serves")
+        for other in self.kernels:
+            shared = [c.__name__ for c in kernel.layers if not other.layers or c in other.layers]
+            if other.name == kernel.name and shared:
+                raise QuantkitError(
+                    f"kernel {kernel.name!r} for {', '.join(shared)} is registered twice "
+                    f"(first by {'quantkit itself' if other is DEQUANTIZE else self._by('kernel', other.label)}): "
+                    "a plugin must choose another name"
+                )
+        self.kernels.append(kernel)
+        self._owners[("kernel", kernel.label)] = plugin
+
     def register_dataset(self, dataset: Dataset, *, plugin: str | None = None) -> None:
         """Add a dataset (what the ``register`` callback of the hook does)."""
         if not isinstance(dataset, Dataset):
@@ -165,6 +189,8 @@ class Registry:
             del self._owners[(kind, name)]
             if kind == "dataset":
                 del self.datasets[name]
+            elif kind == "kernel":
+                self.kernels = [k for k in self.kernels if k.label != name]
             elif kind == "command":
                 del self.commands[name]
             else:
@@ -279,6 +305,18 @@ class Registry:
 
     def backends_for_method(self, method: str) -> list[Backend]:
         return [b for b in self.backends.values() if b.config_class.quant_method == method]
+
+    def kernels_for(self, module: Any) -> list[Kernel]:
+        """The kernels serving ``module``'s class, highest priority first."""
+        return sorted((k for k in self.kernels if k.serves(module)), key=lambda k: -k.priority)
+
+    def kernel_name(self, name: Any) -> str:
+        """The registered kernel name ``name`` stands for (case ignored); :class:`UnknownNameError` if none."""
+        found = _find(name, dict.fromkeys(k.name for k in self.kernels))
+        if found is None:
+            known = {k.name for k in self.kernels}
+            raise UnknownNameError("kernel", name, known, listing="registered kernels", note=self._failure_note(name))
+        return found
 
     def backend_for(self, config: QuantConfig, hardware: Hardware, *, purpose: str = "quantize") -> Backend:
         """The first available backend for ``config`` that declares ``hardware``.

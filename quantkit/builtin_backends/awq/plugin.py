@@ -1,10 +1,17 @@
-"""quantkit's built-in plugin: AWQ in plain torch, AutoAWQ GEMM checkpoint format."""
+"""quantkit's built-in plugin: AWQ in plain torch, AutoAWQ GEMM checkpoint format, and its kernels."""
 
 from quantkit.core.hookspecs import hookimpl
+from quantkit.core.torch_kernels import int4_cpu_kernel
 
 from .backend import AWQBackend
+from .qlinear import AWQLinear
 
 
 @hookimpl
 def quantkit_register_backends(register) -> None:
     register(AWQBackend())
+
+
+@hookimpl
+def quantkit_register_kernels(register) -> None:
+    register(int4_cpu_kernel(AWQLinear))

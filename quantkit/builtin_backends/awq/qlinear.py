@@ -1,18 +1,22 @@
-"""The inference module of AWQ checkpoints: AutoAWQ GEMM/GEMV buffers, dequantize + matmul in torch.
+"""The inference module of AWQ checkpoints: AutoAWQ GEMM/GEMV buffers, run by the registered kernels.
 
 Buffer names, shapes and dtypes are AutoAWQ's ``WQLinear_GEMM`` / ``WQLinear_GEMV`` ones (see
 :mod:`quantkit.builtin_backends.awq.packing`), so a state dict of these modules is an AWQ checkpoint. The
-forward unpacks the weight and calls ``F.linear`` on whatever device the buffers are on
-(CPU, CUDA, ROCm, MPS); nothing is cached.
+forward (:class:`~quantkit.core.dispatch.KernelLinear`) runs the fastest kernel that serves the
+layer: torch's int4 CPU kernel for groups of 32 to 256, else the ``dequantize`` reference (unpack,
+``F.linear``) on whatever device the buffers are on (CPU, CUDA, ROCm, MPS). A kernel's repacked
+weight is kept outside the state dict.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .packing import dequantize_awq, gemv_group_width, pack_awq, pack_awq_gemv, unpack_awq_gemv
+from quantkit.core.dispatch import KernelLinear
+from quantkit.core.torch_kernels import GroupedCodes
+
+from .packing import BITS, dequantize_awq, gemv_group_width, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
 
 VERSIONS = ("gemm", "gemv")
 
@@ -34,8 +38,10 @@ def awq_buffer_shapes(version: str, in_features: int, out_features: int, group_s
     }
 
 
-class AWQLinear(nn.Module):
+class AWQLinear(KernelLinear):
     """A 4-bit linear layer stored as AutoAWQ ``qweight``, ``qzeros``, ``scales`` (+ ``bias``)."""
+
+    bits = BITS
 
     def __init__(
         self,
@@ -101,13 +107,18 @@ class AWQLinear(nn.Module):
         """The float32 weight ``(out, in)`` these buffers encode."""
         if self.version == "gemm":
             return dequantize_awq(self.qweight, self.qzeros, self.scales)
-        intweight, zeros, scales = unpack_awq_gemv(self.qweight, self.qzeros, self.scales, self.group_size)
-        groups = torch.arange(self.in_features, device=intweight.device) // self.group_size
+        intweight, zeros, scales = self.grouped_codes()
+        groups = self.group_index()
         return scales.float()[groups].t() * (intweight - zeros[groups].t())
 
-    def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+    def group_index(self) -> Tensor:
+        """The group of every input: contiguous runs of ``group_size`` (int64)."""
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def grouped_codes(self) -> GroupedCodes:
+        if self.version == "gemm":
+            return GroupedCodes(*unpack_awq(self.qweight, self.qzeros), self.scales)
+        return GroupedCodes(*unpack_awq_gemv(self.qweight, self.qzeros, self.scales, self.group_size))
 
     def extra_repr(self) -> str:
         return (

@@ -8,15 +8,9 @@ exactly those names, dtypes and shapes, and its state dict is exactly that layou
 ``(in_features, out_features)``), what torch's CPU kernels take; state-dict hooks convert between
 the two layouts.
 
-The CPU forward keeps EETQ's numerics, W8A16: int8 weights, 16-bit activations, float32
-accumulation, no activation quantization. Activations go to bfloat16 (the 16-bit type this CPU
-kernel vectorizes; its float32 and float16 paths are scalar loops, ~10 ms per input row on a
-2048x2048 weight), the codes' products accumulate in float32 and come out in bfloat16, and the
-float16 scales multiply them in float32. Like EETQ's ``w8_a16_gemm``, which switches from its
-batched GEMV to a CUTLASS GEMM above a few rows, it takes torch's ``_weight_int8pack_mm`` for up
-to :data:`GEMV_ROWS` input rows and a bfloat16 GEMM on the codes (exact in bfloat16) above. On
-CUDA with the ``eetq`` package installed, :meth:`EetqLinear.use_eetq_kernel` switches the buffer to
-EETQ's own layout and kernel (float16 activations); other devices dequantize and call ``F.linear``.
+The forward (:class:`~quantkit.core.dispatch.KernelLinear`) runs the kernels of :mod:`.kernels`:
+torch's int8 CPU kernels with EETQ's W8A16 numerics, eetq's own ``w8_a16_gemm`` on CUDA when the
+package is installed, else the ``dequantize`` reference.
 """
 
 from __future__ import annotations
@@ -25,20 +19,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from quantkit.core.dispatch import KernelLinear
 from quantkit.core.errors import ModelFormatError
 
 from .layout import dequantize, pack, quantize, unpack
 
-EETQ_MODULE = "EETQ"
-"""The compiled extension the ``eetq`` package installs (``w8_a16_gemm``)."""
-GEMV_ROWS = 16
-"""Input rows up to which the CPU forward takes ``_weight_int8pack_mm`` (a GEMM on the codes above)."""
 
-
-class EetqLinear(nn.Module):
+class EetqLinear(KernelLinear):
     """A linear layer stored as EETQ's int8 ``weight`` and float16 ``weight_scales`` (+ ``bias``)."""
+
+    bits = 8
 
     def __init__(
         self,
@@ -51,8 +42,6 @@ class EetqLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.eetq_layout = False
-        """Whether ``weight`` holds EETQ's kernel layout (``use_eetq_kernel``) rather than the ``(out, in)`` codes."""
         self.register_buffer("weight", torch.empty(in_features, out_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scales", torch.empty(out_features, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
@@ -82,59 +71,19 @@ class EetqLinear(nn.Module):
         return module
 
     def codes(self) -> Tensor:
-        """The int8 codes ``(out, in)``, whichever layout the module holds."""
-        return unpack(self.weight) if self.eetq_layout else self.weight.view(self.out_features, self.in_features)
+        """The int8 codes ``(out, in)``."""
+        return self.weight.view(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``(out, in)`` weight these codes and scales encode."""
         return dequantize(self.codes(), self.weight_scales, dtype)
 
-    def use_eetq_kernel(self) -> None:
-        """Hold EETQ's kernel layout and run through ``eetq``'s ``w8_a16_gemm`` (CUDA, ``eetq`` installed)."""
-        if not self.eetq_layout:
-            self.weight = pack(self.codes())
-            self.eetq_layout = True
-
-    def matmul(self, x: Tensor) -> Tensor:
-        """``x @ W.T`` for ``x`` ``(m, in)``: EETQ's kernel, the CPU kernels, or the dequantized weight."""
-        if self.eetq_layout and x.is_cuda:
-            from EETQ import w8_a16_gemm
-
-            return w8_a16_gemm(x.half(), self.weight, self.weight_scales).to(x.dtype)
-        if x.device.type != "cpu":
-            return F.linear(x, self.dequantize(x.dtype))
-        activations, codes = x.to(torch.bfloat16), self.codes()
-        if x.shape[0] <= GEMV_ROWS:
-            ones = torch.ones(self.out_features, dtype=torch.bfloat16)
-            products = torch.ops.aten._weight_int8pack_mm(activations, codes, ones)
-        else:
-            products = F.linear(activations, codes.to(torch.bfloat16))
-        return (products.float() * self.weight_scales.float()).to(x.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = _WeightOnlyMatmul.apply(x.reshape(-1, self.in_features), self).reshape(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _WeightOnlyMatmul(torch.autograd.Function):
-    """The int8 kernels have no derivative: the input's gradient comes from the dequantized weight."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, module: EetqLinear) -> Tensor:
-        ctx.module = module
-        return module.matmul(x.contiguous())
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad @ ctx.module.dequantize(grad.dtype), None
-
-
 def _save_eetq_layout(module: EetqLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    if not module.eetq_layout:
-        state_dict[prefix + "weight"] = pack(module.codes())
+    state_dict[prefix + "weight"] = pack(module.codes())
 
 
 def _load_eetq_layout(module: EetqLinear, state_dict: dict, prefix: str, *_args: Any) -> None:
@@ -148,5 +97,4 @@ def _load_eetq_layout(module: EetqLinear, state_dict: dict, prefix: str, *_args:
             f"{prefix}weight is not an EETQ weight: {weight.dtype} {tuple(weight.shape)}, expected int8 {expected} "
             "(in_features, out_features); the file and its quantization_config disagree on this layer"
         )
-    if not module.eetq_layout:
-        state_dict[prefix + "weight"] = unpack(weight).reshape(expected)
+    state_dict[prefix + "weight"] = unpack(weight).reshape(expected)

@@ -1,10 +1,17 @@
-"""quantkit's built-in plugin: GPTQ in plain torch, GPTQ checkpoint format."""
+"""quantkit's built-in plugin: GPTQ in plain torch, GPTQ checkpoint format, and its kernels."""
 
 from quantkit.core.hookspecs import hookimpl
+from quantkit.core.torch_kernels import int4_cpu_kernel
 
 from .backend import GPTQBackend
+from .qlinear import GPTQLinear
 
 
 @hookimpl
 def quantkit_register_backends(register) -> None:
     register(GPTQBackend())
+
+
+@hookimpl
+def quantkit_register_kernels(register) -> None:
+    register(int4_cpu_kernel(GPTQLinear))

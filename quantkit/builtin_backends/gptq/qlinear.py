@@ -1,10 +1,11 @@
-"""The inference module of GPTQ checkpoints: GPTQ v1 buffers, dequantize + matmul in torch.
+"""The inference module of GPTQ checkpoints: GPTQ v1 buffers, run by the registered kernels.
 
 Buffers, names and dtypes are those of auto-gptq's / GPTQModel's ``QuantLinear`` (see
 :mod:`quantkit.builtin_backends.gptq.packing`), so a state dict of these modules is a GPTQ checkpoint.
-The forward runs on every device torch runs on (CPU, CUDA, ROCm, MPS): it unpacks the
-weight, rescales it and calls ``F.linear``; nothing is cached, so the state dict is exactly
-what was saved.
+The forward (:class:`~quantkit.core.dispatch.KernelLinear`) runs the fastest kernel that serves
+the layer: torch's int4 CPU kernel for 4-bit layers of whole groups of 32 to 256, else the
+``dequantize`` reference on every device torch runs on (unpack, rescale, ``F.linear``). A
+kernel's repacked weight is kept outside the state dict, which stays exactly what was saved.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .packing import dequantize_gptq
+from quantkit.core.dispatch import KernelLinear
+from quantkit.core.torch_kernels import GroupedCodes
+
+from .packing import dequantize_gptq, unpack_gptq
 
 
 def gptq_groups(in_features: int, group_size: int) -> int:
@@ -23,7 +26,7 @@ def gptq_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(KernelLinear):
     """A linear layer stored as GPTQ v1 ``qweight``, ``qzeros``, ``scales``, ``g_idx`` (+ ``bias``)."""
 
     def __init__(
@@ -85,9 +88,18 @@ class GPTQLinear(nn.Module):
         """The float32 weight ``(out, in)`` these buffers encode."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+    @property
+    def group_size(self) -> int:
+        """Inputs per group: the size of group 0 (that of every group but a ragged last one)."""
+        return int(torch.count_nonzero(self.g_idx == 0))
+
+    def group_index(self) -> Tensor:
+        """The group of every input (``g_idx``, int64)."""
+        return self.g_idx.long()
+
+    def grouped_codes(self) -> GroupedCodes:
+        intweight, zeros = unpack_gptq(self.qweight, self.qzeros, self.bits)
+        return GroupedCodes(intweight, zeros, self.scales)
 
     def extra_repr(self) -> str:
         return (

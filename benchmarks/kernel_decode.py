@@ -1,0 +1,90 @@
+"""SmolLM2-135M greedy decode speed on the CPU: float32 against 4-bit group-64 GPTQ and RTN, each
+through the kernel selected for its layers and through the ``dequantize`` reference.
+
+    python benchmarks/kernel_decode.py
+    python benchmarks/kernel_decode.py --new-tokens 32 --repeats 1
+
+The embedded SmolLM2-135M-Instruct (``quantkit.models.load_model``), batch 1: a 128-token prompt of
+the built-in text, then ``--new-tokens`` greedy tokens with a KV cache
+(``quantkit.evaluate.decode_speed``: prefill and two warm-up steps untimed). GPTQ uses act-order
+(``desc_act``: its layers run the kernel on inputs gathered in group order) calibrated on 16 x 128
+tokens (the calibration changes the weights, not the speed); RTN is ``RTNConfig(bits=4,
+group_size=64)``. g64 divides every SmolLM2 linear (576 and 1536), so every one can take
+``int4-cpu``. Variants alternate for ``--repeats`` rounds; each keeps its best tokens/s. Peak RSS:
+the process's high-water mark once everything ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from quantkit import GPTQConfig, RTNConfig, chosen_kernels, quantize, set_kernel
+from quantkit.calibration import evaluation_tokens
+from quantkit.evaluate import decode_speed
+from quantkit.models import load_model
+
+RESULTS = Path(__file__).parent / "results" / "kernel_decode.txt"
+PROMPT_TOKENS = 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit("command: python benchmarks/kernel_decode.py " + " ".join(sys.argv[1:]))
+    emit(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs")
+    emit("load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    model, tokenizer = load_model()
+    model.eval()
+    prompt = evaluation_tokens(tokenizer, "pydoc", max_tokens=PROMPT_TOKENS)
+    start = time.perf_counter()
+    configs = {
+        "gptq 4-bit g64 act-order": GPTQConfig(bits=4, group_size=64, desc_act=True, nsamples=16, seqlen=128, mse=0.0),
+        "rtn 4-bit g64": RTNConfig(bits=4, group_size=64),
+    }
+    models = {"float32": (model, None)}
+    for label, config in configs.items():
+        quantized = quantize(copy.deepcopy(model), config, device="cpu", tokenizer=tokenizer)
+        models[f"{label}, selected kernel"] = (quantized, None)
+        models[f"{label}, dequantize"] = (quantized, "dequantize")
+    emit(f"quantized in {time.perf_counter() - start:.0f} s")
+    best = dict.fromkeys(models, 0.0)
+    kernels: dict[str, str] = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for label, (variant, kernel) in models.items():
+                if label != "float32":
+                    set_kernel(variant, kernel)
+                best[label] = max(best[label], decode_speed(variant, prompt, args.new_tokens))
+                if label != "float32":
+                    counts = Counter(chosen_kernels(variant).values())
+                    kernels[label] = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+    emit(f"{'variant':<45} {'tokens/s':>9} {'vs fp32':>8}  kernels of the linears")
+    for label, speed in best.items():
+        emit(f"{label:<45} {speed:>9.1f} {speed / best['float32']:>7.2f}x  {kernels.get(label, 'nn.Linear')}")
+    emit(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (every model of the run)")
+    emit("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    emit(f"batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new greedy tokens; best of {args.repeats} rounds")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The one forward of quantized linears: the registered kernel chosen for the layer, once.
+
+A layer deriving from :class:`KernelLinear` implements ``dequantize()`` (its float32 ``(out, in)``
+weight) and keeps its stored buffers; its forward selects a kernel the first time it sees a device
+and activation dtype (the highest-priority one :func:`~quantkit.core.kernels.check` accepts, or
+the one :func:`set_kernel` forced), prepares it once and runs it. The prepared state lives in a
+plain attribute, never in the state dict; moving the module or loading a state dict into it
+drops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import Kernel, KernelUnavailableError, check
+from .registry import get_registry
+
+
+@dataclass(frozen=True)
+class _Choice:
+    device: torch.device
+    dtype: torch.dtype
+    kernel: Kernel
+    state: Any
+
+
+class KernelLinear(nn.Module):
+    """Base of the quantized linears whose forward runs through a registered kernel.
+
+    Subclasses set ``in_features``, ``out_features`` and ``bias`` (a buffer or ``None``) and
+    implement :meth:`dequantize`; kernels may read more (``bits``, ``group_size``, ...).
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel_request: str | None = None
+        """The kernel :func:`set_kernel` forced (``None``: the fastest valid one)."""
+        self._choice: _Choice | None = None
+        self.register_load_state_dict_post_hook(_reset_after_load)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight ``(out, in)`` the stored buffers encode."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement dequantize")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    @property
+    def kernel_name(self) -> str | None:
+        """The name of the kernel the last forward ran (``None`` before the first)."""
+        return None if self._choice is None else self._choice.kernel.name
+
+    def reset_kernel(self) -> None:
+        """Forget the chosen kernel and its prepared state (the next forward chooses again)."""
+        self._choice = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> KernelLinear:
+        self.reset_kernel()  # .to(), .cuda(), .half(): the state was prepared from the old buffers
+        return super()._apply(fn, recurse)
+
+    def kernel_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Kernel, Any]:
+        """The kernel serving inputs on ``device`` of ``dtype`` and its prepared state, chosen and
+        prepared the first time."""
+        choice = self._choice
+        if choice is None or choice.device != device or choice.dtype != dtype:
+            kernel = select_kernel(self, device, dtype)
+            same = choice is not None and choice.kernel is kernel and choice.device == device
+            state = choice.state if same else kernel.prepare(self)
+            choice = self._choice = _Choice(device, dtype, kernel, state)
+        return choice.kernel, choice.state
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, state = self.kernel_for(x.device, x.dtype)
+        out = _WeightOnlyMatmul.apply(x.reshape(-1, self.in_features), self, kernel, state)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def _reset_after_load(module: KernelLinear, incompatible_keys: Any) -> None:
+    module.reset_kernel()
+
+
+class _WeightOnlyMatmul(torch.autograd.Function):
+    """Kernels have no derivative: the input's gradient comes from the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: KernelLinear, kernel: Kernel, state: Any) -> Tensor:
+        ctx.module = module
+        return kernel.matmul(module, state, x.contiguous())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad @ ctx.module.dequantize().to(grad.dtype), None, None, None
+
+
+def select_kernel(module: KernelLinear, device: torch.device, dtype: torch.dtype | None) -> Kernel:
+    """The kernel forced on ``module`` if it can serve it (else :class:`KernelUnavailableError`),
+    or the highest-priority registered kernel that can."""
+    if module.kernel_request is not None:
+        return _forced(module, module.kernel_request, device, dtype, type(module).__name__)
+    return next(k for k in get_registry().kernels_for(module) if check(k, module, device, dtype))
+
+
+def set_kernel(model: nn.Module, name: str | None) -> nn.Module:
+    """Force kernel ``name`` on every :class:`KernelLinear` of ``model`` (``None``: choose the
+    fastest valid one again), checked on each layer's device first: a name nothing registered
+    raises :class:`~quantkit.core.errors.UnknownNameError`, a kernel that cannot serve a layer
+    :class:`KernelUnavailableError` naming the layer, the reason and the kernels that can. Layers
+    with a forward of their own (bitsandbytes, HQQ, GGUF, AQLM) are left as they are."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, KernelLinear)]
+    if name is not None:
+        name = get_registry().kernel_name(name)
+        for label, module in layers:
+            _forced(module, name, module.device, None, f"{label} ({type(module).__name__})" if label else "")
+    for _, module in layers:
+        module.kernel_request = name
+        module.reset_kernel()
+    return model
+
+
+def chosen_kernels(model: nn.Module) -> dict[str, str | None]:
+    """Each :class:`KernelLinear` of ``model`` -> the kernel its last forward ran."""
+    return {n: m.kernel_name for n, m in model.named_modules() if isinstance(m, KernelLinear)}
+
+
+def _forced(module: KernelLinear, name: str, device: torch.device, dtype: torch.dtype | None, layer: str) -> Kernel:
+    """Kernel ``name`` for ``module``, checked; ``layer`` names the module in the error."""
+    registry = get_registry()
+    name = registry.kernel_name(name)
+    named = [k for k in registry.kernels if k.name == name]
+    kernel = next((k for k in named if k.serves(module)), named[0])
+    availability = check(kernel, module, device, dtype)
+    if not availability:
+        valid = [k.name for k in registry.kernels_for(module) if check(k, module, device, dtype)]
+        raise KernelUnavailableError(name, f"{layer or type(module).__name__} on {device}", availability.reason, valid)
+    return kernel

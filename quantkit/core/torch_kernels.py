@@ -1,0 +1,107 @@
+"""Kernels on torch's own CPU operators, for group-quantized layers of any format.
+
+:func:`int4_cpu_kernel` runs torch's ``_weight_int4pack_mm_for_cpu`` for the layer classes a plugin
+names. Those layers expose their weight as :class:`GroupedCodes` (``grouped_codes()``), the group
+of each input (``group_index()``), ``bits`` and ``group_size``. torch's operator computes
+``(q - 8) * scale + zero`` per group from a ``(n_groups, out, 2)`` tensor of ``(scale, zero)`` pairs;
+with ``zero = scale * (8 - z)`` that is the format's ``scale * (q - z)``. Its float32 and float16
+paths are scalar loops (seconds for a 4096x4096 weight and 128 rows, against ~60 ms in
+bfloat16), so activations go to bfloat16 and the output back to their dtype: W4A16 numerics.
+Act-order layers (``g_idx`` not sorted) are served when each group still holds ``group_size``
+inputs: the weight's input channels are sorted by group once, and each input row is gathered
+in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .capabilities import ShapeLimit
+from .hardware import Hardware
+from .kernels import Kernel
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+"""The ``qGroupSize`` values torch's int4 CPU operator takes."""
+INT4_SHAPE_LIMITS = (
+    ShapeLimit("out_features", 16, "torch's int4 CPU packing takes output channels in blocks of 16"),
+    ShapeLimit("in_features", "group_size", "torch's int4 CPU kernel takes whole groups: no ragged last group"),
+)
+INNER_K_TILES = 2
+"""The packing's ``innerKTiles`` (a CUDA tiling parameter; the CPU layout ignores it)."""
+
+
+class GroupedCodes(NamedTuple):
+    """A group-quantized weight: ``W[o, i] = scales[g, o] * (codes[o, i] - zeros[g, o])``, ``g`` the
+    group of input ``i``."""
+
+    codes: Tensor
+    """``(out, in)`` integer codes."""
+    zeros: Tensor
+    """``(n_groups, out)`` integer zero points."""
+    scales: Tensor
+    """``(n_groups, out)`` float scales."""
+
+
+@dataclass(frozen=True)
+class Int4State:
+    """A layer repacked for torch's int4 CPU operator."""
+
+    packed: Tensor
+    scale_zeros: Tensor
+    """bfloat16 ``(n_groups, out, 2)``: each group's scale and ``scale * (8 - zero)``."""
+    group_size: int
+    order: Tensor | None
+    """The input channels sorted by group (act-order), ``None`` when they already are."""
+
+
+def _sorted_groups(module: nn.Module) -> Tensor:
+    return torch.arange(module.in_features, device=module.group_index().device) // module.group_size
+
+
+def _groups_fit(module: nn.Module) -> str:
+    g_idx = module.group_index()
+    if torch.equal(g_idx.sort(stable=True).values, _sorted_groups(module)):
+        return ""
+    return f"g_idx does not split the inputs into groups of {module.group_size} (in any order)"
+
+
+def _prepare_int4(module: nn.Module) -> Int4State:
+    codes, zeros, scales = module.grouped_codes()
+    g_idx = module.group_index()
+    order = None if torch.equal(g_idx, _sorted_groups(module)) else torch.argsort(g_idx, stable=True)
+    if order is not None:
+        codes = codes[:, order]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
+    scales = scales.float()
+    scale_zeros = torch.stack([scales, scales * (8 - zeros)], dim=-1).to(torch.bfloat16)
+    return Int4State(packed, scale_zeros, module.group_size, order)
+
+
+def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
+    activations = x if state.order is None else x.index_select(1, state.order)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        activations.to(torch.bfloat16), state.packed, state.group_size, state.scale_zeros
+    )
+    return out.to(x.dtype)
+
+
+def int4_cpu_kernel(*layers: type[nn.Module]) -> Kernel:
+    """The ``int4-cpu`` kernel for ``layers`` (classes with the interface of the module docstring)."""
+    return Kernel(
+        name="int4-cpu",
+        layers=layers,
+        devices=frozenset({Hardware.CPU}),
+        prepare=_prepare_int4,
+        matmul=_int4_matmul,
+        compute_dtype=torch.bfloat16,
+        bits=(4,),
+        group_sizes=INT4_GROUP_SIZES,
+        shape_limits=INT4_SHAPE_LIMITS,
+        fits=_groups_fit,
+        priority=20,
+        description="torch's _weight_int4pack_mm_for_cpu on codes repacked once; bfloat16 activations (W4A16)",
+    )

@@ -1,0 +1,46 @@
+"""The user surface of kernels: ``quantkit backends --kernels`` and ``quantkit compare --kernel``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from quantkit.cli.main import main
+from quantkit.compare.protocol import Protocol
+
+
+def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_availability(capsys):
+    assert main(["backends", "--kernels", "--json"]) == 0
+    rows = {(r["name"], tuple(r["layers"])): r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {
+        ("eetq", ("EetqLinear",)),
+        ("int4-cpu", ("AWQLinear",)),
+        ("int4-cpu", ("GPTQLinear",)),
+        ("int8-cpu", ("EetqLinear",)),
+        ("dequantize", ()),
+    }
+    int4 = rows[("int4-cpu", ("GPTQLinear",))]
+    assert int4["devices"] == ["cpu"] and int4["bits"] == [4] and int4["group_sizes"] == [32, 64, 128, 256]
+    assert int4["compute_dtype"] == "bfloat16" and int4["available"] and int4["priority"] > 0
+    assert "in_features must be a multiple of group_size" in int4["shape_limits"]
+    eetq = rows[("eetq", ("EetqLinear",))]
+    assert eetq["requires"] == ["EETQ"] and not eetq["available"] and "cuda" in eetq["reason"]
+    assert rows[("dequantize", ())]["priority"] == 0 and rows[("dequantize", ())]["available"]
+
+
+def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot_run(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["backends", "--kernels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
+    assert names[:5] == ["eetq", "int4-cpu", "int4-cpu", "int8-cpu", "dequantize"]  # fastest first
+    out = " ".join(" ".join(lines).split())
+    assert "eetq: no cuda device here; missing package(s): EETQ" in out
+
+
+def test_compare_kernel_is_part_of_the_protocol_only_when_given():
+    default = Protocol()
+    forced = dataclasses.replace(default, kernel="dequantize")
+    assert "kernel" not in default.to_dict() and forced.to_dict()["kernel"] == "dequantize"
+    assert forced.key() != default.key() and forced.describe().endswith("; kernel dequantize")
