@@ -52,6 +52,7 @@ from quantkit.builtin_backends.awq.config import AWQConfig
 from quantkit.builtin_backends.gptq.config import GPTQConfig
 from quantkit.builtin_backends.gptq.gptq import gptq_quantize
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq
+from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.builtin_backends.rtn.config import RTNConfig
 from quantkit.evaluate import evaluate
 from quantkit.models import cache_dir, default_model_folder, load_model
@@ -77,8 +78,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-old": ("gptq", OLD_GPTQ),
     "gptq-gar": ("gptq", {**OLD_GPTQ, "act_group_aware": True}),
     "gptq-damp": ("gptq", {**OLD_GPTQ, "damp_percent": 0.05}),
+    "gptq-minmax": ("gptq", {"mse": 0.0}),
     "gptq": ("gptq", {}),
-    "gptq-mse": ("gptq", {"mse": 2.4}),
     "awq": ("awq", {}),
     "reference": ("gptqmodel", {}),
 }
@@ -136,18 +137,30 @@ def perplexities(model: torch.nn.Module, tokens: dict[str, torch.Tensor], seqlen
     return tuple(evaluate(model, tokens[role], seqlen=seqlen).perplexity for role in ("selection", "evaluation"))
 
 
-def run_quantkit(name: str, setting: str, tokens: dict[str, torch.Tensor], seqlen: int) -> Row:
+def run_quantkit(name: str, setting: str, tokens: dict[str, torch.Tensor], seqlen: int, dtype: torch.dtype) -> Row:
+    """quantkit on a fresh copy of the model in ``dtype``; in bfloat16 (as GPTQModel loads a model on CPU),
+    the quantized linears are dequantized into a fresh float32 model, as the reference's are. Every
+    row is evaluated with float32 products (the ``dequantize`` kernel), as the reference is."""
     method, fields = METHODS[name]
     group_size, skip = SETTINGS[setting]
     config_class = {"gptq": GPTQConfig, "awq": AWQConfig, "rtn": RTNConfig}[method]
     config = config_class(bits=4, group_size=group_size, **fields, **({"modules_to_not_convert": skip} if skip else {}))
-    model, _ = load_model()
+    model, _ = load_model(dtype=dtype)
     start = time.perf_counter()
     model = quantkit.quantize(model, config, calibration=tokens["calibration"], device="cpu")
     seconds = time.perf_counter() - start
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
     linears = sum(1 for m in model.modules() if type(m).__name__.endswith("Linear") and type(m) is not torch.nn.Linear)
+    if dtype != torch.float32:
+        model, _ = load_model()
+        with torch.no_grad():
+            for prefix, module in quantized.items():
+                model.get_submodule(prefix).weight.copy_(module.dequantize())
+    quantkit.set_kernel(model, "dequantize")  # float32 products for every row, the reference's too
     selection, evaluation = perplexities(model, tokens, seqlen)
-    return Row(setting, name, fields, linears, seconds, selection, evaluation)
+    return Row(
+        setting, name, {**fields, "dtype": str(dtype).removeprefix("torch.")}, linears, seconds, selection, evaluation
+    )
 
 
 def run_reference(python: str, setting: str, tokens: dict[str, torch.Tensor], seqlen: int, threads: int) -> Row:
@@ -219,12 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-float", action="store_true", help="skip the float model's perplexity")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype quantkit quantizes the model in (GPTQModel loads bfloat16 on CPU; AWQ needs float32 here)",
+    )
     parser.add_argument("--solve-only", action="store_true", help="only time the GPTQ solve of the GPTQ methods")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}")
+    dtype = getattr(torch, args.dtype)
+    if dtype != torch.float32 and any(METHODS[m][0] == "awq" for m in methods):
+        parser.error("AWQ rewrites the norms before its linears: run it with --dtype float32")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("QUANTKIT_QUIET", "1")
 
@@ -254,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 row = run_reference(args.reference_python, setting, tokens, args.seqlen, args.threads)
             else:
-                row = run_quantkit(name, setting, tokens, args.seqlen)
+                row = run_quantkit(name, setting, tokens, args.seqlen, dtype)
             rows.append(row)
             print(
                 f"{row.setting:<8} {row.method:<10} {row.linears:>7} {row.seconds:>8.1f} {row.selection:>8.3f} "

@@ -222,6 +222,10 @@ DEQUANTIZE_ELEMENTS = 10
 
 GPTQ_SOLVE_ELEMENTS = 128
 """Per weight: the lazy-batch column updates of GPTQ's solve (half a 128-column block each)."""
+GPTQ_MSE_ELEMENTS = 27 * 7
+"""Per weight with ``mse > 0``: the 27 candidate ranges of the coarse-to-fine grid each quantize the
+group once (~7 elementwise passes, the power counted as more); fits the one-thread solve times of
+``benchmarks/gptq_reference.py --solve-only``."""
 GPTQ_COLUMN_OPS = 30
 """Small operations per input column of GPTQ's column loop (which runs on one thread)."""
 PACK_ELEMENTS = 40
@@ -474,7 +478,8 @@ def _gptq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples
             n = targets[members[0]][1]
             weights = _weights(targets, members)
             parts["hessians"] += Work(2.0 * n * n * tokens, 2.0 * n * tokens, 5 * chunks)
-            parts["solves"] += Work(n**3 + weights * n, GPTQ_SOLVE_ELEMENTS * weights, small_ops=GPTQ_COLUMN_OPS * n)
+            per_weight = GPTQ_SOLVE_ELEMENTS + (GPTQ_MSE_ELEMENTS if getattr(config, "mse", 0) > 0 else 0)
+            parts["solves"] += Work(n**3 + weights * n, per_weight * weights, small_ops=GPTQ_COLUMN_OPS * n)
             parts["packing"] += Work(elements=PACK_ELEMENTS * weights, ops=LINEAR_OPS * len(members))
         if index + 1 < decoder.layers:
             parts["forward"] += _propagate(decoder, targets, tokens, chunks)

@@ -47,10 +47,11 @@ class GPTQConfig(CalibratedConfig):
         doc="added to damp_percent until the Hessian factorizes (0: fail instead)",
     )
     mse: float = spec(
-        0.0,
+        2.4,
         valid=lambda v: v >= 0,
         allowed="0 (min/max range) or a positive norm exponent, e.g. 2.4",
-        doc="search each group's range for the least sum |w - q|**mse; 0: min/max",
+        doc="search each group's range for the least sum |w - q|**mse (GPTQModel's grid and norm, "
+        "searched coarse to fine); 0: min/max, GPTQModel's default",
     )
 
     hf_meta_fields: ClassVar[tuple[str, ...]] = (
