@@ -12,12 +12,14 @@ from quantkit import (
     Backend,
     BnbConfig,
     Capabilities,
+    EETQConfig,
     GGUFConfig,
     GPTQConfig,
     Hardware,
     HQQConfig,
     RTNConfig,
 )
+from quantkit.builtin_backends.eetq.qlinear import EetqLinear
 from quantkit.compare import Result, load_results, recommend
 from quantkit.core.capabilities import Availability
 from quantkit.core.errors import ConfigValueError, ModelFormatError
@@ -36,6 +38,7 @@ def fake_backend(
     calibration=False,
     available=True,
     quality_floor_bits=3.0,
+    layer_classes=(),
 ):
     """A backend that only declares: what the recommender reads."""
 
@@ -61,6 +64,7 @@ def fake_backend(
 
     Fake.name = name
     Fake.config_class = config_class
+    Fake.layer_classes = layer_classes
     return Fake()
 
 
@@ -233,3 +237,14 @@ def test_cli_prints_one_line_per_rule(capsys):
     assert main(["recommend", "--hardware", "cpu", "--goal", "fine-tuning", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["goal"] == "fine-tuning" and data["method"] and len(data["reasons"]) >= 3
+
+
+def test_accurate_prefers_an_8bit_method_with_a_fused_kernel_on_the_hardware():
+    eetq = fake_backend("eetq", EETQConfig, 8.02, layer_classes=(EetqLinear,))
+    for hardware, kernel in (("cuda", "eetq"), ("cpu", "int8-cpu")):
+        rec = recommend(hardware, "accurate", backends=every_backend(eetq=eetq))
+        assert rec.method == "eetq-int8"
+        assert any(f"eetq ({kernel})" in reason for reason in rec.reasons), rec.reasons
+    # without declared layers nothing is known of its kernels: the fewest stored bits wins
+    plain = fake_backend("eetq", EETQConfig, 8.02)
+    assert recommend("cuda", "accurate", backends=every_backend(eetq=plain)).method == "int8"

@@ -28,7 +28,7 @@ class Backend(abc.ABC):
     - ``capabilities``: a :class:`Capabilities` declaration, shape limits included;
 
     and may declare ``presets`` (named configs, with their place in ``quantkit compare``'s
-    default run) and ``aliases`` (other names of the method, e.g. ``bnb``).
+    default run), ``aliases`` (other names of the method, e.g. ``bnb``) and ``layer_classes``.
 
     Quantizing: a calibration-free backend implements :meth:`quantize_linear`, which the
     template's :meth:`quantize` calls for each linear once the whole model is checked
@@ -49,6 +49,9 @@ class Backend(abc.ABC):
     presets: ClassVar[tuple[Preset, ...]] = ()
     aliases: ClassVar[tuple[str, ...]] = ()
     file_suffixes: ClassVar[tuple[str, ...]] = ()
+    layer_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+    """The quantized layer classes its models are made of: the registered kernels serving them are
+    the backend's (``quantkit recommend`` reads where they run)."""
 
     def is_available(self) -> Availability:
         """Whether this backend can run here; the reason when it cannot."""

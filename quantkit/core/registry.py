@@ -310,6 +310,14 @@ class Registry:
         """The kernels serving ``module``'s class, highest priority first."""
         return sorted((k for k in self.kernels if k.serves(module)), key=lambda k: -k.priority)
 
+    def kernels_of(self, backend: Backend) -> list[Kernel]:
+        """The kernels serving the backend's ``layer_classes``, the ``dequantize`` reference aside."""
+        return [
+            k
+            for k in self.kernels
+            if k is not DEQUANTIZE and any(issubclass(c, k.layers) for c in backend.layer_classes)
+        ]
+
     def kernel_name(self, name: Any) -> str:
         """The registered kernel name ``name`` stands for (case ignored); :class:`UnknownNameError` if none."""
         found = _find(name, dict.fromkeys(k.name for k in self.kernels))

@@ -150,6 +150,7 @@ class AWQBackend(Backend):
     loss on per grid point (the channel statistics always use every token)."""
 
     name = "awq"
+    layer_classes = (AWQLinear,)
     config_class = AWQConfig
     presets = PRESETS
     capabilities = Capabilities(

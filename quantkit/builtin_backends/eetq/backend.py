@@ -21,6 +21,7 @@ EETQ_SHAPE_LIMITS = (
 
 class EetqBackend(Backend):
     name = "eetq"
+    layer_classes = (EetqLinear,)
     config_class = EETQConfig
     presets = PRESETS
     capabilities = Capabilities(

@@ -149,6 +149,7 @@ def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:
 
 class GPTQBackend(Backend):
     name = "gptq"
+    layer_classes = (GPTQLinear,)
     config_class = GPTQConfig
     presets = PRESETS
     capabilities = Capabilities(

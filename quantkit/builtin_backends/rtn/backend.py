@@ -17,6 +17,7 @@ from .config import PRESETS, RTNConfig
 
 class RTNBackend(Backend):
     name = "rtn"
+    layer_classes = (GPTQLinear,)
     config_class = RTNConfig
     presets = PRESETS
     capabilities = Capabilities(
