@@ -42,6 +42,7 @@ from .core.presets import Preset
 from .core.resolve import as_config, config_from_dict, config_from_hf_dict, config_from_json_file
 from .core.text import Dataset
 from .estimate import estimate, estimate_quantization
+from .streaming import quantize_streaming
 
 __all__ = [
     "ALL_HARDWARE",
@@ -89,6 +90,7 @@ __all__ = [
     "hookimpl",
     "load",
     "quantize",
+    "quantize_streaming",
     "save",
     "set_kernel",
     "spec",

@@ -24,6 +24,8 @@ from .errors import ModelFormatError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_METADATA = {"format": "pt"}
+"""The safetensors metadata quantkit writes (transformers reads ``format``)."""
 MAX_HEADER_BYTES = 100 * 2**20
 """Largest safetensors header read (the safetensors library's own limit)."""
 MAX_INDEX_BYTES = 64 * 2**20

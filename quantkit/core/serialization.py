@@ -23,7 +23,7 @@ from .config_files import read_json
 from .empty_models import empty_model
 from .errors import BackendUnavailableError, ModelFormatError, QuantkitError, UnsupportedHardwareError
 from .linears import set_submodule
-from .safetensors_files import WEIGHTS_NAME, StoredTensor, load_tensors, stored_tensors
+from .safetensors_files import SAFETENSORS_METADATA, WEIGHTS_NAME, StoredTensor, load_tensors, stored_tensors
 
 CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -57,6 +57,14 @@ def write_safetensors_folder(
     model: nn.Module, directory: Path, quantization_config: dict, tensors: dict[str, torch.Tensor]
 ) -> None:
     """Write ``config.json`` (with the ``quantization_config`` block) and ``tensors`` as ``model.safetensors``."""
+    write_config(model, directory, quantization_config)
+    # One metadata key only: safetensors stores metadata as a hash map, so several keys
+    # would come out in varying order and break byte-for-byte reproducible checkpoints.
+    save_file(tensors, directory / WEIGHTS_NAME, metadata=SAFETENSORS_METADATA)
+
+
+def write_config(model: nn.Module, directory: Path, quantization_config: dict) -> None:
+    """Write ``model``'s ``config.json``, with the ``quantization_config`` block, and its generation config."""
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config
     if not hf_config.get("architectures"):
@@ -65,15 +73,19 @@ def write_safetensors_folder(
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(directory)
-    # One metadata key only: safetensors stores metadata as a hash map, so several keys
-    # would come out in varying order and break byte-for-byte reproducible checkpoints.
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def read_config(directory: Path) -> dict:
-    """The raw ``config.json`` of a saved quantized model: strict UTF-8, bounded size and nesting,
-    an object whose ``quantization_config`` is an object (:func:`quantkit.core.resolve.config_from_hf_dict`
-    reads that)."""
+    """The raw ``config.json`` of a saved quantized model: :func:`read_model_config`, with a
+    ``quantization_config`` object (:func:`quantkit.core.resolve.config_from_hf_dict` reads that)."""
+    raw = read_model_config(directory)
+    if not isinstance(raw.get("quantization_config"), dict):
+        raise ModelFormatError(f"{str(directory / CONFIG_NAME)!r} has no quantization_config: not a quantized model")
+    return raw
+
+
+def read_model_config(directory: Path) -> dict:
+    """The raw ``config.json`` of a model folder: strict UTF-8, bounded size and nesting, an object."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ModelFormatError(f"{str(directory)!r} has no {CONFIG_NAME}; not a saved model folder")
@@ -82,8 +94,6 @@ def read_config(directory: Path) -> dict:
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{str(path)!r} holds a {type(raw).__name__}; expected a JSON object")
-    if not isinstance(raw.get("quantization_config"), dict):
-        raise ModelFormatError(f"{str(path)!r} has no quantization_config: not a quantized model")
     return raw
 
 
@@ -126,6 +136,11 @@ def check_stored(model: nn.Module, stored: Mapping[str, StoredTensor]) -> None:
             )
 
 
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of ``model``'s parameters that are second names of another (tied weights: never stored)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
 def _loads_itself(module: nn.Module) -> bool:
     return bool(module._load_state_dict_pre_hooks) or (
         type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
@@ -151,7 +166,7 @@ def fill(
     for name, module in replaced.items():
         set_submodule(model, name, module)
     model.tie_weights()
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = tied_parameter_names(model)
     missing = [k for k in result.missing_keys if k not in tied and k.rpartition(".")[0] not in replaced]
     if result.unexpected_keys or missing:
         raise ModelFormatError(

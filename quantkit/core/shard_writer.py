@@ -1,0 +1,114 @@
+"""Writing a checkpoint's safetensors shards tensor by tensor, never holding the checkpoint.
+
+Each tensor's bytes go to disk as it is added, into a scratch file of the shard being filled;
+closing a shard writes its safetensors header and copies the data after it, widest dtype first,
+then by name, so that every tensor is aligned (the safetensors library also orders by width).
+Memory holds the tensor being added and a copy buffer, whatever the checkpoint's size.
+
+The folder gets the hub's layout: ``model.safetensors`` when one shard suffices, else
+``model-00001-of-0000N.safetensors``... and ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigValueError, QuantkitError
+from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""The hub's shard size (5 GB)."""
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+COPY_BYTES = 64 * 2**20
+"""Bytes copied at a time from a shard's scratch file into the shard."""
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class ShardWriter:
+    """Writes tensors into the folder ``directory`` in shards of at most ``max_shard_bytes``
+    of tensor data (a larger tensor gets a shard of its own); :meth:`finish` names the shards
+    and writes the index."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        if type(max_shard_bytes) is not int or max_shard_bytes <= 0:
+            raise ConfigValueError("ShardWriter", "max_shard_bytes", max_shard_bytes, "a positive integer")
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.total_bytes = 0
+        self._shards: list[Path] = []
+        self._weight_map: dict[str, int] = {}
+        self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        self._scratch = None
+        self._scratch_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (any device) as ``name``."""
+        if name in self._weight_map:
+            raise QuantkitError(f"tensor {name!r} is written twice")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise QuantkitError(f"tensor {name!r} has dtype {tensor.dtype}; safetensors stores {', '.join(DTYPES)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        nbytes = data.numel()
+        if self._entries and self._scratch_bytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._scratch is None:
+            self._scratch = (self.directory / f".shard-{len(self._shards) + 1}.part").open("w+b")
+            self._scratch_bytes = 0
+        self._scratch.write(data.numpy())
+        self._entries[name] = (tensor.dtype, list(tensor.shape), self._scratch_bytes, self._scratch_bytes + nbytes)
+        self._weight_map[name] = len(self._shards)
+        self._scratch_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def finish(self) -> list[str]:
+        """Close the last shard, give the shards their final names, write the index when there
+        are several; the names of the files written."""
+        if self._scratch is not None:
+            self._close_shard()
+        if not self._shards:
+            raise QuantkitError("no tensor was written; a checkpoint needs at least one")
+        count = len(self._shards)
+        names = [WEIGHTS_NAME] if count == 1 else [SHARD_NAME.format(index=i + 1, count=count) for i in range(count)]
+        for shard, name in zip(self._shards, names, strict=True):
+            shard.rename(self.directory / name)
+        if count == 1:
+            return names
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": {key: names[shard] for key, shard in sorted(self._weight_map.items())},
+        }
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [*names, INDEX_NAME]
+
+    def _close_shard(self) -> None:
+        """Write the shard being filled (header, then its scratch data in safetensors' order)."""
+        scratch, entries = self._scratch, self._entries
+        order = sorted(entries, key=lambda key: (-entries[key][0].itemsize, key))
+        header: dict[str, object] = {"__metadata__": SAFETENSORS_METADATA}
+        offset = 0
+        for key in order:
+            dtype, shape, begin, end = entries[key]
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        shard = self.directory / f".shard-{len(self._shards) + 1}.safetensors"
+        with shard.open("wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for key in order:
+                _, _, begin, end = entries[key]
+                scratch.seek(begin)
+                while begin < end:
+                    chunk = scratch.read(min(COPY_BYTES, end - begin))
+                    if not chunk:
+                        raise QuantkitError(f"{scratch.name!r} ended before tensor {key!r}: was it changed meanwhile?")
+                    out.write(chunk)
+                    begin += len(chunk)
+        scratch.close()
+        Path(scratch.name).unlink()
+        self._shards.append(shard)
+        self._scratch, self._entries = None, {}

@@ -1,0 +1,234 @@
+"""Quantizing a float checkpoint streamed from disk: the same bytes as quantizing in memory,
+one module's float tensors in memory at a time, damaged folders refused before any output."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import quantkit
+from quantkit.cli.main import main
+from quantkit.core.empty_models import empty_model
+from quantkit.core.safetensors_files import INDEX_NAME, WEIGHTS_NAME, read_header
+from quantkit.core.streamed_checkpoints import StreamedCheckpoint
+from quantkit.testing import tiny_llama, token_ids
+from quantkit.testing.synthetic_checkpoints import preset_config, write_synthetic_checkpoint
+
+CONFIGS = {
+    "rtn": {"quant_method": "rtn", "bits": 4, "group_size": 32},
+    "eetq": {"quant_method": "eetq"},
+}
+SHARD = 40_000
+"""Bytes per shard in these tests: every checkpoint has several."""
+
+
+def float_model(dtype: torch.dtype = torch.float32, layers: int = 2) -> torch.nn.Module:
+    return tiny_llama(0, hidden=128, intermediate=256, layers=layers, outliers=False).to(dtype)
+
+
+def tiny_qwen2() -> torch.nn.Module:
+    """A Qwen2 (q/k/v biases, untied output head) in bfloat16."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config).eval().to(torch.bfloat16)
+
+
+MODELS = {
+    "llama-fp32": float_model,
+    "llama-bf16": lambda: float_model(torch.bfloat16),
+    "qwen2-bf16": tiny_qwen2,
+}
+
+
+@pytest.fixture
+def float_folder(tmp_path) -> Path:
+    """The tiny Llama (float32) saved by transformers in shards with their index."""
+    folder = tmp_path / "float"
+    float_model().save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / INDEX_NAME).is_file()
+    return folder
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+def as_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("architecture", sorted(MODELS))
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_streamed_output_is_the_in_memory_save(method, architecture, tmp_path):
+    folder = tmp_path / "float"
+    original = MODELS[architecture]()
+    original.save_pretrained(folder, max_shard_size="100KB")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=original.dtype)  # the whole model in memory
+    reference = quantkit.save(quantkit.quantize(model, CONFIGS[method], device="cpu"), tmp_path / "ref")
+    out = quantkit.quantize_streaming(folder, CONFIGS[method], tmp_path / "out", max_shard_bytes=SHARD)
+
+    index = json.loads((out / INDEX_NAME).read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    for shard in shards:
+        read_header(out / shard)  # quantkit's strict check: known dtypes, exact tiling
+    expected, streamed = tensors_of(reference), tensors_of(out)
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert streamed[name].dtype == tensor.dtype and streamed[name].shape == tensor.shape, name
+        assert as_bytes(streamed[name]) == as_bytes(tensor), name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in streamed.values())
+    block = json.loads((reference / "config.json").read_text())["quantization_config"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == block
+
+    ids = token_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(quantkit.load(out, "cpu")(ids).logits, quantkit.load(reference, "cpu")(ids).logits)
+
+
+def test_one_shard_is_written_as_model_safetensors(float_folder, tmp_path):
+    out = quantkit.quantize_streaming(float_folder, "rtn-4bit-g64", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", WEIGHTS_NAME]
+    assert quantkit.load(out, "cpu").quantkit_config.group_size == 64
+
+
+def test_float_tensors_are_read_one_module_at_a_time(monkeypatch, tmp_path):
+    """Every float tensor read is tracked until freed: at no read are more alive than the
+    largest module's, far less than one decoder layer's."""
+    folder = tmp_path / "float"
+    float_model(layers=4).save_pretrained(folder, max_shard_size="100KB")
+    alive: dict[int, int] = {}
+    peak = 0
+    read = StreamedCheckpoint.read_tensor
+
+    def tracked(self, name):
+        nonlocal peak
+        tensor = read(self, name)
+        alive[id(tensor)] = tensor.numel() * tensor.element_size()
+        weakref.finalize(tensor, alive.pop, id(tensor))
+        peak = max(peak, sum(alive.values()))
+        return tensor
+
+    monkeypatch.setattr(StreamedCheckpoint, "read_tensor", tracked)
+    quantkit.quantize_streaming(folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)
+
+    stored = tensors_of(folder)
+    sizes = {name: t.numel() * t.element_size() for name, t in stored.items()}
+    modules: dict[str, int] = {}
+    for name, size in sizes.items():
+        modules[name.rpartition(".")[0]] = modules.get(name.rpartition(".")[0], 0) + size
+    layer = sum(size for name, size in sizes.items() if name.startswith("model.layers.0."))
+    assert 0 < peak <= max(modules.values()) < layer < sum(sizes.values()) / 4
+    assert not alive
+
+
+def shard_of(folder: Path, name: str = "model.layers.1.mlp.down_proj.weight") -> Path:
+    return folder / json.loads((folder / INDEX_NAME).read_text())["weight_map"][name]
+
+
+def damage_missing_shard(folder: Path) -> None:
+    shard_of(folder).unlink()
+
+
+def damage_phantom_tensor(folder: Path) -> None:
+    index = json.loads((folder / INDEX_NAME).read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = shard_of(folder).name
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+
+
+def damage_truncated_shard(folder: Path) -> None:
+    shard = shard_of(folder)
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+def damage_config_shapes(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 192
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def damage_nan_weight(folder: Path) -> None:
+    tensors = load_file(shard_of(folder))
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, shard_of(folder), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        (damage_missing_shard, quantkit.ModelFormatError, "which is missing"),
+        (damage_phantom_tensor, quantkit.ModelFormatError, "lacks it"),
+        (damage_truncated_shard, quantkit.ModelFormatError, "truncated"),
+        (damage_config_shapes, quantkit.ModelFormatError, "expect torch.float32 \\[192, 128\\]"),
+        (damage_nan_weight, quantkit.QuantizationError, "NaN/Inf"),
+    ],
+)
+def test_damaged_checkpoint_is_refused_and_leaves_no_output(float_folder, tmp_path, damage, error, message):
+    damage(float_folder)
+    with pytest.raises(error, match=message):
+        quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+
+
+def test_backends_that_calibrate_or_save_their_own_way_are_refused(float_folder, tmp_path):
+    with pytest.raises(quantkit.QuantizationError, match="backends that can: eetq, rtn$"):
+        quantkit.quantize_streaming(float_folder, {"quant_method": "gptq"}, tmp_path / "out")
+    reference = quantkit.save(quantkit.quantize(float_model(), CONFIGS["rtn"], device="cpu"), tmp_path / "ref")
+    with pytest.raises(quantkit.ModelFormatError, match="quantize from the float original"):
+        quantkit.quantize_streaming(reference, CONFIGS["rtn"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_checkpoint_has_the_preset_shapes_and_scale(tmp_path):
+    folder = write_synthetic_checkpoint(tmp_path / "synthetic", "tiny-llama", max_shard_bytes=100_000)
+    assert (folder / INDEX_NAME).is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    with StreamedCheckpoint(folder) as checkpoint:  # checked complete, every shape the architecture's
+        assert "lm_head.weight" not in checkpoint.stored  # tied, as in Llama-3.2
+    tensors = tensors_of(folder)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    weights = torch.cat([t.float().flatten() for n, t in tensors.items() if not n.endswith("norm.weight")])
+    assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001
+    assert all(torch.all(t == 1) for n, t in tensors.items() if n.endswith("norm.weight"))
+
+    out = quantkit.quantize_streaming(folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)
+    assert quantkit.load(out, "cpu")(token_ids(1, 8)).logits.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("preset", "parameters"),
+    [
+        ("Llama-3.2-1B", 1_235_814_400),
+        ("Llama-3.2-3B", 3_212_749_824),
+        ("Llama-3.1-8B", 8_030_261_248),
+        ("Qwen2.5-7B", 7_615_616_512),
+    ],
+)
+def test_presets_have_the_published_parameter_counts(preset, parameters):
+    model = empty_model(preset_config(preset), source=preset)  # meta device: nothing allocated
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_quantize_command_streams(float_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--stream", "--model", str(float_folder), "--method", "eetq", "--out", str(out)]) == 0
+    assert quantkit.load(out, "cpu").quantkit_config.quant_method == "eetq"
+    assert main(["quantize", "--stream", "--method", "eetq", "--out", str(tmp_path / "x")]) == 2
+    assert "--model=None is invalid; allowed: a local float checkpoint folder" in capsys.readouterr().err
