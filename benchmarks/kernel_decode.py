@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import resource
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+from run_log import RunLog  # this folder's scripts import each other when run
 
 from quantkit import GPTQConfig, RTNConfig, chosen_kernels, quantize, set_kernel
 from quantkit.calibration import evaluation_tokens
@@ -42,15 +41,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    lines: list[str] = []
-
-    def emit(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    emit("command: python benchmarks/kernel_decode.py " + " ".join(sys.argv[1:]))
-    emit(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs")
-    emit("load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    log = RunLog("kernel_decode.py")
+    emit = log.emit
     model, tokenizer = load_model()
     model.eval()
     prompt = evaluation_tokens(tokenizer, "pydoc", max_tokens=PROMPT_TOKENS)
@@ -80,10 +72,9 @@ def main() -> None:
     for label, speed in best.items():
         emit(f"{label:<45} {speed:>9.1f} {speed / best['float32']:>7.2f}x  {kernels.get(label, 'nn.Linear')}")
     emit(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (every model of the run)")
-    emit("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     emit(f"batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new greedy tokens; best of {args.repeats} rounds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    log.write(args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,11 @@ every layer of the shape included. The load average is printed before and after.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from run_log import RunLog  # this folder's scripts import each other when run
 from torch import nn
 
 from quantkit.builtin_backends.eetq.qlinear import EetqLinear
@@ -94,15 +92,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    lines: list[str] = []
-
-    def emit(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    emit("command: python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]))
-    emit(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, {platform.machine()}")
-    emit("load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    log = RunLog("kernel_speed.py")
+    emit = log.emit
     emit(f"{'shape in x out':<15} {'batch':>5}  {'variant':<30} {'ms':>9} {'vs fp32':>8} {'peak RSS MiB':>12}")
     for shape in args.shapes.split(","):
         in_features, out_features = (int(n) for n in shape.split("x"))
@@ -117,11 +108,10 @@ def main() -> None:
                     f"{peak / 2**20:>12.0f}"
                 )
         del layers
-    emit("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     emit("ms: best of the interleaved repeats; vs fp32: float32 F.linear time / variant time (above 1: faster);")
     emit("int4-cpu and int8-cpu compute in bfloat16 (W4A16 / W8A16); dequantize: the reference, every call.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    log.write(args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The printed log of a benchmark run, kept for its results file: the command, torch, the load average."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class RunLog:
+    """Lines printed as they come and kept; starts with the command line, torch and the load average."""
+
+    def __init__(self, script: str):
+        self.lines: list[str] = []
+        self.emit(f"command: python benchmarks/{script} " + " ".join(sys.argv[1:]))
+        threads = torch.get_num_threads()
+        self.emit(f"torch {torch.__version__} ({threads} threads), {os.cpu_count()} CPUs, {platform.machine()}")
+        self.emit(f"load average before: {load_average()}")
+
+    def emit(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, path: Path) -> None:
+        """Add the load average at the end and write every line to ``path``."""
+        self.emit(f"load average after: {load_average()}")
+        path.write_text("\n".join(self.lines) + "\n")
