@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 
 import quantkit
 from quantkit.builtin_backends.awq.config import AWQConfig
+from quantkit.builtin_backends.awq.packing import dequantize_awq
 from quantkit.builtin_backends.gptq.config import GPTQConfig
 from quantkit.builtin_backends.gptq.gptq import gptq_quantize
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq
@@ -72,7 +73,8 @@ G128_SKIP_REFERENCE = {r"-:.*\.self_attn\..*": {}, r"-:.*\.(gate|up)_proj": {}}
 SETTINGS = {"g64": (64, None), "g128": (128, G128_SKIP)}
 OLD_GPTQ = {"damp_percent": 0.01, "act_group_aware": False, "mse": 0.0}
 
-# name -> (quant_method, fields); "reference" runs GPTQModel with its own defaults.
+# name -> (quant_method, fields); "reference" runs GPTQModel's GPTQ with its own defaults, "reference-awq"
+# its AWQ (asymmetric, GEMM layout, packed by its torch kernel on CPU).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn-zp": ("rtn", {"sym": False}),
     "gptq-old": ("gptq", OLD_GPTQ),
@@ -82,6 +84,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq": ("gptq", {}),
     "awq": ("awq", {}),
     "reference": ("gptqmodel", {}),
+    "reference-awq": ("gptqmodel", {"quant_method": "awq", "format": "gemm"}),
 }
 
 
@@ -163,15 +166,21 @@ def run_quantkit(name: str, setting: str, tokens: dict[str, torch.Tensor], seqle
     )
 
 
-def run_reference(python: str, setting: str, tokens: dict[str, torch.Tensor], seqlen: int, threads: int) -> Row:
-    """GPTQModel in its venv; its GPTQ tensors dequantized into a fresh float model."""
+def run_reference(
+    name: str, python: str, setting: str, tokens: dict[str, torch.Tensor], seqlen: int, threads: int
+) -> Row:
+    """GPTQModel in its venv; its checkpoint's quantized linears dequantized into a fresh float model,
+    with the other tensors it rewrote (AWQ's scaled norms)."""
     group_size, skip = SETTINGS[setting]
+    fields = METHODS[name][1]
+    awq = fields.get("quant_method") == "awq"
     with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
         samples = Path(tmp) / "tokens.json"
         samples.write_text(json.dumps(tokens["calibration"].tolist()))
-        config = json.dumps({"dynamic": G128_SKIP_REFERENCE} if skip else {})
+        config = json.dumps({**fields, **({"dynamic": G128_SKIP_REFERENCE} if skip else {})})
         command = [python, str(WORKER), str(default_model_folder()), str(samples), str(Path(tmp) / "out")]
         command += ["--bits", "4", "--group-size", str(group_size), "--config", config, "--threads", str(threads)]
+        command += ["--asym", "--backend", "awq_torch"] if awq else []
         done = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
         if done.returncode != 0:
             raise SystemExit(f"reference failed ({shlex.join(command)}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -182,14 +191,23 @@ def run_reference(python: str, setting: str, tokens: dict[str, torch.Tensor], se
             tensors.update(load_file(shard))
     model, _ = load_model()
     prefixes = [key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")]
+    floats = model.state_dict()
     with torch.no_grad():
         for prefix in prefixes:
-            weight = dequantize_gptq(*(tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx")), 4)
+            if awq:
+                weight = dequantize_awq(*(tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales")))
+            else:
+                parts = (tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx"))
+                weight = dequantize_gptq(*parts, 4)
             model.get_submodule(prefix).weight.copy_(weight)
+        for key, tensor in tensors.items():
+            if key in floats and floats[key].shape == tensor.shape:
+                floats[key].copy_(tensor)
     selection, evaluation = perplexities(model, tokens, seqlen)
-    fields = {k: info[k] for k in ("damp_percent", "damp_auto_increment", "act_group_aware", "mse")}
+    kept = ("damp_percent", "damp_auto_increment", "act_group_aware", "mse")
+    fields = {**fields, **{k: info[k] for k in kept if info.get(k) is not None}}
     extra = {"gptqmodel": info["gptqmodel"], "torch": info["torch"], "desc_act": block.get("desc_act")}
-    return Row(setting, "reference", fields, len(prefixes), info["quantize_seconds"], selection, evaluation, extra)
+    return Row(setting, name, fields, len(prefixes), info["quantize_seconds"], selection, evaluation, extra)
 
 
 def solve_seconds(methods: list[str], repeats: int = 2) -> None:
@@ -270,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for setting in args.settings.split(","):
         for name in methods:
-            if name == "reference":
+            if name.startswith("reference"):
                 if not args.reference_python:
                     print(f"{setting:<8} reference: not run (no --reference-python)")
                     continue
-                row = run_reference(args.reference_python, setting, tokens, args.seqlen, args.threads)
+                row = run_reference(name, args.reference_python, setting, tokens, args.seqlen, args.threads)
             else:
                 row = run_quantkit(name, setting, tokens, args.seqlen, dtype)
             rows.append(row)

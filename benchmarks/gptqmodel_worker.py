@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--asym", action="store_true")
     parser.add_argument("--config", default="{}", help="JSON object of further QuantizeConfig fields")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--backend", default="auto", help="GPTQModel's kernel for packing (AWQ on CPU: awq_torch)")
     args = parser.parse_args()
     # GPTQModel's CPU worker pool defaults to half the cores, and refuses fewer than 2 workers: use every core.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
@@ -42,7 +43,7 @@ def main() -> None:
     config = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, **json.loads(args.config))
     model = GPTQModel.load(args.model, config, device="cpu")
     start = time.perf_counter()
-    model.quantize(calibration, batch_size=1)
+    model.quantize(calibration, batch_size=1, backend=args.backend)
     seconds = time.perf_counter() - start
     model.save(args.out)
     print(
@@ -52,10 +53,10 @@ def main() -> None:
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "threads": args.threads,
-                "damp_percent": config.damp_percent,
-                "damp_auto_increment": config.damp_auto_increment,
-                "act_group_aware": config.act_group_aware,
-                "mse": config.mse,
+                "damp_percent": getattr(config, "damp_percent", None),
+                "damp_auto_increment": getattr(config, "damp_auto_increment", None),
+                "act_group_aware": getattr(config, "act_group_aware", None),
+                "mse": getattr(config, "mse", None),
                 "quantize_seconds": seconds,
             }
         )
