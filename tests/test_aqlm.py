@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import quantkit
-from quantkit.builtin_backends.aqlm.aq import AQResult, aq_quantize
+from quantkit.builtin_backends.aqlm.aq import AQResult, aq_flops, aq_quantize
 from quantkit.builtin_backends.aqlm.beam_search import beam_search, dequantize, output_error
 from quantkit.builtin_backends.aqlm.codebook_update import update_codebooks
 from quantkit.builtin_backends.aqlm.config import AQLMConfig
@@ -49,6 +49,17 @@ def test_nearest_centroid_is_the_first_argmin_of_the_distances():
     assert torch.equal(nearest(points, centroids), torch.cdist(points, centroids).argmin(1))
     scores = torch.randint(0, 4, (500, 16), generator=g).float()  # many ties: the first maximum wins
     assert torch.equal(first_argmax(scores), scores.argmax(1))
+
+
+def test_kmeans_with_no_more_points_than_centroids_is_exact_and_free():
+    """1x16 on a 576-wide layer: 2**16 codewords for fewer groups; every group is its own codeword."""
+    points = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    books, codes = residual_kmeans(points, 2, 512, 5, torch.Generator().manual_seed(1))
+    assert books.shape == (2, 512, 8)
+    assert torch.equal(books[0][codes[:, 0]] + books[1][codes[:, 1]], points)
+    config = AQLMConfig(num_codebooks=1, nbits_per_codebook=16)
+    assert aq_flops(config, 576, 576, 8192)["kmeans"] == 0.0  # 41472 groups <= 65536 codewords
+    assert aq_flops(config, 1536, 576, 8192)["kmeans"] > 0.0
 
 
 def test_each_phase_lowers_the_output_error_and_beats_rtn_at_equal_bits():

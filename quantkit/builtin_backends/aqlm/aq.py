@@ -90,7 +90,7 @@ def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: in
     )
     return {
         "xtx": 2.0 * tokens * in_features**2,
-        "kmeans": 2.0 * books * (config.kmeans_iters * fitted + points) * size * og * ig,
+        "kmeans": 0.0 if points <= size else 2.0 * books * (config.kmeans_iters * fitted + points) * size * og * ig,
         "beam_search": float(config.rounds * per_search),
         "codebook_update": 2.0 * config.rounds * config.codebook_steps * out_features * in_features**2,
     }

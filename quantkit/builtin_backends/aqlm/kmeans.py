@@ -32,15 +32,18 @@ def kmeans(
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means of ``points`` ``(n, d)`` into ``k`` centroids: ``(centroids (k, d), codes (n,))``.
 
-    Centroids start at ``k`` points drawn at random (with replacement when ``n < k``); a
-    cluster that empties keeps its centroid. With ``per_centroid``, the centroids are fitted on
-    a random sample of ``k * per_centroid`` points (all points get codes).
+    Centroids start at ``k`` points drawn at random; a cluster that empties keeps its centroid.
+    With ``per_centroid``, the centroids are fitted on a random sample of ``k * per_centroid``
+    points (all points get codes). With ``n <= k`` the clustering is exact: every point is a
+    centroid (the rest are repeats of random points) and its own code.
     """
     n = len(points)
+    if n <= k:
+        extra = torch.randint(n, (k - n,), generator=generator).to(points.device)
+        return torch.cat([points, points[extra]]), torch.arange(n, device=points.device)
     order = torch.randperm(n, generator=generator).to(points.device)
     sample = points[order[: k * per_centroid]] if per_centroid is not None else points
-    start = order[:k] if n >= k else torch.randint(n, (k,), generator=generator).to(points.device)
-    centroids = points[start].clone()
+    centroids = points[order[:k]].clone()
     for _ in range(iters):
         codes = nearest(sample, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, codes, sample)
