@@ -12,11 +12,14 @@ tensors and its quantized form at a time.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from torch import nn
 from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
-from .core.errors import QuantizationError
+from .core.errors import QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.linears import Target, check_finite
 from .core.progress import track
@@ -38,6 +41,10 @@ from .core.streamed_checkpoints import StreamedCheckpoint
 from .estimate import format_seconds
 
 log = logging.getLogger("quantkit")
+
+JOURNAL = ".quantkit-progress.json"
+"""The work folder's record of the run (config, checkpoint fingerprint) and its complete shards."""
+LOCK = ".quantkit-run.lock"
 
 TEMPLATE_METHODS = ("quantize", "save_pretrained", "load_pretrained", "saved_tensors")
 """A backend streams when it quantizes, saves and loads through these template methods of
@@ -62,10 +69,17 @@ def quantize_streaming(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: torch.device | str | None = None,
+    resume: bool = True,
 ) -> Path:
     """Quantize the float checkpoint folder ``model_folder`` (``model.safetensors`` or shards
     and their index; float32, float16 or bfloat16) into ``out_folder``, atomically, never holding
     the whole model; return ``out_folder``.
+
+    Complete shards are kept in ``.NAME.quantkit-partial`` beside ``out_folder`` with a journal
+    (:data:`JOURNAL`) until the run ends: a run that was interrupted (killed, out of disk) resumes
+    after its last complete shard when the same checkpoint, config and shard size are given again,
+    re-quantizing only the modules not yet on disk; ``resume=False``, or any difference, starts over.
+    The output appears at ``out_folder`` only when complete.
 
     ``config`` (a :class:`QuantConfig`, dict or preset name) must name a calibration-free
     backend that quantizes through the template (:data:`TEMPLATE_METHODS`: RTN, EETQ); others
@@ -88,17 +102,96 @@ def quantize_streaming(
     with StreamedCheckpoint(source) as checkpoint:
         targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
         block = backend.quantization_config_block(checkpoint.model, config)
-        with atomic_path(out, directory=True) as tmp:
-            writer = ShardWriter(tmp, max_shard_bytes)
+        run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
+        partial = out.parent / f".{out.name}.quantkit-partial"
+        with _claimed(partial) as lock:
+            journal = partial / JOURNAL
+            state = _journal(journal, run) if resume else None
+            if state is None:
+                _clear(partial, keep=lock)
+
+            outputs: dict[str, list[str]] = {}  # module -> the names of its tensors in the output
+
+            def record(shards: dict[str, Any]) -> None:
+                done = {m: names for m, names in outputs.items() if all(map(writer.written, names))}
+                with atomic_path(journal, directory=False) as tmp:
+                    tmp.write_text(json.dumps({**run, **shards, "modules": done}))
+
+            writer = ShardWriter(partial, max_shard_bytes, on_close=record)
+            if state is not None:
+                try:
+                    writer.resume(state)
+                    outputs.update(state["modules"])
+                    log.info("resuming in %s: %d modules already written", partial, len(outputs))
+                except QuantkitError as error:
+                    log.warning("%s; starting over", error)
+                    _clear(partial, keep=lock)
+                    writer = ShardWriter(partial, max_shard_bytes, on_close=record)
             for module, names in track(checkpoint.modules(), f"{backend.name} (streaming)"):
-                _stream_module(checkpoint, names, targets.get(module), backend, writer, device)
+                if module not in outputs:
+                    outputs[module] = _stream_module(checkpoint, names, targets.get(module), backend, writer, device)
             writer.finish()
-            write_config(checkpoint.model, tmp, block)
+            journal.unlink(missing_ok=True)  # it names the shards as they were before finish renamed them
+            write_config(checkpoint.model, partial, block)
             for name in COPIED_FILES:
                 if (source / name).is_file():
-                    shutil.copyfile(source / name, tmp / name)
+                    shutil.copyfile(source / name, partial / name)
+            with atomic_path(out, directory=True) as tmp:
+                for item in partial.iterdir():
+                    if not item.name.startswith("."):  # the lock, leftovers of interrupted writes
+                        os.rename(item, tmp / item.name)
+            _clear(partial)
     log.info("%s: streamed %s in %s", config.quant_method, source, format_seconds(time.perf_counter() - start))
     return out
+
+
+def _fingerprint(source: Path) -> dict[str, list[int]]:
+    """Name -> (size, modification time) of the checkpoint's files: what a resumed run must find unchanged."""
+    return {
+        path.name: [path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(source.iterdir())
+        if path.suffix in (".safetensors", ".json")
+    }
+
+
+def _journal(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
+    """The complete shards an interrupted run of the same ``run`` left, or None."""
+    try:
+        state = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("modules"), dict):
+        return None
+    if {k: state.get(k) for k in run} != json.loads(json.dumps(run)):
+        log.info("%s is from another checkpoint, config or shard size: starting over", journal.parent)
+        return None
+    return state
+
+
+@contextlib.contextmanager
+def _claimed(partial: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the work folder ``partial`` (created if missing) while a run uses
+    it; a run that fails before completing a shard leaves nothing to resume and no folder."""
+    partial.mkdir(parents=True, exist_ok=True)
+    lock = partial / LOCK
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuantkitError(f"another quantkit run is writing {partial}: wait for it to end") from None
+        try:
+            yield lock
+        except BaseException:
+            if not (partial / JOURNAL).exists():
+                _clear(partial)
+            raise
+
+
+def _clear(partial: Path, keep: Path | None = None) -> None:
+    """Remove the work folder (all but ``keep``, the lock of a run that goes on using it)."""
+    for item in partial.iterdir() if keep is not None else [partial]:
+        if item != keep:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 def streams(backend: Backend) -> bool:
@@ -116,13 +209,16 @@ def _stream_module(
     backend: Backend,
     writer: ShardWriter,
     device: torch.device,
-) -> None:
-    """Write the tensors ``names`` of one module, quantized when it is a ``target``; they are all
-    released on return (a function, so that no loop variable keeps one alive)."""
+) -> list[str]:
+    """Write the tensors ``names`` of one module, quantized when it is a ``target``, but those an
+    interrupted run wrote; they are all released on return (a function, so that no loop variable
+    keeps one alive). Returns the names of the module's tensors in the output."""
     with checkpoint.tensors(names) as tensors:
         written = tensors if target is None else _quantized(backend, target, tensors, device)
         for name, tensor in written.items():
-            writer.add(name, tensor)
+            if not writer.written(name):
+                writer.add(name, tensor)
+        return list(written)
 
 
 def _quantized(

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import quantkit
+from quantkit import streaming
 from quantkit.cli.main import main
 from quantkit.core.empty_models import empty_model
+from quantkit.core.errors import QuantkitError
 from quantkit.core.safetensors_files import INDEX_NAME, WEIGHTS_NAME, read_header
 from quantkit.core.streamed_checkpoints import StreamedCheckpoint
 from quantkit.testing import tiny_llama, token_ids
@@ -185,7 +187,9 @@ def test_damaged_checkpoint_is_refused_and_leaves_no_output(float_folder, tmp_pa
     damage(float_folder)
     with pytest.raises(error, match=message):
         quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+    assert not (tmp_path / "out").exists()
+    partial = tmp_path / ".out.quantkit-partial"  # kept only when it holds complete shards to resume from
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"] or (partial / streaming.JOURNAL).is_file()
 
 
 def test_backends_that_calibrate_or_save_their_own_way_are_refused(float_folder, tmp_path):
@@ -232,3 +236,70 @@ def test_quantize_command_streams(float_folder, tmp_path, capsys):
     assert quantkit.load(out, "cpu").quantkit_config.quant_method == "eetq"
     assert main(["quantize", "--stream", "--method", "eetq", "--out", str(tmp_path / "x")]) == 2
     assert "--model=None is invalid; allowed: a local float checkpoint folder" in capsys.readouterr().err
+
+
+QUANTIZED = streaming._quantized
+
+
+class Interrupted(Exception):
+    """Stands for a run killed in the middle."""
+
+
+def counting_quantizer(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Count the linears quantized (and stop the run after ``fail_after`` of them)."""
+    calls: list[str] = []
+    quantize = QUANTIZED
+
+    def counted(backend, target, tensors, device):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Interrupted
+        calls.append(target.name)
+        return quantize(backend, target, tensors, device)
+
+    monkeypatch.setattr(streaming, "_quantized", counted)
+    return calls
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_run_resumes_after_its_last_complete_shard(float_folder, tmp_path, monkeypatch):
+    whole = counting_quantizer(monkeypatch)
+    reference = quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], tmp_path / "ref", max_shard_bytes=SHARD)
+    out = tmp_path / "out"
+    counting_quantizer(monkeypatch, fail_after=len(whole) - 3)
+    with pytest.raises(Interrupted):
+        quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], out, max_shard_bytes=SHARD)
+    partial = tmp_path / ".out.quantkit-partial"
+    assert not out.exists() and json.loads((partial / streaming.JOURNAL).read_text())["modules"]
+
+    resumed = counting_quantizer(monkeypatch)
+    quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], out, max_shard_bytes=SHARD)
+    assert 3 <= len(resumed) < len(whole) / 2  # the linears of the unfinished shard, not all of them
+    assert files_of(out) == files_of(reference)
+    assert not partial.exists()
+
+
+def test_a_resume_with_another_config_or_a_damaged_shard_starts_over(float_folder, tmp_path, monkeypatch):
+    out, partial = tmp_path / "out", tmp_path / ".out.quantkit-partial"
+    whole = counting_quantizer(monkeypatch)
+    reference = quantkit.quantize_streaming(float_folder, CONFIGS["eetq"], tmp_path / "ref", max_shard_bytes=SHARD)
+    for change in ("config", "shard"):
+        counting_quantizer(monkeypatch, fail_after=len(whole) - 2)
+        config = CONFIGS["rtn"] if change == "config" else CONFIGS["eetq"]
+        with pytest.raises(Interrupted):
+            quantkit.quantize_streaming(float_folder, config, out, max_shard_bytes=SHARD)
+        if change == "shard":
+            shard = partial / json.loads((partial / streaming.JOURNAL).read_text())["shards"][0]["file"]
+            shard.write_bytes(shard.read_bytes()[:-10])
+        again = counting_quantizer(monkeypatch)
+        quantkit.quantize_streaming(float_folder, CONFIGS["eetq"], out, max_shard_bytes=SHARD)
+        assert len(again) == len(whole), change
+        assert files_of(out) == files_of(reference)
+
+
+def test_two_runs_into_one_output_are_refused(float_folder, tmp_path):
+    partial = tmp_path / ".out.quantkit-partial"
+    with streaming._claimed(partial), pytest.raises(QuantkitError, match="another quantkit run is writing"):
+        quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)

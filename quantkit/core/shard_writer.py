@@ -12,12 +12,14 @@ The folder gets the hub's layout: ``model.safetensors`` when one shard suffices,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import ConfigValueError, QuantkitError
-from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME
+from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, read_header
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """The hub's shard size (5 GB)."""
@@ -30,19 +32,66 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 class ShardWriter:
     """Writes tensors into the folder ``directory`` in shards of at most ``max_shard_bytes``
     of tensor data (a larger tensor gets a shard of its own); :meth:`finish` names the shards
-    and writes the index."""
+    and writes the index.
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    ``on_close(state)`` is called each time a shard is complete on disk, with :meth:`state`: the
+    journal from which :meth:`resume` continues an interrupted writer after its last complete shard.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        on_close: Callable[[dict[str, Any]], None] | None = None,
+    ):
         if type(max_shard_bytes) is not int or max_shard_bytes <= 0:
             raise ConfigValueError("ShardWriter", "max_shard_bytes", max_shard_bytes, "a positive integer")
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.total_bytes = 0
+        self._on_close = on_close
         self._shards: list[Path] = []
+        self._shard_bytes: list[int] = []
         self._weight_map: dict[str, int] = {}
         self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         self._scratch = None
         self._scratch_bytes = 0
+
+    def state(self) -> dict[str, Any]:
+        """The complete shards (file, data bytes, tensor names) as JSON-ready data."""
+        names: list[list[str]] = [[] for _ in self._shards]
+        for name, shard in self._weight_map.items():
+            if shard < len(self._shards):
+                names[shard].append(name)
+        return {
+            "shards": [
+                {"file": path.name, "bytes": size, "tensors": sorted(tensors)}
+                for path, size, tensors in zip(self._shards, self._shard_bytes, names, strict=True)
+            ]
+        }
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Adopt the complete shards a :meth:`state` of an earlier writer of this folder lists, after
+        checking each holds exactly its tensors; the shard that writer was filling is started over."""
+        if self._shards or self._weight_map:
+            raise QuantkitError("a writer resumes before it writes")
+        for shard in state["shards"]:
+            path = self.directory / shard["file"]
+            try:
+                header = read_header(path)
+            except (OSError, QuantkitError) as error:
+                raise QuantkitError(f"the interrupted run's shard {path} is unreadable: {error}") from error
+            if sorted(header) != sorted(shard["tensors"]):
+                raise QuantkitError(f"the interrupted run's shard {path} does not hold the tensors its journal lists")
+            for name in shard["tensors"]:
+                self._weight_map[name] = len(self._shards)
+            self._shards.append(path)
+            self._shard_bytes.append(shard["bytes"])
+            self.total_bytes += shard["bytes"]
+
+    def written(self, name: str) -> bool:
+        """Whether ``name`` is in a complete shard."""
+        return self._weight_map.get(name, len(self._shards)) < len(self._shards)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (any device) as ``name``."""
@@ -111,4 +160,7 @@ class ShardWriter:
         scratch.close()
         Path(scratch.name).unlink()
         self._shards.append(shard)
+        self._shard_bytes.append(offset)
         self._scratch, self._entries = None, {}
+        if self._on_close is not None:
+            self._on_close(self.state())
