@@ -58,6 +58,8 @@ class StoredTensor:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int
+    """Position of the tensor's first byte in :attr:`file`."""
 
     @property
     def numel(self) -> int:
@@ -115,7 +117,7 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         raise ModelFormatError(f"{str(path)!r}: __metadata__={metadata!r} is not a map of strings")
     entries, ranges = {}, []
     for key, value in header.items():
-        entries[key], offsets = _entry(path, key, value)
+        entries[key], offsets = _entry(path, key, value, 8 + length)
         ranges.append((*offsets, key))
     _check_tiling(path, sorted(ranges), size - 8 - length)
     return entries
@@ -179,7 +181,7 @@ def _is_inside(name: str) -> bool:
     )
 
 
-def _entry(path: Path, key: str, value: object) -> tuple[StoredTensor, tuple[int, int]]:
+def _entry(path: Path, key: str, value: object, data_start: int) -> tuple[StoredTensor, tuple[int, int]]:
     where = f"{str(path)!r}: tensor {key!r}"
     if not isinstance(value, dict):
         raise ModelFormatError(f"{where} is described by a {type(value).__name__}, not an object")
@@ -190,7 +192,7 @@ def _entry(path: Path, key: str, value: object) -> tuple[StoredTensor, tuple[int
         raise ModelFormatError(f"{where}: shape={shape!r}; expected a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int and n >= 0 for n in offsets)):
         raise ModelFormatError(f"{where}: data_offsets={offsets!r}; expected [begin, end], non-negative integers")
-    entry = StoredTensor(path, DTYPES[dtype], tuple(shape))
+    entry = StoredTensor(path, DTYPES[dtype], tuple(shape), data_start + offsets[0])
     if offsets[1] - offsets[0] != entry.nbytes:
         raise ModelFormatError(
             f"{where}: data_offsets={offsets} span {offsets[1] - offsets[0]} bytes; "

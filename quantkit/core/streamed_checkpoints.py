@@ -9,12 +9,12 @@ memory-mapped shards, in their stored dtype, and lets them go when its block end
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .empty_models import empty_model
 from .errors import ModelFormatError
@@ -25,7 +25,7 @@ from .serialization import CONFIG_NAME, check_stored, read_model_config, tied_pa
 class StreamedCheckpoint:
     """The float checkpoint in ``directory`` (one ``model.safetensors`` or shards and their
     index), checked, with :attr:`model` its architecture on the meta device. A context manager:
-    leaving it closes the memory-mapped shards."""
+    leaving it lets the memory-mapped shards go."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -43,8 +43,7 @@ class StreamedCheckpoint:
                 f"{str(self.directory)!r} does not match its architecture: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-        self._files = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def __enter__(self) -> StreamedCheckpoint:
         return self
@@ -53,9 +52,8 @@ class StreamedCheckpoint:
         self.close()
 
     def close(self) -> None:
-        """Close the shards opened so far."""
-        self._files.close()
-        self._handles.clear()
+        """Let the shards mapped so far go (each is unmapped when no tensor read from it is left)."""
+        self._maps.clear()
 
     def modules(self) -> list[tuple[str, list[str]]]:
         """Every module owning stored tensors, in the model's order, with their full names."""
@@ -76,12 +74,21 @@ class StreamedCheckpoint:
             tensors.clear()
 
     def read_tensor(self, name: str) -> torch.Tensor:
-        """One stored tensor, read from its memory-mapped shard on the CPU."""
-        path = self.stored[name].file
+        """One stored tensor on the CPU, backed by its shard's pages (a private mapping: reading
+        costs page cache, which the kernel can reclaim, not process memory; writing to the
+        tensor copies the pages it touches and never changes the file)."""
+        entry = self.stored[name]
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
         try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = self._files.enter_context(safe_open(path, framework="pt"))
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelFormatError(f"{str(path)!r}: tensor {name!r} could not be read: {exc}") from exc
+            mapped = self._maps.get(entry.file)
+            if mapped is None:
+                with entry.file.open("rb") as file:
+                    mapped = self._maps[entry.file] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            if entry.offset % entry.dtype.itemsize:  # unaligned: copy
+                data = bytearray(mapped[entry.offset : entry.offset + entry.nbytes])
+                return torch.frombuffer(data, dtype=entry.dtype).view(entry.shape)
+            tensor = torch.frombuffer(mapped, dtype=entry.dtype, count=entry.numel, offset=entry.offset)
+            return tensor.view(entry.shape)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelFormatError(f"{str(entry.file)!r}: tensor {name!r} could not be read: {exc}") from exc

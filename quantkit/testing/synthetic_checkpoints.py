@@ -19,7 +19,7 @@ import torch
 
 from quantkit.core.atomic import atomic_path
 from quantkit.core.empty_models import empty_model
-from quantkit.core.errors import UnknownNameError
+from quantkit.core.errors import ConfigValueError, UnknownNameError
 from quantkit.core.serialization import CONFIG_NAME, tied_parameter_names
 from quantkit.core.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 
@@ -143,10 +143,17 @@ def write_synthetic_checkpoint(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     seed: int = 0,
+    layers: int | None = None,
 ) -> Path:
     """Write a random bfloat16 checkpoint of ``preset``'s architecture into ``folder``
-    (atomically), one tensor in memory at a time; return ``folder``."""
+    (atomically), one tensor in memory at a time; return ``folder``. ``layers`` keeps only
+    that many decoder layers (every shape stays the preset's): a real architecture at a size
+    tests can afford."""
     config = preset_config(preset)
+    if layers is not None:
+        if type(layers) is not int or not 1 <= layers <= config["num_hidden_layers"]:
+            raise ConfigValueError("write_synthetic_checkpoint", "layers", layers, f"1..{config['num_hidden_layers']}")
+        config["num_hidden_layers"] = layers
     model = empty_model(config, source=preset)  # on the meta device: names and shapes only
     tied = tied_parameter_names(model)
     generator = torch.Generator().manual_seed(seed)

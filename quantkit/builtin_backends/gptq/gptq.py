@@ -144,7 +144,8 @@ def _finish(
     damp: float | None,
 ) -> GPTQResult:
     groups = g_idx.long()
-    dequantized = scales[groups].t() * (intweight - zeros[groups].t())
+    dequantized = torch.sub(intweight, zeros[groups].t(), out=torch.empty_like(intweight, dtype=scales.dtype))
+    dequantized.mul_(scales[groups].t())  # scales[g].T * (q - zeros[g].T)
     if not torch.isfinite(dequantized).all():
         raise QuantizationError("quantization produced non-finite weights")
     return GPTQResult(
@@ -169,7 +170,10 @@ def rtn_quantize(
     in_features = w.shape[1]
     g_idx = torch.arange(in_features, device=w.device) // group_size
     scales, zeros = _group_params(w, g_idx, -(-in_features // group_size), bits, sym, mse)
-    q = torch.clamp(torch.round(w / scales[g_idx].t()) + zeros[g_idx].t(), 0, 2**bits - 1)
+    # clamp(round(w / s) + z, 0, maxq), in place: a weight-sized buffer at a time
+    q = torch.div(w, scales[g_idx].t(), out=torch.empty_like(w)).round_()
+    q.add_(zeros[g_idx].t()).clamp_(0, 2**bits - 1)
+    del w
     return _finish(q, scales, zeros, g_idx, bits, loss=None, damp=None)
 
 

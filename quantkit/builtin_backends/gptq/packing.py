@@ -52,6 +52,12 @@ def _pack_rows(values: Tensor, bits: int) -> Tensor:
     n_values = values.shape[0]
     if n_values * bits % 32:
         raise ValueError(f"cannot pack {n_values} values of {bits} bits into whole 32-bit words")
+    if 32 % bits == 0:  # whole values per word: or each slot of the words in, in int32
+        slots = values.to(torch.int32).view(-1, 32 // bits, values.shape[1])
+        words = slots[:, 0].clone()
+        for slot in range(1, 32 // bits):  # at most 16 slots; each step is one vectorised op
+            words.bitwise_or_(slots[:, slot].bitwise_left_shift(slot * bits))
+        return words
     word, shift = _bit_offsets(n_values, bits, values.device)
     values = values.to(torch.int64)
     words = torch.zeros(n_values * bits // 32, values.shape[1], dtype=torch.int64, device=values.device)
