@@ -47,7 +47,7 @@ def _bit_offsets(n_values: int, bits: int, device: torch.device) -> tuple[Tensor
     return offsets // 32, offsets % 32
 
 
-def _pack_rows(values: Tensor, bits: int) -> Tensor:
+def pack_rows(values: Tensor, bits: int) -> Tensor:
     """Pack ints ``(n, m)`` in ``[0, 2**bits)`` along dim 0 into int32 ``(n * bits // 32, m)``."""
     n_values = values.shape[0]
     if n_values * bits % 32:
@@ -69,8 +69,8 @@ def _pack_rows(values: Tensor, bits: int) -> Tensor:
     return _to_int32(words)
 
 
-def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`_pack_rows`: int32 ``(w, m)`` to int32 ``(w * 32 // bits, m)``."""
+def unpack_rows(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_rows`: int32 ``(w, m)`` to int32 ``(w * 32 // bits, m)``."""
     if 32 % bits == 0:  # whole values per word: one broadcast shift (the mask drops sign bits)
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
         values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
@@ -114,8 +114,8 @@ def pack_gptq(intweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, b
     _check_range("zeros", zeros, 1, 2**bits - 1)
     _check_range("g_idx", g_idx, 0, n_groups - 1)
     return {
-        "qweight": _pack_rows(intweight.t(), bits),
-        "qzeros": _pack_rows((zeros - 1).t(), bits).t().contiguous(),
+        "qweight": pack_rows(intweight.t(), bits),
+        "qzeros": pack_rows((zeros - 1).t(), bits).t().contiguous(),
         "scales": scales.to(torch.float16).contiguous(),
         "g_idx": g_idx.to(torch.int32).contiguous(),
     }
@@ -127,8 +127,8 @@ def unpack_gptq(qweight: Tensor, qzeros: Tensor, bits: int) -> tuple[Tensor, Ten
     The stored ``zero - 1`` gets its one added back, as the kernels do.
     """
     _check_bits(bits)
-    intweight = _unpack_rows(qweight, bits).t()
-    zeros = _unpack_rows(qzeros.t(), bits).t() + 1
+    intweight = unpack_rows(qweight, bits).t()
+    zeros = unpack_rows(qzeros.t(), bits).t() + 1
     return intweight.contiguous(), zeros.contiguous()
 
 
@@ -139,8 +139,8 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
     a view; otherwise each input row gathers its group's scales and zeros.
     """
     _check_bits(bits)
-    intweight = _unpack_rows(qweight, bits)  # (in, out): rows of qweight, no transposed copies
-    zeros = _unpack_rows(qzeros.t(), bits).t() + 1
+    intweight = unpack_rows(qweight, bits)  # (in, out): rows of qweight, no transposed copies
+    zeros = unpack_rows(qzeros.t(), bits).t() + 1
     n_groups, out_features = scales.shape
     in_features = intweight.shape[0]
     if in_features % n_groups == 0 and torch.equal(
