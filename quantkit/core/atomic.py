@@ -195,7 +195,11 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _commit_folder(tmp: Path, path: Path) -> None:
     """Put the folder ``tmp`` at ``path``; an old folder there ends up at ``tmp`` or is deleted."""
-    if os.path.lexists(path) and not path.is_dir():
+    try:  # one stat: another writer's rename-aside may take the old folder away at any moment
+        is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_folder = not os.path.lexists(path)  # gone meanwhile (fine) or a dangling link (not a folder)
+    if not is_folder:
         raise NotADirectoryError(errno.ENOTDIR, "it exists and is not a folder")
     while True:
         try:
