@@ -14,6 +14,15 @@ position ids, rotary position embeddings) and then, layer by layer:
 The calibration samples go through each layer in chunks, which bounds the memory of the
 forward passes; one set of hidden states (``nsamples x seqlen x hidden``) lives on the device.
 
+Launched with ``torchrun`` (:mod:`quantkit.distributed`), each rank runs this pipeline on its
+own share of the samples (sample ``i`` on rank ``i % world``): backends sum their statistics
+over the ranks (:meth:`HessianAccumulator.reduce`, :class:`SampleSum`,
+:meth:`LayerContext.reduce_sum`), give each solve to one rank (``ctx.dist.owners``) and
+broadcast its result (``ctx.dist.broadcast``), so that every rank holds the same quantized
+layer before propagating its samples. With ``QUANTKIT_DETERMINISTIC_REDUCE=1`` each chunk is
+one sample and every statistic is summed per sample in sample order: the output's bits then
+do not depend on the number of ranks.
+
 Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, SmolLM),
 ``mistral`` and ``qwen2`` — whose decoder layers are ``model.model.layers`` with
 ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``. Anything else raises
@@ -37,6 +46,7 @@ from torch import nn
 from .core.errors import QuantizationError
 from .core.linears import Target, set_submodule
 from .core.progress import track
+from .distributed import Distributed, DistributedError, session
 
 log = logging.getLogger("quantkit")
 
@@ -85,6 +95,22 @@ LLAMA_GROUPS = (
 
 
 @dataclass
+class LayerWork:
+    """Work one rank did during a calibration run (summed over its layers)."""
+
+    samples: int = 0
+    """Calibration samples this rank calibrated on."""
+    forward_tokens: int = 0
+    """Tokens run through decoder layers (each observing or propagating forward counts)."""
+    hessian_flops: float = 0.0
+    """Multiply-adds counted apart, of the input statistics (``X^T X``) this rank accumulated."""
+    solves: int = 0
+    """Per-linear solves (GPTQ, AQLM, AWQ clipping searches) this rank ran."""
+    solve_cost: float = 0.0
+    """Their summed cost estimate, in the units given to :meth:`Distributed.owners`."""
+
+
+@dataclass
 class PipelineReport:
     """What one calibration run cost."""
 
@@ -95,6 +121,10 @@ class PipelineReport:
     """Largest resident set size sampled (psutil) after each chunk of each pass."""
     peak_device_bytes: int | None = None
     """``torch.cuda.max_memory_allocated`` on CUDA devices, else ``None``."""
+    rank: int = 0
+    world: int = 1
+    work: LayerWork = field(default_factory=LayerWork)
+    """This rank's share of the work (see :mod:`quantkit.distributed`)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +182,11 @@ class LayerContext:
     ``chunks[c]`` holds the hidden states entering the layer for the ``c``-th chunk of
     calibration samples, ``kwargs[c]`` the other arguments of its forward. ``targets`` maps
     names relative to the layer (``"mlp.down_proj"``) to the linears to quantize.
+
+    Under ``torchrun`` the chunks hold this rank's samples only (``sample_ids[c]``: their
+    global indices): sum statistics over the ranks with :meth:`reduce_sum` or
+    :class:`SampleSum` before using them, and share results with ``dist``
+    (:class:`~quantkit.distributed.Distributed`). ``work`` counts this rank's work.
     """
 
     index: int
@@ -162,6 +197,9 @@ class LayerContext:
     chunks: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     _meter: _MemoryMeter = field(repr=False)
+    dist: Distributed = field(default_factory=Distributed)
+    sample_ids: list[torch.Tensor] = field(default_factory=list)
+    work: LayerWork = field(default_factory=LayerWork)
 
     @property
     def device(self) -> torch.device:
@@ -175,13 +213,20 @@ class LayerContext:
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (a statistic of this rank's samples) over every rank, in place; the
+        identity in one process. Sum counts the same way to turn sums into means."""
+        return self.dist.all_reduce(tensor)
+
     def replace(self, name: str, module: nn.Module) -> None:
         """Swap the submodule ``name`` of this layer for ``module``."""
         set_submodule(self.layer, name, module)
 
     def forward(self, chunk: int) -> torch.Tensor:
         """The layer's output for one chunk."""
-        out = self.layer(self.chunks[chunk], **self.kwargs[chunk])
+        hidden = self.chunks[chunk]
+        self.work.forward_tokens += hidden.shape[0] * hidden.shape[1]
+        out = self.layer(hidden, **self.kwargs[chunk])
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -322,6 +367,7 @@ def quantize_layerwise(
     description: str,
     chunk_samples: int | None = None,
     min_tokens: int | None = None,
+    data_parallel: bool = False,
 ) -> PipelineReport:
     """Calibrate and quantize ``model``'s decoder layers one after the other, in place.
 
@@ -331,27 +377,54 @@ def quantize_layerwise(
     through each layer ``chunk_samples`` at a time (default: about 8192 tokens per chunk).
     ``min_tokens`` defaults to the widest input of the linears to quantize. Returns the
     wall time and peak memory, also logged and set as ``model.quantkit_calibration_report``.
+
+    ``data_parallel`` declares that ``quantize_layer`` sums its statistics over the ranks of a
+    torchrun launch (:class:`LayerContext`); a multi-rank run of one that does not is refused.
     """
     start = time.perf_counter()
-    device = torch.device(device)
+    dist = session()
+    device = dist.device if dist.world > 1 and torch.device(device).type == "cuda" else torch.device(device)
     stack = decoder_stack(model)
     per_layer = layer_targets(targets, stack)
     widest = max(t.linear.in_features for t in targets)
     check_calibration(model, calibration, widest if min_tokens is None else min_tokens)
     nsamples, seqlen = calibration.shape
-    chunk_samples = chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
+    if dist.world > 1 and not data_parallel:
+        raise DistributedError(
+            f"{description} does not calibrate data-parallel: launch it without torchrun (WORLD_SIZE={dist.world})"
+        )
+    if nsamples < dist.world:
+        raise DistributedError(
+            f"{nsamples} calibration samples cannot be shared by {dist.world} ranks: raise nsamples to at least "
+            f"{dist.world} or launch fewer ranks"
+        )
+    chunk_samples = 1 if dist.deterministic else chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
+    ids = dist.sample_ids(nsamples)
+    local = calibration if dist.world == 1 else calibration[ids]
+    work = LayerWork(samples=len(ids))
     meter = _MemoryMeter(device)
     was_training = model.training
     model.eval()
     try:
-        chunks, kwargs = _capture_first_inputs(stack, calibration, device, chunk_samples)
+        chunks, kwargs = _capture_first_inputs(stack, local, device, chunk_samples)
+        sample_ids = list(ids.split(chunk_samples))
         meter.sample()
         for index in track(range(len(stack.layers)), f"{description} layers"):
             layer = stack.layers[index]
             home = _device_of(layer)
             layer.to(device)
             ctx = LayerContext(
-                index, stack.layer_name(index), layer, stack.groups, per_layer[index], chunks, kwargs, meter
+                index,
+                stack.layer_name(index),
+                layer,
+                stack.groups,
+                per_layer[index],
+                chunks,
+                kwargs,
+                meter,
+                dist=dist,
+                sample_ids=sample_ids,
+                work=work,
             )
             if ctx.targets:
                 quantize_layer(ctx)
@@ -366,12 +439,16 @@ def quantize_layerwise(
         seconds=time.perf_counter() - start,
         peak_rss_bytes=meter.peak_rss,
         peak_device_bytes=meter.peak_device(),
+        rank=dist.rank,
+        world=dist.world,
+        work=work,
     )
     device_peak = ""
     if report.peak_device_bytes is not None:
         device_peak = f", {device} peak {report.peak_device_bytes / 2**20:.0f} MiB"
+    ranks = f" (rank {dist.rank} of {dist.world}: {len(ids)} samples, {work.solves} solves)" if dist.world > 1 else ""
     log.info(
-        "%s: %d layers on %d x %d tokens in %.1f s; peak RSS %.0f MiB%s",
+        "%s: %d layers on %d x %d tokens in %.1f s; peak RSS %.0f MiB%s%s",
         description,
         report.layers,
         nsamples,
@@ -379,6 +456,7 @@ def quantize_layerwise(
         report.seconds,
         report.peak_rss_bytes / 2**20,
         device_peak,
+        ranks,
     )
     setattr(model, REPORT_ATTR, report)
     return report
@@ -386,11 +464,20 @@ def quantize_layerwise(
 
 class HessianAccumulator:
     """Running ``H = 2/n * sum(x x^T)`` over the calibration inputs of one linear layer (float32):
-    the statistic GPTQ's and AQLM's layer objectives ``||(W - Q) X||^2`` need."""
+    the statistic GPTQ's and AQLM's layer objectives ``||(W - Q) X||^2`` need.
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
+    Pass the layer's ``dist`` (``ctx.dist``) and call :meth:`reduce` for the Hessian over every
+    rank's samples. In deterministic mode each :meth:`add_batch` call is one sample's partial
+    ``x^T x``, kept until :meth:`reduce` sums them in sample order.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, dist: Distributed | None = None):
+        self.dist = dist or Distributed()
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
+        self.flops = 0.0
+        """Multiply-adds (counted apart) spent on the products ``x^T x``."""
+        self._partials: list[torch.Tensor] = []
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -398,11 +485,65 @@ class HessianAccumulator:
         if x.shape[-1] != self.H.shape[0]:
             raise ValueError(f"input has {x.shape[-1]} features; the accumulator expects {self.H.shape[0]}")
         x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
+        self.flops += 2.0 * x.shape[0] * x.shape[1] ** 2
+        if self.dist.deterministic:
+            self._partials.append(x.t() @ x)
+            self.nsamples += x.shape[0]
+            return
         if x.shape[0] == 0:
             return
         total = self.nsamples + x.shape[0]
         self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
         self.nsamples = total
+
+    @torch.no_grad()
+    def reduce(self, dst: int | None = None) -> torch.Tensor | None:
+        """The Hessian over every rank's samples on rank ``dst`` (every rank when ``None``), ``None``
+        on the others; in one process (not deterministic) :attr:`H` as accumulated. Every rank calls it."""
+        dist = self.dist
+        if dist.deterministic:
+            rows = dist.all_reduce(torch.tensor([float(self.nsamples)], dtype=torch.float64))
+            partials = torch.stack(self._partials) if self._partials else self.H.new_zeros((0, *self.H.shape))
+            self._partials = []
+            self.H = dist.ordered_sum(partials).mul_(2.0 / float(rows))
+            self.nsamples = int(rows)
+            return self.H if dst is None or dst == dist.rank else None
+        if dist.world == 1:
+            return self.H
+        count = torch.tensor([float(self.nsamples)], dtype=torch.float64)
+        dist.all_reduce(count)
+        total = self.H.mul_(self.nsamples)
+        if dist.reduce(total, dst) is None:
+            return None
+        self.H = total.div_(float(count))
+        self.nsamples = int(count)
+        return self.H
+
+
+class SampleSum:
+    """A statistic summed over the calibration samples of every rank: :meth:`add` each observed
+    chunk's partial sum, then :meth:`total` (every rank calls it) gives the sum over all ranks.
+    In one process (not deterministic) the partials are added in chunk order as they come; in
+    deterministic mode (chunks of one sample) they are summed in global sample order."""
+
+    def __init__(self, dist: Distributed):
+        self.dist = dist
+        self._sum: torch.Tensor | None = None
+        self._partials: list[torch.Tensor] = []
+
+    def add(self, partial: torch.Tensor) -> None:
+        if self.dist.deterministic:
+            self._partials.append(partial)
+        else:
+            self._sum = partial if self._sum is None else self._sum + partial
+
+    def total(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum over every rank; ``like`` gives the shape, dtype and device of a rank with no partials."""
+        if self.dist.deterministic:
+            partials = torch.stack(self._partials) if self._partials else like.new_zeros((0, *like.shape))
+            return self.dist.ordered_sum(partials)
+        local = like.new_zeros(like.shape) if self._sum is None else self._sum
+        return local if self.dist.world == 1 else self.dist.all_reduce(local.clone())
 
 
 @contextlib.contextmanager

@@ -44,17 +44,37 @@ def aqlm_storage_bits(config: AQLMConfig, out_features: int, in_features: int) -
 
 
 def _quantize_layer(ctx: LayerContext) -> None:
-    """AQLM's step of :func:`quantkit.layerwise.quantize_layerwise` for one decoder layer."""
+    """AQLM's step of :func:`quantkit.layerwise.quantize_layerwise` for one decoder layer.
+
+    Under ``torchrun`` each linear's solve goes to one rank (balanced by its FLOPs), which
+    receives the summed Hessian and broadcasts the codes, codebooks and scales."""
     for _, members in ctx.target_groups():
         first = ctx.targets[members[0]].linear
-        accumulator = HessianAccumulator(first.in_features, ctx.device)
+        accumulator = HessianAccumulator(first.in_features, ctx.device, ctx.dist)
         ctx.observe({members[0]: lambda x, c, h=accumulator: h.add_batch(x)})
-        for name in members:
+        ctx.work.hessian_flops += accumulator.flops
+        costs = [_solve_cost(ctx, name) for name in members]
+        owners = ctx.dist.owners(costs)
+        H = accumulator.reduce(owners[0] if len(set(owners)) == 1 else None)
+        results = {}
+        for name, owner, cost in zip(members, owners, costs):
+            if owner == ctx.dist.rank:
+                linear, config = ctx.targets[name].linear, ctx.targets[name].config
+                with one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
+                    results[name] = aq_quantize(linear.weight, H, config)
+                log.debug("%s.%s: AQLM output error %s", ctx.name, name, results[name].errors)
+                ctx.work.solves += 1
+                ctx.work.solve_cost += cost
+        for name, owner in zip(members, owners):
             linear, config = ctx.targets[name].linear, ctx.targets[name].config
-            with one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
-                result = aq_quantize(linear.weight, accumulator.H, config)
-            log.debug("%s.%s: AQLM output error %s", ctx.name, name, result.errors)
-            ctx.replace(name, AQLMLinear.from_result(linear, config, result))
+            ctx.replace(name, AQLMLinear.from_result(linear, config, ctx.dist.broadcast(results.get(name), owner)))
+
+
+def _solve_cost(ctx: LayerContext, name: str) -> float:
+    """AQLM's FLOPs for one linear, without the shared ``X^T X``."""
+    linear, config = ctx.targets[name].linear, ctx.targets[name].config
+    flops = aq_flops(config, linear.out_features, linear.in_features, 0)
+    return sum(value for phase, value in flops.items() if phase != "xtx")
 
 
 class AQLMBackend(Backend):
@@ -80,7 +100,7 @@ class AQLMBackend(Backend):
 
     def quantize(self, model: nn.Module, config: AQLMConfig, *, calibration, device) -> nn.Module:
         targets = self.targets(model, config)
-        quantize_layerwise(model, targets, calibration, device, _quantize_layer, description="AQLM")
+        quantize_layerwise(model, targets, calibration, device, _quantize_layer, description="AQLM", data_parallel=True)
         return model
 
     def empty_module(self, name: str, linear: nn.Linear, config: AQLMConfig) -> AQLMLinear:

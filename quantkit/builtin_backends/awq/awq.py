@@ -126,6 +126,7 @@ def search_scales(
     n_grid: int = 20,
     forward_fn: Callable[[], Tensor] | None = None,
     duo_scaling: bool = True,
+    loss_fn: Callable[[Tensor, Tensor], float] | None = None,
 ) -> ScaleSearchResult:
     """Grid-search AWQ's per-input-channel scales for ``linears``, which all take input ``x (..., in)``.
 
@@ -135,7 +136,8 @@ def search_scales(
     error) with the float output. ``forward_fn`` computes the output the loss is taken on, e.g.
     ``lambda: mlp(x)``; it is called once with the original weights and once per grid point with
     the linears' weights temporarily overwritten in place (they are restored before returning).
-    Default: the linears' own outputs on ``x``, concatenated.
+    Default: the linears' own outputs on ``x``, concatenated. ``loss_fn(output, reference)``
+    replaces the mean squared error (e.g. to sum it over the ranks of a distributed run).
     """
     if not linears:
         raise ValueError("search_scales needs at least one linear")
@@ -167,7 +169,8 @@ def search_scales(
             for linear, original in zip(linears, originals):
                 scaled = original.float() * scales
                 linear.weight.data.copy_(_fake_quantize(scaled, w_bits, group_size, zero_point) / scales)
-            loss = (forward_fn().float() - reference).pow(2).mean().item()
+            output = forward_fn().float()
+            loss = (output - reference).pow(2).mean().item() if loss_fn is None else loss_fn(output, reference)
             if best is None or loss < best.loss:
                 best = ScaleSearchResult(scales=scales.clone(), ratio=ratio, loss=loss)
     finally:
@@ -209,6 +212,21 @@ def apply_scales_to_previous(
 
 
 @torch.no_grad()
+def group_gram_sum(x: Tensor, group_size: int, device: torch.device, max_elements: int = 2**24) -> Tensor:
+    """Per input group of ``group_size`` channels, ``sum_t x_t x_t^T`` over the rows of ``x (..., in)``:
+    ``(n_groups, group_size, group_size)`` float32 on ``device``, in chunks of about ``max_elements``."""
+    in_features = x.shape[-1]
+    group_size = _group_size(in_features, group_size)
+    n_groups = in_features // group_size
+    rows = x.reshape(-1, in_features)
+    gram = torch.zeros(n_groups, group_size, group_size, device=device)
+    for chunk in rows.split(max(1, max_elements // in_features)):
+        grouped_x = chunk.to(device=device, dtype=torch.float32).reshape(-1, n_groups, group_size)
+        gram.baddbmm_(grouped_x.permute(1, 2, 0), grouped_x.transpose(0, 1))
+    return gram
+
+
+@torch.no_grad()
 def search_clip(
     weight: Tensor,
     x: Tensor,
@@ -219,23 +237,37 @@ def search_clip(
     max_shrink: float = 0.5,
     max_elements: int = 2**24,
 ) -> Tensor:
-    """AutoAWQ's clipping search: the best ``max_val (out, n_groups)`` to clamp each group to.
+    """AutoAWQ's clipping search: the best ``max_val (out, n_groups)`` to clamp each group to, on
+    inputs ``x (..., in)`` (pass inputs already divided by any folded AWQ scales); see
+    :func:`search_clip_gram`, which it calls with the mean Gram matrices of ``x``."""
+    _group_size(weight.shape[1], group_size)
+    gram = group_gram_sum(x, group_size, weight.device, max_elements)
+    gram /= max(x.numel() // x.shape[-1], 1)
+    return search_clip_gram(weight, gram, w_bits, group_size, zero_point, n_grid, max_shrink, max_elements)
+
+
+@torch.no_grad()
+def search_clip_gram(
+    weight: Tensor,
+    gram: Tensor,
+    w_bits: int = 4,
+    group_size: int = 128,
+    zero_point: bool = True,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    max_elements: int = 2**24,
+) -> Tensor:
+    """AutoAWQ's clipping search given the inputs' per-group mean ``x x^T`` (``gram``, from
+    :func:`group_gram_sum` divided by the number of rows).
 
     For every group, clamps to ``±max|w| * (1 - i / n_grid)``, ``i < max_shrink * n_grid``, and
-    keeps the shrink whose quantized weights give the least mean squared output error on the
-    inputs ``x (..., in)`` (pass inputs already divided by any folded AWQ scales). The error
-    ``mean_t (dw . x_t)^2`` is computed exactly through each group's input Gram matrix, so all of
-    ``x`` is used; work is chunked over output rows to about ``max_elements`` values per tensor.
+    keeps the shrink whose quantized weights give the least mean squared output error
+    ``mean_t (dw . x_t)^2``, computed exactly through each group's Gram matrix; work is chunked
+    over output rows to about ``max_elements`` values per tensor.
     """
     out_features, in_features = weight.shape
     group_size = _group_size(in_features, group_size)
     n_groups = in_features // group_size
-    rows = x.reshape(-1, in_features)
-    gram = torch.zeros(n_groups, group_size, group_size, device=weight.device)  # per group: mean_t x_t x_t^T
-    for chunk in rows.split(max(1, max_elements // in_features)):
-        grouped_x = chunk.to(device=weight.device, dtype=torch.float32).reshape(-1, n_groups, group_size)
-        gram.baddbmm_(grouped_x.permute(1, 2, 0), grouped_x.transpose(0, 1))
-    gram /= max(rows.shape[0], 1)
 
     w = weight.detach().float().reshape(out_features, n_groups, group_size)
     full_range = w.abs().amax(-1)  # (out, groups)

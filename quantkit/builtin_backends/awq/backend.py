@@ -16,6 +16,12 @@ Per decoder layer (through :mod:`quantkit.layerwise`), as AutoAWQ does for Llama
 
 The pipeline then runs the quantized layer to get the next layer's inputs.
 
+Under ``torchrun`` (:mod:`quantkit.distributed`) each rank keeps the search samples it holds
+(the first ``search_tokens // seqlen`` calibration samples, spread over the ranks); the channel
+statistics, every grid point's loss and the clipping Gram matrices are summed over the ranks,
+so every rank picks the same scales; each clipping search runs on one rank, which broadcasts
+its result.
+
 AWQ's formats store ``in_features / group_size`` groups per row, so ``group_size`` must divide
 every quantized layer's ``in_features`` (:data:`AWQ_SHAPE_LIMITS`): otherwise a
 :class:`QuantizationError` names the layers (SmolLM2-135M's 576-wide inputs take group_size 32
@@ -32,14 +38,15 @@ from torch import Tensor, nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
-from quantkit.layerwise import LayerContext, LinearGroup, quantize_layerwise
+from quantkit.layerwise import LayerContext, LinearGroup, SampleSum, quantize_layerwise
 
 from .awq import (
     apply_clip,
     apply_scales_to_previous,
     awq_pseudo_quantize,
+    group_gram_sum,
     input_channel_mean_abs,
-    search_clip,
+    search_clip_gram,
     search_scales,
 )
 from .config import PRESETS, AWQConfig
@@ -60,40 +67,61 @@ AWQ_SHAPE_LIMITS = (
 
 
 class _AWQLayerQuantizer:
-    """AWQ's step of :func:`quantkit.layerwise.quantize_layerwise`; chunk 0 holds the search tokens."""
+    """AWQ's step of :func:`quantkit.layerwise.quantize_layerwise`: the scale search and the clipping
+    search evaluate on the first ``search_samples`` calibration samples (chunk 0 in one process)."""
+
+    def __init__(self, search_samples: int):
+        self.search_samples = search_samples
 
     def __call__(self, ctx: LayerContext) -> None:
         groups = ctx.target_groups()
         heads = [members[0] for _, members in groups]
-        sums = {head: 0.0 for head in heads}
+        sums = {head: SampleSum(ctx.dist) for head in heads}
         counts = dict.fromkeys(heads, 0)
-        kept: dict[str, Tensor] = {}
+        parts: dict[str, list[Tensor]] = {head: [] for head in heads}
+        empty: dict[str, Tensor] = {}
 
         def observer(head: str):
             def observe(x: Tensor, chunk: int) -> None:
                 rows = x.numel() // x.shape[-1]
-                sums[head] = sums[head] + input_channel_mean_abs(x) * rows
+                sums[head].add(input_channel_mean_abs(x) * rows)
                 counts[head] += rows
-                if chunk == 0:
-                    kept[head] = x.detach()
+                keep = int((ctx.sample_ids[chunk] < self.search_samples).sum())
+                if keep:
+                    parts[head].append(x[:keep].detach())
+                empty[head] = x[:0].detach()
 
             return observe
 
         ctx.observe({head: observer(head) for head in heads})
+        kept = {head: torch.cat(p) if len(p) > 1 else p[0] if p else empty[head] for head, p in parts.items()}
         for group, members in groups:
             head = members[0]
-            scales = self._search(ctx, group, members, sums[head] / counts[head], kept[head])
+            mean_abs = sums[head].total(empty[head].new_zeros(empty[head].shape[-1])) / _sum(ctx, counts[head])
+            scales = self._search(ctx, group, members, mean_abs, kept[head])
             if scales is not None:
                 kept[head] = kept[head] / scales
-        for group, members in groups:
-            for name in members:
+        clipped = [(name, members[0]) for group, members in groups for name in members if group.clips(name)]
+        grams = {}
+        for name, head in clipped:
+            key = (head, ctx.targets[name].config.group_size)
+            if key not in grams:
+                grams[key] = _gram(ctx, kept[head], key[1], ctx.targets[name].linear.weight.device)
+        # the search's dominant cost: out * in * group_size per shrink
+        sizes = [grams[head, ctx.targets[name].config.group_size].shape[-1] for name, head in clipped]
+        costs = [float(ctx.targets[name].linear.weight.numel() * size) for (name, _), size in zip(clipped, sizes)]
+        owners = ctx.dist.owners(costs)
+        max_vals = {}
+        for (name, head), owner, cost in zip(clipped, owners, costs):
+            if owner == ctx.dist.rank:
                 target = ctx.targets[name]
-                if group.clips(name):
-                    cfg = target.config
-                    max_val = search_clip(
-                        target.linear.weight, kept[members[0]], cfg.bits, cfg.group_size, cfg.zero_point
-                    )
-                    apply_clip(target.linear, max_val)
+                cfg = target.config
+                gram = grams[head, cfg.group_size]
+                max_vals[name] = search_clip_gram(target.linear.weight, gram, cfg.bits, cfg.group_size, cfg.zero_point)
+                ctx.work.solves += 1
+                ctx.work.solve_cost += cost
+        for (name, _), owner in zip(clipped, owners):
+            apply_clip(ctx.targets[name].linear, ctx.dist.broadcast(max_vals.get(name), owner))
         for name, target in ctx.targets.items():
             cfg, linear = target.config, target.linear
             q = awq_pseudo_quantize(linear.weight, cfg.bits, cfg.group_size, cfg.zero_point)
@@ -117,15 +145,22 @@ class _AWQLayerQuantizer:
             return None
         if group.inspect is None:
 
-            def forward() -> Tensor:
+            def run(x: Tensor) -> Tensor:
                 return torch.cat([linear(x) for linear in linears], dim=-1)
         else:
             inspected = ctx.module(group.inspect)
             kwargs = ctx.kwargs[0] if group.inspect_takes_kwargs else {}
 
-            def forward() -> Tensor:
-                out = inspected(x, **kwargs)
+            def run(x: Tensor) -> Tensor:
+                out = inspected(x, **_batch(kwargs, x.shape[0]))
                 return out[0] if isinstance(out, tuple) else out
+
+        def forward() -> Tensor:
+            if not x.shape[0]:  # a rank that holds none of the search samples
+                return x.new_zeros((0, 1))
+            if ctx.dist.deterministic:  # sample by sample, as in every world size
+                return torch.cat([run(x[i : i + 1]) for i in range(x.shape[0])])
+            return run(x)
 
         cfg = ctx.targets[members[0]].config
         # search_scales reads only the per-channel mean |x| from its x when forward_fn is given:
@@ -137,12 +172,62 @@ class _AWQLayerQuantizer:
             group_size=cfg.group_size,
             zero_point=cfg.zero_point,
             forward_fn=forward,
+            loss_fn=None if ctx.dist.world == 1 and not ctx.dist.deterministic else _loss(ctx),
         )
         apply_scales_to_previous(previous, linears, result.scales)
         log.debug(
             "%s: AWQ scales for %s: ratio %.2f, loss %.4g", ctx.name, ", ".join(members), result.ratio, result.loss
         )
         return result.scales
+
+
+def _batch(kwargs: dict, samples: int) -> dict:
+    """The layer's keyword arguments (captured for a whole chunk) for its first ``samples`` samples:
+    per-sample tensors (attention mask, rotary embeddings) cut to them, the rest as they are."""
+
+    def cut(value):
+        if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] > samples:
+            return value[:samples]
+        if isinstance(value, tuple):
+            return tuple(cut(item) for item in value)
+        return value
+
+    return {key: cut(value) for key, value in kwargs.items()}
+
+
+def _sum(ctx: LayerContext, count: int) -> int:
+    """``count`` summed over the ranks."""
+    if ctx.dist.world == 1:
+        return count
+    return int(ctx.reduce_sum(torch.tensor([count], dtype=torch.float64)).item())
+
+
+def _gram(ctx: LayerContext, x: Tensor, group_size: int, device: torch.device) -> Tensor:
+    """The per-group mean ``x x^T`` of every rank's search samples."""
+    if ctx.dist.deterministic:
+        like = x.new_zeros((0, *group_gram_sum(x[:0], group_size, device).shape), device=device)
+        partials = [group_gram_sum(x[i : i + 1], group_size, device) for i in range(x.shape[0])]
+        gram = ctx.dist.ordered_sum(torch.stack(partials) if partials else like)
+    else:
+        gram = ctx.reduce_sum(group_gram_sum(x, group_size, device))
+    gram /= max(_sum(ctx, x.numel() // x.shape[-1]), 1)
+    return gram
+
+
+def _loss(ctx: LayerContext):
+    """The scale search's mean squared error over every rank's search samples."""
+
+    def loss(output: Tensor, reference: Tensor) -> float:
+        err = (output - reference).pow(2)
+        per_sample = err.reshape(err.shape[0], -1).sum(1) if err.numel() else err.new_zeros(0)
+        total = (
+            ctx.dist.ordered_sum(per_sample)
+            if ctx.dist.deterministic
+            else ctx.reduce_sum(per_sample.sum().reshape(1).double())
+        )
+        return float(total.double().item() / _sum(ctx, err.numel()))
+
+    return loss
 
 
 class AWQBackend(Backend):
@@ -181,9 +266,10 @@ class AWQBackend(Backend):
             targets,
             calibration,
             device,
-            _AWQLayerQuantizer(),
+            _AWQLayerQuantizer(max(1, self.search_tokens // seqlen)),
             description="AWQ",
             chunk_samples=max(1, self.search_tokens // seqlen),
+            data_parallel=True,
         )
         return model
 

@@ -62,6 +62,9 @@ class _GPTQLayerQuantizer:
     Linears sharing an input (and a config) are quantized as one weight stacked along the
     output dim: GPTQ treats rows independently, so this gives each the same result as alone
     while factorizing their shared Hessian once.
+
+    Under ``torchrun`` the Hessians are summed onto the rank that owns each solve (solves
+    balanced over the ranks by ``in_features**2 * out_features``), which broadcasts the result.
     """
 
     def __init__(self, config: GPTQConfig):
@@ -73,19 +76,30 @@ class _GPTQLayerQuantizer:
         results: dict[str, GPTQResult] = {}
         for step in steps:
             hessians = {
-                members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device)
+                members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device, ctx.dist)
                 for _, members in step
             }
             ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
-            for _, members in step:
-                H = hessians.pop(members[0]).H
-                for names in _same_config(ctx, members):
-                    results.update(self._quantize(ctx, names, H))
+            solves = [(members[0], names) for _, members in step for names in _same_config(ctx, members)]
+            owners = ctx.dist.owners([_solve_cost(ctx, names) for _, names in solves])
+            for head, accumulator in hessians.items():
+                ranks = {owner for (h, _), owner in zip(solves, owners) if h == head}
+                ctx.work.hessian_flops += accumulator.flops
+                accumulator.reduce(ranks.pop() if len(ranks) == 1 else None)
+            stacked = {}
+            for (head, names), owner in zip(solves, owners):
+                if owner == ctx.dist.rank:
+                    stacked[tuple(names)] = self._solve(ctx, names, hessians[head].H)
+                    ctx.work.solves += 1
+                    ctx.work.solve_cost += _solve_cost(ctx, names)
+            hessians.clear()
+            for (_, names), owner in zip(solves, owners):
+                results.update(_split(ctx, names, ctx.dist.broadcast(stacked.get(tuple(names)), owner)))
         for name, result in results.items():
             ctx.replace(name, packed_module(ctx.targets[name].linear, result))
 
-    def _quantize(self, ctx: LayerContext, names: list[str], H: torch.Tensor) -> dict[str, GPTQResult]:
-        """GPTQ on the stacked weights of ``names``; each linear's weight becomes its dequantized self."""
+    def _solve(self, ctx: LayerContext, names: list[str], H: torch.Tensor) -> GPTQResult:
+        """GPTQ on the stacked weights of ``names``."""
         cfg = ctx.targets[names[0]].config
         linears = [ctx.targets[name].linear for name in names]
         stacked = torch.cat([linear.weight for linear in linears])
@@ -112,26 +126,38 @@ class _GPTQLayerQuantizer:
                 result.damp_percent,
             )
         log.debug("%s: GPTQ loss %.4g", label, result.loss)
-        split = {}
-        rows = [linear.out_features for linear in linears]
-        parts = zip(
-            result.intweight.split(rows),
-            result.scales.split(rows, dim=1),
-            result.zeros.split(rows, dim=1),
-            result.dequantized.split(rows),
+        return result
+
+
+def _solve_cost(ctx: LayerContext, names: list[str]) -> float:
+    """GPTQ's dominant cost for these stacked linears: ``in_features**2 * out_features``."""
+    linears = [ctx.targets[name].linear for name in names]
+    return float(linears[0].in_features ** 2 * sum(linear.out_features for linear in linears))
+
+
+def _split(ctx: LayerContext, names: list[str], result: GPTQResult) -> dict[str, GPTQResult]:
+    """The stacked ``result`` per linear; each linear's weight becomes its dequantized self."""
+    linears = [ctx.targets[name].linear for name in names]
+    split = {}
+    rows = [linear.out_features for linear in linears]
+    parts = zip(
+        result.intweight.split(rows),
+        result.scales.split(rows, dim=1),
+        result.zeros.split(rows, dim=1),
+        result.dequantized.split(rows),
+    )
+    for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
+        linear.weight.copy_(dequantized)
+        split[name] = replace(
+            result,
+            intweight=intweight,
+            scales=scales.contiguous(),
+            zeros=zeros.contiguous(),
+            g_idx=result.g_idx.clone(),
+            dequantized=dequantized,
+            loss=None,
         )
-        for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
-            linear.weight.copy_(dequantized)
-            split[name] = replace(
-                result,
-                intweight=intweight,
-                scales=scales.contiguous(),
-                zeros=zeros.contiguous(),
-                g_idx=result.g_idx.clone(),
-                dequantized=dequantized,
-                loss=None,
-            )
-        return split
+    return split
 
 
 def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:
@@ -169,7 +195,9 @@ class GPTQBackend(Backend):
 
     def quantize(self, model: nn.Module, config: GPTQConfig, *, calibration, device) -> nn.Module:
         targets = self.targets(model, config)
-        quantize_layerwise(model, targets, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ")
+        quantize_layerwise(
+            model, targets, calibration, device, _GPTQLayerQuantizer(config), description="GPTQ", data_parallel=True
+        )
         return model
 
     def empty_module(self, name: str, linear: nn.Linear, config: GPTQConfig) -> GPTQLinear:
