@@ -566,7 +566,7 @@ def estimate_quantization(
     parts = {"quantize": Work(elements=per_weight * weights, ops=LINEAR_OPS * len(targets))}
     extra = 6 * largest * 4
     calibration = None
-    if backend.capabilities.requires_calibration:
+    if backend.needs_calibration(config):
         nsamples = nsamples or getattr(config, "nsamples", 128)
         seqlen = seqlen or getattr(config, "seqlen", 512)
         calibration = (nsamples, seqlen)

@@ -24,6 +24,7 @@ from quantkit.builtin_backends.gguf.quants import (
 
 LEGACY = ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
 K_QUANTS = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+IQ_TYPES = ["IQ4_XS", "IQ4_NL"]
 # ||W - deq(q(W))||_F / ||W||_F of llama.cpp's reference quantizers on standard-normal weights.
 LLAMA_CPP_RELATIVE_ERROR = {"Q6_K": 0.0177, "Q5_K": 0.0361, "Q4_K": 0.0714, "Q3_K": 0.151, "Q2_K": 0.297}
 
@@ -52,7 +53,7 @@ def sha256(t: torch.Tensor) -> str:
 
 
 def test_sizes_match_ggml() -> None:
-    assert set(QUANT_TYPES) == set(LEGACY + K_QUANTS)
+    assert set(QUANT_TYPES) == set(LEGACY + K_QUANTS + IQ_TYPES)
     for qtype in QUANT_TYPES:
         assert (block_size(qtype), type_size(qtype)) == GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     assert bits_per_weight("Q4_K") == 4.5 and bits_per_weight("Q8_0") == 8.5 and bits_per_weight("F16") == 16

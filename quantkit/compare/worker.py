@@ -192,7 +192,7 @@ def apply_method(model: nn.Module, tokenizer, method: Method, protocol: Protocol
     if backend is None:
         return model.to(device=device, dtype=getattr(torch, method.dtype)), None
     calibration = None
-    if backend.capabilities.requires_calibration:
+    if backend.needs_calibration(method.config):
         calibration = calibration_tokens(
             tokenizer,
             protocol.dataset,

@@ -92,8 +92,8 @@ class Backend(abc.ABC):
     ) -> nn.Module:
         """Quantize ``model`` in place and return it.
 
-        ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when the backend
-        declares ``requires_calibration``, else ``None``. The template checks every target,
+        ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when
+        :meth:`needs_calibration` says so, else ``None``. The template checks every target,
         replaces each by :meth:`quantize_linear` and :meth:`place`\\ s the model.
         """
         device = torch.device(device)
@@ -134,6 +134,11 @@ class Backend(abc.ABC):
         inputs, beyond the forward passes (statistics, searches, solves): the time estimator's source
         for methods it has no formula of its own for. 0 for calibration-free methods."""
         return 0.0
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        """Whether quantizing with ``config`` takes calibration tokens: ``requires_calibration``
+        unless a config can ask for them (GGUF's importance matrix from text)."""
+        return self.capabilities.requires_calibration
 
     def deterministic(self, config: QuantConfig) -> bool:
         """Whether a model quantized with ``config`` gives the same outputs on every run (the

@@ -1,4 +1,9 @@
-"""GGUF backend: llama.cpp tensor types and mixes, run in torch, saved as safetensors or ``.gguf``."""
+"""GGUF backend: llama.cpp tensor types and mixes, run in torch, saved as safetensors or ``.gguf``.
+
+With ``GGUFConfig.imatrix`` the linears are quantized with llama.cpp's importance-matrix
+quantizers (:mod:`.imatrix`): the matrix is read from its file or collected from calibration
+text first, on the float model.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,13 @@ from torch import nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
-from quantkit.core.linears import Target, check_finite
+from quantkit.core.linears import Target, check_finite, replace_linears
 
 from .config import PRESETS, GGUFConfig, ggml_code_bits
 from .convert import EmbeddingPlan, embedding_plan, empty_embedding, install_embedding, linear_type, type_counts
 from .export import write_gguf
+from .imatrix import imatrix_values, resolve_imatrix
+from .imatrix_files import ImportanceMatrix
 from .mixes import ModelShape, bound_shape, row_bytes
 from .qlinear import GGUFEmbedding, GGUFLinear
 from .reader import read_gguf
@@ -72,11 +79,25 @@ class GGUFBackend(Backend):
             check_finite(plan.name, plan.module.weight)
         return targets
 
+    def needs_calibration(self, config: GGUFConfig) -> bool:
+        """Calibration tokens are needed to collect an importance matrix from text."""
+        return config.dataset is not None
+
     def quantize(self, model: nn.Module, config: GGUFConfig, *, calibration, device) -> nn.Module:
-        """The template's quantization, then the token embedding's."""
+        """Every target linear (with its importance-matrix values, if any), then the token embedding."""
         device = torch.device(device)
+        shape = ModelShape.of(getattr(model, "config", None))
         with self.storage_context(model):
-            super().quantize(model, config, calibration=calibration, device=device)
+            targets = self.targets(model, config)
+            matrix = resolve_imatrix(model, config, targets, calibration, device)
+            with torch.no_grad():
+                replace_linears(
+                    model,
+                    targets,
+                    lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device, matrix, shape),
+                    description=self.name,
+                )
+            self.place(model, config, device)
         plan = _embedding_plan(model, config)
         if plan is not None:
             with torch.no_grad():
@@ -84,8 +105,19 @@ class GGUFBackend(Backend):
         log.info("GGUF %s tensor types: %s", config.quant_type, type_counts(model))
         return model
 
-    def quantize_linear(self, name: str, linear: nn.Linear, config: GGUFConfig, device: torch.device) -> GGUFLinear:
-        return GGUFLinear.from_linear(linear, _linear_type(config, name, linear.in_features), device)
+    def quantize_linear(
+        self,
+        name: str,
+        linear: nn.Linear,
+        config: GGUFConfig,
+        device: torch.device,
+        imatrix: ImportanceMatrix | None = None,
+        shape: ModelShape | None = None,
+    ) -> GGUFLinear:
+        """``linear`` in the ggml type its role gets, weighted by its entry of ``imatrix`` if any
+        (``shape``: the model's, for the matrix's tensor names)."""
+        values = imatrix_values(imatrix, name, linear.in_features, shape.n_layer if shape else None)
+        return GGUFLinear.from_linear(linear, _linear_type(config, name, linear.in_features), device, imatrix=values)
 
     def empty_module(self, name: str, linear: nn.Linear, config: GGUFConfig) -> GGUFLinear:
         return GGUFLinear(

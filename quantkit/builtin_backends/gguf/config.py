@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from quantkit.core.config import QuantConfig, spec
+from quantkit.core.errors import ConfigValueError
 from quantkit.core.presets import Preset
 
 GGUF_TENSOR_TYPES = (
@@ -22,8 +23,13 @@ GGUF_TENSOR_TYPES = (
     "Q4_K",
     "Q3_K",
     "Q2_K",
+    "IQ4_XS",
+    "IQ4_NL",
 )
 GGUF_MIXES = ("Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K")
+IMATRIX_FILE_SUFFIXES = (".gguf", ".dat")
+"""Suffixes that make ``GGUFConfig.imatrix`` a llama.cpp importance-matrix file rather than calibration text."""
+_WHOLE_MODEL_FIELDS = ("imatrix", "nsamples", "seqlen")
 
 
 def ggml_code_bits(ggml_type: str) -> float:
@@ -33,11 +39,47 @@ def ggml_code_bits(ggml_type: str) -> float:
 
 @dataclass
 class GGUFConfig(QuantConfig):
-    """GGUF (llama.cpp): one tensor type for every linear, or a llama.cpp mix."""
+    """GGUF (llama.cpp): one tensor type for every linear, or a llama.cpp mix.
+
+    ``imatrix`` weights the K-quant and legacy quantizers' errors per input column, as
+    llama-quantize's ``--imatrix``: a llama.cpp importance-matrix file (``.gguf`` or ``.dat``,
+    from ``llama-imatrix`` or :meth:`ImportanceMatrix.save`), or calibration text (a dataset
+    name such as ``"pydoc"``, or a text file) from which ``nsamples`` windows of ``seqlen``
+    tokens are drawn and a matrix is collected on the float model before quantizing.
+    """
 
     quant_method: ClassVar[str] = "gguf"
 
     quant_type: str = spec("Q4_K_M", choices=tuple(dict.fromkeys(GGUF_TENSOR_TYPES + GGUF_MIXES)))
+    imatrix: str | None = spec(
+        None,
+        valid=lambda v: bool(v.strip()),
+        allowed="None, a llama.cpp imatrix file (.gguf or .dat) or calibration text (a dataset name or text file)",
+        doc="importance matrix: a llama.cpp imatrix file (.gguf, .dat), or calibration text to collect one from",
+    )
+    nsamples: int = spec(128, valid=lambda v: v > 0, allowed="a positive int", doc="calibration windows (imatrix)")
+    seqlen: int = spec(512, valid=lambda v: v > 0, allowed="a positive int", doc="tokens per window (imatrix)")
+
+    def validate(self) -> None:
+        for pattern, partial in self.module_overrides.items():
+            fixed = [key for key in partial if key in _WHOLE_MODEL_FIELDS] if isinstance(partial, dict) else []
+            if fixed:
+                raise ConfigValueError(
+                    type(self).__name__,
+                    f"module_overrides[{pattern!r}]",
+                    fixed[0],
+                    "quant_type (the importance matrix and its calibration are the whole model's)",
+                )
+
+    @property
+    def imatrix_is_file(self) -> bool:
+        """Whether ``imatrix`` names a llama.cpp imatrix file (``.gguf``/``.dat``), not calibration text."""
+        return self.imatrix is not None and self.imatrix.lower().endswith(IMATRIX_FILE_SUFFIXES)
+
+    @property
+    def dataset(self) -> str | None:
+        """The calibration text an importance matrix is collected from (``None`` when none is)."""
+        return None if self.imatrix is None or self.imatrix_is_file else self.imatrix
 
     @property
     def code_bits(self) -> float:

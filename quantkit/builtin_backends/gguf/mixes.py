@@ -2,7 +2,7 @@
 
 ``GGUFConfig.quant_type`` is either a single ggml type or a llama.cpp mix:
 
-* a **single type** (``Q4_0`` ... ``Q6_K``, ``F16``, ``BF16``) is used for every tensor
+* a **single type** (``Q4_0`` ... ``Q6_K``, ``IQ4_NL``, ``IQ4_XS``, ``F16``, ``BF16``) is used for every tensor
   quantkit quantizes (llama-quantize's ``--pure``), the token embedding included;
 * a **mix** (``Q2_K``, ``Q3_K_S/M/L``, ``Q4_K_S/M``, ``Q5_K_S/M``) follows llama.cpp's
   ``llama_tensor_get_type`` (src/llama-quant.cpp) for a dense Llama-family model: more bits
@@ -12,7 +12,7 @@
 
 Either way a type whose block does not divide the row length falls back like llama.cpp:
 ``Q4_K -> Q5_0``, ``Q5_K -> Q5_1``, ``Q6_K -> Q8_0`` and, if even that block does not fit,
-``F16``. For ``Q2_K``/``Q3_K`` llama.cpp has used ``IQ4_NL`` since early 2024; quantkit uses
+``F16`` (``IQ4_XS -> IQ4_NL``). For ``Q2_K``/``Q3_K`` llama.cpp has used ``IQ4_NL`` since early 2024; quantkit uses
 the earlier ``Q4_0``, which has the same size (18 bytes per 32 weights) and is supported by
 every GGUF reader. SmolLM2's hidden size 576 = 2.25 x 256, so every matrix reading the
 hidden state falls back there.
@@ -61,6 +61,8 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "Q4_K": LlamaFileType.MOSTLY_Q4_K_S,
     "Q3_K": LlamaFileType.MOSTLY_Q3_K_S,
     "Q2_K": LlamaFileType.MOSTLY_Q2_K,
+    "IQ4_XS": LlamaFileType.MOSTLY_IQ4_XS,
+    "IQ4_NL": LlamaFileType.MOSTLY_IQ4_NL,
     "Q3_K_S": LlamaFileType.MOSTLY_Q3_K_S,
     "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M,
     "Q3_K_L": LlamaFileType.MOSTLY_Q3_K_L,
@@ -71,7 +73,7 @@ FILE_TYPES: dict[str, LlamaFileType] = {
 }
 """``general.file_type`` written for each ``quant_type``."""
 
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@
   the sums), so near-ties can resolve differently: some blocks differ, equally accurate.
   Quants of sub-blocks whose quantized scale is zero are stored as 0 (they decode to the
   same values whatever they hold).
-* With an importance matrix (one value per column), K-quants and Q4_0/Q4_1/Q5_0/Q5_1 use
-  llama.cpp's weighted quantizers (``quantize_qX`` with ``quant_weights``).
+* IQ4_NL and IQ4_XS (4-bit codes through llama.cpp's non-linear table) follow
+  ``quantize_iq4_nl`` / ``quantize_iq4_xs``, the quantizers llama-quantize runs.
+* With an importance matrix (one value per column), K-quants, IQ4_NL/IQ4_XS and
+  Q4_0/Q4_1/Q5_0/Q5_1 use llama.cpp's weighted quantizers (``quantize_qX`` with ``quant_weights``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ _SIZES: dict[str, tuple[int, int]] = {
     "Q4_K": (256, 144),
     "Q3_K": (256, 110),
     "Q2_K": (256, 84),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
 }
 QUANT_TYPES: tuple[str, ...] = tuple(_SIZES)
 
@@ -666,6 +670,84 @@ def _quantize_q5_1_weighted(blocks: Tensor, weights: Tensor) -> Tensor:
     return torch.cat([d, m, _high_bits32(q), _nibbles(q)], dim=-1)
 
 
+# ----------------------------------------------------------------------------- non-linear 4-bit types
+#
+# IQ4_NL and IQ4_XS map 4-bit codes through llama.cpp's table ``kvalues_iq4nl``; both run
+# ``quantize_row_iq4_nl_impl`` (ntry = 7, as llama-quantize does, with or without importance
+# matrix): per 32-weight block, the weighted least-squares scale of the best of 16 trial scales.
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_TRIES = 7
+
+
+def _iq4_values(device: torch.device) -> Tensor:
+    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
+
+
+def _iq4_index(x: Tensor, values: Tensor) -> Tensor:
+    """llama.cpp ``best_index_int8``: the index of the table value nearest x (the upper one on ties)."""
+    upper = torch.searchsorted(values, x.contiguous(), right=True).clamp_(1, values.numel() - 1)
+    lower = upper - 1
+    take_lower = (x - values[lower]) < (values[upper] - x)
+    return torch.where(take_lower, lower, upper)
+
+
+def _iq4_block_scales(x: Tensor, w: Tensor, values: Tensor) -> Tensor:
+    """The scale of each 32-weight block, rows of x (N, 32) with error weights w: llama.cpp's
+    search over the inverse scales ``(values[0] + i) / max`` for i = -7..7 after ``max / 127``."""
+    peak = _peak(x, 1)
+    nonzero = peak.abs() >= _GROUP_MAX_EPS
+    peak = torch.where(nonzero, peak, 1.0)
+    wx = w * x
+
+    def fit(inverse: Tensor) -> tuple[Tensor, Tensor]:
+        q = values[_iq4_index(inverse * x, values)]
+        return (wx * q).sum(1, keepdim=True), (w * q * q).sum(1, keepdim=True)
+
+    sumqx, sumq2 = fit(torch.reciprocal(peak / -values[0]))
+    scale = torch.where(sumq2 > 0, sumqx / sumq2.clamp(min=1e-30), 0.0)
+    best = scale * sumqx
+    for step in range(-_IQ4_TRIES, _IQ4_TRIES + 1):
+        sumqx, sumq2 = fit((step + IQ4_VALUES[0]) / peak)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        trial = sumqx / sumq2.clamp(min=1e-30)
+        scale = torch.where(better, trial, scale)
+        best = torch.where(better, trial * sumqx, best)
+    return scale.masked_fill_(~nonzero, 0.0)
+
+
+def _iq4_weights(xs: Tensor, qw: Tensor | None) -> Tensor:
+    """Error weights of super-blocks xs (S, n): x^2, or qw * sqrt(2 mean(x^2) + x^2) with an imatrix."""
+    return xs * xs if qw is None else _importance(xs, qw, 2.0)
+
+
+def _iq4_codes(x: Tensor, inverse: Tensor, values: Tensor) -> Tensor:
+    return _iq4_index(inverse * x, values).to(torch.uint8)
+
+
+def _quantize_iq4_nl(blocks: Tensor, qw: Tensor | None) -> Tensor:
+    values = _iq4_values(blocks.device)
+    scale = _iq4_block_scales(blocks, _iq4_weights(blocks, qw), values)
+    codes = _iq4_codes(blocks, _safe_reciprocal(scale), values)
+    return torch.cat([_f16_bytes(scale), _nibbles(codes)], dim=-1)
+
+
+def _quantize_iq4_xs(xs: Tensor, qw: Tensor | None) -> Tensor:
+    s = xs.shape[0]
+    values = _iq4_values(xs.device)
+    blocks = xs.reshape(-1, 32)
+    scales = _iq4_block_scales(blocks, _iq4_weights(xs, qw).reshape(-1, 32), values).view(s, 8)
+    peak = _peak(scales, 1)  # the scale of largest magnitude, first on ties, 0.0 when all are 0
+    d = -peak / 32
+    levels = (_safe_reciprocal(d) * scales).round_().clamp_(-32, 31)
+    codes = _iq4_codes(blocks, _safe_reciprocal(d * levels).view(-1, 1), values).view(s * 8, 32)
+    ls = (levels + 32).to(torch.int32)
+    low = (ls[:, 0::2] & 0x0F) | ((ls[:, 1::2] & 0x0F) << 4)
+    high = ((ls >> 4) << torch.arange(0, 16, 2, device=xs.device, dtype=torch.int32)).sum(1, keepdim=True)
+    header = torch.cat([_f16_bytes(d), high.to(torch.int16).view(torch.uint8).view(s, 2), _to_bytes(low)], dim=-1)
+    return torch.cat([header, _nibbles(codes).view(s, 128)], dim=-1)
+
+
 # ----------------------------------------------------------------------------- dequantization
 
 
@@ -750,6 +832,19 @@ def _dequantize_q6_k(b: Tensor) -> Tensor:
     return (d.unsqueeze(-1) * q).reshape(s, QK_K)
 
 
+def _dequantize_iq4_nl(b: Tensor) -> Tensor:
+    return _f16_read(b[:, :2]) * _iq4_values(b.device)[_low_nibble_codes(b[:, 2:]).long()]
+
+
+def _dequantize_iq4_xs(b: Tensor) -> Tensor:
+    s = b.shape[0]
+    high = _unpack(b[:, 2:4].contiguous().view(torch.int16).to(torch.int32), 2, 8, 1).view(s, 8)
+    low = _unpack(b[:, 4:8], 4, 2, 2).reshape(s, 8)
+    dl = _f16_read(b[:, :2]) * ((low.to(torch.int32) | (high << 4)).float() - 32)
+    codes = _low_nibble_codes(b[:, 8:].reshape(s * 8, 16)).long()
+    return (dl.reshape(s * 8, 1) * _iq4_values(b.device)[codes]).reshape(s, QK_K)
+
+
 # ----------------------------------------------------------------------------- public API
 
 _LEGACY_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -773,7 +868,10 @@ _K_QUANTIZERS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
     "Q4_K": _quantize_q4_k,
     "Q3_K": _quantize_q3_k,
     "Q2_K": _quantize_q2_k,
+    "IQ4_XS": _quantize_iq4_xs,
+    "IQ4_NL": _quantize_iq4_nl,
 }
+"""Quantizers of (blocks, importance weights or ``None``): the K-quants and the IQ4 types."""
 _DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
     "Q8_0": _dequantize_q8_0,
     "Q5_1": _dequantize_q5_1,
@@ -785,6 +883,8 @@ _DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
     "Q4_K": _dequantize_q4_k,
     "Q3_K": _dequantize_q3_k,
     "Q2_K": _dequantize_q2_k,
+    "IQ4_XS": _dequantize_iq4_xs,
+    "IQ4_NL": _dequantize_iq4_nl,
 }
 
 
