@@ -1,17 +1,21 @@
-"""SmolLM2-135M greedy decode speed on the CPU: float32 against 4-bit group-64 GPTQ and RTN, each
-through the kernel selected for its layers and through the ``dequantize`` reference.
+"""SmolLM2-135M greedy decode speed on the CPU: float32 against 4-bit GPTQ, RTN, GGUF Q4_0 and HQQ,
+each through the kernel selected for its layers and through the ``dequantize`` reference.
 
     python benchmarks/kernel_decode.py
-    python benchmarks/kernel_decode.py --new-tokens 32 --repeats 1
+    python benchmarks/kernel_decode.py --new-tokens 32 --repeats 1 --methods rtn,gguf
 
 The embedded SmolLM2-135M-Instruct (``quantkit.models.load_model``), batch 1: a 128-token prompt of
 the built-in text, then ``--new-tokens`` greedy tokens with a KV cache
 (``quantkit.evaluate.decode_speed``: prefill and two warm-up steps untimed). GPTQ uses act-order
 (``desc_act``: its layers run the kernel on inputs gathered in group order) calibrated on 16 x 128
 tokens (the calibration changes the weights, not the speed); RTN is ``RTNConfig(bits=4,
-group_size=64)``. g64 divides every SmolLM2 linear (576 and 1536), so every one can take
-``int4-cpu``. Variants alternate for ``--repeats`` rounds; each keeps its best tokens/s. Peak RSS:
-the process's high-water mark once everything ran.
+group_size=64)``; GGUF is ``GGUFConfig(quant_type="Q4_0")`` (its tied embedding and output head
+too: the head runs ``int4-cpu`` as well); HQQ is 4-bit group 64 with ``optimize=False`` (the same
+layout and speed as the optimized weights, quantized in seconds). g64 divides every SmolLM2 linear
+(576 and 1536), so every one can take ``int4-cpu``. The float32 output head (49152 x 576, 28 M
+weights, tied to the embedding) of the GPTQ, RTN and HQQ models is timed alone too: its share of
+a decode step is what those methods leave in float32. Variants alternate for ``--repeats`` rounds;
+each keeps its best tokens/s. Peak RSS: the process's high-water mark once everything ran.
 """
 
 from __future__ import annotations
@@ -25,20 +29,42 @@ from pathlib import Path
 
 import torch
 from run_log import RunLog  # this folder's scripts import each other when run
+from torch.nn import functional as F
 
-from quantkit import GPTQConfig, RTNConfig, chosen_kernels, quantize, set_kernel
+from quantkit import GGUFConfig, GPTQConfig, HQQConfig, RTNConfig, chosen_kernels, quantize, set_kernel
 from quantkit.calibration import evaluation_tokens
 from quantkit.evaluate import decode_speed
 from quantkit.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "kernel_decode.txt"
 PROMPT_TOKENS = 128
+CONFIGS = {
+    "gptq": (
+        "gptq 4-bit g64 act-order",
+        GPTQConfig(bits=4, group_size=64, desc_act=True, nsamples=16, seqlen=128, mse=0.0),
+    ),
+    "rtn": ("rtn 4-bit g64", RTNConfig(bits=4, group_size=64)),
+    "gguf": ("gguf q4_0", GGUFConfig(quant_type="Q4_0")),
+    "hqq": ("hqq 4-bit g64", HQQConfig(nbits=4, group_size=64, optimize=False)),
+}
+
+
+def head_milliseconds(model: torch.nn.Module, repeats: int = 50) -> float:
+    """Best time of the float32 output head on one token's hidden state."""
+    weight, x = model.lm_head.weight.detach(), torch.randn(1, 1, model.config.hidden_size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        F.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     log = RunLog("kernel_decode.py")
@@ -47,12 +73,9 @@ def main() -> None:
     model.eval()
     prompt = evaluation_tokens(tokenizer, "pydoc", max_tokens=PROMPT_TOKENS)
     start = time.perf_counter()
-    configs = {
-        "gptq 4-bit g64 act-order": GPTQConfig(bits=4, group_size=64, desc_act=True, nsamples=16, seqlen=128, mse=0.0),
-        "rtn 4-bit g64": RTNConfig(bits=4, group_size=64),
-    }
     models = {"float32": (model, None)}
-    for label, config in configs.items():
+    for method in args.methods.split(","):
+        label, config = CONFIGS[method]
         quantized = quantize(copy.deepcopy(model), config, device="cpu", tokenizer=tokenizer)
         models[f"{label}, selected kernel"] = (quantized, None)
         models[f"{label}, dequantize"] = (quantized, "dequantize")
@@ -68,9 +91,11 @@ def main() -> None:
                 if label != "float32":
                     counts = Counter(chosen_kernels(variant).values())
                     kernels[label] = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+        head = head_milliseconds(model)
     emit(f"{'variant':<45} {'tokens/s':>9} {'vs fp32':>8}  kernels of the linears")
     for label, speed in best.items():
         emit(f"{label:<45} {speed:>9.1f} {speed / best['float32']:>7.2f}x  {kernels.get(label, 'nn.Linear')}")
+    emit(f"float32 output head alone: {head:.2f} ms a token (best of 50 calls), in each step of 1000 / tokens/s ms")
     emit(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (every model of the run)")
     emit(f"batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new greedy tokens; best of {args.repeats} rounds")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@
     python benchmarks/kernel_speed.py --shapes 4096x4096 --batches 1 --repeats 20
 
 Layers (seed 0, standard-normal float32 weights): GPTQ-format 4-bit group-64 (round-to-nearest,
-what ``RTNConfig(bits=4, group_size=64)`` stores) and EETQ int8 per channel, each run through every
-registered kernel that can serve it here (``quantkit.set_kernel``). Inputs are float32, calls run
+what ``RTNConfig(bits=4, group_size=64)`` stores), EETQ int8 per channel, GGUF Q4_0, Q4_K (where
+the rows hold 256-wide super-blocks) and Q8_0, HQQ 4-bit group 64 (``optimize=False``: the same
+layout, quantized faster), each run through every registered kernel that can serve it here
+(``quantkit.set_kernel``). Inputs are float32, calls run
 under ``torch.inference_mode()``; a kernel's one-off preparation is done before timing.
 
 All variants of a shape and batch run in one process, their calls interleaved so that a shared
@@ -19,6 +21,7 @@ every layer of the shape included. The load average is printed before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -26,9 +29,12 @@ import torch
 from run_log import RunLog  # this folder's scripts import each other when run
 from torch import nn
 
+from quantkit import HQQConfig
 from quantkit.builtin_backends.eetq.qlinear import EetqLinear
+from quantkit.builtin_backends.gguf.qlinear import GGUFLinear
 from quantkit.builtin_backends.gptq.backend import packed_module
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
+from quantkit.builtin_backends.hqq.layers import quantize_linear as hqq_linear
 from quantkit.core.dispatch import set_kernel
 from quantkit.core.kernels import check
 from quantkit.core.registry import get_registry
@@ -44,7 +50,13 @@ def build(in_features: int, out_features: int) -> dict[str, nn.Module]:
     with torch.no_grad():
         linear.weight.normal_()
     gptq = packed_module(linear, rtn_quantize(linear.weight.detach(), bits=4, group_size=64, sym=False))
-    return {"float32": linear, "gptq-4bit-g64": gptq, "eetq-int8": EetqLinear.from_linear(linear, torch.device("cpu"))}
+    cpu = torch.device("cpu")
+    layers = {"float32": linear, "gptq-4bit-g64": gptq, "eetq-int8": EetqLinear.from_linear(linear, cpu)}
+    for qtype in ("Q4_0", "Q4_K", "Q8_0"):
+        if in_features % 256 == 0 or not qtype.endswith("_K"):
+            layers[f"gguf-{qtype.lower()}"] = GGUFLinear.from_linear(linear, qtype)
+    layers["hqq-4bit-g64"] = hqq_linear(copy.deepcopy(linear), HQQConfig(nbits=4, group_size=64, optimize=False), cpu)
+    return layers
 
 
 def variants(layers: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, tuple[nn.Module, str | None]]:
@@ -94,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     log = RunLog("kernel_speed.py")
     emit = log.emit
-    emit(f"{'shape in x out':<15} {'batch':>5}  {'variant':<30} {'ms':>9} {'vs fp32':>8} {'peak RSS MiB':>12}")
+    emit(f"{'shape in x out':<15} {'batch':>5}  {'variant':<34} {'ms':>9} {'vs fp32':>8} {'peak RSS MiB':>12}")
     for shape in args.shapes.split(","):
         in_features, out_features = (int(n) for n in shape.split("x"))
         layers = build(in_features, out_features)
@@ -104,12 +116,13 @@ def main() -> None:
             floor = results["float32 F.linear"][0]
             for label, (seconds, peak) in results.items():
                 emit(
-                    f"{shape:<15} {batch:>5}  {label:<30} {seconds * 1e3:>9.3f} {floor / seconds:>7.2f}x "
+                    f"{shape:<15} {batch:>5}  {label:<34} {seconds * 1e3:>9.3f} {floor / seconds:>7.2f}x "
                     f"{peak / 2**20:>12.0f}"
                 )
         del layers
     emit("ms: best of the interleaved repeats; vs fp32: float32 F.linear time / variant time (above 1: faster);")
-    emit("int4-cpu and int8-cpu compute in bfloat16 (W4A16 / W8A16); dequantize: the reference, every call.")
+    emit("int4-cpu and int8-cpu compute in bfloat16 (W4A16 / W8A16); dequantize: the reference, every call;")
+    emit("dequantize-cached: the float32 weight kept after the first call (forced only: 4 bytes a weight more).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log.write(args.out)
 

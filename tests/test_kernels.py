@@ -8,12 +8,16 @@ from torch import nn
 from torch.nn import functional as F
 
 import quantkit
-from quantkit import RTNConfig
+from quantkit import GGUFConfig, HQQConfig, RTNConfig
 from quantkit.builtin_backends.awq.qlinear import AWQLinear
 from quantkit.builtin_backends.eetq.kernels import GEMV_ROWS
 from quantkit.builtin_backends.eetq.qlinear import EetqLinear
+from quantkit.builtin_backends.gguf import kernels as gguf_kernels
+from quantkit.builtin_backends.gguf.qlinear import GGUFLinear
 from quantkit.builtin_backends.gptq.packing import pack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
+from quantkit.builtin_backends.hqq import kernels as hqq_kernels
+from quantkit.builtin_backends.hqq.layers import quantize_linear as hqq_linear
 from quantkit.core.dispatch import chosen_kernels, set_kernel
 from quantkit.core.errors import UnknownNameError
 from quantkit.core.hardware import Hardware
@@ -66,7 +70,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def exact(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's output in float32 on the dequantized weight (the reference kernel's, in float32)."""
-    return F.linear(x.float(), module.dequantize(), None if module.bias is None else module.bias.float())
+    return F.linear(x.float(), module.dequantize().float(), None if module.bias is None else module.bias.float())
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -228,4 +232,138 @@ def test_a_plugin_registers_kernels_through_the_hook():
         "int4-cpu (AWQLinear)": "quantkit's own plugin 'awq'",
         "int8-cpu (EetqLinear)": "quantkit's own plugin 'eetq'",
         "eetq (EetqLinear)": "quantkit's own plugin 'eetq'",
+        "int4-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
+        "dequantize-cached (GGUFLinear)": "quantkit's own plugin 'gguf'",
+        "int4-cpu (HQQLayer)": "quantkit's own plugin 'hqq'",
     }
+
+
+def int4_kernel_of(module: nn.Module) -> Kernel:
+    return next(k for k in get_registry().kernels_for(module) if k.name == "int4-cpu")
+
+
+def regrouped(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``(codes - 8) * scale + offset`` per group, the weight torch's int4 layout encodes."""
+    out, groups = codes.shape[0], scales.shape[0]
+    grouped = (codes.float() - 8).reshape(out, groups, -1) * scales.t().unsqueeze(-1) + offsets.t().unsqueeze(-1)
+    return grouped.reshape(codes.shape)
+
+
+def gguf_layer(out_features: int, in_features: int, qtype: str, seed: int = 0) -> GGUFLinear:
+    torch.manual_seed(seed)
+    return GGUFLinear.from_linear(nn.Linear(in_features, out_features), qtype)
+
+
+@pytest.mark.parametrize("qtype", gguf_kernels.INT4_TYPES)
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_int4_cpu_decodes_the_blocks_exactly_and_equals_the_reference(qtype, rows, dtype):
+    """Q4_0, Q4_1, Q4_K: the repacked codes, scales and offsets are the blocks' weight exactly (in
+    float32); the kernel differs from dequantize-then-matmul by bfloat16 rounding only. SmolLM2's
+    576-wide rows where the type allows them (K-quants take rows of 256)."""
+    shape = (192, 1536) if qtype == "Q4_K" else (192, 576)
+    module = gguf_layer(*shape, qtype)
+    assert check(int4_kernel_of(module), module, "cpu", dtype)
+    assert torch.equal(regrouped(*gguf_kernels.int4_operands(module)), module.dequantize())
+    x = torch.randn(2, rows, shape[1]).to(dtype)
+    got = module(x)
+    assert module.kernel_name == "int4-cpu" and got.dtype == dtype and got.shape == (2, rows, shape[0])
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
+def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_the_reference():
+    for qtype, reason in {
+        "Q8_0": "it takes 4-bit codes, not 8-bit",
+        "Q5_0": "it takes 4-bit codes, not 5-bit",
+        "Q6_K": "it takes 4-bit codes, not 6-bit",
+    }.items():
+        module = gguf_layer(64, 256, qtype)
+        assert reason in check(int4_kernel_of(module), module, "cpu", None).reason
+        x = torch.randn(3, 256)
+        assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
+        assert module.kernel_name == "dequantize"
+    narrow = gguf_layer(40, 256, "Q4_0")  # torch packs output channels in blocks of 16
+    assert "out_features must be a multiple of 16" in check(int4_kernel_of(narrow), narrow, "cpu", None).reason
+    with pytest.raises(KernelUnavailableError, match=r"'int4-cpu' cannot serve GGUFLinear on cpu: out_features"):
+        set_kernel(narrow, "int4-cpu")
+
+
+def test_gguf_dequantize_cached_is_forced_only_and_keeps_the_state_dict():
+    module = gguf_layer(64, 256, "Q6_K")
+    x = torch.randn(3, 256)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    reference = module(x)
+    assert module.kernel_name == "dequantize"  # never chosen by itself: it costs memory
+    set_kernel(module, "dequantize-cached")
+    assert torch.equal(module(x), reference) and module.kernel_name == "dequantize-cached"
+    assert torch.equal(module._choice.state, module.dequantize())
+    after = module.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    other = gguf_layer(64, 256, "Q6_K", seed=1)
+    module.load_bytes(other.weight.data, "Q6_K")  # new bytes: the cached weight is dropped
+    assert torch.equal(module(x), F.linear(x, other.dequantize(), module.bias))
+
+
+def test_gguf_model_runs_int4_cpu_and_repacking_leaves_the_saved_file_unchanged(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    model = quantkit.quantize(tiny_llama, GGUFConfig(quant_type="Q4_0"), device="cpu")
+    ids = torch.randint(0, 256, (1, 12))
+    before = load_file(quantkit.save(model, tmp_path / "before") / "model.safetensors")
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert set(chosen_kernels(model).values()) == {"int4-cpu"}
+    after = load_file(quantkit.save(model, tmp_path / "after") / "model.safetensors")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    loaded = quantkit.load(tmp_path / "after", device="cpu")
+    reference = quantkit.load(tmp_path / "after", device="cpu", kernel="dequantize")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+        assert relative_error(reference(ids).logits, logits) < 2 * BFLOAT16_UNIT
+    assert set(chosen_kernels(reference).values()) == {"dequantize"}
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_hqq_4bit_int4_cpu_equals_the_reference_to_bfloat16_rounding(group_size, compute_dtype):
+    torch.manual_seed(0)
+    config = HQQConfig(nbits=4, group_size=group_size, compute_dtype=compute_dtype, optimize=False)
+    module = hqq_linear(nn.Linear(576, 192), config, torch.device("cpu"))  # SmolLM2's 576-wide rows
+    dtype = getattr(torch, compute_dtype)
+    weight = module.dequantize().float()  # hqq's arithmetic in the compute dtype: q - z, then * s
+    rounding = 1e-6 if dtype == torch.float32 else 2 * BFLOAT16_UNIT * weight.abs().max().item()
+    assert torch.allclose(regrouped(*hqq_kernels.int4_operands(module)), weight, rtol=0, atol=rounding)
+    x = torch.randn(2, 5, 576).to(dtype)
+    got = module(x)
+    assert chosen_kernels(module) == {"": "int4-cpu"} and got.dtype == dtype
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+    set_kernel(module, "dequantize")
+    assert relative_error(module(x), exact(module, x)) < (BFLOAT16_UNIT if dtype == torch.bfloat16 else 1e-6)
+    assert chosen_kernels(module) == {"": "dequantize"}
+
+
+def test_hqq_layers_the_int4_kernel_cannot_serve_are_refused_with_the_reason():
+    torch.manual_seed(0)
+    cases = {
+        "in_features must be a multiple of group_size": HQQConfig(group_size=128, optimize=False),  # 576 = 4.5 groups
+        "it takes 4-bit codes, not 8-bit": HQQConfig(nbits=8, group_size=64, optimize=False),
+        "it takes groups along the inputs (axis 1), not axis 0": HQQConfig(group_size=64, axis=0, optimize=False),
+    }
+    for reason, config in cases.items():
+        module = hqq_linear(nn.Linear(576, 192), config, torch.device("cpu"))
+        assert reason in check(int4_kernel_of(module), module, "cpu", None).reason
+        x = torch.randn(3, 576)
+        assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
+        assert chosen_kernels(module) == {"": "dequantize"}
+
+
+def test_hqq_model_loads_with_int4_cpu(tiny_llama, tmp_path):
+    model = quantkit.quantize(tiny_llama, HQQConfig(nbits=4, group_size=32, optimize=False), device="cpu")
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert set(chosen_kernels(model).values()) == {"int4-cpu"}
+    loaded = quantkit.load(quantkit.save(model, tmp_path / "model"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    assert set(chosen_kernels(loaded).values()) == {"int4-cpu"}

@@ -16,8 +16,11 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("eetq", ("EetqLinear",)),
         ("int4-cpu", ("AWQLinear",)),
         ("int4-cpu", ("GPTQLinear",)),
+        ("int4-cpu", ("GGUFLinear",)),
+        ("int4-cpu", ("HQQLayer",)),
         ("int8-cpu", ("EetqLinear",)),
         ("dequantize", ()),
+        ("dequantize-cached", ("GGUFLinear",)),
     }
     int4 = rows[("int4-cpu", ("GPTQLinear",))]
     assert int4["devices"] == ["cpu"] and int4["bits"] == [4] and int4["group_sizes"] == [32, 64, 128, 256]
@@ -34,7 +37,7 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    assert names[:5] == ["eetq", "int4-cpu", "int4-cpu", "int8-cpu", "dequantize"]  # fastest first
+    assert names[:8] == ["eetq"] + ["int4-cpu"] * 4 + ["int8-cpu", "dequantize", "dequantize-cached"]  # fastest first
     out = " ".join(" ".join(lines).split())
     assert "eetq: no cuda device here; missing package(s): EETQ" in out
 

@@ -157,3 +157,22 @@ DEQUANTIZE = Kernel(
     description="the reference: dequantize the whole weight on every call, then F.linear (nothing cached)",
 )
 """The reference kernel of every layer: always valid, lowest priority."""
+
+
+def _cached_matmul(module: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
+    return F.linear(x, weight.to(x.dtype))
+
+
+def dequantize_cached_kernel(*layers: type[nn.Module]) -> Kernel:
+    """The ``dequantize-cached`` kernel for ``layers``: the weight dequantized once to float32 and kept
+    (4 bytes a weight beside the stored codes), then ``F.linear``. Never chosen by itself (its
+    priority is below :data:`DEQUANTIZE`'s): the user forces it to trade memory for speed."""
+    return Kernel(
+        name="dequantize-cached",
+        layers=layers,
+        devices=ALL_HARDWARE,
+        prepare=lambda module: module.dequantize(),
+        matmul=_cached_matmul,
+        priority=-10,
+        description="the float32 weight dequantized once and kept (4 bytes a weight more), then F.linear; forced only",
+    )

@@ -9,11 +9,15 @@ paths are scalar loops (seconds for a 4096x4096 weight and 128 rows, against ~60
 bfloat16), so activations go to bfloat16 and the output back to their dtype: W4A16 numerics.
 Act-order layers (``g_idx`` not sorted) are served when each group still holds ``group_size``
 inputs: the weight's input channels are sorted by group once, and each input row is gathered
-in that order.
+in that order. Formats with other parameters (GGUF's block scales and minimums, HQQ's float zero
+points) bring their own ``prepare``, which ends with :func:`int4_state` on ``(scale, offset)``
+pairs. Scales and offsets are rounded to bfloat16 (relative 2**-9): every int4-cpu kernel equals
+dequantize-then-matmul up to that rounding and the activations' own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,16 +73,25 @@ def _groups_fit(module: nn.Module) -> str:
     return f"g_idx does not split the inputs into groups of {module.group_size} (in any order)"
 
 
+def int4_state(
+    codes: Tensor, scales: Tensor, offsets: Tensor, group_size: int, order: Tensor | None = None
+) -> Int4State:
+    """Repack a weight ``W[o, i] = (codes[o, i] - 8) * scales[g, o] + offsets[g, o]`` (``g`` the group
+    of input ``i``; ``(n_groups, out)`` float scales and offsets, 4-bit ``(out, in)`` codes) for torch's
+    int4 CPU operator: what every layer format's ``prepare`` ends with."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
+    scale_zeros = torch.stack([scales.float(), offsets.float()], dim=-1).to(torch.bfloat16)
+    return Int4State(packed, scale_zeros, group_size, order)
+
+
 def _prepare_int4(module: nn.Module) -> Int4State:
     codes, zeros, scales = module.grouped_codes()
     g_idx = module.group_index()
     order = None if torch.equal(g_idx, _sorted_groups(module)) else torch.argsort(g_idx, stable=True)
     if order is not None:
         codes = codes[:, order]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
     scales = scales.float()
-    scale_zeros = torch.stack([scales, scales * (8 - zeros)], dim=-1).to(torch.bfloat16)
-    return Int4State(packed, scale_zeros, module.group_size, order)
+    return int4_state(codes, scales, scales * (8 - zeros), module.group_size, order)
 
 
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
@@ -89,19 +102,27 @@ def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-def int4_cpu_kernel(*layers: type[nn.Module]) -> Kernel:
-    """The ``int4-cpu`` kernel for ``layers`` (classes with the interface of the module docstring)."""
+def int4_cpu_kernel(
+    *layers: type[nn.Module],
+    prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
+    fits: Callable[[nn.Module], str] | None = _groups_fit,
+    group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
+    description: str = "torch's _weight_int4pack_mm_for_cpu on codes repacked once; bfloat16 activations (W4A16)",
+) -> Kernel:
+    """The ``int4-cpu`` kernel for ``layers``: by default classes with the interface of the module
+    docstring; a format whose weights are not :class:`GroupedCodes` passes its own ``prepare``
+    (ending with :func:`int4_state`), ``fits`` and ``group_sizes``."""
     return Kernel(
         name="int4-cpu",
         layers=layers,
         devices=frozenset({Hardware.CPU}),
-        prepare=_prepare_int4,
+        prepare=prepare,
         matmul=_int4_matmul,
         compute_dtype=torch.bfloat16,
         bits=(4,),
-        group_sizes=INT4_GROUP_SIZES,
+        group_sizes=group_sizes,
         shape_limits=INT4_SHAPE_LIMITS,
-        fits=_groups_fit,
+        fits=fits,
         priority=20,
-        description="torch's _weight_int4pack_mm_for_cpu on codes repacked once; bfloat16 activations (W4A16)",
+        description=description,
     )

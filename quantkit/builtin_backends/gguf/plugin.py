@@ -1,10 +1,18 @@
-"""quantkit's built-in plugin: GGUF (llama.cpp) tensor types and mixes in torch, .gguf export and import."""
+"""quantkit's built-in plugin: GGUF (llama.cpp) tensor types and mixes in torch, .gguf export and
+import, and their kernels."""
 
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import GGUFBackend
+from .kernels import DEQUANTIZE_CACHED, INT4_CPU
 
 
 @hookimpl
 def quantkit_register_backends(register) -> None:
     register(GGUFBackend())
+
+
+@hookimpl
+def quantkit_register_kernels(register) -> None:
+    register(INT4_CPU)
+    register(DEQUANTIZE_CACHED)

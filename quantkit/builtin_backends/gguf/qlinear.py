@@ -6,19 +6,43 @@ weight tying (``lm_head.weight = embed_tokens.weight``) shares it between a tied
 embedding and output head. The ggml type travels with it in the state dict as the
 int32 buffer ``ggml_type`` (gguf's ``GGMLQuantizationType`` number), so a saved
 layer says what its bytes are.
+
+:class:`GGUFLinear` runs through the kernels registered for it (:mod:`.kernels`): torch's int4
+CPU kernel for Q4_0, Q4_1 and Q4_K, repacked from these bytes at the first forward (the state
+dict keeps the bytes as they are), the dequantize reference for every type, and the weight
+dequantized once and kept when the user forces ``dequantize-cached``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor, nn
 
+from quantkit.core.dispatch import KernelLinear
 from quantkit.core.errors import ModelFormatError
 
 from . import quants
 from .mixes import row_bytes
+
+CODE_BITS = {
+    "Q2_K": 2,
+    "Q3_K": 3,
+    "Q4_0": 4,
+    "Q4_1": 4,
+    "Q4_K": 4,
+    "Q5_0": 5,
+    "Q5_1": 5,
+    "Q5_K": 5,
+    "Q6_K": 6,
+    "Q8_0": 8,
+    "IQ4_NL": 4,
+    "IQ4_XS": 4,
+}
+"""Bits of a code of each quantized ggml type (float types: their width)."""
+SCALE_GROUP = {"Q2_K": 16, "Q3_K": 16, "Q6_K": 16}
+"""Weights sharing one scale, where it is not the 32 of the other quantized types."""
+FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 
 
 class GGUFWeight(nn.Module):
@@ -78,8 +102,9 @@ class GGUFWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
-class GGUFLinear(GGUFWeight):
-    """``nn.Linear`` with a GGUF-quantized weight; forward dequantizes it and multiplies."""
+class GGUFLinear(GGUFWeight, KernelLinear):
+    """``nn.Linear`` with a GGUF-quantized weight; forward runs the kernel chosen for it
+    (:class:`~quantkit.core.dispatch.KernelLinear`)."""
 
     def __init__(
         self,
@@ -98,8 +123,11 @@ class GGUFLinear(GGUFWeight):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qtype: str, device: torch.device | None = None) -> GGUFLinear:
-        """Quantize ``linear``'s weight to ``qtype``, on ``device`` (default: the weight's)."""
+    def from_linear(
+        cls, linear: nn.Linear, qtype: str, device: torch.device | None = None, imatrix: Tensor | None = None
+    ) -> GGUFLinear:
+        """Quantize ``linear``'s weight to ``qtype``, on ``device`` (default: the weight's), weighted
+        by the importance-matrix values ``imatrix`` (one per input column) if given."""
         weight = linear.weight.detach()
         device = device or weight.device
         module = cls(
@@ -110,7 +138,7 @@ class GGUFLinear(GGUFWeight):
             device=device,
             dtype=weight.dtype,
         )
-        module.load_bytes(quants.quantize(weight.to(device), qtype), qtype)
+        module.load_bytes(quants.quantize(weight.to(device), qtype, imatrix), qtype)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
@@ -123,8 +151,21 @@ class GGUFLinear(GGUFWeight):
         module.ggml_type = embedding.ggml_type.clone()
         return module
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+    @property
+    def bits(self) -> int:
+        """Bits of one code of the stored type (a float type's width)."""
+        return CODE_BITS.get(self.qtype) or FLOAT_BITS[self.qtype]
+
+    @property
+    def group_size(self) -> int:
+        """Inputs sharing one scale (a float type: the whole row)."""
+        if self.qtype in FLOAT_BITS:
+            return self.in_features
+        return SCALE_GROUP.get(self.qtype, 32)
+
+    def load_bytes(self, data: Tensor, qtype: str) -> None:
+        super().load_bytes(data, qtype)
+        self.reset_kernel()
 
     def extra_repr(self) -> str:
         return (

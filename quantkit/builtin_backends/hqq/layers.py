@@ -1,7 +1,9 @@
 """hqq's ``HQQLinear``: built from a float linear, or from tensors saved in quantkit's layout.
 
 Always with an explicit device: hqq defaults to ``cuda``. The modules stay real
-``HQQLinear`` so that PEFT's HQQ LoRA layers wrap them.
+``HQQLinear`` so that PEFT's HQQ LoRA layers wrap them; quantkit routes their forward through
+the kernels registered for :class:`HQQLayer` (:mod:`.kernels`), with ``bits`` and
+``group_size`` read from hqq's meta-data for the kernels' declarations.
 """
 
 from __future__ import annotations
@@ -11,10 +13,35 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from quantkit.core.dispatch import route_through_kernels
+
 from .config import HQQConfig
 
 if TYPE_CHECKING:
     from hqq.core.quantize import HQQLinear
+
+
+HQQ_LINEAR = "hqq.core.quantize.HQQLinear"
+
+
+class _NamesHQQLinear(type):
+    def __instancecheck__(cls, instance: object) -> bool:
+        return cls.__subclasscheck__(type(instance))
+
+    def __subclasscheck__(cls, candidate: type) -> bool:
+        return candidate is cls or any(f"{c.__module__}.{c.__qualname__}" == HQQ_LINEAR for c in candidate.__mro__)
+
+
+class HQQLayer(metaclass=_NamesHQQLinear):
+    """hqq's ``HQQLinear`` (and its subclasses) as a class quantkit can name without importing
+    hqq: ``isinstance(module, HQQLayer)``, the layer class hqq's kernels declare."""
+
+
+def _through_kernels(module: HQQLinear) -> HQQLinear:
+    """``module`` with the attributes kernels read and its forward routed through them."""
+    module.bits = module.meta["nbits"]
+    module.group_size = module.meta["group_size"] or module.in_features
+    return route_through_kernels(module)
 
 
 def hqq_quant_config(config: HQQConfig) -> dict:
@@ -38,7 +65,7 @@ def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) 
         compute_dtype=getattr(torch, config.compute_dtype),
         device=str(device),
     )
-    return module.train(linear.training)
+    return _through_kernels(module.train(linear.training))
 
 
 def saved_linear(
@@ -69,7 +96,7 @@ def saved_linear(
     module.cuda(str(device))  # hqq's move to any device: casts meta and bias to the compute dtype
     module.out_features, module.in_features = meta["shape"]
     module.ready = True
-    return module
+    return _through_kernels(module)
 
 
 def hqq_linears(model: nn.Module) -> dict[str, HQQLinear]:

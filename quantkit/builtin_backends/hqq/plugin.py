@@ -1,10 +1,16 @@
-"""quantkit's built-in plugin: HQQ through the hqq library, safetensors layout of quantkit's own."""
+"""quantkit's built-in plugin: HQQ through the hqq library, safetensors layout of quantkit's own, and its kernels."""
 
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import HQQBackend
+from .kernels import INT4_CPU
 
 
 @hookimpl
 def quantkit_register_backends(register) -> None:
     register(HQQBackend())
+
+
+@hookimpl
+def quantkit_register_kernels(register) -> None:
+    register(INT4_CPU)
