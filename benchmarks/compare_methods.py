@@ -3,10 +3,14 @@
     python benchmarks/compare_methods.py                                  # the default comparison
     python benchmarks/compare_methods.py --methods nf4,int8 --tokens 2048 4096 --seqlen 256 512
     python benchmarks/compare_methods.py --model path/to/model --out sweeps/
+    python benchmarks/compare_methods.py --model a --model b --ray [ADDRESS]      # every method a Ray task
 
 Each combination is one resumable comparison in ``OUT/<model>-t<tokens>-s<seqlen>/`` with
 its own results, report and plots; a summary of every run's checks is printed at the end.
-The command line and the environment are printed first.
+By default the combinations run one after the other, each method in a local worker process;
+with ``--ray`` every method of every combination is a Ray task, all of them submitted at once
+(a local Ray instance without ADDRESS; on a cluster, OUT must be on a filesystem every node
+shares). The command line and the environment are printed first.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import itertools
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +35,8 @@ from quantkit.compare import (
     terminal_table,
     write_reports,
 )
+from quantkit.compare.ray_executor import LOCAL, RayExecutor
+from quantkit.compare.runner import ProcessExecutor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("compare-sweeps"))
     parser.add_argument("--force", action="store_true")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        metavar="ADDRESS",
+        help="run every method of every combination as a Ray task, all at once (no ADDRESS: a local Ray instance)",
+    )
     args = parser.parse_args(argv)
 
     console = Console()
     console.print(run_header(), highlight=False)
-    summary = []
+    executor = ProcessExecutor() if args.ray is None else RayExecutor(args.ray)
+    comparisons = []
     for model, tokens, seqlen in itertools.product(args.model or [None], args.tokens, args.seqlen):
         protocol = Protocol(
             model=model,
@@ -64,21 +79,38 @@ def main(argv: list[str] | None = None) -> int:
         )
         methods = resolve_methods(args.methods.split(",") if args.methods else None, protocol, args.config_file)
         out = args.out / f"{Path(model).name if model else 'default'}-t{tokens}-s{seqlen}"
-        console.print(f"\n[bold]{protocol.describe()}[/] -> {out}", highlight=False)
-        start = time.perf_counter()
-        comparison = Comparison(
-            methods,
-            protocol,
-            out,
-            force=args.force,
-            on_event=lambda e: (
-                e.stage in ("done", "failed", "unavailable")
-                and console.print(f"  {e.method}: {e.stage}", highlight=False)
-            ),
+        console.print(f"[bold]{protocol.describe()}[/] -> {out}", highlight=False)
+        comparisons.append(
+            Comparison(
+                methods,
+                protocol,
+                out,
+                force=args.force,
+                executor=executor,
+                on_event=lambda e, name=out.name: (
+                    e.stage in ("done", "failed", "unavailable")
+                    and console.print(f"  {name}: {e.method}: {e.stage}", highlight=False)
+                ),
+            )
         )
+
+    def measure(comparison: Comparison) -> float:
+        """Run one comparison and write its reports; its wall time."""
+        start = time.perf_counter()
         results = comparison.run()
         wall = time.perf_counter() - start
-        write_reports(results, out, protocol.describe(), wall_seconds=wall, command=shlex.join(sys.argv))
+        protocol = comparison.protocol.describe()
+        write_reports(results, comparison.out, protocol, wall_seconds=wall, command=shlex.join(sys.argv))
+        return wall
+
+    if args.ray is None:
+        walls = [measure(c) for c in comparisons]
+    else:  # every comparison submits its tasks at once; Ray runs them as resources allow
+        with ThreadPoolExecutor(len(comparisons)) as threads:
+            walls = list(threads.map(measure, comparisons))
+    summary = []
+    for comparison, wall in zip(comparisons, walls):
+        results, out = comparison.results(), comparison.out
         console.print(terminal_table(results, width=console.width, title=f"{out.name} ({wall / 60:.1f} min)"))
         checks = run_checks(results)
         for check in checks:

@@ -12,6 +12,8 @@ import torch
 from rich.console import Console
 
 from ..compare import Comparison, Event, Protocol, resolve_methods, run_checks, terminal_table, write_reports
+from ..compare.ray_executor import LOCAL, RayExecutor
+from ..compare.runner import ProcessExecutor
 from ..core.hardware import resolve_device
 from ..core.resolve import default_comparison
 
@@ -76,6 +78,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the results (one object per method) to this file")
     parser.add_argument("--force", action="store_true", help="measure every method again")
     parser.add_argument("--keep-models", action="store_true", help="keep each saved model in OUT/models")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        metavar="ADDRESS",
+        help="run every method as a Ray task (CPUs: --threads, a GPU on CUDA, memory: the estimator's "
+        "prediction), in parallel where resources allow; no ADDRESS starts a local Ray instance, 'auto' or "
+        "ray://HOST:PORT joins a cluster whose nodes share --out's filesystem (needs quantkit[ray]; "
+        "default: local worker processes, one at a time)",
+    )
 
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:
@@ -95,7 +107,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
 
 
 class ProgressView:
-    """A progress bar per method stage, fed by the workers' events."""
+    """A progress bar per running method (several at a time on Ray), fed by the workers' events."""
 
     def __init__(self, console: Console, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,8 +122,7 @@ class ProgressView:
             transient=True,
         )
         self.overall = self.progress.add_task("methods", total=total)
-        self.current = None
-        self.started = 0.0
+        self.running: dict[str, tuple[int, float]] = {}  # method -> its bar, its start
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
@@ -123,21 +134,20 @@ class ProgressView:
     def __call__(self, event: Event) -> None:
         p = self.progress
         if event.stage in ("done", "failed", "unavailable", "skipped"):
-            if self.current is not None:
-                p.remove_task(self.current)
-                self.current = None
+            task, started = self.running.pop(event.method, (None, None))
+            if task is not None:
+                p.remove_task(task)
             p.advance(self.overall)
-            took = f" in {time.perf_counter() - self.started:.0f} s" if event.stage in ("done", "failed") else ""
+            took = f" in {time.perf_counter() - started:.0f} s" if started is not None else ""
             note = " (measured by an earlier run)" if event.stage == "skipped" else ""
             self.console.print(f"{event.method}: {event.stage}{took}{note}", highlight=False)
             return
         if event.stage == "start":
-            self.started = time.perf_counter()
-            self.current = p.add_task(f"{event.method}: starting", total=None)
+            self.running[event.method] = p.add_task(f"{event.method}: starting", total=None), time.perf_counter()
             return
-        if self.current is not None:
+        if event.method in self.running:
             p.update(
-                self.current,
+                self.running[event.method][0],
                 description=f"{event.method}: {event.stage}",
                 total=event.total or None,
                 completed=event.done,
@@ -153,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"methods: {', '.join(m.name for m in methods)}; results in {args.out}", highlight=False)
     start = time.perf_counter()
     view = ProgressView(console, len(methods))
-    comparison = Comparison(methods, protocol, args.out, force=args.force, keep_models=args.keep_models, on_event=view)
+    executor = ProcessExecutor() if args.ray is None else RayExecutor(args.ray)
+    comparison = Comparison(
+        methods, protocol, args.out, force=args.force, keep_models=args.keep_models, on_event=view, executor=executor
+    )
     interrupted = False
     with view:
         try:

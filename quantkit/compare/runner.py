@@ -1,20 +1,23 @@
-"""The parent of a comparison: it schedules one worker process per method and files the results.
+"""The parent of a comparison: it hands each method to an executor as a :class:`Job` and files the results.
 
-Every method runs in a fresh worker (``python -m quantkit.compare JOB``) so that its peak
-memory is its own and a crash costs only that method. A worker's result is written to
-``OUT/results/<method>.json`` atomically; a rerun skips methods whose result matches the
-current protocol and method, so an interrupted run resumes where it stopped.
+Every method runs in a fresh worker process so that its peak memory is its own and a crash
+costs only that method: by default (:class:`ProcessExecutor`) one local ``python -m
+quantkit.compare JOB`` at a time, or as Ray tasks (:class:`~.ray_executor.RayExecutor`). The
+parent writes every result to ``OUT/results/<method>.json`` atomically, a failure as a
+``failed`` row; a rerun skips methods whose result matches the current protocol and method,
+so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,13 +67,101 @@ class Event:
     total: int = 0
 
 
+@dataclass(frozen=True)
+class Job:
+    """One method to measure: what its worker reads (``spec``, JSON) and where its log goes."""
+
+    method: Method
+    protocol: Protocol
+    spec: dict[str, Any]
+    log: Path
+
+    @property
+    def result(self) -> Path:
+        """Where the parent files the method's result."""
+        return Path(self.spec["result"])
+
+
+Outcome = Result | str
+"""What an executor reports for a job: the measured result, or the error that stopped it."""
+
+
+class Executor(abc.ABC):
+    """Runs the workers of a comparison; the :class:`Comparison` files what they report."""
+
+    @abc.abstractmethod
+    def run(self, jobs: Sequence[Job], emit: Callable[[Event], None]) -> Iterator[tuple[Job, Outcome]]:
+        """Measure ``jobs``, each in a fresh worker process, and yield each with its outcome as it
+        finishes; ``emit`` receives each job's ``start`` and stage events. Closing the iterator
+        (an interrupt) stops the workers still running."""
+
+
+class ProcessExecutor(Executor):
+    """Local worker processes (``python -m quantkit.compare JOB``), one at a time, their
+    stderr in the job's log and their stage events on the progress view."""
+
+    def run(self, jobs: Sequence[Job], emit: Callable[[Event], None]) -> Iterator[tuple[Job, Outcome]]:
+        for job in jobs:
+            yield job, self._run_one(job, emit)
+
+    def _run_one(self, job: Job, emit: Callable[[Event], None]) -> Outcome:
+        job_path = Path(job.spec["scratch"]) / f".job-{job.method.name}.json"
+        write_json_atomic(job_path, job.spec)
+        job.result.unlink(missing_ok=True)  # what the worker writes is the only result read back
+        emit(Event(job.method.name, "start"))
+        try:
+            error = self._run_worker(job, job_path, emit)
+        finally:
+            job_path.unlink(missing_ok=True)
+        return error if error is not None else read_result(job.result)
+
+    def _run_worker(self, job: Job, job_path: Path, emit: Callable[[Event], None]) -> str | None:
+        """Run one worker to its end; the error that stopped it, or ``None``."""
+        env = {
+            **os.environ,
+            "QUANTKIT_QUIET": "1",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(job.protocol.threads),
+        }
+        error = None
+        with open(job.log, "w", encoding="utf-8") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "quantkit.compare", str(job_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                text=True,
+            )
+            try:
+                for line in worker.stdout:
+                    event = _parse_event(line)
+                    if event is None:
+                        continue
+                    if event.get("stage") == "error":
+                        error = event.get("message", "unknown error")
+                    else:
+                        emit(Event(job.method.name, event["stage"], event.get("done", 0), event.get("total", 0)))
+                code = worker.wait()
+            except BaseException:
+                worker.kill()
+                worker.wait()
+                raise
+        if error is None and code != 0:
+            error = f"worker exited with {_exit_reason(code)}; see {job.log}"
+        elif error is None and not is_done(read_result(job.result), job.method, job.protocol):
+            error = f"worker wrote no result; see {job.log}"
+        return error
+
+
 @dataclass
 class Comparison:
     """A comparison of ``methods`` under ``protocol`` kept in ``out``.
 
-    :meth:`run` measures the methods not yet done, each in its own worker, and
-    returns every method's result (measured, unavailable or failed). One run at a
-    time per ``out``: a run first removes what a killed one left behind.
+    :meth:`run` measures the methods not yet done, each in its own worker run by ``executor``
+    (default: local processes, one at a time), and returns every method's result (measured,
+    unavailable or failed). One run at a time per ``out``: a run first removes what a killed
+    one left behind.
     """
 
     methods: list[Method]
@@ -80,6 +171,7 @@ class Comparison:
     keep_models: bool = False
     keep_reference: bool = False
     on_event: Callable[[Event], None] | None = None
+    executor: Executor = field(default_factory=ProcessExecutor)
     paths: RunPaths = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,7 +192,7 @@ class Comparison:
         return [m for m in self.methods if not is_done(read_result(self.paths.result(m.name)), m, self.protocol)]
 
     def run(self) -> list[Result]:
-        """Measure the pending methods; a crash or interrupt loses only the method in flight."""
+        """Measure the pending methods; a crash or interrupt loses only the methods in flight."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         write_json_atomic(self.out / "protocol.json", {"key": self.protocol.key(), **self.protocol.to_dict()})
@@ -122,8 +214,11 @@ class Comparison:
         baseline = self.methods[0]
         if any(m is not baseline for m in runnable) and not reference.is_file() and baseline not in runnable:
             runnable.insert(0, baseline)  # the baseline's log-probabilities are needed again
-        for method in runnable:
-            self._measure(method, estimates.get(method.name, {}))
+        jobs = [self._job(m, estimates.get(m.name, {})) for m in runnable]
+        # The baseline runs alone first: it writes the log-probabilities the others read.
+        for batch in ([j for j in jobs if j.method is baseline], [j for j in jobs if j.method is not baseline]):
+            if batch:
+                self._execute(batch)
         if not self.keep_reference and all(r.status in ("ok", "unavailable") for r in self.results()):
             reference.unlink(missing_ok=True)
         return self.results()
@@ -148,9 +243,8 @@ class Comparison:
             results.append(r)
         return complete(results)
 
-    def _measure(self, method: Method, estimate: dict[str, Any]) -> None:
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        job = {
+    def _job(self, method: Method, estimate: dict[str, Any]) -> Job:
+        spec = {
             "method": method.to_dict(),
             "protocol": self.protocol.to_dict(),
             "result": str(self.paths.result(method.name)),
@@ -160,57 +254,22 @@ class Comparison:
             "scratch": str(self.out),
             "estimate": estimate,
         }
-        job_path = self.out / f".job-{method.name}.json"
-        write_json_atomic(job_path, job)
-        self.paths.result(method.name).unlink(missing_ok=True)
-        log = self.paths.logs / f"{method.name}.log"
-        self._emit(Event(method.name, "start"))
-        try:
-            error = self._run_worker(method, job_path, log)
-        finally:
-            job_path.unlink(missing_ok=True)
-        if error is not None:
-            result = Result.of(method, self.protocol, "failed", error, **{**estimate, "available": True})
-            write_result(self.paths.result(method.name), result)
-        self._emit(Event(method.name, "failed" if error else "done"))
+        return Job(method, self.protocol, spec, self.paths.logs / f"{method.name}.log")
 
-    def _run_worker(self, method: Method, job_path: Path, log: Path) -> str | None:
-        """Run one worker to its end; the error that stopped it, or ``None``."""
-        env = {
-            **os.environ,
-            "QUANTKIT_QUIET": "1",
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(self.protocol.threads),
-        }
-        error = None
-        with open(log, "w", encoding="utf-8") as log_file:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "quantkit.compare", str(job_path)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                env=env,
-                text=True,
-            )
-            try:
-                for line in worker.stdout:
-                    event = _parse_event(line)
-                    if event is None:
-                        continue
-                    if event.get("stage") == "error":
-                        error = event.get("message", "unknown error")
-                    else:
-                        self._emit(Event(method.name, event["stage"], event.get("done", 0), event.get("total", 0)))
-                code = worker.wait()
-            except BaseException:
-                worker.kill()
-                worker.wait()
-                raise
-        if error is None and code != 0:
-            error = f"worker exited with {_exit_reason(code)}; see {log}"
-        elif error is None and not is_done(read_result(self.paths.result(method.name)), method, self.protocol):
-            error = f"worker wrote no result; see {log}"
-        return error
+    def _execute(self, jobs: Sequence[Job]) -> None:
+        """Run ``jobs`` through the executor and file each outcome as it arrives: a result as
+        reported, an error as a ``failed`` row."""
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        outcomes = self.executor.run(jobs, self._emit)
+        try:
+            for job, outcome in outcomes:
+                if isinstance(outcome, str):
+                    extra = {**job.spec["estimate"], "available": True}
+                    outcome = Result.of(job.method, self.protocol, "failed", outcome, **extra)
+                write_result(job.result, outcome)
+                self._emit(Event(job.method.name, "done" if outcome.status == "ok" else "failed"))
+        finally:
+            outcomes.close()
 
     def _emit(self, event: Event) -> None:
         if self.on_event is not None:
