@@ -22,9 +22,19 @@ from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.registry import get_registry
 from .core.resolve import as_config, config_from_hf_dict
-from .core.serialization import BACKEND_ATTR, CONFIG_ATTR, CONFIG_NAME, format_errors, quant_config_of, read_config
+from .core.serialization import (
+    BACKEND_ATTR,
+    CONFIG_ATTR,
+    CONFIG_NAME,
+    format_errors,
+    quant_config_of,
+    read_config,
+    write_safetensors_folder,
+)
 from .core.text import tokenize
 from .estimate import QuantizeEstimate, estimate_quantization, format_seconds
+from .formats.checkpoints import check_format, checkpoint_of, load_compressed_tensors
+from .formats.compressed_tensors import QUANT_METHOD as CT_METHOD
 
 log = logging.getLogger("quantkit")
 
@@ -66,7 +76,7 @@ def quantize(
     device = resolve_device(device)
     backend = get_registry().backend_for(config, hardware_of(device))
     tokens = None
-    if backend.capabilities.requires_calibration:
+    if backend.needs_calibration(config):
         tokens = _calibration(model, config, calibration, tokenizer)
     elif calibration is not None:
         log.info("%s needs no calibration data; ignoring it", backend.name)
@@ -84,13 +94,31 @@ def quantize(
     return model
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    format: str | None = None,
+    allow_lossy: bool = False,
+) -> Path:
     """Save a quantized model atomically: a folder, or a single file (``x.gguf``).
 
-    ``tokenizer`` is saved beside the weights (single-file formats embed it).
+    ``tokenizer`` is saved beside the weights (single-file formats embed it). ``format`` (a folder
+    only) writes a GPTQ, AWQ or round-to-nearest model in another format than its backend's own:
+    ``"gptq"``, ``"awq"`` or ``"compressed-tensors"`` (vLLM's ``pack-quantized``). Layers that format
+    cannot hold exactly are refused with the reason unless ``allow_lossy``, which re-quantizes them
+    by round-to-nearest (:func:`quantkit.formats.grid.fit`).
     """
     path = Path(path)
     backend = _backend_of(model)
+    if format is not None and format != backend.config_class.quant_method:
+        block, tensors = checkpoint_of(model, check_format(format), allow_lossy=allow_lossy)
+        with atomic_path(path, directory=True) as tmp:
+            write_safetensors_folder(model, tmp, block, tensors)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return path
     suffix_owner = get_registry().backend_for_suffix(path.suffix)
     if suffix_owner is not None and suffix_owner is not backend:
         raise QuantkitError(
@@ -111,7 +139,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) ->
 
 
 def load(path: str | os.PathLike, device: torch.device | str | None = None, *, kernel: str | None = None) -> nn.Module:
-    """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder).
+    """Load a model saved by :func:`save` (or a transformers bnb/gptq/awq folder, or a
+    compressed-tensors ``pack-quantized`` one, read into GPTQ layers where they hold it exactly).
 
     Each quantized linear runs the fastest registered kernel that can serve it on its device
     (``quantkit backends --kernels`` lists them); ``kernel`` forces one by name on all of them,
@@ -132,10 +161,18 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None, *, k
         config = quant_config_of(model)
     else:
         with format_errors(path / CONFIG_NAME):
-            config = config_from_hf_dict(read_config(path)["quantization_config"])
-        backend = registry.backend_for(config, hardware_of(device), purpose="inference")
-        with format_errors(path):
-            model = backend.load_pretrained(path, config, device)
+            block = read_config(path)["quantization_config"]
+        if block.get("quant_method") == CT_METHOD:
+            with format_errors(path):
+                model, config = load_compressed_tensors(path, block)
+            backend = registry.backend_for(config, hardware_of(device), purpose="inference")
+            model = model.to(device)
+        else:
+            with format_errors(path / CONFIG_NAME):
+                config = config_from_hf_dict(block)
+            backend = registry.backend_for(config, hardware_of(device), purpose="inference")
+            with format_errors(path):
+                model = backend.load_pretrained(path, config, device)
     if kernel is not None:
         set_kernel(model, kernel)
     setattr(model, CONFIG_ATTR, config)
