@@ -22,6 +22,8 @@ COMMANDS = {
     "compare": "compare quantization methods on one model and one text",
     "recommend": "recommend a method for a hardware and a goal",
     "finetune": "LoRA fine-tune a quantized model and save the adapter",
+    "convert": "convert a quantized checkpoint between GPTQ, AWQ and compressed-tensors",
+    "imatrix": "collect a llama.cpp importance matrix (GGUF) from calibration text",
 }
 """Name -> one-line help, in the order ``quantkit --help`` lists them."""
 
