@@ -307,12 +307,13 @@ def test_smollm2_q4_k_m_gguf_reads_back_identically(smollm2_q4_k_m):
 
     model, tokenizer, path, tokens, _ = smollm2_q4_k_m
     window = tokens[:, :64]
+    quantkit.set_kernel(model, "dequantize")  # float32 products, as transformers' dequantized model computes
     with torch.no_grad():
         expected = model(window).logits
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         torch.testing.assert_close(hf(window).logits, expected, rtol=0, atol=0)
         del hf
-        loaded = quantkit.load(path, device="cpu")
+        loaded = quantkit.load(path, device="cpu", kernel="dequantize")
         torch.testing.assert_close(loaded(window).logits, expected, rtol=0, atol=0)
     assert loaded.quantkit_config == GGUFConfig(quant_type="Q4_K_M", modules_to_not_convert=[])
     hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -327,7 +328,7 @@ def test_reads_and_rewrites_a_file_llama_cpp_wrote(tmp_path):
     from quantkit.models import default_model_gguf, load_model
 
     source = default_model_gguf()
-    model = quantkit.load(source, device="cpu")
+    model = quantkit.load(source, device="cpu", kernel="dequantize")  # float32 products, as transformers computes
     assert model.quantkit_config == GGUFConfig(
         quant_type="Q4_1", modules_to_not_convert=[], module_overrides={"model.embed_tokens": {"quant_type": "Q8_0"}}
     )
