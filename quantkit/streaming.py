@@ -147,11 +147,8 @@ def quantize_streaming(
 
 def _fingerprint(source: Path) -> dict[str, list[int]]:
     """Name -> (size, modification time) of the checkpoint's files: what a resumed run must find unchanged."""
-    return {
-        path.name: [path.stat().st_size, path.stat().st_mtime_ns]
-        for path in sorted(source.iterdir())
-        if path.suffix in (".safetensors", ".json")
-    }
+    files = [path for path in sorted(source.iterdir()) if path.suffix in (".safetensors", ".json")]
+    return {path.name: [(info := path.stat()).st_size, info.st_mtime_ns] for path in files}
 
 
 def _journal(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
