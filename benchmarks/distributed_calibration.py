@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from run_log import RunLog
+from safetensors.torch import load_file
 
 import quantkit
 from quantkit.calibration import evaluation_tokens
@@ -79,6 +80,17 @@ def perplexity(path: Path, tokens: torch.Tensor, seqlen: int) -> float:
         return evaluate(model, tokens, seqlen=seqlen).perplexity
 
 
+def differing_tensors(one: Path, many: Path) -> tuple[int, int]:
+    """How many of the tensors in the checkpoint folder ``one`` differ (bits or names) in ``many``; of how many."""
+    tensors = [{} for _ in range(2)]
+    for folder, found in zip((one, many), tensors):
+        for file in sorted(folder.glob("*.safetensors")):
+            found.update(load_file(file))
+    first, second = tensors
+    differing = sum(1 for name in first if name not in second or not torch.equal(first[name], second[name]))
+    return differing + len(second.keys() - first.keys()), len(first)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -103,6 +115,7 @@ def main() -> None:
         else:
             (seconds_one,) = finish(log, [(1, *start(log, args, 1, one))])
             (seconds_many,) = finish(log, [(args.ranks, *start(log, args, args.ranks, many))])
+        differing, total = differing_tensors(one, many)
         _, tokenizer = load_model(str(SMOLLM2))
         tokens = evaluation_tokens(tokenizer, max_tokens=args.eval_tokens)
         ppl = {
@@ -113,6 +126,7 @@ def main() -> None:
     log.emit(f"perplexity on {tokens.shape[1]} held-out tokens (windows of {args.eval_seqlen}):")
     log.emit(f"  float {ppl['float']:.4f}; one process {ppl['one']:.4f}; {args.ranks} ranks {ppl['ranks']:.4f}")
     log.emit(f"  relative difference {relative * 100:.4f} % ({'within' if relative <= 1e-3 else 'OUTSIDE'} 0.1 %)")
+    log.emit(f"checkpoints: {differing} of {total} tensors differ between one process and {args.ranks} ranks")
     log.emit(f"  wall time: one process {seconds_one:.1f} s, {args.ranks} ranks {seconds_many:.1f} s")
     log.write(RESULTS)
 

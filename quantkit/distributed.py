@@ -15,10 +15,12 @@ Environment:
 
 - ``QUANTKIT_DIST_TIMEOUT``: seconds a collective waits for the other ranks (default 1800);
   a rank that dies or stops answering makes the others raise :class:`DistributedError`.
-- ``QUANTKIT_DETERMINISTIC_REDUCE=1``: fixed summation order. Every statistic is summed per
-  calibration sample in sample order (:meth:`Distributed.ordered_sum`), so any number of
-  ranks gives the same bits as one process in this mode. It costs memory (one partial
-  statistic per sample, e.g. an ``in x in`` Hessian per sample) and is meant for verification.
+- ``QUANTKIT_DETERMINISTIC_REDUCE=1``: fixed summation order for the statistics that are not
+  summed exactly (AWQ's): each is summed per calibration sample in sample order
+  (:meth:`Distributed.ordered_sum`), so any number of ranks gives the same bits as one process
+  in this mode. It keeps one partial statistic per sample and is meant for verification.
+  Hessians (GPTQ, AQLM) are summed exactly in every mode
+  (:class:`quantkit.layerwise.HessianAccumulator`): their output has one process's bits anyway.
 """
 
 from __future__ import annotations

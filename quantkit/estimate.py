@@ -477,7 +477,8 @@ def _gptq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples
         for _, members in groups:
             n = targets[members[0]][1]
             weights = _weights(targets, members)
-            parts["hessians"] += Work(2.0 * n * n * tokens, 2.0 * n * tokens, 5 * chunks)
+            # one float32 product per sample, added to a float64 sum (HessianAccumulator)
+            parts["hessians"] += Work(2.0 * n * n * tokens, 2.0 * n * tokens + 3.0 * n * n * nsamples, 5 * nsamples)
             per_weight = GPTQ_SOLVE_ELEMENTS + (GPTQ_MSE_ELEMENTS if getattr(config, "mse", 0) > 0 else 0)
             parts["solves"] += Work(n**3 + weights * n, per_weight * weights, small_ops=GPTQ_COLUMN_OPS * n)
             parts["packing"] += Work(elements=PACK_ELEMENTS * weights, ops=LINEAR_OPS * len(members))
@@ -579,7 +580,8 @@ def estimate_quantization(
                 working = min(AWQ_CLIP_VALUES, AWQ_GRID // 2 * largest) * 4 * 8
             else:
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
-                working = 6 * largest * 4
+                widest = max(linear.in_features for _, linear, _ in targets)
+                working = 6 * largest * 4 + 12 * widest**2  # + a float64 Hessian sum and its float32 result
             extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), weights, working)
         else:  # another method: one forward pass over the calibration tokens, and the work it declares
             tokens = nsamples * seqlen

@@ -19,9 +19,9 @@ own share of the samples (sample ``i`` on rank ``i % world``): backends sum thei
 over the ranks (:meth:`HessianAccumulator.reduce`, :class:`SampleSum`,
 :meth:`LayerContext.reduce_sum`), give each solve to one rank (``ctx.dist.owners``) and
 broadcast its result (``ctx.dist.broadcast``), so that every rank holds the same quantized
-layer before propagating its samples. With ``QUANTKIT_DETERMINISTIC_REDUCE=1`` each chunk is
-one sample and every statistic is summed per sample in sample order: the output's bits then
-do not depend on the number of ranks.
+layer before propagating its samples. Hessians are summed exactly, so GPTQ's and AQLM's output
+has the same bits on any number of ranks; with ``QUANTKIT_DETERMINISTIC_REDUCE=1`` each chunk
+is one sample and every other statistic is summed per sample in sample order too.
 
 Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, SmolLM),
 ``mistral`` and ``qwen2`` — whose decoder layers are ``model.model.layers`` with
@@ -52,6 +52,8 @@ log = logging.getLogger("quantkit")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_CHUNK_TOKENS = 8192
+HESSIAN_BLOCK_BYTES = 64 * 2**20
+"""The float32 temporary of one ``x^T x`` product is formed in row blocks of at most this size."""
 REPORT_ATTR = "quantkit_calibration_report"
 """The model attribute holding the :class:`PipelineReport` of its last calibration."""
 
@@ -463,60 +465,70 @@ def quantize_layerwise(
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum(x x^T)`` over the calibration inputs of one linear layer (float32):
-    the statistic GPTQ's and AQLM's layer objectives ``||(W - Q) X||^2`` need.
+    """``H = 2/n * sum(x x^T)`` over the calibration inputs of one linear layer: the statistic
+    GPTQ's and AQLM's layer objectives ``||(W - Q) X||^2`` need.
+
+    Each sample's ``x^T x`` is computed in float32 and the samples are summed in float64. A
+    float64 sum of float32 terms is exact unless the terms' magnitudes span more than about
+    2**29 / n, so :attr:`H` (float32) has the same bits whatever order the samples come in and
+    however they are split into chunks or over ranks: two ranks give one process's Hessians.
+    Memory: ``12 * in_features**2`` bytes while :attr:`H` is formed, ``4 *`` after.
 
     Pass the layer's ``dist`` (``ctx.dist``) and call :meth:`reduce` for the Hessian over every
-    rank's samples. In deterministic mode each :meth:`add_batch` call is one sample's partial
-    ``x^T x``, kept until :meth:`reduce` sums them in sample order.
+    rank's samples.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, dist: Distributed | None = None):
         self.dist = dist or Distributed()
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.in_features = in_features
         self.nsamples = 0
         self.flops = 0.0
         """Multiply-adds (counted apart) spent on the products ``x^T x``."""
-        self._partials: list[torch.Tensor] = []
+        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self._H: torch.Tensor | None = None
+        self._rows = max(1, HESSIAN_BLOCK_BYTES // (4 * in_features))
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Fold in inputs ``(..., in_features)``; each row (token) counts as one sample."""
-        if x.shape[-1] != self.H.shape[0]:
-            raise ValueError(f"input has {x.shape[-1]} features; the accumulator expects {self.H.shape[0]}")
-        x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
-        self.flops += 2.0 * x.shape[0] * x.shape[1] ** 2
-        if self.dist.deterministic:
-            self._partials.append(x.t() @ x)
-            self.nsamples += x.shape[0]
-            return
-        if x.shape[0] == 0:
-            return
-        total = self.nsamples + x.shape[0]
-        self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
-        self.nsamples = total
+        """Fold in the inputs of a chunk of samples ``(samples, tokens, in_features)``, or of one
+        sample ``(tokens, in_features)``; each token counts as one row of ``X``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features; the accumulator expects {self.in_features}")
+        if self._sum is None:
+            raise ValueError("the accumulator's Hessian was already formed; make a new accumulator for more inputs")
+        samples = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.reshape(1, -1, x.shape[-1])
+        samples = samples.to(device=self._sum.device, dtype=torch.float32)
+        self.flops += 2.0 * samples.shape[0] * samples.shape[1] * self.in_features**2
+        for sample in samples:  # one float32 product per sample (and row block), summed exactly
+            for start in range(0, self.in_features, self._rows):
+                block = self._sum[start : start + self._rows]
+                block.add_(sample[:, start : start + self._rows].t() @ sample)
+        self.nsamples += samples.shape[0] * samples.shape[1]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian (float32) of the inputs added so far on this rank; after :meth:`reduce`,
+        of every rank's. Forming it frees the float64 sum: no inputs can be added after."""
+        if self._H is None:
+            if self._sum is None:
+                raise ValueError("this rank does not hold the Hessian: reduce() sent it to another rank")
+            self._H = self._sum.mul_(2.0 / max(self.nsamples, 1)).to(torch.float32)
+            self._sum = None
+        return self._H
 
     @torch.no_grad()
     def reduce(self, dst: int | None = None) -> torch.Tensor | None:
-        """The Hessian over every rank's samples on rank ``dst`` (every rank when ``None``), ``None``
-        on the others; in one process (not deterministic) :attr:`H` as accumulated. Every rank calls it."""
+        """The Hessian over every rank's samples on rank ``dst`` (every rank when ``None``),
+        ``None`` on the others; in one process :attr:`H`. Every rank calls it."""
         dist = self.dist
-        if dist.deterministic:
-            rows = dist.all_reduce(torch.tensor([float(self.nsamples)], dtype=torch.float64))
-            partials = torch.stack(self._partials) if self._partials else self.H.new_zeros((0, *self.H.shape))
-            self._partials = []
-            self.H = dist.ordered_sum(partials).mul_(2.0 / float(rows))
-            self.nsamples = int(rows)
-            return self.H if dst is None or dst == dist.rank else None
-        if dist.world == 1:
-            return self.H
-        count = torch.tensor([float(self.nsamples)], dtype=torch.float64)
-        dist.all_reduce(count)
-        total = self.H.mul_(self.nsamples)
-        if dist.reduce(total, dst) is None:
-            return None
-        self.H = total.div_(float(count))
-        self.nsamples = int(count)
+        if dist.world > 1:
+            if self._sum is None:
+                raise ValueError("reduce() needs the float64 sum: call it before reading H")
+            count = dist.all_reduce(torch.tensor([float(self.nsamples)], dtype=torch.float64))
+            self.nsamples = int(count)
+            if dist.reduce(self._sum, dst) is None:
+                self._sum = None
+                return None
         return self.H
 
 

@@ -55,6 +55,9 @@ def _run_modes() -> dict:
             model = _quantize(name)
             work = vars(getattr(model, REPORT_ATTR).work)
             results[deterministic, name] = {"state": model.state_dict(), "work": work, "logits": _logits(model)}
+    model = tiny_llama(0, hidden=64, intermediate=128, vocab=256, outliers=True)
+    matrix = quantkit.collect_imatrix(model, token_ids(NSAMPLES, SEQLEN))
+    results["imatrix"] = {"sums": matrix.sums, "counts": matrix.counts}
     return results
 
 
@@ -123,6 +126,15 @@ def test_deterministic_two_ranks_are_byte_identical_to_one_process(runs) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["gptq", "aqlm"])
+def test_hessian_methods_give_one_process_bits_on_two_ranks_by_default(runs, name: str) -> None:
+    """Hessians are summed exactly, so GPTQ and AQLM need no deterministic mode for identical output."""
+    ranked, alone = runs["ranks"][0][False, name]["state"], runs["single"][False, name]["state"]
+    assert ranked.keys() == alone.keys()
+    assert not [key for key in alone if not torch.equal(ranked[key], alone[key])]
+
+
+@pytest.mark.slow
 def test_default_two_ranks_match_one_process_up_to_summation_order(runs) -> None:
     with torch.no_grad():
         float_logits = tiny_llama(0, hidden=64, intermediate=128, vocab=256, outliers=True)(EVAL).logits
@@ -131,6 +143,17 @@ def test_default_two_ranks_match_one_process_up_to_summation_order(runs) -> None
         assert torch.equal(ranked, runs["ranks"][1][False, name]["logits"]), f"{name}: the ranks disagree"
         # summation order moves the result far less than quantization does
         assert (ranked - alone).pow(2).mean() < 0.01 * (alone - float_logits).pow(2).mean(), name
+
+
+@pytest.mark.slow
+def test_importance_matrix_of_two_ranks_is_one_process_s(runs) -> None:
+    alone = runs["single"]["imatrix"]
+    for rank in range(2):
+        ranked = runs["ranks"][rank]["imatrix"]
+        assert ranked["counts"] == alone["counts"] == dict.fromkeys(alone["sums"], NSAMPLES * SEQLEN)
+        assert ranked["sums"].keys() == alone["sums"].keys() and len(alone["sums"]) == 2 * 7
+        for name, sums in alone["sums"].items():  # float64 sums of float32 squares: equal to ~1e-16
+            torch.testing.assert_close(ranked["sums"][name], sums, rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow
