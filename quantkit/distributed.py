@@ -9,18 +9,12 @@ operation below is the identity, so a single process computes exactly what it al
 Each rank calibrates on a disjoint share of the samples (sample ``i`` goes to rank
 ``i % world``); statistics are summed across ranks; each expensive per-linear solve is given
 to one rank (:meth:`Distributed.owners`) and its result broadcast to the others, so every rank
-holds the same quantized layer before running its samples through it.
+holds the same quantized layer before running its samples through it. Statistics are summed
+in float64 (:class:`quantkit.layerwise.HessianAccumulator`, AWQ's), where the order of the
+terms does not show at float32 precision: any number of ranks gives the bits of one process.
 
-Environment:
-
-- ``QUANTKIT_DIST_TIMEOUT``: seconds a collective waits for the other ranks (default 1800);
-  a rank that dies or stops answering makes the others raise :class:`DistributedError`.
-- ``QUANTKIT_DETERMINISTIC_REDUCE=1``: fixed summation order for the statistics that are not
-  summed exactly (AWQ's): each is summed per calibration sample in sample order
-  (:meth:`Distributed.ordered_sum`), so any number of ranks gives the same bits as one process
-  in this mode. It keeps one partial statistic per sample and is meant for verification.
-  Hessians (GPTQ, AQLM) are summed exactly in every mode
-  (:class:`quantkit.layerwise.HessianAccumulator`): their output has one process's bits anyway.
+Environment: ``QUANTKIT_DIST_TIMEOUT``, seconds a collective waits for the other ranks (default
+1800); a rank that dies or stops answering makes the others raise :class:`DistributedError`.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ import torch.distributed as td
 from .core.errors import QuantizationError
 
 TIMEOUT_ENV = "QUANTKIT_DIST_TIMEOUT"
-DETERMINISTIC_ENV = "QUANTKIT_DETERMINISTIC_REDUCE"
 DEFAULT_TIMEOUT_S = 1800.0
 
 T = TypeVar("T")
@@ -54,7 +47,6 @@ class Distributed:
 
     rank: int = 0
     world: int = 1
-    deterministic: bool = False
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     """Where collectives run: the rank's own GPU under NCCL, else the CPU."""
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -102,29 +94,6 @@ class Distributed:
                 td.reduce(buffer, dst)
                 tensor.copy_(buffer)
         return tensor if self.rank == dst else None
-
-    def ordered_sum(self, partials: torch.Tensor) -> torch.Tensor:
-        """Sum per-sample partials over every rank's samples in global sample order.
-
-        ``partials (n_local, ...)`` holds one partial per sample of this rank, in the order of
-        :meth:`sample_ids`. The sum is taken over the samples stacked in global order, so its
-        bits do not depend on the number of ranks. Every rank gets it.
-        """
-        if self.world == 1:
-            return partials.sum(0)
-        with self._collective("ordered_sum"):
-            count = torch.tensor([partials.shape[0]], device=self.device)
-            counts = [torch.zeros_like(count) for _ in range(self.world)]
-            td.all_gather(counts, count)
-            counts = [int(c) for c in counts]
-            width = max(counts)
-            padded = partials.new_zeros((width, *partials.shape[1:]), device=self.device)
-            padded[: partials.shape[0]] = partials.to(self.device)  # a copy: contiguous
-            gathered = [torch.empty_like(padded) for _ in range(self.world)]
-            td.all_gather(gathered, padded)
-        nsamples = sum(counts)
-        stacked = torch.stack(gathered, 1).flatten(0, 1)  # sample i sits at rank i % world, row i // world
-        return stacked[:nsamples].to(partials.device).sum(0)
 
     def broadcast(self, value: T | None, src: int) -> T:
         """``src``'s ``value`` on every rank: a tensor, or a dataclass whose tensor fields are sent
@@ -193,7 +162,7 @@ def _env_int(name: str, default: int) -> int:
     return int(raw)
 
 
-def _env_settings() -> tuple[float, bool]:
+def _timeout() -> float:
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
         timeout = float(raw) if raw else DEFAULT_TIMEOUT_S
@@ -201,10 +170,7 @@ def _env_settings() -> tuple[float, bool]:
         timeout = -1.0
     if not timeout > 0:
         raise DistributedError(f"environment variable {TIMEOUT_ENV}={raw!r} is invalid; allowed: seconds > 0")
-    flag = os.environ.get(DETERMINISTIC_ENV, "0")
-    if flag not in ("0", "1"):
-        raise DistributedError(f"environment variable {DETERMINISTIC_ENV}={flag!r} is invalid; allowed: 0, 1")
-    return timeout, flag == "1"
+    return timeout
 
 
 def session() -> Distributed:
@@ -213,14 +179,14 @@ def session() -> Distributed:
     One process (``WORLD_SIZE`` unset or 1, no process group initialised) gets rank 0 of 1
     and initialises nothing. A process group the caller initialised already is used as is.
     """
-    timeout, deterministic = _env_settings()
+    timeout = _timeout()
     if td.is_available() and td.is_initialized():
         backend = td.get_backend()
         device = _device(backend)
-        return Distributed(td.get_rank(), td.get_world_size(), deterministic, device, timeout)
+        return Distributed(td.get_rank(), td.get_world_size(), device, timeout)
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
-        return Distributed(deterministic=deterministic, timeout_s=timeout)
+        return Distributed(timeout_s=timeout)
     rank = _env_int("RANK", 0)
     if not td.is_available():
         raise DistributedError(f"WORLD_SIZE={world} asks for {world} ranks, but this torch has no torch.distributed")
@@ -236,7 +202,7 @@ def session() -> Distributed:
             f"rank {rank} of {world} could not join the {backend} process group (MASTER_ADDR="
             f"{os.environ.get('MASTER_ADDR')!r}, MASTER_PORT={os.environ.get('MASTER_PORT')!r}): {exc}"
         ) from exc
-    return Distributed(rank, world, deterministic, _device(backend), timeout)
+    return Distributed(rank, world, _device(backend), timeout)
 
 
 def _device(backend: str) -> torch.device:

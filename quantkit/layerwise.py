@@ -16,12 +16,16 @@ forward passes; one set of hidden states (``nsamples x seqlen x hidden``) lives 
 
 Launched with ``torchrun`` (:mod:`quantkit.distributed`), each rank runs this pipeline on its
 own share of the samples (sample ``i`` on rank ``i % world``): backends sum their statistics
-over the ranks (:meth:`HessianAccumulator.reduce`, :class:`SampleSum`,
-:meth:`LayerContext.reduce_sum`), give each solve to one rank (``ctx.dist.owners``) and
-broadcast its result (``ctx.dist.broadcast``), so that every rank holds the same quantized
-layer before propagating its samples. Hessians are summed exactly, so GPTQ's and AQLM's output
-has the same bits on any number of ranks; with ``QUANTKIT_DETERMINISTIC_REDUCE=1`` each chunk
-is one sample and every other statistic is summed per sample in sample order too.
+over the ranks (:meth:`HessianAccumulator.reduce`, :meth:`LayerContext.reduce_sum`), give each
+solve to one rank (``ctx.dist.owners``) and broadcast its result (``ctx.dist.broadcast``), so
+that every rank holds the same quantized layer before propagating its samples. Statistics
+summed in float64 (Hessians, AWQ's) give the same bits on any number of ranks.
+
+A model whose decoder layers are not in memory (:mod:`quantkit.streaming`: built on the meta
+device, read from disk) carries a :class:`LayerSource` as ``model.quantkit_layer_source``
+(:data:`LAYER_SOURCE_ATTR`): the pipeline asks it for each layer just before the layer's turn
+and hands the layer back once it is quantized and has propagated; the layer then returns to
+the device it came from (the meta device), so one float layer is in memory at a time.
 
 Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, SmolLM),
 ``mistral`` and ``qwen2`` — whose decoder layers are ``model.model.layers`` with
@@ -37,7 +41,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -56,6 +60,8 @@ HESSIAN_BLOCK_BYTES = 64 * 2**20
 """The float32 temporary of one ``x^T x`` product is formed in row blocks of at most this size."""
 REPORT_ATTR = "quantkit_calibration_report"
 """The model attribute holding the :class:`PipelineReport` of its last calibration."""
+LAYER_SOURCE_ATTR = "quantkit_layer_source"
+"""The model attribute holding the :class:`LayerSource` of a model whose layers are not in memory."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,8 @@ class LayerContext:
     names relative to the layer (``"mlp.down_proj"``) to the linears to quantize.
 
     Under ``torchrun`` the chunks hold this rank's samples only (``sample_ids[c]``: their
-    global indices): sum statistics over the ranks with :meth:`reduce_sum` or
-    :class:`SampleSum` before using them, and share results with ``dist``
+    global indices): sum statistics over the ranks with :meth:`reduce_sum` (in float64, so that
+    the result does not depend on the number of ranks) before using them, and share results with ``dist``
     (:class:`~quantkit.distributed.Distributed`). ``work`` counts this rank's work.
     """
 
@@ -268,6 +274,17 @@ class LayerContext:
         for c in range(len(self.chunks)):
             self.chunks[c] = self.forward(c)
             self._meter.sample()
+
+
+class LayerSource(Protocol):
+    """Where the decoder layers of a model built on the meta device come from (see
+    :data:`LAYER_SOURCE_ATTR`): :meth:`load` materialises layer ``index`` in place (on the CPU,
+    same modules, real tensors) just before its turn; :meth:`done` receives it quantized, after
+    it has propagated, still on the working device, before the pipeline returns it to meta."""
+
+    def load(self, index: int, layer: nn.Module) -> None: ...
+
+    def done(self, index: int, layer: nn.Module) -> None: ...
 
 
 LayerQuantizer = Callable[[LayerContext], None]
@@ -400,11 +417,12 @@ def quantize_layerwise(
             f"{nsamples} calibration samples cannot be shared by {dist.world} ranks: raise nsamples to at least "
             f"{dist.world} or launch fewer ranks"
         )
-    chunk_samples = 1 if dist.deterministic else chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
+    chunk_samples = chunk_samples or max(1, DEFAULT_CHUNK_TOKENS // seqlen)
     ids = dist.sample_ids(nsamples)
     local = calibration if dist.world == 1 else calibration[ids]
     work = LayerWork(samples=len(ids))
     meter = _MemoryMeter(device)
+    source: LayerSource | None = getattr(model, LAYER_SOURCE_ATTR, None)
     was_training = model.training
     model.eval()
     try:
@@ -414,6 +432,8 @@ def quantize_layerwise(
         for index in track(range(len(stack.layers)), f"{description} layers"):
             layer = stack.layers[index]
             home = _device_of(layer)
+            if source is not None:
+                source.load(index, layer)
             layer.to(device)
             ctx = LayerContext(
                 index,
@@ -432,6 +452,8 @@ def quantize_layerwise(
                 quantize_layer(ctx)
             if index + 1 < len(stack.layers):
                 ctx.propagate()
+            if source is not None:
+                source.done(index, layer)
             layer.to(home)
     finally:
         model.train(was_training)
@@ -499,7 +521,7 @@ class HessianAccumulator:
         samples = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.reshape(1, -1, x.shape[-1])
         samples = samples.to(device=self._sum.device, dtype=torch.float32)
         self.flops += 2.0 * samples.shape[0] * samples.shape[1] * self.in_features**2
-        for sample in samples:  # one float32 product per sample (and row block), summed exactly
+        for sample in samples:  # one float32 product per sample (and row block), summed in float64
             for start in range(0, self.in_features, self._rows):
                 block = self._sum[start : start + self._rows]
                 block.add_(sample[:, start : start + self._rows].t() @ sample)
@@ -530,32 +552,6 @@ class HessianAccumulator:
                 self._sum = None
                 return None
         return self.H
-
-
-class SampleSum:
-    """A statistic summed over the calibration samples of every rank: :meth:`add` each observed
-    chunk's partial sum, then :meth:`total` (every rank calls it) gives the sum over all ranks.
-    In one process (not deterministic) the partials are added in chunk order as they come; in
-    deterministic mode (chunks of one sample) they are summed in global sample order."""
-
-    def __init__(self, dist: Distributed):
-        self.dist = dist
-        self._sum: torch.Tensor | None = None
-        self._partials: list[torch.Tensor] = []
-
-    def add(self, partial: torch.Tensor) -> None:
-        if self.dist.deterministic:
-            self._partials.append(partial)
-        else:
-            self._sum = partial if self._sum is None else self._sum + partial
-
-    def total(self, like: torch.Tensor) -> torch.Tensor:
-        """The sum over every rank; ``like`` gives the shape, dtype and device of a rank with no partials."""
-        if self.dist.deterministic:
-            partials = torch.stack(self._partials) if self._partials else like.new_zeros((0, *like.shape))
-            return self.dist.ordered_sum(partials)
-        local = like.new_zeros(like.shape) if self._sum is None else self._sum
-        return local if self.dist.world == 1 else self.dist.all_reduce(local.clone())
 
 
 @contextlib.contextmanager

@@ -38,14 +38,13 @@ from torch import Tensor, nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
-from quantkit.layerwise import LayerContext, LinearGroup, SampleSum, quantize_layerwise
+from quantkit.layerwise import LayerContext, LinearGroup, quantize_layerwise
 
 from .awq import (
     apply_clip,
     apply_scales_to_previous,
     awq_pseudo_quantize,
     group_gram_sum,
-    input_channel_mean_abs,
     search_clip_gram,
     search_scales,
 )
@@ -76,16 +75,17 @@ class _AWQLayerQuantizer:
     def __call__(self, ctx: LayerContext) -> None:
         groups = ctx.target_groups()
         heads = [members[0] for _, members in groups]
-        sums = {head: SampleSum(ctx.dist) for head in heads}
+        sums = dict.fromkeys(heads, 0.0)
         counts = dict.fromkeys(heads, 0)
         parts: dict[str, list[Tensor]] = {head: [] for head in heads}
         empty: dict[str, Tensor] = {}
 
         def observer(head: str):
             def observe(x: Tensor, chunk: int) -> None:
-                rows = x.numel() // x.shape[-1]
-                sums[head].add(input_channel_mean_abs(x) * rows)
-                counts[head] += rows
+                rows = x.reshape(-1, x.shape[-1])
+                # summed in float64: the order of the samples does not show at float32 precision
+                sums[head] = sums[head] + rows.abs().sum(0, dtype=torch.float64)
+                counts[head] += rows.shape[0]
                 keep = int((ctx.sample_ids[chunk] < self.search_samples).sum())
                 if keep:
                     parts[head].append(x[:keep].detach())
@@ -97,7 +97,8 @@ class _AWQLayerQuantizer:
         kept = {head: torch.cat(p) if len(p) > 1 else p[0] if p else empty[head] for head, p in parts.items()}
         for group, members in groups:
             head = members[0]
-            mean_abs = sums[head].total(empty[head].new_zeros(empty[head].shape[-1])) / _sum(ctx, counts[head])
+            total = sums[head] + empty[head].new_zeros(empty[head].shape[-1], dtype=torch.float64)
+            mean_abs = (ctx.reduce_sum(total) / _sum(ctx, counts[head])).to(empty[head].dtype)
             scales = self._search(ctx, group, members, mean_abs, kept[head])
             if scales is not None:
                 kept[head] = kept[head] / scales
@@ -158,8 +159,6 @@ class _AWQLayerQuantizer:
         def forward() -> Tensor:
             if not x.shape[0]:  # a rank that holds none of the search samples
                 return x.new_zeros((0, 1))
-            if ctx.dist.deterministic:  # sample by sample, as in every world size
-                return torch.cat([run(x[i : i + 1]) for i in range(x.shape[0])])
             return run(x)
 
         cfg = ctx.targets[members[0]].config
@@ -172,7 +171,7 @@ class _AWQLayerQuantizer:
             group_size=cfg.group_size,
             zero_point=cfg.zero_point,
             forward_fn=forward,
-            loss_fn=None if ctx.dist.world == 1 and not ctx.dist.deterministic else _loss(ctx),
+            loss_fn=_loss(ctx),
         )
         apply_scales_to_previous(previous, linears, result.scales)
         log.debug(
@@ -203,29 +202,24 @@ def _sum(ctx: LayerContext, count: int) -> int:
 
 
 def _gram(ctx: LayerContext, x: Tensor, group_size: int, device: torch.device) -> Tensor:
-    """The per-group mean ``x x^T`` of every rank's search samples."""
-    if ctx.dist.deterministic:
-        like = x.new_zeros((0, *group_gram_sum(x[:0], group_size, device).shape), device=device)
-        partials = [group_gram_sum(x[i : i + 1], group_size, device) for i in range(x.shape[0])]
-        gram = ctx.dist.ordered_sum(torch.stack(partials) if partials else like)
-    else:
-        gram = ctx.reduce_sum(group_gram_sum(x, group_size, device))
-    gram /= max(_sum(ctx, x.numel() // x.shape[-1]), 1)
-    return gram
+    """The per-group mean ``x x^T`` of every rank's search samples: each sample's float32 Gram
+    matrices summed in float64, exactly (see :class:`quantkit.layerwise.HessianAccumulator`), so
+    the result does not depend on how the samples are split over chunks or ranks."""
+    gram = group_gram_sum(x[:0], group_size, device).double()
+    for sample in x.split(1):
+        gram += group_gram_sum(sample, group_size, device)
+    gram = ctx.reduce_sum(gram) / max(_sum(ctx, x.numel() // x.shape[-1]), 1)
+    return gram.float()
 
 
 def _loss(ctx: LayerContext):
-    """The scale search's mean squared error over every rank's search samples."""
+    """The scale search's mean squared error over every rank's search samples, summed in
+    float64 so that it does not depend on how the samples are split over ranks."""
 
     def loss(output: Tensor, reference: Tensor) -> float:
         err = (output - reference).pow(2)
-        per_sample = err.reshape(err.shape[0], -1).sum(1) if err.numel() else err.new_zeros(0)
-        total = (
-            ctx.dist.ordered_sum(per_sample)
-            if ctx.dist.deterministic
-            else ctx.reduce_sum(per_sample.sum().reshape(1).double())
-        )
-        return float(total.double().item() / _sum(ctx, err.numel()))
+        total = ctx.reduce_sum(err.sum(dtype=torch.float64).reshape(1))
+        return float(total.item() / _sum(ctx, err.numel()))
 
     return loss
 
