@@ -37,7 +37,7 @@ from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
-from .core.hardware import resolve_device
+from .core.hardware import bf16_native, resolve_device
 from .core.progress import track
 from .core.registry import get_registry
 from .core.resolve import as_config
@@ -309,24 +309,6 @@ def merge_adapter(model: PeftModel) -> nn.Module:
 
 
 # -- compute dtype, tokenizer, generation ---------------------------------------------
-
-
-def bf16_native(device: torch.device | str | None = None) -> bool:
-    """Whether ``device`` computes bfloat16 matmuls natively (not emulated) and correctly."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    elif device.type == "cpu":
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        native = True
-    if not native:
-        return False
-    try:
-        a = torch.eye(4, device=device, dtype=torch.bfloat16) * 3
-        return bool((a @ a).float().diagonal().eq(9).all())
-    except RuntimeError:
-        return False
 
 
 def qlora_config(

@@ -15,6 +15,7 @@ from quantkit import finetune as ft
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
 from quantkit.core.errors import ConfigTypeError, ModelFormatError, NotTrainableError, QuantkitError, UnknownFieldError
+from quantkit.core.hardware import bf16_native
 from quantkit.core.serialization import BACKEND_ATTR
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -185,7 +186,7 @@ def test_qlora_short_form_computes_in_bfloat16_only_where_native(caplog) -> None
     with caplog.at_level(logging.INFO, logger="quantkit"):
         config = ft.qlora_config(True, "cpu")
     assert (config.quant_type, config.use_double_quant, config.load_in_4bit) == ("nf4", True, True)
-    expected = "bfloat16" if ft.bf16_native("cpu") else "float32"
+    expected = "bfloat16" if bf16_native("cpu") else "float32"
     assert config.compute_dtype == expected and f"compute dtype: {expected}" in caplog.text
     explicit = quantkit.BnbConfig(compute_dtype="bfloat16")
     assert ft.qlora_config(explicit, "cpu") is explicit

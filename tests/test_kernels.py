@@ -23,6 +23,7 @@ from quantkit.core.errors import UnknownNameError
 from quantkit.core.hardware import Hardware
 from quantkit.core.kernels import DEQUANTIZE, Kernel, KernelUnavailableError, check
 from quantkit.core.registry import get_registry
+from quantkit.core.torch_kernels import DENSE_ROWS
 
 BFLOAT16_UNIT = 2**-8
 """The relative rounding of a bfloat16 value: what the int4/int8 kernels' bfloat16 activations cost."""
@@ -76,7 +77,7 @@ def exact(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("shape", [(64, 256), (96, 384)])
-@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("rows", [1, 9, DENSE_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_equals_the_reference_to_bfloat16_rounding(kind, group_size, shape, rows, dtype):
     module = LAYERS[kind](*shape, group_size)
@@ -255,7 +256,7 @@ def gguf_layer(out_features: int, in_features: int, qtype: str, seed: int = 0) -
 
 
 @pytest.mark.parametrize("qtype", gguf_kernels.INT4_TYPES)
-@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("rows", [1, 9, DENSE_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_int4_cpu_decodes_the_blocks_exactly_and_equals_the_reference(qtype, rows, dtype):
     """Q4_0, Q4_1, Q4_K: the repacked codes, scales and offsets are the blocks' weight exactly (in
@@ -325,7 +326,8 @@ def test_gguf_model_runs_int4_cpu_and_repacking_leaves_the_saved_file_unchanged(
 
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_hqq_4bit_int4_cpu_equals_the_reference_to_bfloat16_rounding(group_size, compute_dtype):
+@pytest.mark.parametrize("rows", [5, DENSE_ROWS])
+def test_hqq_4bit_int4_cpu_equals_the_reference_to_bfloat16_rounding(group_size, compute_dtype, rows):
     torch.manual_seed(0)
     config = HQQConfig(nbits=4, group_size=group_size, compute_dtype=compute_dtype, optimize=False)
     module = hqq_linear(nn.Linear(576, 192), config, torch.device("cpu"))  # SmolLM2's 576-wide rows
@@ -333,7 +335,7 @@ def test_hqq_4bit_int4_cpu_equals_the_reference_to_bfloat16_rounding(group_size,
     weight = module.dequantize().float()  # hqq's arithmetic in the compute dtype: q - z, then * s
     rounding = 1e-6 if dtype == torch.float32 else 2 * BFLOAT16_UNIT * weight.abs().max().item()
     assert torch.allclose(regrouped(*hqq_kernels.int4_operands(module)), weight, rtol=0, atol=rounding)
-    x = torch.randn(2, 5, 576).to(dtype)
+    x = torch.randn(2, rows, 576).to(dtype)
     got = module(x)
     assert chosen_kernels(module) == {"": "int4-cpu"} and got.dtype == dtype
     assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT

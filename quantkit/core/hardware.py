@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 
 import torch
 
@@ -52,3 +53,22 @@ def present_hardware() -> frozenset[Hardware]:
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
     return default_device() if device is None else torch.device(device)
+
+
+@functools.cache
+def bf16_native(device: torch.device | str | None = None) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (not emulated) and correctly."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device.type == "cpu":
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        native = True
+    if not native:
+        return False
+    try:
+        a = torch.eye(4, device=device, dtype=torch.bfloat16) * 3
+        return bool((a @ a).float().diagonal().eq(9).all())
+    except RuntimeError:
+        return False

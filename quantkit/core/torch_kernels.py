@@ -12,7 +12,9 @@ inputs: the weight's input channels are sorted by group once, and each input row
 in that order. Formats with other parameters (GGUF's block scales and minimums, HQQ's float zero
 points) bring their own ``prepare``, which ends with :func:`int4_state` on ``(scale, offset)``
 pairs. Scales and offsets are rounded to bfloat16 (relative 2**-9): every int4-cpu kernel equals
-dequantize-then-matmul up to that rounding and the activations' own.
+dequantize-then-matmul up to that rounding and the activations' own. From :data:`DENSE_ROWS`
+input rows on it runs a bfloat16 GEMM on the dequantized weight instead (same numerics class:
+the weight rounded to bfloat16).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .capabilities import ShapeLimit
-from .hardware import Hardware
+from .hardware import Hardware, bf16_native
 from .kernels import Kernel
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -34,6 +37,11 @@ INT4_SHAPE_LIMITS = (
     ShapeLimit("out_features", 16, "torch's int4 CPU packing takes output channels in blocks of 16"),
     ShapeLimit("in_features", "group_size", "torch's int4 CPU kernel takes whole groups: no ragged last group"),
 )
+DENSE_ROWS = 64
+"""From this many input rows on (a prompt, a batch), where the CPU multiplies bfloat16 natively
+(AVX512-BF16, AMX), the kernel dequantizes the weight to bfloat16 for the call and runs oneDNN's
+bfloat16 GEMM: torch's int4 operator is a GEMV whose time grows with the rows (half the speed of
+a float32 ``F.linear`` at 128 rows), as ExLlama rebuilds the fp16 weight above a batch size."""
 INNER_K_TILES = 2
 """The packing's ``innerKTiles`` (a CUDA tiling parameter; the CPU layout ignores it)."""
 
@@ -95,6 +103,8 @@ def _prepare_int4(module: nn.Module) -> Int4State:
 
 
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
+    if x.shape[0] >= DENSE_ROWS and bf16_native("cpu"):
+        return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
     activations = x if state.order is None else x.index_select(1, state.order)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         activations.to(torch.bfloat16), state.packed, state.group_size, state.scale_zeros
@@ -107,7 +117,10 @@ def int4_cpu_kernel(
     prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
     fits: Callable[[nn.Module], str] | None = _groups_fit,
     group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
-    description: str = "torch's _weight_int4pack_mm_for_cpu on codes repacked once; bfloat16 activations (W4A16)",
+    description: str = (
+        "torch's _weight_int4pack_mm_for_cpu on codes repacked once, bfloat16 activations (W4A16); "
+        f"from {DENSE_ROWS} rows a bfloat16 GEMM on the weight dequantized per call (native bfloat16 CPUs)"
+    ),
 ) -> Kernel:
     """The ``int4-cpu`` kernel for ``layers``: by default classes with the interface of the module
     docstring; a format whose weights are not :class:`GroupedCodes` passes its own ``prepare``
