@@ -15,7 +15,12 @@ from quantkit.builtin_backends.aqlm.aq import AQResult, aq_flops, aq_quantize
 from quantkit.builtin_backends.aqlm.beam_search import beam_search, dequantize, output_error
 from quantkit.builtin_backends.aqlm.codebook_update import update_codebooks
 from quantkit.builtin_backends.aqlm.config import AQLMConfig
-from quantkit.builtin_backends.aqlm.kmeans import first_argmax, nearest, residual_kmeans
+from quantkit.builtin_backends.aqlm.kmeans import (
+    MIN_CHUNK_POINTS,
+    first_argmax,
+    nearest,
+    residual_kmeans,
+)
 from quantkit.builtin_backends.aqlm.qlinear import AQLMLinear, pack_codes, unpack_codes
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
 from quantkit.core.errors import ConfigValueError, ModelFormatError, QuantkitError
@@ -51,6 +56,25 @@ def test_nearest_centroid_is_the_first_argmin_of_the_distances():
     assert torch.equal(first_argmax(scores), scores.argmax(1))
 
 
+def test_nearest_of_2_16_centroids_scores_bounded_chunks_of_many_points(monkeypatch):
+    """1x16's k-means: one point per distance slab left glibc's heap fragmented by the tiny
+    results (over 14 GiB RSS on SmolLM2); each slab holds MIN_CHUNK_POINTS points (the last fewer),
+    at most 4 MiB of distances."""
+    g = torch.Generator().manual_seed(0)
+    points, centroids = torch.randn(300, 8, generator=g), torch.randn(2**16, 8, generator=g)
+    slabs = []
+
+    def recorded(scores):
+        slabs.append(scores.shape)
+        return first_argmax(scores)
+
+    monkeypatch.setattr("quantkit.builtin_backends.aqlm.kmeans.first_argmax", recorded)
+    assert torch.equal(nearest(points, centroids), torch.cdist(points, centroids).argmin(1))
+    full, rest = divmod(300, MIN_CHUNK_POINTS)
+    assert [rows for rows, _ in slabs] == [MIN_CHUNK_POINTS] * full + [rest] * (rest > 0)
+    assert all(rows * columns <= 2**20 for rows, columns in slabs)  # 4 MiB of float32
+
+
 def test_kmeans_with_no_more_points_than_centroids_is_exact_and_free():
     """1x16 on a 576-wide layer: 2**16 codewords for fewer groups; every group is its own codeword."""
     points = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
@@ -77,6 +101,19 @@ def test_each_phase_lowers_the_output_error_and_beats_rtn_at_equal_bits():
     assert e["stored"] == pytest.approx(e["adam2"], rel=1e-2)  # float16 rounding costs little
     rtn = rtn_quantize(W, bits=2, group_size=64, sym=False).dequantized
     assert e["stored"] < 0.5 * output_error(W, H, rtn), (e, output_error(W, H, rtn))
+
+
+def test_an_adam_round_that_worsens_the_error_is_not_kept():
+    """With no more groups than codewords, k-means is exact; Adam with a large step can only move
+    away from it, so the exact codebooks are kept (1x16 on SmolLM2's attention layers)."""
+    W, H = structured_problem(64, 32, seed=3)  # 256 groups of 8 <= 2**8 codewords
+    config = AQLMConfig(num_codebooks=1, nbits_per_codebook=8, beam_size=1, rounds=1, codebook_steps=5)
+    result = aq_quantize(W, H, dataclasses.replace(config, codebook_lr=0.5))
+    e = result.errors
+    assert e["kmeans"] < 1e-6 * output_error(W, H, torch.zeros_like(W)) and e["adam1"] == e["beam1"]
+    steps, lr = config.codebook_steps, 0.5
+    moved = update_codebooks(W, H, result.codes, result.codebooks, result.scales, steps=steps, lr=lr)
+    assert output_error(W, H, dequantize(result.codes, *moved)) > 1e3 * e["beam1"]  # what was refused
 
 
 def test_beam_search_never_worsens_and_a_wider_beam_helps():

@@ -3,8 +3,8 @@
 :func:`aq_quantize` follows the paper: per-output-group scales (the group's norm), residual
 k-means of the scaled weight's groups for the first codes and codebooks, then ``rounds`` of beam
 search over the codes (:mod:`.beam_search`) and Adam on codebooks and scales
-(:mod:`.codebook_update`), both minimising the output error on the calibration inputs
-summarised by ``H = X^T X``. Codebooks and scales end rounded to float16, the stored type.
+(:mod:`.codebook_update`, kept only when it lowers the error), both minimising the output error
+on the calibration inputs summarised by ``H = X^T X``. Codebooks and scales end rounded to float16, the stored type.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
         codes = beam_search(W, H, codebooks, scales, codes, config.beam_size)
         errors[f"beam{r}"] = output_error(W, H, dequantize(codes, codebooks, scales))
         if config.codebook_steps:
-            codebooks, scales = update_codebooks(
-                W, H, codes, codebooks, scales, steps=config.codebook_steps, lr=config.codebook_lr
-            )
-            errors[f"adam{r}"] = output_error(W, H, dequantize(codes, codebooks, scales))
+            steps, lr = config.codebook_steps, config.codebook_lr
+            updated = update_codebooks(W, H, codes, codebooks, scales, steps=steps, lr=lr)
+            error = output_error(W, H, dequantize(codes, *updated))
+            if error <= errors[f"beam{r}"]:  # Adam can overshoot (on an exact k-means, say): keep the better
+                codebooks, scales = updated
+            errors[f"adam{r}"] = min(error, errors[f"beam{r}"])
     codebooks, scales = (t.to(STORED_DTYPE).float() for t in (codebooks, scales))
     errors["stored"] = output_error(W, H, dequantize(codes, codebooks, scales))
     return AQResult(codes, codebooks, scales, errors)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_VALUES = 2**24
-"""Largest score matrix (rows x codewords) the beam search computes at once."""
-_NEAREST_CHUNK_VALUES = 2**16  # a distance slab that stays in the L2 cache
+CHUNK_VALUES = 2**19
+"""Largest score matrix (rows x codewords) the beam search computes at once (2 MiB of float32):
+glibc maps larger temporaries afresh at each step; with 2**24 values (64 MiB), 1x16 on a SmolLM2
+MLP linear spent 91 of its 214 CPU-seconds in the kernel's page faults."""
+_CACHE_VALUES = 2**16  # a distance slab that stays in the L2 cache
+MIN_CHUNK_POINTS = 16
+"""Fewest points per distance slab (4 MiB of float32 with 2**16 centroids): one point per slab made
+1x16's k-means keep one tiny result per point between 256 KiB temporaries, which fragmented glibc's
+heap to tens of GiB on SmolLM2's MLP linears."""
 
 
 def first_argmax(scores: Tensor) -> Tensor:
@@ -20,11 +26,16 @@ def first_argmax(scores: Tensor) -> Tensor:
 
 
 def nearest(points: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid ``(k, d)`` of each point ``(n, d)``, in chunks of points."""
+    """Index of the nearest centroid ``(k, d)`` of each point ``(n, d)``, in chunks of points
+    whose distances fill the L2 cache (at least ``MIN_CHUNK_POINTS`` points), written into one tensor."""
     neg_half_norms = centroids.square().sum(1) / -2
-    step = max(1, _NEAREST_CHUNK_VALUES // len(centroids))
-    # argmin ||p - c||^2 = argmax <p, c> - ||c||^2 / 2
-    return torch.cat([first_argmax(torch.addmm(neg_half_norms, chunk, centroids.T)) for chunk in points.split(step)])
+    step = max(_CACHE_VALUES // len(centroids), MIN_CHUNK_POINTS)
+    codes = torch.empty(len(points), dtype=torch.long, device=points.device)
+    for start in range(0, len(points), step):
+        chunk = slice(start, start + step)
+        # argmin ||p - c||^2 = argmax <p, c> - ||c||^2 / 2
+        codes[chunk] = first_argmax(torch.addmm(neg_half_norms, points[chunk], centroids.T))
+    return codes
 
 
 def kmeans(
