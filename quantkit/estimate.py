@@ -586,8 +586,11 @@ def estimate_quantization(
         else:  # another method: one forward pass over the calibration tokens, and the work it declares
             tokens = nsamples * seqlen
             parts["forward"] = Work(flops=2.0 * weights * tokens)
-            declared = sum(backend.calibration_flops(cfg, *lin.weight.shape, tokens) for _, lin, cfg in targets)
-            parts["calibration"] = Work(flops=declared)
+            shapes = [(cfg, *lin.weight.shape, tokens) for _, lin, cfg in targets]
+            parts["calibration"] = Work(
+                flops=sum(backend.calibration_flops(*shape) for shape in shapes),
+                elements=sum(backend.calibration_elements(*shape) for shape in shapes),
+            )
     result = QuantizeEstimate(
         config.quant_method, parts, rates or REFERENCE_RATES, PROCESS_BYTES + model_bytes + extra, calibration
     )

@@ -135,6 +135,11 @@ class Backend(abc.ABC):
         for methods it has no formula of its own for. 0 for calibration-free methods."""
         return 0.0
 
+    def calibration_elements(self, config: QuantConfig, out_features: int, in_features: int, tokens: int) -> float:
+        """Memory-bound elementwise operations the method spends on one such linear beyond
+        :meth:`calibration_flops` (work priced at memory speed, e.g. AQLM's codeword scoring). 0 by default."""
+        return 0.0
+
     def needs_calibration(self, config: QuantConfig) -> bool:
         """Whether quantizing with ``config`` takes calibration tokens: ``requires_calibration``
         unless a config can ask for them (GGUF's importance matrix from text)."""

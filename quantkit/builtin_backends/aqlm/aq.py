@@ -75,6 +75,28 @@ def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
     return AQResult(codes, codebooks, scales, errors)
 
 
+SCORE_ELEMENTS = 6.0
+"""Elementwise operations the time estimator counts per (group, codeword) distance of k-means and
+beam search: written, read by the argmin, its norm term (3), on the one thread a solve runs on (x2).
+Their inner products have only ``og * ig`` terms, so they run at memory speed, not matmul speed
+(1x16 on SmolLM2: 3.45 GFLOP/s on one core)."""
+
+
+def aq_scores(config: AQLMConfig, out_features: int, in_features: int) -> dict[str, float]:
+    """How many (group, codeword) distances :func:`aq_quantize` scores on one ``out x in`` linear,
+    per phase: the k-means assignments (``2 * og * ig`` of :func:`aq_flops`' ``kmeans`` FLOPs a
+    score) and the beam search's codeword scoring (``2 * ig`` of its ``beam_search`` FLOPs a score)."""
+    og, ig, books = config.out_group_size, config.in_group_size, config.num_codebooks
+    size = 2**config.nbits_per_codebook
+    points = out_features * in_features // (og * ig)
+    per_centroid = config.kmeans_points_per_centroid
+    fitted = points if per_centroid is None else min(points, per_centroid * size)
+    return {
+        "kmeans": 0.0 if points <= size else float(books * (config.kmeans_iters * fitted + points) * size),
+        "beam_search": float(config.rounds * books * (in_features // ig) * size * config.beam_size * out_features),
+    }
+
+
 def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> dict[str, float]:
     """Floating-point operations (multiply and add counted apart) of :func:`aq_quantize` on one
     ``out x in`` linear calibrated on ``tokens`` inputs, per phase; the dominant terms only.

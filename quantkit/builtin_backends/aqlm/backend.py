@@ -22,7 +22,7 @@ from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.core.config import HF_EXACT_CONFIG_KEY
 from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
 
-from .aq import aq_flops, aq_quantize
+from .aq import SCORE_ELEMENTS, aq_flops, aq_quantize, aq_scores
 from .config import PRESETS, AQLMConfig
 from .qlinear import AQLMLinear, code_dtype
 
@@ -96,7 +96,15 @@ class AQLMBackend(Backend):
         return aqlm_storage_bits(config, out_features, in_features)
 
     def calibration_flops(self, config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> float:
-        return sum(aq_flops(config, out_features, in_features, tokens).values())
+        """:func:`aq_flops` but the distance scoring, which :meth:`calibration_elements` counts."""
+        scores = aq_scores(config, out_features, in_features)
+        ig = config.in_group_size
+        scoring = scores["kmeans"] * 2 * config.out_group_size * ig + scores["beam_search"] * 2 * ig
+        return sum(aq_flops(config, out_features, in_features, tokens).values()) - scoring
+
+    def calibration_elements(self, config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> float:
+        """The distances k-means and beam search score run at memory speed: :data:`SCORE_ELEMENTS` each."""
+        return SCORE_ELEMENTS * sum(aq_scores(config, out_features, in_features).values())
 
     def quantize(self, model: nn.Module, config: AQLMConfig, *, calibration, device) -> nn.Module:
         targets = self.targets(model, config)
