@@ -77,7 +77,7 @@ def quantize(
     backend = get_registry().backend_for(config, hardware_of(device))
     tokens = None
     if backend.needs_calibration(config):
-        tokens = _calibration(model, config, calibration, tokenizer)
+        tokens = calibration_ids(model, config, calibration, tokenizer)
     elif calibration is not None:
         log.info("%s needs no calibration data; ignoring it", backend.name)
     shape = {} if tokens is None else {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1]}
@@ -205,7 +205,9 @@ def _backend_of(model: nn.Module) -> Backend:
     return get_registry().backends[name]
 
 
-def _calibration(model: nn.Module, config: QuantConfig, calibration: Any, tokenizer: Any) -> torch.Tensor:
+def calibration_ids(model: nn.Module, config: QuantConfig, calibration: Any, tokenizer: Any) -> torch.Tensor:
+    """The calibration token ids ``(nsamples, seqlen)`` :func:`quantize` uses for ``calibration`` (ids, texts,
+    a dataset name or file; ``None``: the built-in text), tokenized by ``tokenizer`` or the model's own."""
     nsamples, seqlen = getattr(config, "nsamples", 128), getattr(config, "seqlen", 512)
     if isinstance(calibration, torch.Tensor):
         if calibration.dtype != torch.long or calibration.dim() != 2:

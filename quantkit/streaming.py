@@ -1,13 +1,21 @@
-"""Quantizing a checkpoint larger than memory: calibration-free backends, linear by linear,
-from the float shards on disk to the quantized shards on disk.
+"""Quantizing a checkpoint larger than memory: from the float shards on disk to the quantized
+shards on disk, one module (calibration-free backends) or one decoder layer (GPTQ, AWQ) at a time.
 
-:func:`quantize_streaming` reads the float checkpoint one module at a time
-(:class:`~quantkit.core.streamed_checkpoints.StreamedCheckpoint`), quantizes each linear with
-the backend's :meth:`~quantkit.core.backend.Backend.quantize_linear`, copies the other tensors
-through and writes every tensor as it comes (:class:`~quantkit.core.shard_writer.ShardWriter`):
-the folder :func:`quantkit.save` writes for the same model and config, sharded above
-``max_shard_bytes``, which :func:`quantkit.load` reads. Memory holds one module's float
-tensors and its quantized form at a time.
+:func:`quantize_streaming` reads the float checkpoint from memory-mapped shards
+(:class:`~quantkit.core.streamed_checkpoints.StreamedCheckpoint`, the model on the meta device)
+and writes every tensor as it comes (:class:`~quantkit.core.shard_writer.ShardWriter`): the
+folder :func:`quantkit.save` writes for the same model and config, sharded above
+``max_shard_bytes``, which :func:`quantkit.load` reads.
+
+A calibration-free backend quantizes each linear with its
+:meth:`~quantkit.core.backend.Backend.quantize_linear`, the other tensors copied through: memory
+holds one module's float tensors and its quantized form at a time. A calibrated one that
+declares :attr:`~quantkit.core.backend.Backend.streams_layers` runs its own
+:meth:`~quantkit.core.backend.Backend.quantize`, whose layer-by-layer pipeline
+(:func:`quantkit.layerwise.quantize_layerwise`) takes each decoder layer from the shards just
+before its turn and hands it back quantized (:class:`_StreamedLayers`, the model's
+:class:`~quantkit.layerwise.LayerSource`): memory holds the embedding while the first layer's
+inputs are captured, then one layer and the calibration activations.
 """
 
 from __future__ import annotations
@@ -19,13 +27,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .api import calibration_ids
 from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
@@ -39,6 +48,7 @@ from .core.serialization import write_config
 from .core.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .core.streamed_checkpoints import StreamedCheckpoint
 from .estimate import format_seconds
+from .layerwise import LAYER_SOURCE_ATTR, decoder_stack
 
 log = logging.getLogger("quantkit")
 
@@ -46,9 +56,9 @@ JOURNAL = ".quantkit-progress.json"
 """The work folder's record of the run (config, checkpoint fingerprint) and its complete shards."""
 LOCK = ".quantkit-run.lock"
 
-TEMPLATE_METHODS = ("quantize", "save_pretrained", "load_pretrained", "saved_tensors")
-"""A backend streams when it quantizes, saves and loads through these template methods of
-:class:`Backend` unchanged (its quantized model is its :meth:`~Backend.quantize_linear` modules)."""
+TEMPLATE_SAVES = ("save_pretrained", "load_pretrained", "saved_tensors")
+"""A backend streams only when it saves and loads through these template methods of :class:`Backend`
+unchanged: its saved tensors are then its quantized modules' state dicts."""
 COPIED_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -67,25 +77,35 @@ def quantize_streaming(
     config: QuantConfig | Mapping[str, Any] | str,
     out_folder: str | os.PathLike,
     *,
+    calibration: torch.Tensor | str | os.PathLike | Sequence[str] | None = None,
+    tokenizer: Any = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: torch.device | str | None = None,
     resume: bool = True,
 ) -> Path:
     """Quantize the float checkpoint folder ``model_folder`` (``model.safetensors`` or shards
-    and their index; float32, float16 or bfloat16) into ``out_folder``, atomically, never holding
-    the whole model; return ``out_folder``.
+    and their index; float32, float16 or bfloat16, computed in its stored dtype) into
+    ``out_folder``, atomically, never holding the whole model; return ``out_folder``.
+
+    ``config`` (a :class:`QuantConfig`, dict or preset name) must name a backend that saves
+    through the template (:data:`TEMPLATE_SAVES`) and quantizes either linear by linear
+    (calibration-free: RTN, EETQ) or layer by layer (``streams_layers``: GPTQ, AWQ);
+    others raise :class:`QuantizationError` listing those that can. ``calibration`` and
+    ``tokenizer`` are :func:`quantkit.quantize`'s (text is tokenized by the tokenizer saved in
+    ``model_folder`` by default); the output has the bytes of ``quantkit.save(quantkit.quantize(...))``
+    of the same model loaded in its stored dtype.
 
     Complete shards are kept in ``.NAME.quantkit-partial`` beside ``out_folder`` with a journal
-    (:data:`JOURNAL`) until the run ends: a run that was interrupted (killed, out of disk) resumes
-    after its last complete shard when the same checkpoint, config and shard size are given again,
-    re-quantizing only the modules not yet on disk; ``resume=False``, or any difference, starts over.
-    The output appears at ``out_folder`` only when complete.
+    (:data:`JOURNAL`) until the run ends: a calibration-free run that was interrupted (killed, out
+    of disk) resumes after its last complete shard when the same checkpoint, config and shard size
+    are given again, re-quantizing only the modules not yet on disk; ``resume=False``, or any
+    difference, starts over. A calibrated run keeps no journal and always starts over: resuming it
+    would need the calibration activations entering its interrupted layer. The output appears at
+    ``out_folder`` only when complete.
 
-    ``config`` (a :class:`QuantConfig`, dict or preset name) must name a calibration-free
-    backend that quantizes through the template (:data:`TEMPLATE_METHODS`: RTN, EETQ); others
-    raise :class:`QuantizationError` listing those that can. The folder is checked whole before
-    anything is written: a damaged one raises :class:`~quantkit.ModelFormatError` and leaves no
-    output. Tokenizer and generation files (:data:`COPIED_FILES`) are copied through.
+    The folder is checked whole before anything is written: a damaged one raises
+    :class:`~quantkit.ModelFormatError` and leaves no output. Tokenizer and generation files
+    (:data:`COPIED_FILES`) are copied through.
     """
     config = as_config(config)
     device = resolve_device(device)
@@ -94,19 +114,22 @@ def quantize_streaming(
     if not streams(backend):
         able = sorted(name for name, b in registry.backends.items() if streams(b))
         raise QuantizationError(
-            f"backend {backend.name!r} cannot quantize a streamed checkpoint (it calibrates, or quantizes, "
-            f"saves or loads in a way of its own); backends that can: {', '.join(able)}"
+            f"backend {backend.name!r} cannot quantize a streamed checkpoint (it quantizes, saves or loads "
+            f"in a way of its own); backends that can: {', '.join(able)}"
         )
     source, out = Path(model_folder), Path(out_folder)
     start = time.perf_counter()
     with StreamedCheckpoint(source) as checkpoint:
+        calibrated = backend.needs_calibration(config)
+        tokens = calibration_ids(checkpoint.model, config, calibration, tokenizer) if calibrated else None
+        if not calibrated and calibration is not None:
+            log.info("%s needs no calibration data; ignoring it", backend.name)
         targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
-        block = backend.quantization_config_block(checkpoint.model, config)
         run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
         partial = out.parent / f".{out.name}.quantkit-partial"
         with _claimed(partial) as lock:
             journal = partial / JOURNAL
-            state = _journal(journal, run) if resume else None
+            state = _journal(journal, run) if resume and not calibrated else None
             if state is None:
                 _clear(partial, keep=lock)
 
@@ -117,7 +140,7 @@ def quantize_streaming(
                 with atomic_path(journal, directory=False) as tmp:
                     tmp.write_text(json.dumps({**run, **shards, "modules": done}))
 
-            writer = ShardWriter(partial, max_shard_bytes, on_close=record)
+            writer = ShardWriter(partial, max_shard_bytes, on_close=None if calibrated else record)
             if state is not None:
                 try:
                     writer.resume(state)
@@ -127,12 +150,13 @@ def quantize_streaming(
                     log.warning("%s; starting over", error)
                     _clear(partial, keep=lock)
                     writer = ShardWriter(partial, max_shard_bytes, on_close=record)
-            for module, names in track(checkpoint.modules(), f"{backend.name} (streaming)"):
-                if module not in outputs:
-                    outputs[module] = _stream_module(checkpoint, names, targets.get(module), backend, writer, device)
+            if calibrated:
+                _stream_layers(checkpoint, backend, config, tokens, targets, writer, device)
+            else:
+                _stream_modules(checkpoint, backend, targets, writer, outputs, device)
             writer.finish()
             journal.unlink(missing_ok=True)  # it names the shards as they were before finish renamed them
-            write_config(checkpoint.model, partial, block)
+            write_config(checkpoint.model, partial, backend.quantization_config_block(checkpoint.model, config))
             for name in COPIED_FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, partial / name)
@@ -192,11 +216,94 @@ def _clear(partial: Path, keep: Path | None = None) -> None:
 
 
 def streams(backend: Backend) -> bool:
-    """Whether ``backend`` can quantize a streamed checkpoint (see :data:`TEMPLATE_METHODS`)."""
+    """Whether ``backend`` can quantize a streamed checkpoint (see :data:`TEMPLATE_SAVES`)."""
     cls = type(backend)
-    return cls.quantize_linear is not Backend.quantize_linear and all(
-        getattr(cls, method) is getattr(Backend, method) for method in TEMPLATE_METHODS
-    )
+    if not all(getattr(cls, method) is getattr(Backend, method) for method in TEMPLATE_SAVES):
+        return False
+    template = cls.quantize is Backend.quantize and cls.quantize_linear is not Backend.quantize_linear
+    return template or backend.streams_layers
+
+
+def _stream_modules(
+    checkpoint: StreamedCheckpoint,
+    backend: Backend,
+    targets: dict[str, Target],
+    writer: ShardWriter,
+    outputs: dict[str, list[str]],
+    device: torch.device,
+) -> None:
+    """Quantize the checkpoint with a calibration-free ``backend``, module by module, but the
+    modules in ``outputs`` (written by an interrupted run); record each module's output names there."""
+    for module, names in track(checkpoint.modules(), f"{backend.name} (streaming)"):
+        if module not in outputs:
+            outputs[module] = _stream_module(checkpoint, names, targets.get(module), backend, writer, device)
+
+
+def _stream_layers(
+    checkpoint: StreamedCheckpoint,
+    backend: Backend,
+    config: QuantConfig,
+    tokens: torch.Tensor,
+    targets: dict[str, Target],
+    writer: ShardWriter,
+    device: torch.device,
+) -> None:
+    """Quantize the checkpoint with a layer-by-layer ``backend``, writing as it goes: the modules
+    before the decoder layers (the embedding) are materialised for the capture of the first
+    layer's inputs and written, each layer streams through :class:`_StreamedLayers`, the modules
+    after them (final norm, output head) are copied through."""
+    model = checkpoint.model
+    stack = decoder_stack(model)
+    layers = f"{stack.prefix}layers."
+    modules = checkpoint.modules()
+    first = next((i for i, (module, _) in enumerate(modules) if module.startswith(layers)), len(modules))
+    before = [module for module, _ in modules[:first]]
+    for module in before:
+        _write(writer, checkpoint.materialise(module))
+    setattr(model, LAYER_SOURCE_ATTR, _StreamedLayers(checkpoint, writer, targets, before))
+    try:
+        backend.quantize(model, config, calibration=tokens, device=device)
+    finally:
+        delattr(model, LAYER_SOURCE_ATTR)
+    for module, names in modules[first:]:
+        if not module.startswith(layers):
+            _stream_module(checkpoint, names, None, backend, writer, device)
+
+
+def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
+    """Add ``tensors`` (full names) to ``writer``, keeping no reference to any."""
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+
+
+class _StreamedLayers:
+    """The :class:`~quantkit.layerwise.LayerSource` of a streamed checkpoint: each decoder layer is
+    read from the shards for its turn (its linears checked finite) and, once quantized, written
+    and released with the float modules it replaced. ``before``: the modules materialised for the
+    capture of the first layer's inputs, released when the first layer arrives."""
+
+    def __init__(
+        self, checkpoint: StreamedCheckpoint, writer: ShardWriter, targets: dict[str, Target], before: list[str]
+    ):
+        self.checkpoint, self.writer, self.targets = checkpoint, writer, targets
+        self.stack = decoder_stack(checkpoint.model)
+        self._held = [checkpoint.model.get_submodule(module) for module in before]
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        for module in self._held:
+            module.to("meta")
+        prefix = self.stack.layer_name(index)
+        self.checkpoint.materialise(prefix, writable=True)  # GPTQ and AWQ update weights in place
+        for name, target in self.targets.items():
+            if name.startswith(f"{prefix}."):
+                check_finite(name, target.linear.weight)
+        self._held = list(layer.modules())
+
+    def done(self, index: int, layer: nn.Module) -> None:
+        _write(self.writer, layer.state_dict(prefix=f"{self.stack.layer_name(index)}."))
+        for module in self._held:
+            module.to("meta")
+        self._held = []
 
 
 def _stream_module(

@@ -192,9 +192,9 @@ def test_damaged_checkpoint_is_refused_and_leaves_no_output(float_folder, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float"] or (partial / streaming.JOURNAL).is_file()
 
 
-def test_backends_that_calibrate_or_save_their_own_way_are_refused(float_folder, tmp_path):
-    with pytest.raises(quantkit.QuantizationError, match="backends that can: eetq, rtn$"):
-        quantkit.quantize_streaming(float_folder, {"quant_method": "gptq"}, tmp_path / "out")
+def test_backends_that_quantize_or_save_their_own_way_are_refused(float_folder, tmp_path):
+    with pytest.raises(quantkit.QuantizationError, match="backends that can: awq, eetq, gptq, rtn$"):
+        quantkit.quantize_streaming(float_folder, {"quant_method": "hqq"}, tmp_path / "out")
     reference = quantkit.save(quantkit.quantize(float_model(), CONFIGS["rtn"], device="cpu"), tmp_path / "ref")
     with pytest.raises(quantkit.ModelFormatError, match="quantize from the float original"):
         quantkit.quantize_streaming(reference, CONFIGS["rtn"], tmp_path / "out")
@@ -303,3 +303,97 @@ def test_two_runs_into_one_output_are_refused(float_folder, tmp_path):
     partial = tmp_path / ".out.quantkit-partial"
     with streaming._claimed(partial), pytest.raises(QuantkitError, match="another quantkit run is writing"):
         quantkit.quantize_streaming(float_folder, CONFIGS["rtn"], tmp_path / "out", max_shard_bytes=SHARD)
+
+
+CALIBRATED = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128},
+}
+CALIBRATION = token_ids(4, 64)
+
+
+def saved_folder(tmp_path: Path, architecture: str, layers: int = 2) -> Path:
+    """A tiny checkpoint in shards with their index: one of :data:`MODELS` saved by transformers, or
+    ``synthetic``, the synthetic tiny Llama (bfloat16, Llama-3 rope scaling) written by quantkit."""
+    folder = tmp_path / "float"
+    if architecture == "synthetic":
+        return write_synthetic_checkpoint(folder, "tiny-llama", max_shard_bytes=50_000, layers=layers)
+    model = float_model(layers=layers) if architecture == "llama-fp32" else MODELS[architecture]()
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("method", "architecture"),
+    [("gptq", "synthetic"), ("gptq", "llama-fp32"), ("gptq", "qwen2-bf16"), ("awq", "llama-fp32")],
+)
+def test_calibrated_streamed_output_is_the_in_memory_save(method, architecture, tmp_path):
+    folder = saved_folder(tmp_path, architecture, layers=1 if method == "awq" else 2)  # AWQ's searches are slow
+    stored = next(iter(tensors_of(folder).values())).dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored)  # the whole model in memory
+    config = CALIBRATED[method]
+    reference = quantkit.save(quantkit.quantize(model, config, calibration=CALIBRATION, device="cpu"), tmp_path / "ref")
+    out = quantkit.quantize_streaming(folder, config, tmp_path / "out", calibration=CALIBRATION, max_shard_bytes=SHARD)
+
+    assert len(list(out.glob("*.safetensors"))) > 2
+    expected, streamed = tensors_of(reference), tensors_of(out)
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert streamed[name].dtype == tensor.dtype and streamed[name].shape == tensor.shape, name
+        assert as_bytes(streamed[name]) == as_bytes(tensor), name
+    assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+
+
+def test_calibrated_layers_are_materialised_one_at_a_time(monkeypatch, tmp_path):
+    """Each time a module is materialised, the tensors alive in the model and in the float modules
+    quantization replaced are at most one decoder layer's: earlier layers were written and let go."""
+    folder = saved_folder(tmp_path, "llama-fp32", layers=4)
+    modules: list[torch.nn.Module] = []
+    peaks: list[int] = []
+    materialise = StreamedCheckpoint.materialise
+
+    def alive(checkpoint: StreamedCheckpoint) -> int:
+        tensors = [p for m in modules for p in m.parameters(recurse=False)]
+        tensors += checkpoint.model.state_dict().values()
+        real = {(t.untyped_storage().data_ptr(), t.nbytes) for t in tensors if not t.is_meta and t.numel()}
+        return sum(size for _, size in real)
+
+    def tracked(self, module, **options):
+        modules.extend(m for m in self.model.modules() if m not in modules)
+        tensors = materialise(self, module, **options)
+        peaks.append(alive(self))
+        return tensors
+
+    monkeypatch.setattr(StreamedCheckpoint, "materialise", tracked)
+    quantkit.quantize_streaming(folder, CALIBRATED["gptq"], tmp_path / "out", calibration=CALIBRATION)
+
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors_of(folder).items()}
+    layer = sum(size for name, size in sizes.items() if name.startswith("model.layers.0."))
+    assert len(peaks) == 5  # the embedding, then each layer
+    assert peaks[0] == sizes["model.embed_tokens.weight"] and max(peaks[1:]) == layer < sum(sizes.values()) / 4
+
+
+def test_an_interrupted_calibrated_run_leaves_nothing_and_starts_over(tmp_path, monkeypatch):
+    folder = saved_folder(tmp_path, "llama-fp32")
+    done = streaming._StreamedLayers.done
+
+    def interrupted(self, index, layer):
+        if index == 1:
+            raise Interrupted
+        done(self, index, layer)
+
+    monkeypatch.setattr(streaming._StreamedLayers, "done", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        quantkit.quantize_streaming(folder, CALIBRATED["gptq"], out, calibration=CALIBRATION, max_shard_bytes=SHARD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+    monkeypatch.setattr(streaming._StreamedLayers, "done", done)
+    quantkit.quantize_streaming(folder, CALIBRATED["gptq"], out, calibration=CALIBRATION, max_shard_bytes=SHARD)
+    assert quantkit.load(out, "cpu")(token_ids(1, 8)).logits.isfinite().all()
+
+
+def test_a_nan_weight_stops_a_calibrated_run_and_leaves_no_output(float_folder, tmp_path):
+    damage_nan_weight(float_folder)
+    with pytest.raises(quantkit.QuantizationError, match="model.layers.1.mlp.down_proj.weight holds 1 NaN/Inf"):
+        quantkit.quantize_streaming(float_folder, CALIBRATED["gptq"], tmp_path / "out", calibration=CALIBRATION)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]

@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--stream",
         action="store_true",
         help="read --model (a local float checkpoint folder) one module at a time and write the output as it goes: "
-        "models larger than memory, calibration-free methods (rtn, eetq)",
+        "models larger than memory (rtn, eetq; gptq, awq one decoder layer at a time)",
     )
     parser.add_argument(
         "--target-bits",
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     try:
         if args.stream:
-            quantize_streaming(args.model, config, args.out, device=args.device)
+            quantize_streaming(args.model, config, args.out, calibration=args.calibration, device=args.device)
         else:
             model, tokenizer = load_model(args.model)
             if args.target_bits is not None:

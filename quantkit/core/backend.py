@@ -49,6 +49,10 @@ class Backend(abc.ABC):
     presets: ClassVar[tuple[Preset, ...]] = ()
     aliases: ClassVar[tuple[str, ...]] = ()
     file_suffixes: ClassVar[tuple[str, ...]] = ()
+    streams_layers: ClassVar[bool] = False
+    """Its :meth:`quantize` runs :func:`quantkit.layerwise.quantize_layerwise` on the model it is
+    given, so it quantizes a model whose decoder layers stream in from disk exactly as one in
+    memory (:func:`quantkit.quantize_streaming`; tests/test_streaming.py checks the bytes)."""
     layer_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     """The quantized layer classes its models are made of: the registered kernels serving them are
     the backend's (``quantkit recommend`` reads where they run)."""

@@ -4,7 +4,9 @@
 the safetensors headers and index, the sizes against each other, every stored tensor against
 the model's parameters, none missing) and builds the model on the meta device; then
 :meth:`~StreamedCheckpoint.tensors` materialises the tensors of one module from the
-memory-mapped shards, in their stored dtype, and lets them go when its block ends.
+memory-mapped shards, in their stored dtype, and lets them go when its block ends;
+:meth:`~StreamedCheckpoint.materialise` fills one submodule of the model in place (moving it
+back to the meta device, ``module.to("meta")``, lets its tensors go).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class StreamedCheckpoint:
             raise ModelFormatError(f"{source!r} has a quantization_config: quantize from the float original")
         self.stored = stored_tensors(self.directory)
         self.model = empty_model(raw, stored=self.stored, source=source)
+        self.model.config._name_or_path = str(self.directory)  # as from_pretrained sets it
         check_stored(self.model, self.stored)
         expected = set(self.model.state_dict()) - tied_parameter_names(self.model)
         missing, unexpected = sorted(expected - set(self.stored)), sorted(set(self.stored) - expected)
@@ -72,6 +75,20 @@ class StreamedCheckpoint:
             yield tensors
         finally:
             tensors.clear()
+
+    def materialise(self, module: str, *, writable: bool = False) -> dict[str, torch.Tensor]:
+        """Give the submodule ``module`` of :attr:`model` its stored tensors (assigned in place: same
+        module objects); return them by full name. They are views of the mapped shards
+        (:meth:`read_tensor`) unless ``writable``: then copies in process memory, for a module whose
+        tensors will be written to (the pages a write copies from a mapping stay until it closes;
+        a copy goes when the module lets it go)."""
+        target = self.model.get_submodule(module)
+        names = [name for name in target.state_dict(prefix=f"{module}.") if name in self.stored]
+        tensors = {name: self.read_tensor(name) for name in names}
+        if writable:
+            tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        target.load_state_dict({name[len(module) + 1 :]: t for name, t in tensors.items()}, assign=True)
+        return tensors
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """One stored tensor on the CPU, backed by its shard's pages (a private mapping: reading

@@ -230,6 +230,7 @@ class AWQBackend(Backend):
 
     name = "awq"
     layer_classes = (AWQLinear,)
+    streams_layers = True
     config_class = AWQConfig
     presets = PRESETS
     capabilities = Capabilities(

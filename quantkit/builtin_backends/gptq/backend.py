@@ -176,6 +176,7 @@ def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:
 class GPTQBackend(Backend):
     name = "gptq"
     layer_classes = (GPTQLinear,)
+    streams_layers = True
     config_class = GPTQConfig
     presets = PRESETS
     capabilities = Capabilities(
