@@ -17,7 +17,7 @@ from quantkit import streaming
 from quantkit.cli.main import main
 from quantkit.core.empty_models import empty_model
 from quantkit.core.errors import QuantkitError
-from quantkit.core.safetensors_files import INDEX_NAME, WEIGHTS_NAME, read_header
+from quantkit.core.safetensors_files import INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, read_header
 from quantkit.core.streamed_checkpoints import StreamedCheckpoint
 from quantkit.testing import tiny_llama, token_ids
 from quantkit.testing.synthetic_checkpoints import preset_config, write_synthetic_checkpoint
@@ -110,6 +110,10 @@ def test_one_shard_is_written_as_model_safetensors(float_folder, tmp_path):
     out = quantkit.quantize_streaming(float_folder, "rtn-4bit-g64", tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", WEIGHTS_NAME]
     assert quantkit.load(out, "cpu").quantkit_config.group_size == 64
+    # the file safetensors writes for these tensors, byte for byte (its layout: by dtype, then name)
+    tensors = load_file(out / WEIGHTS_NAME)
+    save_file(tensors, tmp_path / "library.safetensors", metadata=SAFETENSORS_METADATA)
+    assert (out / WEIGHTS_NAME).read_bytes() == (tmp_path / "library.safetensors").read_bytes()
 
 
 def test_float_tensors_are_read_one_module_at_a_time(monkeypatch, tmp_path):

@@ -49,6 +49,10 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 """safetensors dtype names quantkit reads, with their torch dtypes."""
+WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16")
+WRITE_ORDER += ("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+"""The order in which the safetensors library lays tensors out in a file, by dtype (then by name):
+a file written in it has the bytes ``safetensors.torch.save_file`` writes."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigValueError, QuantkitError
-from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, read_header
+from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, WRITE_ORDER, read_header
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """The hub's shard size (5 GB)."""
@@ -135,7 +135,7 @@ class ShardWriter:
     def _close_shard(self) -> None:
         """Write the shard being filled (header, then its scratch data in safetensors' order)."""
         scratch, entries = self._scratch, self._entries
-        order = sorted(entries, key=lambda key: (-entries[key][0].itemsize, key))
+        order = sorted(entries, key=lambda key: (WRITE_ORDER.index(_DTYPE_NAMES[entries[key][0]]), key))
         header: dict[str, object] = {"__metadata__": SAFETENSORS_METADATA}
         offset = 0
         for key in order:
