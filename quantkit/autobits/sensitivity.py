@@ -14,7 +14,9 @@ where ``g`` is the gradient of ``log p(t)`` at the linear's output, ``t`` drawn 
 model's own next-token distribution (so that ``E[g g^T]`` is the Fisher, the Hessian of the KL at
 the float model). One forward and backward pass over the calibration tokens gives every ``H``
 and ``G``. ``weighting="output"`` drops ``G`` (every layer's output error counts the same); on
-SmolLM2 the Fisher weighting predicts measured KL far better (``benchmarks/target_bits.py``).
+SmolLM2 the Fisher weighting ranks GGUF configs by measured KL better (Spearman 0.97 against 0.91
+over 13 configs), predicts it within a factor of 2, and its 4.5-bit mix has KL 0.074 against the
+plain output error's 0.123 (``benchmarks/results/target_bits.txt``).
 """
 
 from __future__ import annotations
