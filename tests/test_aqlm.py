@@ -104,16 +104,27 @@ def test_each_phase_lowers_the_output_error_and_beats_rtn_at_equal_bits():
 
 
 def test_an_adam_round_that_worsens_the_error_is_not_kept():
-    """With no more groups than codewords, k-means is exact; Adam with a large step can only move
-    away from it, so the exact codebooks are kept (1x16 on SmolLM2's attention layers)."""
-    W, H = structured_problem(64, 32, seed=3)  # 256 groups of 8 <= 2**8 codewords
+    """Adam with far too large a step moves the codebooks away from the beam search's optimum:
+    the codebooks before it are kept."""
+    W, H = structured_problem(64, 64, seed=3)  # 512 groups of 8 for 256 codewords
     config = AQLMConfig(num_codebooks=1, nbits_per_codebook=8, beam_size=1, rounds=1, codebook_steps=5)
     result = aq_quantize(W, H, dataclasses.replace(config, codebook_lr=0.5))
-    e = result.errors
-    assert e["kmeans"] < 1e-6 * output_error(W, H, torch.zeros_like(W)) and e["adam1"] == e["beam1"]
-    steps, lr = config.codebook_steps, 0.5
-    moved = update_codebooks(W, H, result.codes, result.codebooks, result.scales, steps=steps, lr=lr)
-    assert output_error(W, H, dequantize(result.codes, *moved)) > 1e3 * e["beam1"]  # what was refused
+    assert result.errors["adam1"] == result.errors["beam1"]
+    moved = update_codebooks(W, H, result.codes, result.codebooks, result.scales, steps=5, lr=0.5)
+    assert output_error(W, H, dequantize(result.codes, *moved)) > 10 * result.errors["beam1"]  # what was refused
+
+
+def test_no_rounds_run_where_kmeans_is_exact():
+    """No more groups than codewords (1x16 on SmolLM2's attention layers): every group is its own
+    codeword, so beam search and Adam are skipped, and not counted."""
+    W, H = structured_problem(64, 32, seed=3)  # 256 groups of 8 <= 2**8 codewords
+    config = AQLMConfig(num_codebooks=1, nbits_per_codebook=8, beam_size=1, rounds=2, codebook_steps=5)
+    result = aq_quantize(W, H, config)
+    assert list(result.errors) == ["kmeans", "stored"]
+    assert result.errors["kmeans"] < 1e-6 * output_error(W, H, torch.zeros_like(W))
+    flops = aq_flops(config, 64, 32, 1024)
+    assert flops["kmeans"] == flops["beam_search"] == flops["codebook_update"] == 0.0
+    assert aq_flops(config, 64, 64, 1024)["beam_search"] > 0.0
 
 
 def test_beam_search_never_worsens_and_a_wider_beam_helps():

@@ -17,9 +17,11 @@ from quantkit.autobits.sensitivity import collect_statistics
 from quantkit.builtin_backends.gguf.qlinear import GGUFEmbedding, GGUFLinear
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.calibration import calibration_tokens, evaluation_tokens
+from quantkit.cli import quantize as quantize_command
 from quantkit.cli.main import main
 from quantkit.core.errors import ConfigValueError
 from quantkit.core.resolve import config_from_dict, preset
+from quantkit.distributed import Distributed
 from quantkit.estimate import estimate
 from quantkit.evaluate import evaluate
 from quantkit.models import load_model
@@ -157,6 +159,12 @@ def test_cli_target_bits_writes_a_config_that_reruns(capsys, tmp_path, tiny_mode
     second = tmp_path / "second"
     assert main(["quantize", "--model", str(tiny_model_dir), "--config", str(chosen), "--out", str(second)]) == 0
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+def test_cli_target_bits_is_refused_under_torchrun(capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(quantize_command, "session", lambda: Distributed(rank=0, world=2))
+    code = main(["quantize", "--model", str(tiny_model_dir), "--method", "gguf", "--target-bits", "5", "--out", "x"])
+    assert code == 2 and "--target-bits" in (err := capsys.readouterr().err) and "one process" in err
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     dist = session()  # under torchrun: join the process group; every rank calibrates, rank 0 writes
     if args.stream and dist.world > 1:
         raise ConfigValueError("quantize", "--stream", True, "one process (launch a streamed run without torchrun)")
+    if args.target_bits is not None and dist.world > 1:  # each rank would measure every layer's sensitivity alone
+        raise ConfigValueError(
+            "quantize", "--target-bits", args.target_bits, "one process (choose with --config-out, then run torchrun)"
+        )
     console = Console(stderr=True)
     console.print(f"config: {config.to_diff_dict()}", highlight=False)
     # quantkit's INFO lines are this command's report: the predicted time and memory before

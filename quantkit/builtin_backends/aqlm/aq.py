@@ -4,7 +4,8 @@
 k-means of the scaled weight's groups for the first codes and codebooks, then ``rounds`` of beam
 search over the codes (:mod:`.beam_search`) and Adam on codebooks and scales
 (:mod:`.codebook_update`, kept only when it lowers the error), both minimising the output error
-on the calibration inputs summarised by ``H = X^T X``. Codebooks and scales end rounded to float16, the stored type.
+on the calibration inputs summarised by ``H = X^T X`` (no rounds where k-means is exact: no more
+weight groups than codewords). Codebooks and scales end rounded to float16, the stored type.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
     codebooks = books.view(config.num_codebooks, -1, og, ig)
     codes = codes.view(out_features // og, in_features // ig, config.num_codebooks)
     errors = {"kmeans": output_error(W, H, dequantize(codes, codebooks, scales))}
-    for r in range(1, config.rounds + 1):
+    for r in range(1, _rounds(config, out_features, in_features) + 1):
         codes = beam_search(W, H, codebooks, scales, codes, config.beam_size)
         errors[f"beam{r}"] = output_error(W, H, dequantize(codes, codebooks, scales))
         if config.codebook_steps:
@@ -82,6 +83,13 @@ Their inner products have only ``og * ig`` terms, so they run at memory speed, n
 (1x16 on SmolLM2: 3.45 GFLOP/s on one core)."""
 
 
+def _rounds(config: AQLMConfig, out_features: int, in_features: int) -> int:
+    """Rounds of beam search and codebook updates worth running: none when there are no more weight
+    groups than codewords, where k-means gives every group its own codeword (exact: nothing to improve)."""
+    groups = out_features * in_features // (config.out_group_size * config.in_group_size)
+    return 0 if groups <= 2**config.nbits_per_codebook else config.rounds
+
+
 def aq_scores(config: AQLMConfig, out_features: int, in_features: int) -> dict[str, float]:
     """How many (group, codeword) distances :func:`aq_quantize` scores on one ``out x in`` linear,
     per phase: the k-means assignments (``2 * og * ig`` of :func:`aq_flops`' ``kmeans`` FLOPs a
@@ -91,9 +99,10 @@ def aq_scores(config: AQLMConfig, out_features: int, in_features: int) -> dict[s
     points = out_features * in_features // (og * ig)
     per_centroid = config.kmeans_points_per_centroid
     fitted = points if per_centroid is None else min(points, per_centroid * size)
+    rounds = _rounds(config, out_features, in_features)
     return {
         "kmeans": 0.0 if points <= size else float(books * (config.kmeans_iters * fitted + points) * size),
-        "beam_search": float(config.rounds * books * (in_features // ig) * size * config.beam_size * out_features),
+        "beam_search": float(rounds * books * (in_features // ig) * size * config.beam_size * out_features),
     }
 
 
@@ -107,7 +116,7 @@ def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: in
     beam = config.beam_size
     per_centroid = config.kmeans_points_per_centroid
     fitted = points if per_centroid is None else min(points, per_centroid * size)
-    search_steps = books * (in_features // ig)
+    search_steps, rounds = books * (in_features // ig), _rounds(config, out_features, in_features)
     per_search = 2 * out_features * in_features**2 + search_steps * (
         2 * size * beam * out_features * ig  # every codeword against every hypothesis
         + 2 * beam * out_features * ig * in_features  # the rank-ig update of (Ŵ - W) H
@@ -115,6 +124,6 @@ def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: in
     return {
         "xtx": 2.0 * tokens * in_features**2,
         "kmeans": 0.0 if points <= size else 2.0 * books * (config.kmeans_iters * fitted + points) * size * og * ig,
-        "beam_search": float(config.rounds * per_search),
-        "codebook_update": 2.0 * config.rounds * config.codebook_steps * out_features * in_features**2,
+        "beam_search": float(rounds * per_search),
+        "codebook_update": 2.0 * rounds * config.codebook_steps * out_features * in_features**2,
     }
