@@ -110,20 +110,16 @@ def aq_flops(config: AQLMConfig, out_features: int, in_features: int, tokens: in
     """Floating-point operations (multiply and add counted apart) of :func:`aq_quantize` on one
     ``out x in`` linear calibrated on ``tokens`` inputs, per phase; the dominant terms only.
     ``xtx`` is per linear: linears reading the same input (q/k/v, gate/up) share one in practice."""
-    og, ig, books = config.out_group_size, config.in_group_size, config.num_codebooks
-    size = 2**config.nbits_per_codebook
-    points = out_features * in_features // (og * ig)
-    beam = config.beam_size
-    per_centroid = config.kmeans_points_per_centroid
-    fitted = points if per_centroid is None else min(points, per_centroid * size)
-    search_steps, rounds = books * (in_features // ig), _rounds(config, out_features, in_features)
-    per_search = 2 * out_features * in_features**2 + search_steps * (
-        2 * size * beam * out_features * ig  # every codeword against every hypothesis
-        + 2 * beam * out_features * ig * in_features  # the rank-ig update of (Ŵ - W) H
+    og, ig = config.out_group_size, config.in_group_size
+    scores = aq_scores(config, out_features, in_features)
+    rounds = _rounds(config, out_features, in_features)
+    search_steps = config.num_codebooks * (in_features // ig)
+    per_search = 2 * out_features * in_features**2 + search_steps * (  # beside the codeword scoring:
+        2 * config.beam_size * out_features * ig * in_features  # the rank-ig update of (Ŵ - W) H
     )
     return {
         "xtx": 2.0 * tokens * in_features**2,
-        "kmeans": 0.0 if points <= size else 2.0 * books * (config.kmeans_iters * fitted + points) * size * og * ig,
-        "beam_search": float(rounds * per_search),
+        "kmeans": 2.0 * og * ig * scores["kmeans"],
+        "beam_search": float(rounds * per_search) + 2.0 * ig * scores["beam_search"],
         "codebook_update": 2.0 * rounds * config.codebook_steps * out_features * in_features**2,
     }
