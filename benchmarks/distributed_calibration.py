@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from run_log import RunLog
-from safetensors.torch import load_file
+from stream_calibrated import same_bytes, tensors_of
 
 import quantkit
 from quantkit.calibration import evaluation_tokens
@@ -82,12 +82,8 @@ def perplexity(path: Path, tokens: torch.Tensor, seqlen: int) -> float:
 
 def differing_tensors(one: Path, many: Path) -> tuple[int, int]:
     """How many of the tensors in the checkpoint folder ``one`` differ (bits or names) in ``many``; of how many."""
-    tensors = [{} for _ in range(2)]
-    for folder, found in zip((one, many), tensors):
-        for file in sorted(folder.glob("*.safetensors")):
-            found.update(load_file(file))
-    first, second = tensors
-    differing = sum(1 for name in first if name not in second or not torch.equal(first[name], second[name]))
+    first, second = tensors_of(one), tensors_of(many)
+    differing = sum(1 for name in first if name not in second or not same_bytes(first[name], second[name]))
     return differing + len(second.keys() - first.keys()), len(first)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
-from run_log import RunLog  # this folder's scripts import each other when run
+from kernel_decode import prefill_speed  # this folder's scripts import each other when run
+from run_log import RunLog
 
 from quantkit import RTNConfig, quantize
 from quantkit.calibration import evaluation_tokens
@@ -26,12 +26,6 @@ from quantkit.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "int4_prefill.txt"
 TOKENS = 512
-
-
-def speed(model: torch.nn.Module, window: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(input_ids=window, use_cache=False)
-    return window.shape[1] / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -49,11 +43,11 @@ def main() -> None:
     variants[f"int4-cpu (dense from {dense_rows} rows)"] = (quantized, dense_rows)
     best = dict.fromkeys(variants, 0.0)
     with torch.inference_mode():
-        speed(quantized, window)  # the kernels' one-off repacking
+        prefill_speed(quantized, window)  # the kernels' one-off repacking
         for _ in range(args.repeats):
             for label, (variant, rows) in variants.items():
                 torch_kernels.DENSE_ROWS = rows
-                best[label] = max(best[label], speed(variant, window))
+                best[label] = max(best[label], prefill_speed(variant, window))
     torch_kernels.DENSE_ROWS = dense_rows
     for label, tokens_per_s in best.items():
         log.emit(f"{label:<36} {tokens_per_s:7.0f} tokens/s  {tokens_per_s / best['float32']:.2f}x float32")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,15 +28,12 @@ from pathlib import Path
 
 import psutil
 import torch
+from run_log import load_average  # this folder's scripts import each other when run
 from safetensors.torch import load_file
 
 from quantkit.models import default_model_folder
 
 SAMPLE_SECONDS = 0.05
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def timed(command: list[str]) -> tuple[float, int, int]:
