@@ -2,28 +2,35 @@
 
     python benchmarks/quantize_speed.py                          # 4096 x 4096, every GGUF type
     python benchmarks/quantize_speed.py --size 1024 --types Q4_K,Q8_0 --threads 1
+    python benchmarks/quantize_speed.py --ggml-lib .../llama_cpp/lib/libggml-base.so
 
 The input is a standard-normal float32 matrix (seed 0). Each row gives the best-of-3
 quantization time, the relative error ||W - deq(q(W))||_F / ||W||_F and the storage cost in
-bits per weight (bytes of everything the quantizer returns). GGUF legacy types are also timed
-with gguf-py's numpy quantizer, which writes the same bytes; K-quants show the error of
-llama.cpp's reference quantizer. Other backends are added as more ``Row`` entries next to
+bits per weight (bytes of everything the quantizer returns). GGUF types are also timed with a
+reference: with ``--ggml-lib`` (llama.cpp's ``libggml-base``, e.g. from ``llama-cpp-python``)
+ggml's own ``ggml_quantize_chunk`` on one thread, with the share of identical blocks; else
+gguf-py's numpy quantizer where it has one (legacy types: the same bytes). K-quants show the
+error of llama.cpp's reference quantizer. Other backends are added as more ``Row`` entries next to
 ``gguf_rows``. The machine may be shared: the load average is printed with the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from quantkit.builtin_backends.gguf import quants
 
@@ -41,15 +48,15 @@ class Row(NamedTuple):
     reference_error: float | None = None  # published error of the method's reference implementation
 
 
-def gguf_rows(types: list[str], shape: tuple[int, int]) -> list[Row]:
-    """Rows for GGUF tensor types; legacy types carry gguf-py's quantizer as the reference."""
-    from gguf import GGMLQuantizationType
-    from gguf import quants as gguf_quants
-
+def gguf_rows(types: list[str], shape: tuple[int, int], ggml: Path | None) -> list[Row]:
+    """Rows for GGUF tensor types, with ggml's quantizer from library ``ggml`` as the reference, or
+    gguf-py's for the types it implements."""
     rows = []
     for qtype in types:
         reference = None
-        if qtype not in LLAMA_CPP_RELATIVE_ERROR and qtype != "F32":  # gguf-py returns F32 input as is
+        if ggml is not None and qtype != "F32":
+            reference = partial(ggml_quantize, ctypes.CDLL(str(ggml)), GGMLQuantizationType[qtype].value)
+        elif qtype not in LLAMA_CPP_RELATIVE_ERROR and qtype != "F32" and _in_gguf_py(qtype):
             reference = partial(gguf_quants.quantize, qtype=GGMLQuantizationType[qtype])
         rows.append(
             Row(
@@ -61,6 +68,28 @@ def gguf_rows(types: list[str], shape: tuple[int, int]) -> list[Row]:
             )
         )
     return rows
+
+
+def _in_gguf_py(qtype: str) -> bool:
+    """Whether gguf-py has a quantizer for ``qtype`` (the IQ types have none)."""
+    try:
+        gguf_quants.quantize(np.zeros((1, quants.block_size(qtype)), np.float32), GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        return False
+    return True
+
+
+def ggml_quantize(library: ctypes.CDLL, ggml_type: int, array: np.ndarray) -> np.ndarray:
+    """``array`` (rows, cols) quantized by ggml's ``ggml_quantize_chunk`` (one thread)."""
+    chunk = library.ggml_quantize_chunk
+    chunk.restype = ctypes.c_size_t
+    chunk.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    row_size = library.ggml_row_size
+    row_size.restype, row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
+    rows, cols = array.shape
+    out = np.empty((rows, row_size(ggml_type, cols)), dtype=np.uint8)
+    chunk(ggml_type, array.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+    return out
 
 
 def best_of(repeats: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -90,6 +119,7 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(quants.QUANT_TYPES), help="comma-separated GGUF types")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per quantizer; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--ggml-lib", type=Path, help="llama.cpp's libggml-base: ggml's quantizers as the reference")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,22 +133,30 @@ def main() -> None:
 
     weight = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     array = weight.numpy()
-    rows = gguf_rows([t.strip() for t in args.types.split(",") if t.strip()], tuple(weight.shape))
+    rows = gguf_rows([t.strip() for t in args.types.split(",") if t.strip()], tuple(weight.shape), args.ggml_lib)
 
-    widths = [12, 7, 8, 10, 8, 8, 10]
-    print(table_line(["quantizer", "bits/w", "seconds", "rel. error", "ref. s", "speedup", "ref. error"], widths))
+    widths = [12, 7, 8, 10, 8, 8, 10, 8]
+    header = ["quantizer", "bits/w", "seconds", "rel. error", "ref. s", "speedup", "ref. error", "same"]
+    print(table_line(header, widths))
     for row in rows:
         seconds, data = best_of(args.repeats, row.quantize, weight)
         error = ((row.dequantize(data) - weight).norm() / weight.norm()).item()
         cells = [row.name, f"{storage_bits(data) / weight.numel():.3f}", f"{seconds:.3f}", f"{error:.4f}", "", ""]
         if row.reference is not None:
             with np.errstate(all="ignore"):
-                reference_seconds, _ = best_of(args.repeats, row.reference, array)
+                reference_seconds, theirs = best_of(args.repeats, row.reference, array)
             cells[4:6] = [f"{reference_seconds:.3f}", f"{reference_seconds / seconds:.1f}x"]
         cells.append("" if row.reference_error is None else f"{row.reference_error:.4f}")
+        if args.ggml_lib is not None and row.reference is not None:
+            size = quants.type_size(row.name.split()[-1])
+            same = (data.numpy().reshape(-1, size) == np.asarray(theirs).reshape(-1, size)).all(1).mean()
+            cells.append(f"{100 * same:.1f}%")
+        cells += [""] * (len(widths) - len(cells))
         print(table_line(cells, widths))
-    print("ref. s: the reference implementation's time (gguf-py for GGUF legacy types) and our speedup over it;")
-    print("ref. error: the relative error of the method's reference implementation (llama.cpp for K-quants).")
+    reference = "ggml_quantize_chunk, 1 thread" if args.ggml_lib else "gguf-py for GGUF legacy types"
+    print(f"ref. s: the reference implementation's time ({reference}) and our speedup over it;")
+    print("ref. error: the relative error of the method's reference implementation (llama.cpp for K-quants);")
+    print("same: the share of ggml blocks identical to the reference's.")
     print(f"load average: {load_average()}")
 
 

@@ -23,7 +23,7 @@ from quantkit.builtin_backends.gptq.gptq import (
     group_aware_order,
     rtn_quantize,
 )
-from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq
+from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq, unpack_rows
 from quantkit.core.errors import QuantizationError
 from quantkit.layerwise import HessianAccumulator
 
@@ -74,6 +74,7 @@ def test_gptq_pack_round_trip(bits: int, group_size: int) -> None:
     assert packed["qweight"].shape == (in_features * bits // 32, out_features)
     assert packed["qzeros"].shape == (n_groups, out_features * bits // 32)
     assert packed["qweight"].dtype == packed["qzeros"].dtype == torch.int32
+    assert packed["qweight"].is_contiguous()  # row-major, as loaded from a file (unpacking reads its bytes)
     unpacked_weight, unpacked_zeros = unpack_gptq(packed["qweight"], packed["qzeros"], bits)
     assert torch.equal(unpacked_weight, intweight.int())
     assert torch.equal(unpacked_zeros, zeros.int())
@@ -83,6 +84,16 @@ def test_gptq_pack_round_trip(bits: int, group_size: int) -> None:
         g = int(g_idx[col])
         expected = scales[g].float() * (intweight[:, col] - zeros[g])
         assert torch.equal(weight[:, col], expected)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_rows_reads_every_bit_of_any_word(bits: int) -> None:
+    words = torch.randint(-(2**31), 2**31, (3 * bits, 5), generator=torch.Generator().manual_seed(bits))
+    stream = (words.to(torch.int64) & 0xFFFFFFFF).t()  # (5, 3 * bits) words, one bit stream per column
+    bit_values = (stream.unsqueeze(-1) >> torch.arange(32)) & 1  # (5, words, 32), little-endian bits
+    expected = bit_values.reshape(5, -1, bits) @ (2 ** torch.arange(bits))  # (5, values)
+    assert torch.equal(unpack_rows(words.int(), bits), expected.t().int())
+    assert torch.equal(unpack_rows(words.int().t().contiguous().t(), bits), expected.t().int())  # column-major
 
 
 def test_gptq_packing_order_by_hand() -> None:

@@ -19,6 +19,8 @@ Zero points must lie in ``[1, 2**bits - 1]``: 0 cannot be stored at all, and ``2
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -54,7 +56,7 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
         raise ValueError(f"cannot pack {n_values} values of {bits} bits into whole 32-bit words")
     if 32 % bits == 0:  # whole values per word: or each slot of the words in, in int32
         slots = values.to(torch.int32).view(-1, 32 // bits, values.shape[1])
-        words = slots[:, 0].clone()
+        words = slots[:, 0].clone(memory_format=torch.contiguous_format)  # row-major, whatever the layout of values
         for slot in range(1, 32 // bits):  # at most 16 slots; each step is one vectorised op
             words.bitwise_or_(slots[:, slot].bitwise_left_shift(slot * bits))
         return words
@@ -69,8 +71,31 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
     return _to_int32(words)
 
 
+def unpack_codes(packed: Tensor, bits: int) -> Tensor:
+    """:func:`unpack_rows` for 2, 4 and 8 bits, as uint8: int32 ``(w, m)`` to ``(w * 32 // bits, m)``.
+
+    The words are read as their four little-endian bytes, each byte holding ``8 // bits`` whole
+    values, the first in the lowest bits: one shift and mask per value slot of a byte, on uint8
+    (a fifth of the memory traffic of shifting int32 words, and no per-element shift amounts).
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"unpack_codes takes 2, 4 or 8 bits, got {bits}")
+    words, m = packed.shape
+    data = packed.contiguous().view(-1).view(torch.uint8).view(words, m, 4)
+    if sys.byteorder == "big":
+        data = data.flip(-1)
+    data = data.permute(0, 2, 1)  # (words, byte, m)
+    per_byte = 8 // bits
+    codes = torch.empty(words, 4, per_byte, m, dtype=torch.uint8, device=packed.device)
+    for slot in range(per_byte):  # at most 4 slots; each step is one vectorised op
+        torch.bitwise_and(data >> (slot * bits), 2**bits - 1, out=codes[:, :, slot])
+    return codes.view(-1, m)
+
+
 def unpack_rows(packed: Tensor, bits: int) -> Tensor:
     """Inverse of :func:`pack_rows`: int32 ``(w, m)`` to int32 ``(w * 32 // bits, m)``."""
+    if bits in (2, 4, 8):
+        return unpack_codes(packed, bits).to(torch.int32)
     if 32 % bits == 0:  # whole values per word: one broadcast shift (the mask drops sign bits)
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
         values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
@@ -139,7 +164,8 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
     a view; otherwise each input row gathers its group's scales and zeros.
     """
     _check_bits(bits)
-    intweight = unpack_rows(qweight, bits)  # (in, out): rows of qweight, no transposed copies
+    # (in, out): rows of qweight, no transposed copies; uint8 where whole values fill bytes
+    intweight = unpack_codes(qweight, bits) if bits != 3 else unpack_rows(qweight, bits)
     zeros = unpack_rows(qzeros.t(), bits).t() + 1
     n_groups, out_features = scales.shape
     in_features = intweight.shape[0]
@@ -147,7 +173,8 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
         g_idx, torch.arange(in_features, device=g_idx.device, dtype=g_idx.dtype) // (in_features // n_groups)
     ):
         weight = intweight.view(n_groups, -1, out_features).float()
-        weight.sub_(zeros.view(n_groups, 1, out_features)).mul_(scales.float().view(n_groups, 1, out_features))
+        zeros = zeros.float().contiguous().view(n_groups, 1, out_features)  # int32 or strided: slow paths
+        weight.sub_(zeros).mul_(scales.float().view(n_groups, 1, out_features))
         return weight.view(in_features, out_features).t()
     groups = g_idx.long()
     return (scales.float()[groups] * (intweight - zeros[groups])).t()
