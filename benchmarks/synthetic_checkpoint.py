@@ -14,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from quantkit.core.safetensors_files import stored_bytes
 from quantkit.testing.synthetic_checkpoints import PRESETS, write_synthetic_checkpoint
 
@@ -24,10 +26,15 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard, in GB (10^9 bytes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     args = parser.parse_args()
     start = time.perf_counter()
     folder = write_synthetic_checkpoint(
-        args.folder, args.preset, max_shard_bytes=int(args.shard_gb * 10**9), seed=args.seed
+        args.folder,
+        args.preset,
+        max_shard_bytes=int(args.shard_gb * 10**9),
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
     )
     size = stored_bytes(folder, ())["size_bytes"]
     print(f"{args.preset}: {folder} ({size / 10**9:.2f} GB) in {time.perf_counter() - start:.1f} s")

@@ -130,6 +130,10 @@ PRESETS: dict[str, dict] = {
 is for tests."""
 
 
+STORED_DTYPES = (torch.bfloat16, torch.float16)
+"""The dtypes a synthetic checkpoint is stored in."""
+
+
 def preset_config(preset: str) -> dict:
     """The ``config.json`` dict of ``preset``."""
     if preset not in PRESETS:
@@ -144,12 +148,16 @@ def write_synthetic_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     seed: int = 0,
     layers: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """Write a random bfloat16 checkpoint of ``preset``'s architecture into ``folder``
-    (atomically), one tensor in memory at a time; return ``folder``. ``layers`` keeps only
-    that many decoder layers (every shape stays the preset's): a real architecture at a size
-    tests can afford."""
+    """Write a random checkpoint of ``preset``'s architecture into ``folder`` (atomically), one
+    tensor in memory at a time; return ``folder``. ``layers`` keeps only that many decoder layers
+    (every shape stays the preset's): a real architecture at a size tests can afford. ``dtype``:
+    bfloat16 (the hub's) or float16 (llama.cpp's converter's F16 input)."""
     config = preset_config(preset)
+    if dtype not in STORED_DTYPES:
+        raise ConfigValueError("write_synthetic_checkpoint", "dtype", dtype, ", ".join(map(str, STORED_DTYPES)))
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if layers is not None:
         if type(layers) is not int or not 1 <= layers <= config["num_hidden_layers"]:
             raise ConfigValueError("write_synthetic_checkpoint", "layers", layers, f"1..{config['num_hidden_layers']}")
@@ -161,7 +169,7 @@ def write_synthetic_checkpoint(
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, meta in model.state_dict().items():
             if name not in tied:
-                writer.add(name, _random_like(name, meta, generator))
+                writer.add(name, _random_like(name, meta, generator).to(dtype))
         writer.finish()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(folder)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
@@ -29,6 +30,7 @@ from .header import GGUFHeader, read_header
 from .metadata import LLAMA, LlamaShape, check_key_types, llama_shape
 from .mixes import FILE_TYPES, FLOAT_TYPES, ModelShape, Role, gguf_name, tensor_type
 from .qlinear import GGUFEmbedding, GGUFLinear
+from .rope import ROPE_FREQS, apply_freq_factors
 
 _QUANT_TYPES_OF_FILE = {file_type: quant_type for quant_type, file_type in FILE_TYPES.items()}
 # A "_S" file type is the mix of that name, not the pure K type it is closest to.
@@ -65,6 +67,11 @@ def read_gguf(path: Path, device: torch.device) -> nn.Module:
         raise
     except (ValueError, RuntimeError) as exc:  # torch/numpy on tensors the checks above let through
         raise ModelFormatError(f"{str(path)!r} does not hold a consistent llama model: {exc}") from exc
+    if ROPE_FREQS in header.tensors:  # a llama3 rope (Llama 3.1+), as llama.cpp's converter writes it
+        info = header.tensors[ROPE_FREQS]
+        if info.qtype != "F32":
+            raise ModelFormatError(f"{str(path)!r}: {ROPE_FREQS} is {info.qtype}, expected F32")
+        apply_freq_factors(model, torch.from_numpy(header.tensor_bytes(info).view(np.float32).copy()))
     setattr(model, CONFIG_ATTR, config)
     return model.to(device).eval()
 
@@ -103,6 +110,8 @@ def _fill(model: nn.Module, header: GGUFHeader, file_quant_type: str | None) -> 
     floats: dict[str, torch.Tensor] = {}
     packed: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in header.tensors.items():
+        if name == ROPE_FREQS:
+            continue  # not a parameter: read_gguf applies it to the rotary embedding
         key = by_gguf.get(name)
         if key is None:
             raise ModelFormatError(f"{str(header.path)!r}: tensor {name!r} is not part of a llama model")
