@@ -120,12 +120,12 @@ def _pack(fields: Tensor, bits: int, dim: int) -> Tensor:
 
 
 def _unpack(packed: Tensor, bits: int, count: int, dim: int) -> Tensor:
-    """Split bytes into ``count`` fields of ``bits`` bits (lowest first), on a new axis ``dim``."""
-    out = packed.unsqueeze(dim)
-    shape = [1] * out.dim()
-    shape[dim] = count
-    shifts = torch.arange(0, bits * count, bits, dtype=torch.uint8, device=packed.device).view(shape)
-    return (out >> shifts) & ((1 << bits) - 1)
+    """Split bytes into ``count`` fields of ``bits`` bits (lowest first), on a new axis ``dim``.
+
+    One scalar shift and mask per field: a broadcast tensor of shifts takes torch's per-element
+    shift path, 3.6x slower for nibbles on CPU."""
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * k)) & mask for k in range(count)], dim=dim)
 
 
 def _peak(x: Tensor, dim: int) -> Tensor:
@@ -753,6 +753,12 @@ def _quantize_iq4_xs(xs: Tensor, qw: Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------- dequantization
 
 
+def _centred(codes: Tensor, offset: int) -> Tensor:
+    """uint8 ``codes`` (below 128) minus ``offset``, as float32: subtracted in int8, a quarter of
+    the memory traffic of subtracting float32 (the same values: small integers are exact)."""
+    return (codes.view(torch.int8) - offset).float()
+
+
 def _low_nibble_codes(qs: Tensor) -> Tensor:
     """(N, 16) packed nibbles -> (N, 32) codes: low nibbles first, then high nibbles."""
     return _unpack(qs, 4, 2, 1).reshape(qs.shape[0], 32)
@@ -768,7 +774,7 @@ def _dequantize_q8_0(b: Tensor) -> Tensor:
 
 
 def _dequantize_q4_0(b: Tensor) -> Tensor:
-    return _f16_read(b[:, :2]) * (_low_nibble_codes(b[:, 2:]).float() - 8)
+    return _f16_read(b[:, :2]) * _centred(_low_nibble_codes(b[:, 2:]), 8)
 
 
 def _dequantize_q4_1(b: Tensor) -> Tensor:
@@ -777,7 +783,7 @@ def _dequantize_q4_1(b: Tensor) -> Tensor:
 
 def _dequantize_q5_0(b: Tensor) -> Tensor:
     q = _low_nibble_codes(b[:, 6:]) | _bit4_codes(b[:, 2:6])
-    return _f16_read(b[:, :2]) * (q.float() - 16)
+    return _f16_read(b[:, :2]) * _centred(q, 16)
 
 
 def _dequantize_q5_1(b: Tensor) -> Tensor:
@@ -829,7 +835,7 @@ def _dequantize_q6_k(b: Tensor) -> Tensor:
     s = b.shape[0]
     low = _unpack(b[:, :128].reshape(s, 2, 2, 32), 4, 2, 2).reshape(s, 2, 4, 32)
     high = _unpack(b[:, 128:192].reshape(s, 2, 32), 2, 4, 2)
-    q = (low | (high << 4)).reshape(s, 16, 16).float() - 32
+    q = _centred((low | (high << 4)).reshape(s, 16, 16), 32)
     d = _f16_read(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
     return (d.unsqueeze(-1) * q).reshape(s, QK_K)
 
