@@ -1,5 +1,6 @@
 """Quantizing a checkpoint larger than memory: from the float shards on disk to the quantized
-shards on disk, one module (calibration-free backends) or one decoder layer (GPTQ, AWQ) at a time.
+shards on disk, one module (calibration-free backends: RTN, EETQ, HQQ, bitsandbytes, GGUF) or one
+decoder layer (GPTQ, AWQ) at a time.
 
 :func:`quantize_streaming` reads the float checkpoint from memory-mapped shards
 (:class:`~quantkit.core.streamed_checkpoints.StreamedCheckpoint`, the model on the meta device)
@@ -7,10 +8,14 @@ and writes every tensor as it comes (:class:`~quantkit.core.shard_writer.ShardWr
 folder :func:`quantkit.save` writes for the same model and config, sharded above
 ``max_shard_bytes``, which :func:`quantkit.load` reads.
 
-A calibration-free backend quantizes each linear with its
-:meth:`~quantkit.core.backend.Backend.quantize_linear`, the other tensors copied through: memory
-holds one module's float tensors and its quantized form at a time. A calibrated one that
-declares :attr:`~quantkit.core.backend.Backend.streams_layers` runs its own
+A calibration-free backend that declares :attr:`~quantkit.core.backend.Backend.streams_modules`
+runs the hooks of the template :meth:`~quantkit.core.backend.Backend.quantize` module by module:
+each target linear through its :meth:`~quantkit.core.backend.Backend.linear_quantizer`, the
+modules of its :meth:`~quantkit.core.backend.Backend.other_quantizers` (GGUF's token embedding),
+the other tensors copied through in its :meth:`~quantkit.core.backend.Backend.placed_dtype`, each
+saved as :meth:`~quantkit.core.backend.Backend.saved_tensors` lays it out: memory holds one
+module's float tensors and its quantized form at a time. A calibrated one that declares
+:attr:`~quantkit.core.backend.Backend.streams_layers` runs its own
 :meth:`~quantkit.core.backend.Backend.quantize`, whose layer-by-layer pipeline
 (:func:`quantkit.layerwise.quantize_layerwise`) takes each decoder layer from the shards just
 before its turn and hands it back quantized (:class:`_StreamedLayers`, the model's
@@ -27,9 +32,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -48,7 +53,8 @@ from .core.serialization import write_config
 from .core.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .core.streamed_checkpoints import StreamedCheckpoint
 from .estimate import format_seconds
-from .layerwise import LAYER_SOURCE_ATTR, decoder_stack
+from .layerwise import LAYER_SOURCE_ATTR, SPILL_ATTR, decoder_stack
+from .memory_budget import plan_memory
 
 log = logging.getLogger("quantkit")
 
@@ -56,9 +62,6 @@ JOURNAL = ".quantkit-progress.json"
 """The work folder's record of the run (config, checkpoint fingerprint) and its complete shards."""
 LOCK = ".quantkit-run.lock"
 
-TEMPLATE_SAVES = ("save_pretrained", "load_pretrained", "saved_tensors")
-"""A backend streams only when it saves and loads through these template methods of :class:`Backend`
-unchanged: its saved tensors are then its quantized modules' state dicts."""
 COPIED_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -82,15 +85,18 @@ def quantize_streaming(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: torch.device | str | None = None,
     resume: bool = True,
+    max_memory: int | str | None = None,
 ) -> Path:
     """Quantize the float checkpoint folder ``model_folder`` (``model.safetensors`` or shards
     and their index; float32, float16 or bfloat16, computed in its stored dtype) into
     ``out_folder``, atomically, never holding the whole model; return ``out_folder``.
 
-    ``config`` (a :class:`QuantConfig`, dict or preset name) must name a backend that saves
-    through the template (:data:`TEMPLATE_SAVES`) and quantizes either linear by linear
-    (calibration-free: RTN, EETQ) or layer by layer (``streams_layers``: GPTQ, AWQ);
-    others raise :class:`QuantizationError` listing those that can. ``calibration`` and
+    ``config`` (a :class:`QuantConfig`, dict or preset name) must name a backend that quantizes
+    module by module (``streams_modules``, calibration-free: RTN, EETQ, HQQ, bitsandbytes, GGUF
+    with no importance matrix or one read from a file) or layer by layer (``streams_layers``:
+    GPTQ, AWQ); others raise :class:`QuantizationError` listing those that can, and a config the
+    backend cannot stream (a GGUF importance matrix collected from text) a
+    :class:`~quantkit.ConfigValueError` naming the field. ``calibration`` and
     ``tokenizer`` are :func:`quantkit.quantize`'s (text is tokenized by the tokenizer saved in
     ``model_folder`` by default); the output has the bytes of ``quantkit.save(quantkit.quantize(...))``
     of the same model loaded in its stored dtype.
@@ -106,22 +112,29 @@ def quantize_streaming(
     The folder is checked whole before anything is written: a damaged one raises
     :class:`~quantkit.ModelFormatError` and leaves no output. Tokenizer and generation files
     (:data:`COPIED_FILES`) are copied through.
+
+    ``max_memory`` is :func:`quantkit.quantize`'s memory budget, planned for the streamed run
+    (calibration activations spilled to a temporary folder beside ``out_folder`` when needed).
     """
     config = as_config(config)
     device = resolve_device(device)
     registry = get_registry()
     backend = registry.backend_for(config, hardware_of(device))
-    if not streams(backend):
-        able = sorted(name for name, b in registry.backends.items() if streams(b))
+    backend.check_streaming(config)
+    calibrated = backend.needs_calibration(config)
+    if not (backend.streams_layers if calibrated else backend.streams_modules):
+        able = sorted(name for name, b in registry.backends.items() if b.streams_modules or b.streams_layers)
         raise QuantizationError(
-            f"backend {backend.name!r} cannot quantize a streamed checkpoint (it quantizes, saves or loads "
-            f"in a way of its own); backends that can: {', '.join(able)}"
+            f"backend {backend.name!r} cannot quantize a streamed checkpoint{' with ' if calibrated else ''}"
+            f"{'calibration' if calibrated else ''} (it quantizes the whole model in a way of its own); "
+            f"backends that can: {', '.join(able)}"
         )
     source, out = Path(model_folder), Path(out_folder)
     start = time.perf_counter()
     with StreamedCheckpoint(source) as checkpoint:
-        calibrated = backend.needs_calibration(config)
         tokens = calibration_ids(checkpoint.model, config, calibration, tokenizer) if calibrated else None
+        if plan_memory(source, config, max_memory, tokens, streaming=True, device=device).spill:
+            setattr(checkpoint.model, SPILL_ATTR, out.parent)
         if not calibrated and calibration is not None:
             log.info("%s needs no calibration data; ignoring it", backend.name)
         targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
@@ -153,9 +166,11 @@ def quantize_streaming(
             if calibrated:
                 _stream_layers(checkpoint, backend, config, tokens, targets, writer, device)
             else:
-                _stream_modules(checkpoint, backend, targets, writer, outputs, device)
+                _stream_modules(checkpoint, backend, config, targets, writer, outputs, device)
             writer.finish()
             journal.unlink(missing_ok=True)  # it names the shards as they were before finish renamed them
+            if (dtype := backend.placed_dtype(config)) is not None:
+                checkpoint.model.config.dtype = dtype  # as Backend.place records it
             write_config(checkpoint.model, partial, backend.quantization_config_block(checkpoint.model, config))
             for name in COPIED_FILES:
                 if (source / name).is_file():
@@ -215,28 +230,25 @@ def _clear(partial: Path, keep: Path | None = None) -> None:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
-def streams(backend: Backend) -> bool:
-    """Whether ``backend`` can quantize a streamed checkpoint (see :data:`TEMPLATE_SAVES`)."""
-    cls = type(backend)
-    if not all(getattr(cls, method) is getattr(Backend, method) for method in TEMPLATE_SAVES):
-        return False
-    template = cls.quantize is Backend.quantize and cls.quantize_linear is not Backend.quantize_linear
-    return template or backend.streams_layers
-
-
 def _stream_modules(
     checkpoint: StreamedCheckpoint,
     backend: Backend,
+    config: QuantConfig,
     targets: dict[str, Target],
     writer: ShardWriter,
     outputs: dict[str, list[str]],
     device: torch.device,
 ) -> None:
-    """Quantize the checkpoint with a calibration-free ``backend``, module by module, but the
-    modules in ``outputs`` (written by an interrupted run); record each module's output names there."""
+    """Quantize the checkpoint with a ``streams_modules`` backend, module by module, but the
+    modules in ``outputs`` (written by an interrupted run); record each module's output names there.
+    Each module goes through the backend's template hooks as in :meth:`Backend.quantize`."""
+    model = checkpoint.model
+    others = backend.other_quantizers(model, config, device)  # planned on the whole (meta) model
+    quantize = backend.linear_quantizer(model, config, list(targets.values()), None, device)
+    steps = _Steps(backend, quantize, others, backend.placed_dtype(config))
     for module, names in track(checkpoint.modules(), f"{backend.name} (streaming)"):
         if module not in outputs:
-            outputs[module] = _stream_module(checkpoint, names, targets.get(module), backend, writer, device)
+            outputs[module] = _stream_module(checkpoint, module, names, targets.get(module), steps, writer)
 
 
 def _stream_layers(
@@ -267,7 +279,7 @@ def _stream_layers(
         delattr(model, LAYER_SOURCE_ATTR)
     for module, names in modules[first:]:
         if not module.startswith(layers):
-            _stream_module(checkpoint, names, None, backend, writer, device)
+            _stream_module(checkpoint, module, names, None, _Steps(backend), writer)
 
 
 def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
@@ -306,33 +318,95 @@ class _StreamedLayers:
         self._held = []
 
 
+class _Steps(NamedTuple):
+    """What a module goes through in :meth:`Backend.quantize`'s template: its backend, the run's
+    :meth:`~Backend.linear_quantizer` and :meth:`~Backend.other_quantizers`, the
+    :meth:`~Backend.placed_dtype`. Without them (modules copied through), a module is written as stored."""
+
+    backend: Backend
+    quantize: Callable[[str, nn.Linear, QuantConfig], nn.Module] | None = None
+    others: dict[str, Callable[[nn.Module], dict[str, nn.Module]]] = {}
+    dtype: torch.dtype | None = None
+
+
 def _stream_module(
     checkpoint: StreamedCheckpoint,
+    module: str,
     names: list[str],
     target: Target | None,
-    backend: Backend,
+    steps: _Steps,
     writer: ShardWriter,
-    device: torch.device,
 ) -> list[str]:
-    """Write the tensors ``names`` of one module, quantized when it is a ``target``, but those an
-    interrupted run wrote; they are all released on return (a function, so that no loop variable
-    keeps one alive). Returns the names of the module's tensors in the output."""
+    """Write the tensors ``names`` of ``module``, quantized when it is a ``target`` or one of the
+    ``steps``' others, but those an interrupted run wrote; they are all released on return (a
+    function, so that no loop variable keeps one alive). Returns the names of the module's tensors
+    in the output."""
+    if module in steps.others:
+        return _write_new(writer, _quantized_other(checkpoint, module, steps))
     with checkpoint.tensors(names) as tensors:
-        written = tensors if target is None else _quantized(backend, target, tensors, device)
-        for name, tensor in written.items():
-            if not writer.written(name):
-                writer.add(name, tensor)
-        return list(written)
+        return _write_new(writer, _quantized(target, tensors, steps) if target else _placed(tensors, steps.dtype))
 
 
-def _quantized(
-    backend: Backend, target: Target, tensors: dict[str, torch.Tensor], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """The tensors of ``target``'s quantized module, from its float ``tensors`` (full names)."""
+def _write_new(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Add ``tensors`` but those an interrupted run wrote to ``writer``; return all their names."""
+    for name, tensor in tensors.items():
+        if not writer.written(name):
+            writer.add(name, tensor)
+    return list(tensors)
+
+
+def _quantized(target: Target, tensors: dict[str, torch.Tensor], steps: _Steps) -> dict[str, torch.Tensor]:
+    """The saved tensors of ``target``'s quantized module, from its float ``tensors`` (full names)."""
     name, meta, config = target
     linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
     linear.load_state_dict({key.rpartition(".")[2]: tensor for key, tensor in tensors.items()}, assign=True)
     check_finite(name, linear.weight)
     with torch.no_grad():
-        module = backend.quantize_linear(name, linear, config, device)
-    return {f"{name}.{key}": tensor for key, tensor in module.state_dict().items()}
+        module = steps.quantize(name, linear, config)
+    return _saved(steps.backend, {name: _cast(module, steps.dtype)})
+
+
+def _quantized_other(checkpoint: StreamedCheckpoint, module: str, steps: _Steps) -> dict[str, torch.Tensor]:
+    """The saved tensors of the non-linear ``module`` the backend quantizes too: materialised in the
+    model, placed and quantized there, and sent back to the meta device once its tensors are taken."""
+    checkpoint.materialise(module)
+    float_module = _cast(checkpoint.model.get_submodule(module), steps.dtype)
+    try:
+        with torch.no_grad():
+            installed = steps.others[module](checkpoint.model)
+        written = _saved(steps.backend, installed)
+        for quantized in installed.values():
+            quantized.to("meta")  # the tensors taken stay
+    finally:
+        float_module.to("meta")
+    return written
+
+
+def _saved(backend: Backend, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """What :meth:`Backend.saved_tensors` saves of the quantized ``modules`` (by full name) of a
+    model: it is called on a model holding them alone, at their places."""
+    holder = nn.Module()
+    for name, module in modules.items():
+        parent = holder
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    return backend.saved_tensors(holder)
+
+
+def _cast(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``module`` cast as :meth:`Backend.place` casts the whole model to ``dtype`` (``Module.to`` on a
+    parent: a module's own ``to`` may differ, hqq's does nothing)."""
+    if dtype is not None:
+        nn.ModuleList([module]).to(dtype=dtype)
+    return module
+
+
+def _placed(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Float ``tensors`` of a module copied through, cast as :meth:`Backend.place` casts them."""
+    if dtype is None:
+        return tensors
+    return {name: t.to(dtype) if t.is_floating_point() or t.is_complex() else t for name, t in tensors.items()}

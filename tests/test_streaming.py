@@ -197,8 +197,10 @@ def test_damaged_checkpoint_is_refused_and_leaves_no_output(float_folder, tmp_pa
 
 
 def test_backends_that_quantize_or_save_their_own_way_are_refused(float_folder, tmp_path):
-    with pytest.raises(quantkit.QuantizationError, match="backends that can: awq, eetq, gptq, rtn$"):
-        quantkit.quantize_streaming(float_folder, {"quant_method": "hqq"}, tmp_path / "out")
+    with pytest.raises(
+        quantkit.QuantizationError, match="backends that can: awq, bitsandbytes, eetq, gguf, gptq, hqq, rtn$"
+    ):
+        quantkit.quantize_streaming(float_folder, {"quant_method": "aqlm"}, tmp_path / "out")
     reference = quantkit.save(quantkit.quantize(float_model(), CONFIGS["rtn"], device="cpu"), tmp_path / "ref")
     with pytest.raises(quantkit.ModelFormatError, match="quantize from the float original"):
         quantkit.quantize_streaming(reference, CONFIGS["rtn"], tmp_path / "out")
@@ -254,11 +256,11 @@ def counting_quantizer(monkeypatch, fail_after: int | None = None) -> list[str]:
     calls: list[str] = []
     quantize = QUANTIZED
 
-    def counted(backend, target, tensors, device):
+    def counted(target, tensors, steps):
         if fail_after is not None and len(calls) == fail_after:
             raise Interrupted
         calls.append(target.name)
-        return quantize(backend, target, tensors, device)
+        return quantize(target, tensors, steps)
 
     monkeypatch.setattr(streaming, "_quantized", counted)
     return calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,16 +32,21 @@ class Backend(abc.ABC):
     default run), ``aliases`` (other names of the method, e.g. ``bnb``) and ``layer_classes``.
 
     Quantizing: a calibration-free backend implements :meth:`quantize_linear`, which the
-    template's :meth:`quantize` calls for each linear once the whole model is checked
-    (:meth:`targets`), then :meth:`place`\\ s the model. A calibrated one overrides
+    template's :meth:`quantize` calls for each linear (through :meth:`linear_quantizer`) once
+    the whole model is checked (:meth:`targets`), then :meth:`place`\\ s the model and
+    quantizes the :meth:`other_quantizers`' modules. A calibrated one overrides
     :meth:`quantize`, starting from :meth:`targets` (see :mod:`quantkit.layerwise`).
 
     Serialization: a serializable backend implements :meth:`empty_module`, from which
     :meth:`prepare_for_loading` builds the empty model the saved state dict loads into.
-    :meth:`quantization_config_block` and :meth:`saved_tensors` shape what
-    :meth:`save_pretrained` writes; a layout of its own overrides :meth:`save_pretrained`/
-    :meth:`load_pretrained`, and a single-file format listed in ``file_suffixes`` (e.g.
-    ``.gguf``) implements :meth:`save_file`/:meth:`load_file`.
+    :meth:`quantization_config_block` and :meth:`module_tensors` shape what
+    :meth:`save_pretrained` writes; a layout of its own overrides :meth:`load_pretrained`, and
+    a single-file format listed in ``file_suffixes`` (e.g. ``.gguf``) implements
+    :meth:`save_file`/:meth:`load_file`.
+
+    Streaming (:func:`quantkit.quantize_streaming`): a backend declaring ``streams_modules``
+    or ``streams_layers`` quantizes a checkpoint streamed from disk into the folder
+    :meth:`save_pretrained` writes for the same model, byte for byte.
     """
 
     name: ClassVar[str]
@@ -49,6 +55,11 @@ class Backend(abc.ABC):
     presets: ClassVar[tuple[Preset, ...]] = ()
     aliases: ClassVar[tuple[str, ...]] = ()
     file_suffixes: ClassVar[tuple[str, ...]] = ()
+    streams_modules: ClassVar[bool] = False
+    """Its :meth:`quantize` is the template's, whose hooks (:meth:`linear_quantizer`,
+    :meth:`placed_dtype`, :meth:`other_quantizers`, :meth:`module_tensors`) see one module at a time:
+    :func:`quantkit.quantize_streaming` runs them module by module on a checkpoint streamed from
+    disk, and writes what :meth:`save_pretrained` writes for the model quantized in memory."""
     streams_layers: ClassVar[bool] = False
     """Its :meth:`quantize` runs :func:`quantkit.layerwise.quantize_layerwise` on the model it is
     given, so it quantizes a model whose decoder layers stream in from disk exactly as one in
@@ -98,18 +109,33 @@ class Backend(abc.ABC):
 
         ``calibration`` holds token ids of shape ``(nsamples, seqlen)`` when
         :meth:`needs_calibration` says so, else ``None``. The template checks every target,
-        replaces each by :meth:`quantize_linear` and :meth:`place`\\ s the model.
+        replaces each by its :meth:`linear_quantizer`'s module, :meth:`place`\\ s the model
+        and quantizes the modules of its :meth:`other_quantizers`.
         """
         device = torch.device(device)
         targets = self.targets(model, config)
+        others = self.other_quantizers(model, config, device)
+        quantize = self.linear_quantizer(model, config, targets, calibration, device)
         with torch.no_grad():
-            replace_linears(
-                model,
-                targets,
-                lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device),
-                description=self.name,
-            )
-        return self.place(model, config, device)
+            replace_linears(model, targets, quantize, description=self.name)
+            model = self.place(model, config, device)
+            for quantize_other in others.values():
+                quantize_other(model)
+        return model
+
+    def linear_quantizer(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        targets: list[Target],
+        calibration: torch.Tensor | None,
+        device: torch.device,
+    ) -> Callable[[str, nn.Linear, QuantConfig], nn.Module]:
+        """The function turning each target linear of ``model`` (its name, the linear, its effective
+        config) into its quantized module: :meth:`quantize_linear` on ``device``. A format whose
+        linears depend on the whole model works that out here, once (GGUF: the layer count, the
+        importance matrix); streaming calls it on the model on the meta device."""
+        return lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device)
 
     def quantize_linear(self, name: str, linear: nn.Linear, config: QuantConfig, device: torch.device) -> nn.Module:
         """The quantized module replacing ``linear`` (module ``name``, ``config`` its effective
@@ -117,8 +143,27 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"backend {self.name!r} implements neither quantize nor quantize_linear")
 
     def place(self, model: nn.Module, config: QuantConfig, device: torch.device) -> nn.Module:
-        """``model`` once its linears are quantized, on ``device`` (moved there by default)."""
-        return model.to(device)
+        """``model`` once its linears are quantized, on ``device``, its floating-point tensors cast
+        to :meth:`placed_dtype` (recorded as its config's ``dtype``) when that is set."""
+        dtype = self.placed_dtype(config)
+        model.to(device=device, dtype=dtype)
+        if dtype is not None and getattr(model, "config", None) is not None:
+            model.config.dtype = dtype
+        return model
+
+    def placed_dtype(self, config: QuantConfig) -> torch.dtype | None:
+        """The dtype :meth:`place` casts the quantized model to (HQQ: its compute dtype); ``None``
+        keeps the dtype it was loaded in."""
+        return None
+
+    def other_quantizers(
+        self, model: nn.Module, config: QuantConfig, device: torch.device
+    ) -> dict[str, Callable[[nn.Module], dict[str, nn.Module]]]:
+        """Modules of ``model`` beyond its target linears that the format quantizes too (GGUF: the
+        token embedding), planned on the float model: name -> the function that, called with the
+        model once its linears are quantized and placed, quantizes that module on ``device`` and
+        installs it, returning the modules it installed by name (GGUF: a tied head too). None by default."""
+        return {}
 
     # -- the format -----------------------------------------------------------------------
 
@@ -180,17 +225,38 @@ class Backend(abc.ABC):
         targets = self.targets(model, config, check_weights=False)
         return replace_linears(model, targets, self.empty_module, description=f"{self.name} (loading)")
 
+    def check_streaming(self, config: QuantConfig) -> None:
+        """Refuse, before anything is written, a ``config`` this streaming backend cannot run on a
+        checkpoint streamed from disk (GGUF: an importance matrix collected from calibration text),
+        naming the field and what works. Nothing by default."""
+        return None
+
     def quantization_config_block(self, model: nn.Module, config: QuantConfig) -> dict:
         """The ``quantization_config`` block of the saved ``config.json``: transformers' own
-        where one exists, else the config's :meth:`~QuantConfig.to_dict`."""
+        where one exists, else the config's :meth:`~QuantConfig.to_dict`. ``model`` is the
+        quantized model, or the float one on the meta device when streaming: a block read from
+        the model must read the same from both."""
         try:
             return config.to_hf_dict()
         except QuantkitError:
             return config.to_dict()
 
     def saved_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors :meth:`save_pretrained` writes: the state dict, tied copies left out."""
-        return unique_state_dict(model)
+        """The tensors :meth:`save_pretrained` writes: the state dict, tied copies left out, with the
+        tensors of each module laid out by :meth:`module_tensors`."""
+        tensors = unique_state_dict(model)
+        for name, module in model.named_modules():
+            own = self.module_tensors(name, module)
+            if own is not None:
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.")}
+                tensors.update(own)
+        return tensors
+
+    def module_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The tensors saved for ``module``, the module ``name`` of a quantized model (full names, its
+        submodules' included), when the format lays them out otherwise than its state dict (HQQ);
+        ``None`` (the default) saves its state dict."""
+        return None
 
     def save_pretrained(self, model: nn.Module, directory: Path) -> None:
         """Write ``model`` into the empty folder ``directory`` (safetensors + config.json)."""

@@ -17,7 +17,7 @@ from quantkit.core.config import HF_EXACT_CONFIG_KEY
 from quantkit.core.hardware import Hardware
 
 from .config import PRESETS, BnbConfig
-from .layers import empty_linear, mixes_4bit_and_8bit, quantize_linear, sync_int8_statistics
+from .layers import empty_linear, mixes_4bit_and_8bit, quantize_linear, quantized_linears, sync_int8_statistics
 
 BNB_HARDWARE = frozenset({Hardware.CUDA, Hardware.ROCM, Hardware.CPU})
 NESTED_BLOCKSIZE = 256
@@ -31,6 +31,7 @@ class BnbBackend(Backend):
     config_class = BnbConfig
     presets = PRESETS
     aliases = ("bnb",)
+    streams_modules = True
     capabilities = Capabilities(
         quantize_hardware=BNB_HARDWARE,
         inference_hardware=BNB_HARDWARE,
@@ -74,10 +75,15 @@ class BnbBackend(Backend):
     def quantization_config_block(self, model: nn.Module, config: BnbConfig) -> dict:
         """transformers' bitsandbytes block, naming the linears left unquantized exactly and
         carrying the full quantkit config (module overrides, blocksize)."""
-        if mixes_4bit_and_8bit(model):
+        # the float model when streaming: its targets are the linears quantized
+        targets = [] if quantized_linears(model) else self.targets(model, config, check_weights=False)
+        if mixes_4bit_and_8bit(model, targets):
             log.warning("this model mixes 4-bit and 8-bit layers: quantkit.load reads it, transformers cannot")
+        quantized = {name for name, _, _ in targets}
         block = super().quantization_config_block(model, config)
-        block["llm_int8_skip_modules"] = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+        block["llm_int8_skip_modules"] = sorted(
+            n for n, m in model.named_modules() if type(m) is nn.Linear and n not in quantized
+        )
         block[HF_EXACT_CONFIG_KEY] = config.to_dict()
         return block
 

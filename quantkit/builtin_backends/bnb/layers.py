@@ -27,6 +27,7 @@ from torch import nn
 
 from quantkit.core.config_files import parse_json
 from quantkit.core.errors import ModelFormatError
+from quantkit.core.linears import Target
 
 from .config import BnbConfig
 
@@ -130,11 +131,20 @@ def sync_int8_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def mixes_4bit_and_8bit(model: nn.Module) -> bool:
-    """Whether ``model`` holds both 4-bit and LLM.int8 linears (which transformers cannot load)."""
+def quantized_linears(model: nn.Module) -> list[nn.Module]:
+    """``model``'s bitsandbytes linears."""
     import bitsandbytes as bnb
 
-    return len({type(m) for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}) > 1
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)]
+
+
+def mixes_4bit_and_8bit(model: nn.Module, targets: list[Target]) -> bool:
+    """Whether ``model``, with its float ``targets`` still to quantize, holds both 4-bit and LLM.int8
+    linears (which transformers cannot load)."""
+    import bitsandbytes as bnb
+
+    kinds = {isinstance(m, bnb.nn.Linear8bitLt) for m in quantized_linears(model)}
+    return len(kinds | {cfg.load_in_8bit for _, _, cfg in targets}) > 1
 
 
 def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConfig) -> bnb.nn.Linear4bit:

@@ -22,6 +22,7 @@ EETQ_SHAPE_LIMITS = (
 class EetqBackend(Backend):
     name = "eetq"
     layer_classes = (EetqLinear,)
+    streams_modules = True
     config_class = EETQConfig
     presets = PRESETS
     capabilities = Capabilities(

@@ -8,6 +8,7 @@ text first, on the float model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
-from quantkit.core.linears import Target, check_finite, replace_linears
+from quantkit.core.errors import ConfigValueError
+from quantkit.core.linears import Target, check_finite
 
 from .config import PRESETS, GGUFConfig, ggml_code_bits
 from .convert import EmbeddingPlan, embedding_plan, empty_embedding, install_embedding, linear_type, type_counts
@@ -34,6 +36,7 @@ class GGUFBackend(Backend):
     name = "gguf"
     config_class = GGUFConfig
     presets = PRESETS
+    streams_modules = True
     file_suffixes = (".gguf",)
     capabilities = Capabilities(
         quantize_hardware=ALL_HARDWARE,
@@ -83,27 +86,58 @@ class GGUFBackend(Backend):
         """Calibration tokens are needed to collect an importance matrix from text."""
         return config.dataset is not None
 
+    def check_streaming(self, config: GGUFConfig) -> None:
+        """An importance matrix collected from calibration text needs the float model in memory."""
+        if config.dataset is not None:
+            raise ConfigValueError(
+                "GGUFConfig",
+                "imatrix",
+                config.imatrix,
+                "None or a llama.cpp importance-matrix file (.gguf, .dat) when streaming: collect one "
+                "from text first (`quantkit imatrix`) and pass its file",
+            )
+
     def quantize(self, model: nn.Module, config: GGUFConfig, *, calibration, device) -> nn.Module:
-        """Every target linear (with its importance-matrix values, if any), then the token embedding."""
-        device = torch.device(device)
-        shape = ModelShape.of(getattr(model, "config", None))
-        with self.storage_context(model):
-            targets = self.targets(model, config)
-            matrix = resolve_imatrix(model, config, targets, calibration, device)
-            with torch.no_grad():
-                replace_linears(
-                    model,
-                    targets,
-                    lambda name, linear, cfg: self.quantize_linear(name, linear, cfg, device, matrix, shape),
-                    description=self.name,
-                )
-            self.place(model, config, device)
-        plan = _embedding_plan(model, config)
-        if plan is not None:
-            with torch.no_grad():
-                install_embedding(model, plan, GGUFEmbedding.from_embedding(plan.module, plan.qtype, device))
+        """The template's (every target linear, then the token embedding), with the types it gave logged."""
+        model = super().quantize(model, config, calibration=calibration, device=device)
         log.info("GGUF %s tensor types: %s", config.quant_type, type_counts(model))
         return model
+
+    def linear_quantizer(
+        self,
+        model: nn.Module,
+        config: GGUFConfig,
+        targets: list[Target],
+        calibration: torch.Tensor | None,
+        device: torch.device,
+    ) -> Callable[[str, nn.Linear, GGUFConfig], GGUFLinear]:
+        """Each linear in the type its role and position in ``model`` get, weighted by its entry of
+        the importance matrix ``config`` asks for (read or collected here, once)."""
+        shape = ModelShape.of(getattr(model, "config", None))
+        matrix = resolve_imatrix(model, config, targets, calibration, device)
+
+        def quantize(name: str, linear: nn.Linear, cfg: GGUFConfig) -> GGUFLinear:
+            with bound_shape(shape):
+                return self.quantize_linear(name, linear, cfg, device, matrix, shape)
+
+        return quantize
+
+    def other_quantizers(
+        self, model: nn.Module, config: GGUFConfig, device: torch.device
+    ) -> dict[str, Callable[[nn.Module], dict[str, nn.Module]]]:
+        """The token embedding, in the type llama.cpp gives it (``output``'s when the head is tied
+        to it, the head then sharing its packed table)."""
+        plan = _embedding_plan(model, config)
+        if plan is None:
+            return {}
+
+        def quantize(quantized: nn.Module) -> dict[str, nn.Module]:
+            check_finite(plan.name, plan.module.weight)
+            install_embedding(quantized, plan, GGUFEmbedding.from_embedding(plan.module, plan.qtype, device))
+            names = [plan.name] if plan.tied_head is None else [plan.name, plan.tied_head]
+            return {name: quantized.get_submodule(name) for name in names}
+
+        return {plan.name: quantize}
 
     def quantize_linear(
         self,

@@ -15,10 +15,10 @@ from quantkit.core.config import QuantConfig
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.hardware import Hardware
 from quantkit.core.safetensors_files import load_tensors
-from quantkit.core.serialization import check_stored, fill, read_checkpoint, unique_state_dict
+from quantkit.core.serialization import check_stored, fill, read_checkpoint
 
 from .config import PRESETS, HQQConfig
-from .layers import hqq_linears, quantize_linear, saved_linear
+from .layers import HQQLayer, quantize_linear, saved_linear
 from .layout import HQQ_SHAPE_LIMITS, META_SUFFIX, layer_tensors, pop_layer, stored_bits
 
 HQQ_HARDWARE = frozenset({Hardware.CUDA, Hardware.CPU})
@@ -28,6 +28,7 @@ class HQQBackend(Backend):
     name = "hqq"
     config_class = HQQConfig
     presets = PRESETS
+    streams_modules = True
     capabilities = Capabilities(
         quantize_hardware=HQQ_HARDWARE,
         inference_hardware=HQQ_HARDWARE,
@@ -71,22 +72,16 @@ class HQQBackend(Backend):
     def quantize_linear(self, name: str, linear: nn.Linear, config: HQQConfig, device: torch.device) -> nn.Module:
         return quantize_linear(linear, config, device)
 
-    def place(self, model: nn.Module, config: HQQConfig, device: torch.device) -> nn.Module:
-        """``model`` on ``device`` in ``config.compute_dtype``: ``HQQLinear`` takes inputs of its
-        compute dtype, so the rest of the model is cast too (as hqq's own model loaders do)."""
-        dtype = getattr(torch, config.compute_dtype)
-        model.to(device=device, dtype=dtype)
-        if getattr(model, "config", None) is not None:
-            model.config.dtype = dtype
-        return model
+    def placed_dtype(self, config: HQQConfig) -> torch.dtype:
+        """``config.compute_dtype``: ``HQQLinear`` takes inputs of its compute dtype, so the rest of
+        the model is cast too (as hqq's own model loaders do)."""
+        return getattr(torch, config.compute_dtype)
 
-    def saved_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The HQQ linears in quantkit's layout, every other tensor as it is."""
-        layers = hqq_linears(model)
-        tensors = {k: v for k, v in unique_state_dict(model).items() if k.rpartition(".")[0] not in layers}
-        for name, module in layers.items():
-            tensors.update(layer_tensors(name, module.W_q, module.meta, module.bias))
-        return tensors
+    def module_tensors(self, name: str, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """An HQQ linear in quantkit's layout; every other module as it is."""
+        if not isinstance(module, HQQLayer):
+            return None
+        return layer_tensors(name, module.W_q, module.meta, module.bias)
 
     def load_pretrained(self, directory: Path, config: HQQConfig, device: torch.device) -> nn.Module:
         self.check_config(config)

@@ -97,10 +97,3 @@ def saved_linear(
     module.out_features, module.in_features = meta["shape"]
     module.ready = True
     return _through_kernels(module)
-
-
-def hqq_linears(model: nn.Module) -> dict[str, HQQLinear]:
-    """``model``'s ``HQQLinear`` modules by name."""
-    from hqq.core.quantize import HQQLinear
-
-    return {name: module for name, module in model.named_modules() if isinstance(module, HQQLinear)}

@@ -18,6 +18,7 @@ from .config import PRESETS, RTNConfig
 class RTNBackend(Backend):
     name = "rtn"
     layer_classes = (GPTQLinear,)
+    streams_modules = True
     config_class = RTNConfig
     presets = PRESETS
     capabilities = Capabilities(
