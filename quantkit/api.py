@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ from .core.text import tokenize
 from .estimate import QuantizeEstimate, estimate_quantization, format_seconds
 from .formats.checkpoints import check_format, checkpoint_of, load_compressed_tensors
 from .formats.compressed_tensors import QUANT_METHOD as CT_METHOD
+from .layerwise import SPILL_ATTR
+from .memory_budget import plan_memory
 
 log = logging.getLogger("quantkit")
 
@@ -49,6 +52,7 @@ def quantize(
     calibration: torch.Tensor | str | os.PathLike | Sequence[str] | None = None,
     device: torch.device | str | None = None,
     tokenizer: Any = None,
+    max_memory: int | str | None = None,
 ) -> nn.Module:
     """Quantize ``model`` with the backend its config names and return it.
 
@@ -60,6 +64,12 @@ def quantize(
     one saved beside the model). ``device`` defaults to the best one present;
     a backend that does not declare its hardware raises
     :class:`UnsupportedHardwareError` — quantkit never skips quantization.
+
+    ``max_memory`` (bytes, or a size such as ``"3GiB"``, ``"4GB"``) is a budget for the peak
+    memory: the run keeps the calibration activations on disk (in the temporary folder) when
+    they would pass it, and raises :class:`~quantkit.core.errors.MemoryBudgetError` before any
+    heavy work, naming the smallest budget that would work, when it would pass it anyway
+    (:func:`quantkit.memory_budget.plan_memory`).
 
     Before it starts, the predicted time and peak memory
     (:func:`quantkit.estimate_quantization`) are logged (logger
@@ -80,11 +90,19 @@ def quantize(
         tokens = calibration_ids(model, config, calibration, tokenizer)
     elif calibration is not None:
         log.info("%s needs no calibration data; ignoring it", backend.name)
+    plan = plan_memory(model, config, max_memory, tokens, streaming=False, device=device)
     shape = {} if tokens is None else {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1]}
-    prediction = estimate_quantization(model, config, device=device, **shape)
+    prediction = estimate_quantization(model, config, device=device, spill=plan.spill, **shape)
     shown = _announce(prediction)
     start = time.perf_counter()
-    model = backend.quantize(model, config, calibration=tokens, device=device)
+    if plan.spill:
+        setattr(model, SPILL_ATTR, tempfile.gettempdir())
+    try:
+        quantized = backend.quantize(model, config, calibration=tokens, device=device)
+    finally:
+        if plan.spill:
+            delattr(model, SPILL_ATTR)
+    model = quantized
     done = f"{config.quant_method}: quantized in {format_seconds(time.perf_counter() - start)}"
     log.info("%s (predicted %s)", done, format_seconds(prediction.seconds))
     if shown:

@@ -9,8 +9,9 @@ scale and a packed 4-bit zero per group plus an int32 ``g_idx`` per input
 column. Sizes are reported in both GB (1e9) and GiB (2**30), which the rounded
 figures also mix up.
 
-:func:`estimate_quantization` predicts how long ``quantkit.quantize`` will take and
-its peak memory. It counts the work in three units: matrix-multiply FLOPs (the
+:func:`estimate_quantization` predicts how long ``quantkit.quantize`` (or, with
+``streaming=True``, ``quantkit.quantize_streaming``) will take and its peak memory, by what
+holds it (:attr:`QuantizeEstimate.memory`). It counts the work in three units: matrix-multiply FLOPs (the
 forward passes over the calibration tokens, GPTQ's Hessians and solves, AWQ's
 scale and clip searches), elementwise elements (norms, rotary embeddings,
 softmax, quantizing and packing the weights) and small torch operations (GPTQ's
@@ -19,6 +20,13 @@ device (:func:`measure_rates`, about 0.2 s) or, for short jobs, at
 :data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
 and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
 ``benchmarks/estimate_accuracy.py`` and its committed results.
+
+The streamed peak (``streaming=True``) is the process, the shard writer's copy buffer and the
+largest of what one step holds: a module's stored tensors with its quantized copy and the
+method's working memory (calibration-free), or the embedding while the first layer's inputs are
+captured, then one decoder layer in its stored dtype with its quantized linears, the calibration
+hidden states and the method's working memory (GPTQ, AWQ). ``spill=True`` counts the hidden
+states kept on disk (:data:`quantkit.layerwise.SPILL_ATTR`): one chunk of them in memory.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import os
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, astuple, dataclass, replace
@@ -38,10 +47,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigValueError, UnknownMethodError
-from .core.linears import quantizable_linears
+from .core.linears import Target, quantizable_linears
 from .core.registry import get_registry
+from .core.safetensors_files import stored_tensors
+from .core.shard_writer import COPY_BYTES
 from .layerwise import DEFAULT_CHUNK_TOKENS, LLAMA_GROUPS, decoder_stack
 
 FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -135,6 +147,28 @@ def _read_model_config(source: str | os.PathLike | dict) -> dict:
     path = Path(source)
     path = path / "config.json" if path.is_dir() else path
     return json.loads(path.read_text())
+
+
+def stored_model(source: str | os.PathLike | dict) -> nn.Module:
+    """The architecture of a float checkpoint (folder, ``config.json`` or its dict) on the meta
+    device, its parameters in their stored dtype: the one most of the safetensors headers' float
+    tensors name when the folder has them, else config.json's ``torch_dtype`` (float32 without one)."""
+    raw = _read_model_config(source)
+    folder = None if isinstance(source, dict) else Path(source)
+    folder = folder if folder is None or folder.is_dir() else folder.parent
+    counts: Counter[torch.dtype] = Counter()
+    if folder is not None and any(folder.glob("*.safetensors")):
+        for tensor in stored_tensors(folder).values():
+            if tensor.dtype.is_floating_point:
+                counts[tensor.dtype] += tensor.numel
+    if counts:
+        dtype = counts.most_common(1)[0][0]
+    else:
+        name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        if name not in FLOAT_BITS:
+            raise ConfigValueError("estimate", "torch_dtype", name, ", ".join(FLOAT_BITS))
+        dtype = getattr(torch, name)
+    return _meta_model(raw).to(dtype)
 
 
 def _meta_model(raw: dict) -> nn.Module:
@@ -280,9 +314,23 @@ class QuantizeEstimate:
     method: str
     parts: dict[str, Work]
     rates: Rates
-    peak_bytes: int
+    memory: dict[str, int]
+    """The peak memory in bytes by what holds it (``"process"``, ``"model"``, ``"hidden states"`` ...)."""
     calibration: tuple[int, int] | None = None
     """``(nsamples, seqlen)`` of the calibration tokens, for methods that calibrate."""
+    streaming: bool = False
+    """Whether this predicts ``quantkit.quantize_streaming`` (else ``quantkit.quantize``)."""
+    spill: bool = False
+    """Whether the calibration hidden states are counted on disk (one chunk in memory)."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    def dominant(self, count: int = 2) -> str:
+        """The ``count`` largest parts of the peak: ``"model 1.2 GiB, hidden states 0.4 GiB"``."""
+        largest = sorted(self.memory.items(), key=lambda item: -item[1])[:count]
+        return ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest)
 
     @property
     def seconds(self) -> float:
@@ -297,6 +345,9 @@ class QuantizeEstimate:
             "method": self.method,
             "seconds": self.seconds,
             "peak_bytes": self.peak_bytes,
+            "memory": dict(self.memory),
+            "streaming": self.streaming,
+            "spill": self.spill,
             "flops": self.flops,
             "calibration": list(self.calibration) if self.calibration else None,
             "part_seconds": {name: work.seconds(self.rates) for name, work in self.parts.items()},
@@ -305,9 +356,10 @@ class QuantizeEstimate:
 
     def summary(self) -> str:
         """One line: what, how long, how much memory, and the counted work behind it."""
-        what = self.method
+        what = self.method + (" (streamed)" if self.streaming else "")
         if self.calibration:
             what += f" on {self.calibration[0]} x {self.calibration[1]} calibration tokens"
+            what += " (activations on disk)" if self.spill else ""
         where = f"measured on {self.rates.device}" if self.rates.device else "reference CPU"
         return (
             f"{what}: predicted {format_seconds(self.seconds)}, peak memory {self.peak_bytes / 2**30:.1f} GiB "
@@ -522,18 +574,53 @@ def _awq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples:
     return parts
 
 
-def _calibration_peak(
-    decoder: _Decoder, model: nn.Module, nsamples: int, chunk_samples: int, weights: int, working: int
-) -> int:
-    """Bytes beyond the model: the hidden states of every sample, one chunk's temporaries
-    (attention scores, MLP activations), the method's ``working`` bytes, and a second copy of
-    the ``weights`` it writes in place (GPTQ's updates, AWQ's scales): a checkpoint loaded
-    memory-mapped keeps its pages and the written copies until the end."""
-    item = next(model.parameters()).element_size()
-    hidden_states = nsamples * decoder.seqlen * decoder.hidden * item
+def _activation_memory(decoder: _Decoder, item: int, nsamples: int, chunk_samples: int, spill: bool) -> dict[str, int]:
+    """The calibration activations of a layer-by-layer run: the hidden states of every sample (one
+    chunk's when they are spilled to disk) in ``item``-byte floats, and one chunk's temporaries
+    (attention scores, MLP activations, the layer's output)."""
     chunk_tokens = min(chunk_samples, nsamples) * decoder.seqlen
+    held = chunk_tokens if spill else nsamples * decoder.seqlen
     temporaries = chunk_tokens * (2 * decoder.heads * decoder.seqlen + 3 * decoder.mlp + 4 * decoder.hidden) * 4
-    return hidden_states + temporaries + working + weights * item
+    return {"hidden states": held * decoder.hidden * item, "chunk temporaries": temporaries}
+
+
+def _nbytes(module: nn.Module, recurse: bool = True) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
+
+
+def _streaming_phases(
+    model: nn.Module,
+    backend: Backend,
+    targets: list[Target],
+    working: dict[str, int],
+    activations: dict[str, int] | None,
+) -> list[dict[str, int]]:
+    """What memory holds at each step of ``quantkit.quantize_streaming`` besides the process and
+    the shard writer: each module by itself (a quantized linear with its quantized copy and
+    ``working`` memory), or, with ``activations`` (a layer-by-layer run), the largest module outside
+    the decoder layers with the activations, then each decoder layer with its quantized linears,
+    the activations and ``working`` memory."""
+    with backend.storage_context(model):
+        quantized = {
+            name: (linear, backend.storage_bits(cfg, name, linear.out_features, linear.in_features) // 8)
+            for name, linear, cfg in targets
+        }
+    if activations is None:
+        phases = [
+            {"largest quantized linear": _nbytes(linear), "its quantized copy": size, **working}
+            for linear, size in quantized.values()
+        ]
+        copied = [_nbytes(m, recurse=False) for n, m in model.named_modules() if n not in quantized]
+        return [*phases, {"largest module copied": max(copied, default=0)}]
+    stack = decoder_stack(model)
+    inside = {id(m) for layer in stack.layers for m in layer.modules()}
+    outside = max((_nbytes(m, False) for m in model.modules() if id(m) not in inside), default=0)
+    phases = [{"largest module outside the decoder layers": outside, **activations}]
+    for index, layer in enumerate(stack.layers):
+        prefix = f"{stack.layer_name(index)}."
+        size = sum(s for name, (_, s) in quantized.items() if name.startswith(prefix))
+        phases.append({"decoder layer": _nbytes(layer), "its quantized linears": size, **activations, **working})
+    return phases
 
 
 def estimate_quantization(
@@ -544,17 +631,22 @@ def estimate_quantization(
     seqlen: int | None = None,
     device: torch.device | str = "cpu",
     rates: Rates | None = None,
+    streaming: bool = False,
+    spill: bool = False,
 ) -> QuantizeEstimate:
-    """Predict the wall time and peak memory of ``quantkit.quantize(model, config)``.
+    """Predict the wall time and peak memory of ``quantkit.quantize(model, config)``, or with
+    ``streaming`` of ``quantkit.quantize_streaming`` of the model's checkpoint folder.
 
     ``model`` is the model itself, or its ``config.json`` (path, folder or dict) for its
-    shapes alone (weights counted in float32). ``nsamples`` and ``seqlen`` of the
-    calibration tokens default to the config's. ``rates`` defaults to
-    :data:`REFERENCE_RATES`, replaced by :func:`measure_rates` on ``device`` when the
-    prediction exceeds :data:`MEASURE_ABOVE_SECONDS`.
+    shapes alone: weights counted in float32 (``quantkit.quantize`` of a loaded model), or
+    with ``streaming`` in their stored dtype (the safetensors headers' in a folder that has
+    them, else config.json's). ``nsamples`` and ``seqlen`` of the calibration tokens default
+    to the config's; ``spill`` counts the hidden states of a layer-by-layer calibration kept
+    on disk. ``rates`` defaults to :data:`REFERENCE_RATES`, replaced by :func:`measure_rates`
+    on ``device`` when the prediction exceeds :data:`MEASURE_ABOVE_SECONDS`.
     """
     if not isinstance(model, nn.Module):
-        model = _meta_model(_read_model_config(model))
+        model = stored_model(model) if streaming else _meta_model(_read_model_config(model))
     backends = get_registry().backends_for_method(config.quant_method)
     if not backends:
         raise UnknownMethodError(config.quant_method, get_registry().config_classes())
@@ -565,7 +657,9 @@ def estimate_quantization(
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_weight = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
     parts = {"quantize": Work(elements=per_weight * weights, ops=LINEAR_OPS * len(targets))}
-    extra = 6 * largest * 4
+    working = 6 * largest * 4
+    activations = None  # the hidden states and temporaries of a layer-by-layer calibration
+    item = next(model.parameters()).element_size()
     calibration = None
     if backend.needs_calibration(config):
         nsamples = nsamples or getattr(config, "nsamples", 128)
@@ -582,7 +676,7 @@ def estimate_quantization(
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
                 widest = max(linear.in_features for _, linear, _ in targets)
                 working = 6 * largest * 4 + 12 * widest**2  # + a float64 Hessian sum and its float32 result
-            extra = _calibration_peak(decoder, model, nsamples, max(1, search // seqlen), weights, working)
+            activations = _activation_memory(decoder, item, nsamples, max(1, search // seqlen), spill)
         else:  # another method: one forward pass over the calibration tokens, and the work it declares
             tokens = nsamples * seqlen
             parts["forward"] = Work(flops=2.0 * weights * tokens)
@@ -591,8 +685,24 @@ def estimate_quantization(
                 flops=sum(backend.calibration_flops(*shape) for shape in shapes),
                 elements=sum(backend.calibration_elements(*shape) for shape in shapes),
             )
+    memory = {"process": PROCESS_BYTES}
+    if streaming:
+        memory["shard writer"] = COPY_BYTES
+        phases = _streaming_phases(model, backend, targets, {"method working": working}, activations)
+        memory.update(max(phases, key=lambda phase: sum(phase.values())))
+    else:
+        memory.update({"model": model_bytes, **(activations or {}), "method working": working})
+        if activations is not None:
+            # GPTQ's updates, AWQ's scales: a checkpoint loaded memory-mapped keeps its pages and the written copies
+            memory["rewritten weights"] = weights * item
     result = QuantizeEstimate(
-        config.quant_method, parts, rates or REFERENCE_RATES, PROCESS_BYTES + model_bytes + extra, calibration
+        config.quant_method,
+        parts,
+        rates or REFERENCE_RATES,
+        memory,
+        calibration,
+        streaming=streaming,
+        spill=spill and activations is not None,
     )
     if rates is None and result.seconds > MEASURE_ABOVE_SECONDS:
         result = replace(result, rates=measure_rates(str(torch.device(device))))

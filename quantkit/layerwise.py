@@ -12,7 +12,12 @@ position ids, rotary position embeddings) and then, layer by layer:
    quantized model really produces.
 
 The calibration samples go through each layer in chunks, which bounds the memory of the
-forward passes; one set of hidden states (``nsamples x seqlen x hidden``) lives on the device.
+forward passes; one set of hidden states (``nsamples x seqlen x hidden``) lives on the device,
+or, when the model carries a folder as ``model.quantkit_activation_spill``
+(:data:`SPILL_ATTR`, set by :func:`quantkit.memory_budget.plan_memory`'s callers when the
+hidden states would pass a memory budget), on disk in a temporary folder inside it, one file per
+chunk, read back one chunk at a time (:class:`SpilledChunks`): the same bytes, so the same
+result, and the folder is removed when the run ends, failed or not.
 
 Launched with ``torchrun`` (:mod:`quantkit.distributed`), each rank runs this pipeline on its
 own share of the samples (sample ``i`` on rank ``i % world``): backends sum their statistics
@@ -38,9 +43,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -62,6 +71,9 @@ REPORT_ATTR = "quantkit_calibration_report"
 """The model attribute holding the :class:`PipelineReport` of its last calibration."""
 LAYER_SOURCE_ATTR = "quantkit_layer_source"
 """The model attribute holding the :class:`LayerSource` of a model whose layers are not in memory."""
+SPILL_ATTR = "quantkit_activation_spill"
+"""The model attribute naming a folder in which the pipeline keeps the calibration hidden states on
+disk (absent or ``None``: in memory)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,63 @@ def decoder_stack(model: nn.Module) -> DecoderStack:
     return DecoderStack(base, prefix, LLAMA_GROUPS)
 
 
+class SpilledChunks(Sequence[torch.Tensor]):
+    """The hidden states entering the current decoder layer, one tensor per chunk of samples, kept
+    in a file per chunk in ``folder`` (the raw bytes) and read back onto ``device`` into a fresh
+    tensor at each access: memory holds only the chunks in use. Indexed, assigned and appended to
+    as the list of tensors it stands for."""
+
+    def __init__(self, device: torch.device, folder: Path):
+        self.device, self.folder = device, folder
+        self._chunks: list[tuple[torch.Size, torch.dtype] | None] = []
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        index = range(len(self))[index]
+        shape, dtype = self._chunks[index]
+        tensor = torch.empty(shape, dtype=dtype)
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        with self._path(index).open("rb") as file:
+            if file.readinto(data) != data.size:
+                raise QuantizationError(f"{self._path(index)} lost calibration activations: was it changed meanwhile?")
+        return tensor.to(self.device)
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        index = range(len(self))[index]
+        with self._path(index).open("wb") as file:
+            file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._chunks[index] = (tensor.shape, tensor.dtype)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[c] for c in range(len(self)))
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._chunks.append(None)
+        self[len(self._chunks) - 1] = tensor
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"chunk-{index}.bin"
+
+
+@contextlib.contextmanager
+def _hidden_states(
+    device: torch.device, spill: str | os.PathLike | None
+) -> Iterator[list[torch.Tensor] | SpilledChunks]:
+    """An empty list for the hidden states' chunks, or with ``spill`` (a folder) an empty
+    :class:`SpilledChunks` in a temporary folder inside it, removed on leaving."""
+    if spill is None:
+        yield []
+        return
+    folder = Path(tempfile.mkdtemp(prefix=".quantkit-activations-", dir=spill))
+    log.info("calibration activations spilled to %s", folder)
+    try:
+        yield SpilledChunks(device, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class _StopForward(Exception):
     """Raised by a hook to abandon a forward pass once it has seen what it needs."""
 
@@ -188,7 +257,8 @@ class LayerContext:
     """One decoder layer during calibration, on the working device, with its inputs.
 
     ``chunks[c]`` holds the hidden states entering the layer for the ``c``-th chunk of
-    calibration samples, ``kwargs[c]`` the other arguments of its forward. ``targets`` maps
+    calibration samples (a list, or :class:`SpilledChunks` when they are kept on disk: each access
+    reads the chunk from there), ``kwargs[c]`` the other arguments of its forward. ``targets`` maps
     names relative to the layer (``"mlp.down_proj"``) to the linears to quantize.
 
     Under ``torchrun`` the chunks hold this rank's samples only (``sample_ids[c]``: their
@@ -202,7 +272,7 @@ class LayerContext:
     layer: nn.Module
     groups: tuple[LinearGroup, ...]
     targets: dict[str, Target]
-    chunks: list[torch.Tensor]
+    chunks: list[torch.Tensor] | SpilledChunks
     kwargs: list[dict[str, Any]]
     _meter: _MemoryMeter = field(repr=False)
     dist: Distributed = field(default_factory=Distributed)
@@ -211,7 +281,7 @@ class LayerContext:
 
     @property
     def device(self) -> torch.device:
-        return self.chunks[0].device
+        return self.chunks.device if isinstance(self.chunks, SpilledChunks) else self.chunks[0].device
 
     def target_groups(self) -> list[tuple[LinearGroup, list[str]]]:
         """Each input group with its members that are quantized (groups without any are left out)."""
@@ -338,10 +408,14 @@ def layer_targets(targets: Sequence[Target], stack: DecoderStack) -> list[dict[s
 
 @torch.no_grad()
 def _capture_first_inputs(
-    stack: DecoderStack, calibration: torch.Tensor, device: torch.device, chunk_samples: int
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Embed each chunk of samples and catch what the model passes to decoder layer 0."""
-    chunks: list[torch.Tensor] = []
+    stack: DecoderStack,
+    calibration: torch.Tensor,
+    device: torch.device,
+    chunks: list[torch.Tensor] | SpilledChunks,
+    chunk_samples: int,
+) -> list[dict[str, Any]]:
+    """Embed each chunk of samples and catch what the model passes to decoder layer 0: the hidden
+    states appended to ``chunks``, the other arguments returned."""
     kwargs: list[dict[str, Any]] = []
 
     def catch(module: nn.Module, args: tuple, kw: dict) -> None:
@@ -365,7 +439,7 @@ def _capture_first_inputs(
             module.to(home)
     if len(chunks) != math.ceil(len(calibration) / chunk_samples):
         raise QuantizationError(f"{type(stack.base).__name__} never called its first decoder layer")
-    return chunks, kwargs
+    return kwargs
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -426,35 +500,36 @@ def quantize_layerwise(
     was_training = model.training
     model.eval()
     try:
-        chunks, kwargs = _capture_first_inputs(stack, local, device, chunk_samples)
-        sample_ids = list(ids.split(chunk_samples))
-        meter.sample()
-        for index in track(range(len(stack.layers)), f"{description} layers"):
-            layer = stack.layers[index]
-            home = _device_of(layer)
-            if source is not None:
-                source.load(index, layer)
-            layer.to(device)
-            ctx = LayerContext(
-                index,
-                stack.layer_name(index),
-                layer,
-                stack.groups,
-                per_layer[index],
-                chunks,
-                kwargs,
-                meter,
-                dist=dist,
-                sample_ids=sample_ids,
-                work=work,
-            )
-            if ctx.targets:
-                quantize_layer(ctx)
-            if index + 1 < len(stack.layers):
-                ctx.propagate()
-            if source is not None:
-                source.done(index, layer)
-            layer.to(home)
+        with _hidden_states(device, getattr(model, SPILL_ATTR, None)) as chunks:
+            kwargs = _capture_first_inputs(stack, local, device, chunks, chunk_samples)
+            sample_ids = list(ids.split(chunk_samples))
+            meter.sample()
+            for index in track(range(len(stack.layers)), f"{description} layers"):
+                layer = stack.layers[index]
+                home = _device_of(layer)
+                if source is not None:
+                    source.load(index, layer)
+                layer.to(device)
+                ctx = LayerContext(
+                    index,
+                    stack.layer_name(index),
+                    layer,
+                    stack.groups,
+                    per_layer[index],
+                    chunks,
+                    kwargs,
+                    meter,
+                    dist=dist,
+                    sample_ids=sample_ids,
+                    work=work,
+                )
+                if ctx.targets:
+                    quantize_layer(ctx)
+                if index + 1 < len(stack.layers):
+                    ctx.propagate()
+                if source is not None:
+                    source.done(index, layer)
+                layer.to(home)
     finally:
         model.train(was_training)
     report = PipelineReport(

@@ -1,5 +1,6 @@
 """``quantkit estimate``: predicted model size per method, and with ``--time`` the time and
-peak memory of quantizing it on this machine."""
+peak memory of quantizing it on this machine (``--stream``: streamed from the checkpoint folder),
+with the flags that would lower that peak."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..builtin_backends.bnb.config import BnbConfig
+from ..core.config import QuantConfig
 from ..core.errors import ConfigValueError
+from ..core.registry import get_registry
 from ..core.resolve import preset
-from ..estimate import estimate, estimate_quantization, format_seconds, measure_rates
+from ..estimate import QuantizeEstimate, estimate, estimate_quantization, format_seconds, measure_rates, stored_model
+from ..memory_budget import format_gib
 from ..models import default_model_folder
 from .options import parse_overrides
 
@@ -35,6 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time", action="store_true", help="predict the time and peak memory of quantizing here (needs the shapes)"
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="with --time: the peak of quantize --stream (one module or decoder layer at a time, weights in their "
+        "stored dtype)",
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -45,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if args.params is None and args.model_config is None:
         args.model_config = default_model_folder()
     rates = measure_rates() if args.time else None
+    shapes = None
+    if args.time:  # built once: the architecture on the meta device, in memory as loaded (float32) or as stored
+        shapes = stored_model(args.model_config)
+        shapes = shapes if args.stream else shapes.float()
     rows = []
     for method in args.method or ["fp32", "fp16", "int8", "nf4", "nf4-dq", "gptq-4bit-g128", "awq-4bit-g128"]:
         if method in FLOAT_METHODS:
@@ -58,19 +72,47 @@ def run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, use_double_quant=True)
         rows.append({"method": method, **estimate(args.params, config, model_config=args.model_config).to_dict()})
         if args.time:
-            timing = estimate_quantization(args.model_config, config, rates=rates)
-            rows[-1].update(seconds=timing.seconds, peak_gib=timing.peak_bytes / 2**30)
+            timing = estimate_quantization(shapes, config, rates=rates, streaming=args.stream)
+            lower = _lower_peaks(shapes, config, timing, args.model_config)
+            rows[-1].update(seconds=timing.seconds, peak_gib=timing.peak_bytes / 2**30, lower_peak_gib=lower)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title=f"estimated size ({args.params or args.model_config})")
-    for column in ("method", "bits/param", "GB", "GiB", *(("quantize time", "peak GiB") if args.time else ())):
+    timed = ("quantize time", "peak GiB", "lower peak with") if args.time else ()
+    for column in ("method", "bits/param", "GB", "GiB", *timed):
         table.add_column(column, justify="right")
     for r in rows:
-        timing = (format_seconds(r["seconds"]), f"{r['peak_gib']:.1f}") if "seconds" in r else ("-", "-")
+        timing = ("-", "-", "")
+        if "seconds" in r:
+            lower = "; ".join(f"{flag}: {gib:.2f}" for flag, gib in r["lower_peak_gib"].items())
+            timing = (format_seconds(r["seconds"]), f"{r['peak_gib']:.2f}", lower or "-")
         sizes = (f"{r['bits_per_param']:.3f}", f"{r['total_gb']:.2f}", f"{r['total_gib']:.2f}")
         table.add_row(r["method"], *sizes, *(timing if args.time else ()))
     if rates is not None:
-        table.caption = f"quantize times at {rates.flops / 1e9:.0f} GFLOP/s, measured here on {rates.device}"
+        table.caption = (
+            f"quantize times at {rates.flops / 1e9:.0f} GFLOP/s, measured here on {rates.device}; peaks "
+            + ("streamed (quantize --stream), weights in their stored dtype" if args.stream else "in memory (float32)")
+            + "; --max-memory spills calibration activations to disk"
+        )
     Console().print(table)
     return 0
+
+
+def _lower_peaks(shapes, config: QuantConfig, timing: QuantizeEstimate, source) -> dict[str, float]:
+    """The flags of ``quantkit quantize`` that lower the peak ``timing`` predicts, with the peak (GiB)
+    each gives: ``--stream``, a ``--max-memory`` that spills the calibration activations to disk,
+    half the calibration samples."""
+    lower: dict[str, int] = {}
+    backend = get_registry().backends_for_method(config.quant_method)[0]
+    calibrated = backend.needs_calibration(config)
+    if not timing.streaming and (backend.streams_layers if calibrated else backend.streams_modules):
+        lower["--stream"] = estimate_quantization(stored_model(source), config, streaming=True).peak_bytes
+    spilled = estimate_quantization(shapes, config, streaming=timing.streaming, spill=True)
+    if spilled.spill:
+        lower[f"--max-memory {format_gib(spilled.peak_bytes)}"] = spilled.peak_bytes
+    if timing.calibration and timing.calibration[0] > 1:
+        nsamples, seqlen = timing.calibration[0] // 2, timing.calibration[1]
+        half = estimate_quantization(shapes, config, nsamples=nsamples, seqlen=seqlen, streaming=timing.streaming)
+        lower[f"--set nsamples={nsamples}"] = half.peak_bytes
+    return {flag: size / 2**30 for flag, size in lower.items() if size < timing.peak_bytes}

@@ -14,6 +14,7 @@ from ..core.atomic import atomic_path
 from ..core.config import QuantConfig
 from ..core.errors import ConfigValueError
 from ..distributed import session
+from ..memory_budget import parse_bytes
 from ..models import load_model
 from ..streaming import quantize_streaming
 from .options import add_config_options, config_from_args
@@ -30,7 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--stream",
         action="store_true",
         help="read --model (a local float checkpoint folder) one module at a time and write the output as it goes: "
-        "models larger than memory (rtn, eetq; gptq, awq one decoder layer at a time)",
+        "models larger than memory (rtn, eetq, hqq, bitsandbytes, gguf; gptq, awq one decoder layer at a time)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget (4GB, 3GiB, 2.5G): plan the run under it, spilling calibration activations to disk "
+        "when needed, or fail at once naming the smallest budget that would work",
     )
     parser.add_argument(
         "--target-bits",
@@ -47,6 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    max_memory = None if args.max_memory is None else parse_bytes(args.max_memory, "--max-memory")
     if args.stream and not (args.model and Path(args.model).is_dir()):
         raise ConfigValueError("quantize", "--model", args.model, "a local float checkpoint folder (with --stream)")
     if args.target_bits is not None:
@@ -69,12 +77,21 @@ def run(args: argparse.Namespace) -> int:
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     try:
         if args.stream:
-            quantize_streaming(args.model, config, args.out, calibration=args.calibration, device=args.device)
+            quantize_streaming(
+                args.model, config, args.out, calibration=args.calibration, device=args.device, max_memory=max_memory
+            )
         else:
             model, tokenizer = load_model(args.model)
             if args.target_bits is not None:
                 config = _choose(model, tokenizer, config, args, console)
-            model = quantize(model, config, calibration=args.calibration, device=args.device, tokenizer=tokenizer)
+            model = quantize(
+                model,
+                config,
+                calibration=args.calibration,
+                device=args.device,
+                tokenizer=tokenizer,
+                max_memory=max_memory,
+            )
     finally:
         logger.setLevel(level)
     if not args.stream:

@@ -101,3 +101,13 @@ def did_you_mean(word: object, candidates: Iterable[str]) -> str:
     by_folded = {c.lower(): c for c in candidates if isinstance(c, str)}
     close = difflib.get_close_matches(word.lower(), list(by_folded), n=1)
     return f"; did you mean {by_folded[close[0]]!r}?" if close else ""
+
+
+class MemoryBudgetError(QuantkitError, RuntimeError):
+    """A run's predicted peak memory exceeds its memory budget (``max_memory``), even with its
+    calibration activations spilled to disk: raised before any heavy work. ``predicted``: the
+    lowest peak predicted for the run, which is the smallest budget that would work (bytes)."""
+
+    def __init__(self, message: str, *, predicted: int, budget: int):
+        self.predicted, self.budget = predicted, budget
+        super().__init__(message)
