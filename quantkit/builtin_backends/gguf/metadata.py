@@ -21,6 +21,7 @@ from gguf import GGUFValueType, LlamaFileType, TokenType
 from quantkit.core.errors import ModelFormatError
 
 from .header import GGUFHeader, KeyValue, read_header
+from .rope import ROPE_FREQS
 
 LLAMA = "llama"
 MAX_CONTEXT = 2**31 - 1
@@ -93,6 +94,8 @@ _EXPECTED = {
     BOOL: "a bool",
     TOKEN_ID: "a uint32 token id",
 }
+OPTIONAL = ("output.weight", ROPE_FREQS)
+"""Tensors a llama file may lack: the output head (tied to ``token_embd``), llama3 rope divisors."""
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 _ANY_BLOCK = re.compile(r"(?:^|\.)blk\.(\d+)\.")
 
@@ -206,9 +209,10 @@ def llama_shape(header: GGUFHeader) -> LlamaShape:
 
 
 def expected_tensors(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
-    """The ggml shape (``ne``) of every tensor of a llama model of ``shape`` (``output.weight``: when untied)."""
+    """The ggml shape (``ne``) of every tensor a llama model of ``shape`` may have (:data:`OPTIONAL`: when present)."""
     h, q, kv, ff = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     tensors = {"token_embd.weight": (h, shape.vocab), "output_norm.weight": (h,), "output.weight": (h, shape.vocab)}
+    tensors[ROPE_FREQS] = (shape.head_dim // 2,)
     for i in range(shape.layers):
         block = {
             "attn_norm": (h,),
@@ -335,7 +339,7 @@ def _check_tensors(header: GGUFHeader, shape: LlamaShape) -> None:
                 f"tensor {name!r} has ggml shape {list(info.shape)}; {LLAMA}.embedding_length={shape.hidden}"
                 f"{f', {source}' if source else ''} give {list(expected[name])}",
             )
-    missing = [name for name in expected if name not in header.tensors and name != "output.weight"]
+    missing = [name for name in expected if name not in header.tensors and name not in OPTIONAL]
     if missing:
         raise _error(header, f"the file lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 

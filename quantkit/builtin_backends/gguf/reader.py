@@ -43,23 +43,10 @@ def read_gguf(path: Path, device: torch.device) -> nn.Module:
     """The quantized model in ``path``, on ``device``, with ``quantkit_config`` set.
 
     The header, the known keys' types and the hyperparameters are checked against the
-    tensors present (:mod:`.metadata`) before any model is built.
+    tensors present (:func:`read_llama`) before any model is built.
     """
-    header = read_header(path)
-    check_key_types(header)
-    architecture = header.fields["general.architecture"].value
-    if architecture != LLAMA:
-        raise ModelFormatError(
-            f"{str(path)!r} holds a {architecture!r} model; quantkit reads quantized llama GGUF files "
-            "(quantkit.models.load_model reads other architectures as float models)"
-        )
-    shape = llama_shape(header)
-    try:
-        model = empty_model(_hf_config(shape, tied="output.weight" not in header.tensors))
-    except ModelFormatError:
-        raise
-    except (ValueError, TypeError, StrictDataclassError) as exc:  # transformers' config validation
-        raise ModelFormatError(f"{str(path)!r}: transformers refuses its llama hyperparameters: {exc}") from exc
+    header, shape = read_llama(path)
+    model = empty_llama(header, shape)
     file_type = header.fields.get("general.file_type")
     try:
         config = _fill(model, header, _QUANT_TYPES_OF_FILE.get(None if file_type is None else file_type.value))
@@ -67,21 +54,68 @@ def read_gguf(path: Path, device: torch.device) -> nn.Module:
         raise
     except (ValueError, RuntimeError) as exc:  # torch/numpy on tensors the checks above let through
         raise ModelFormatError(f"{str(path)!r} does not hold a consistent llama model: {exc}") from exc
-    if ROPE_FREQS in header.tensors:  # a llama3 rope (Llama 3.1+), as llama.cpp's converter writes it
-        info = header.tensors[ROPE_FREQS]
-        if info.qtype != "F32":
-            raise ModelFormatError(f"{str(path)!r}: {ROPE_FREQS} is {info.qtype}, expected F32")
-        apply_freq_factors(model, torch.from_numpy(header.tensor_bytes(info).view(np.float32).copy()))
+    factors = rope_freqs(header)
+    if factors is not None:  # a llama3 rope (Llama 3.1+), as llama.cpp's converter writes it
+        apply_freq_factors(model, factors)
     setattr(model, CONFIG_ATTR, config)
     return model.to(device).eval()
 
 
-def _hf_config(shape: LlamaShape, *, tied: bool) -> dict:
+def read_llama(path: Path) -> tuple[GGUFHeader, LlamaShape]:
+    """The checked header of the llama ``.gguf`` at ``path`` and its hyperparameters, checked against
+    its tensors (:func:`~.metadata.llama_shape`); another architecture raises :class:`ModelFormatError`."""
+    header = read_header(path)
+    check_key_types(header)
+    architecture = header.fields["general.architecture"].value
+    if architecture != LLAMA:
+        raise ModelFormatError(
+            f"{str(path)!r} holds a {architecture!r} model; quantkit reads and streams llama GGUF files "
+            "(quantkit.models.load_model reads other architectures as float models)"
+        )
+    return header, llama_shape(header)
+
+
+def empty_llama(header: GGUFHeader, shape: LlamaShape, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The transformers llama of ``header``'s checked ``shape`` on the meta device, its parameters of ``dtype``
+    (the output head tied to the embedding when the file has no ``output.weight``)."""
+    raw = _hf_config(shape, tied="output.weight" not in header.tensors, dtype=dtype)
+    try:
+        return empty_model(raw, source=str(header.path))
+    except ModelFormatError:
+        raise
+    except (ValueError, TypeError, StrictDataclassError) as exc:  # transformers' config validation
+        raise ModelFormatError(f"{str(header.path)!r}: transformers refuses its llama hyperparameters: {exc}") from exc
+
+
+def rope_freqs(header: GGUFHeader) -> torch.Tensor | None:
+    """The file's llama3 rope divisors (:data:`~.rope.ROPE_FREQS`, float32), or None when it has none."""
+    info = header.tensors.get(ROPE_FREQS)
+    if info is None:
+        return None
+    if info.qtype != "F32":
+        raise ModelFormatError(f"{str(header.path)!r}: {ROPE_FREQS} is {info.qtype}, expected F32")
+    return torch.from_numpy(header.tensor_bytes(info).view(np.float32).copy())
+
+
+def hf_names(model: nn.Module) -> dict[str, str]:
+    """GGUF tensor name -> the name of that tensor in the transformers llama ``model``."""
+    return {gguf_name(key, model.config.num_hidden_layers): key for key in model.state_dict()}
+
+
+def hf_row_order(name: str, rows: int, hf: Any) -> torch.Tensor | None:
+    """The row order that puts GGUF tensor ``name``'s ``rows`` back in transformers' order (``attn_q``,
+    ``attn_k``: llama.cpp's converter interleaves their rotary halves); None for other tensors."""
+    heads = head_counts(hf)
+    kind = name.split(".")[-2]
+    return torch.argsort(rope_permutation(rows, heads[kind])) if kind in heads else None
+
+
+def _hf_config(shape: LlamaShape, *, tied: bool, dtype: torch.dtype) -> dict:
     """A transformers ``config.json`` dict of the checked hyperparameters, as transformers' GGUF loader reads them."""
     raw: dict[str, Any] = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
         "num_hidden_layers": shape.layers,
         "hidden_size": shape.hidden,
         "intermediate_size": shape.intermediate,
@@ -104,9 +138,8 @@ def _hf_config(shape: LlamaShape, *, tied: bool) -> dict:
 def _fill(model: nn.Module, header: GGUFHeader, file_quant_type: str | None) -> GGUFConfig:
     """Put the file's tensors into the empty ``model``; return the config describing them."""
     hf = model.config
-    heads = head_counts(hf)
     modules = dict(model.named_modules())
-    by_gguf = {gguf_name(key, hf.num_hidden_layers): key for key in model.state_dict()}
+    by_gguf = hf_names(model)
     floats: dict[str, torch.Tensor] = {}
     packed: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in header.tensors.items():
@@ -122,8 +155,7 @@ def _fill(model: nn.Module, header: GGUFHeader, file_quant_type: str | None) -> 
                 f"{str(header.path)!r}: tensor {name!r} has shape {list(tensor.shape[::-1])}, expected {list(expected)}"
             )
         data = header.tensor_bytes(tensor)
-        kind = name.split(".")[-2]
-        order = torch.argsort(rope_permutation(expected[0], heads[kind])) if kind in heads else None
+        order = hf_row_order(name, expected[0], hf)
         module_name, _, leaf = key.rpartition(".")
         if qtype != "F32" and leaf == "weight" and isinstance(modules[module_name], (nn.Linear, nn.Embedding)):
             if qtype not in quants.QUANT_TYPES:
