@@ -1,94 +1,214 @@
-"""Streaming quantization at real sizes: wall time and peak memory of ``quantkit.quantize_streaming``
-over a synthetic checkpoint with a real model's shapes.
+"""Streaming quantization at real sizes, inside a memory cgroup: does a model larger than the
+limit quantize, in what wall time and peak memory, against what the estimator predicted?
 
-    .venv/bin/python benchmarks/scale.py                                  # Llama-3.2-1B, RTN 4-bit g128
-    .venv/bin/python benchmarks/scale.py --preset Llama-3.1-8B --work /data/scale --config eetq-int8
+    .venv/bin/python benchmarks/scale.py                                   # Llama-3.2-1B, RTN 4-bit, 3 GiB
+    .venv/bin/python benchmarks/scale.py --preset Llama-3.1-8B --configs gguf-q4_k_m,nf4,rtn-4bit-g128 \
+        --limit-gib 3
+    .venv/bin/python benchmarks/scale.py --preset Llama-3.1-8B --configs gptq-4bit-g128 --limit-gib 4
 
-The float checkpoint (bf16, hub layout) is written first by ``benchmarks/synthetic_checkpoint.py``
-in a child process, so that its memory is not counted, and kept under ``--work`` for the next run.
-Reported: wall time, peak RSS (``ru_maxrss``: it includes the clean pages of the memory-mapped
-shards, which the kernel reclaims under pressure) and peak anonymous memory (``RssAnon`` sampled
-every 20 ms: what the process itself holds), beside the float checkpoint's size. The machine may
-be shared: the load average is printed before and after.
+The float checkpoint (bf16, hub layout, random weights of ``--preset``'s exact shapes) is written
+first by ``benchmarks/synthetic_checkpoint.py`` and kept under ``--work``. Each config then runs
+in a child process placed in a cgroup v1 memory group (``/sys/fs/cgroup/memory``, root needed)
+whose limit, swap included, is ``--limit-gib``: the group is charged for the page cache the run
+reads and writes too, which a plain RSS figure would not count honestly (the kernel reclaims it
+under the limit). The page cache is dropped before each run so that the checkpoint's pages are
+read inside the group. Calibrated methods get ``--nsamples`` x ``--seqlen`` random token ids (a
+synthetic checkpoint has no tokenizer; the cost does not depend on the ids).
+
+Measured per run: exit status (a run the limit killed says so), wall time, the group's peak usage
+(``memory.max_usage_in_bytes``: anonymous memory and page cache), the peak of its anonymous memory
+(``rss`` of ``memory.stat``, sampled every 50 ms), the load average before and after. The runs are
+kept in ``results/scale_<preset>.json`` (a config measured again replaces its row) and written out
+with the estimator's predicted peak and time for each (``quantkit.estimate_quantization(...,
+streaming=True)``, computed anew each time: ``--render`` rewrites the text without measuring).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
-import re
-import resource
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+from run_log import RunLog, load_average  # this folder's scripts import each other when run
 
-import quantkit
+from quantkit import as_config, estimate_quantization
+from quantkit.core.hardware import Hardware
+from quantkit.core.registry import get_registry
 from quantkit.core.safetensors_files import stored_bytes
 from quantkit.testing.synthetic_checkpoints import PRESETS
 
-SAMPLE_SECONDS = 0.02
+RESULTS = Path(__file__).parent / "results"
+"""Each preset's runs are written to ``scale_<preset>.txt`` there."""
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+SAMPLE_SECONDS = 0.05
+GIB = 2**30
+
+CHILD = r"""
+import json, sys, torch, quantkit
+source, config, out, nsamples, seqlen = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+vocab = json.load(open(f"{source}/config.json"))["vocab_size"]
+calibration = torch.randint(vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+quantkit.quantize_streaming(source, config, out, calibration=calibration, device="cpu")
+"""
 
 
-class AnonymousPeak:
-    """The largest ``RssAnon`` of this process while the block runs (sampled in a thread)."""
+class MemoryGroup:
+    """A cgroup v1 memory group limited to ``limit`` bytes (swap included), removed on exit."""
 
-    def __enter__(self) -> AnonymousPeak:
-        self.peak = self.read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+    def __init__(self, name: str, limit: int):
+        self.path = CGROUP_ROOT / name
+        self.limit = limit
+
+    def __enter__(self) -> MemoryGroup:
+        self.path.mkdir(exist_ok=True)
+        (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+        (self.path / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
+        (self.path / "memory.max_usage_in_bytes").write_text("0")
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, self.read())
+    def join(self) -> None:
+        """Put the calling process into the group (a child's ``preexec_fn``)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
-    @staticmethod
-    def read() -> int:
-        """``RssAnon`` in bytes."""
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
+    def stat(self, key: str) -> int:
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == key:
+                return int(value)
+        raise KeyError(key)
+
+    def read(self, name: str) -> int:
+        return int((self.path / name).read_text())
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+@contextlib.contextmanager
+def sampled(read, seconds: float = SAMPLE_SECONDS) -> Iterator[list[int]]:
+    """Keep the largest value of ``read()`` in the yielded one-item list while the block runs."""
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(seconds):
+            with contextlib.suppress(OSError, KeyError):
+                peak[0] = max(peak[0], read())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
+def predicted(source: Path, config: str, nsamples: int, seqlen: int) -> tuple[float, float]:
+    """The estimator's peak bytes and seconds for streaming ``config`` from ``source``."""
+    estimate = estimate_quantization(source, as_config(config), nsamples=nsamples, seqlen=seqlen, streaming=True)
+    return estimate.peak_bytes, estimate.seconds
+
+
+def calibrated(config: str) -> bool:
+    resolved = as_config(config)
+    return get_registry().backend_for(resolved, Hardware.CPU).needs_calibration(resolved)
+
+
+def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> dict:
+    """Stream ``config`` from ``source`` into ``out`` in a child process inside a memory group."""
+    drop_page_cache()
+    command = [sys.executable, "-c", CHILD, str(source), config, str(out), str(args.nsamples), str(args.seqlen)]
+    env = {**os.environ, "QUANTKIT_QUIET": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    load = load_average()
+    with MemoryGroup(f"quantkit-scale-{os.getpid()}", int(args.limit_gib * GIB)) as group:
+        start = time.perf_counter()
+        with sampled(lambda: group.stat("rss")) as anonymous:
+            done = subprocess.run(command, env=env, preexec_fn=group.join, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        peak, hits = group.read("memory.max_usage_in_bytes"), group.read("memory.failcnt")
+    row = {
+        "config": config,
+        "limit_gib": args.limit_gib,
+        "calibrated": calibrated(config),
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "exit": done.returncode,
+        "seconds": wall,
+        "cgroup_peak": peak,
+        "limit_hits": hits,
+        "anonymous_peak": anonymous[0],
+        "load_before": load,
+        "load_after": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if done.returncode:
+        row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "(no message)"
+    else:
+        row["output_bytes"] = out.stat().st_size if out.is_file() else stored_bytes(out, ())["size_bytes"]
+    return row
+
+
+def render(log: RunLog, source: Path, rows: list[dict]) -> None:
+    """Every measured row beside the estimator's prediction for it."""
+    for row in rows:
+        status = "completed" if row["exit"] == 0 else f"FAILED (exit {row['exit']}: {row.get('error')})"
+        calibration = f"; calibration {row['nsamples']} x {row['seqlen']} tokens" if row["calibrated"] else ""
+        log.emit(f"-- {row['config']} in a {row['limit_gib']:.2f} GiB cgroup{calibration}, {row['date']}")
+        log.emit(
+            f"   {status} in {row['seconds']:.1f} s (load before {row['load_before']}, after {row['load_after']}); "
+            f"cgroup peak {row['cgroup_peak'] / GIB:.2f} GiB (page cache included; memory.failcnt "
+            f"{row['limit_hits']}), peak anonymous {row['anonymous_peak'] / GIB:.2f} GiB"
+        )
+        if row["exit"] == 0:
+            log.emit(f"   output {row['output_bytes'] / GIB:.2f} GiB")
+        peak, seconds = predicted(source, row["config"], row["nsamples"], row["seqlen"])
+        log.emit(
+            f"   estimate: peak {peak / GIB:.2f} GiB ({peak / row['anonymous_peak']:.2f}x the anonymous peak), "
+            f"time {seconds:.0f} s ({seconds / row['seconds']:.2f}x the measured)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="Llama-3.2-1B")
-    parser.add_argument("--config", default="rtn-4bit-g128", help="preset or quant_method (default: %(default)s)")
+    parser.add_argument("--configs", default="rtn-4bit-g128", help="comma-separated presets or quant_methods")
+    parser.add_argument("--limit-gib", type=float, default=3.0, help="the cgroup's memory limit, swap included")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration samples of calibrated methods")
+    parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantkit-scale"), help="folder for the checkpoints")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite the results of earlier runs")
     args = parser.parse_args()
-    source, out = args.work / args.preset, args.work / f"{args.preset}-{args.config}"
-    print(f"command: {' '.join(sys.argv)}")
-    print(f"load average before: {load_average()}; torch threads {torch.get_num_threads()}")
+    log = RunLog("scale.py")
+    source = args.work / args.preset
     if not source.is_dir():
         start = time.perf_counter()
         script = Path(__file__).with_name("synthetic_checkpoint.py")
         subprocess.run([sys.executable, str(script), args.preset, str(source)], check=True)
-        print(f"synthetic checkpoint written in {time.perf_counter() - start:.1f} s (child process)")
-    baseline = AnonymousPeak.read()
-    start = time.perf_counter()
-    with AnonymousPeak() as anonymous:
-        quantkit.quantize_streaming(source, args.config, out, device="cpu")
-    wall = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gib = 2**30
-    print(f"{args.preset} -> {args.config}: {wall:.1f} s wall")
-    sizes = [stored_bytes(folder, ())["size_bytes"] / gib for folder in (source, out)]
-    print(f"float checkpoint {sizes[0]:.2f} GiB, quantized {sizes[1]:.2f} GiB")
-    print(f"peak RSS {peak_rss / gib:.2f} GiB (mapped shard pages included)")
-    print(f"peak anonymous {anonymous.peak / gib:.2f} GiB ({baseline / gib:.2f} GiB before quantizing: imports)")
-    print(f"load average after: {load_average()}")
+        log.emit(f"synthetic checkpoint written in {time.perf_counter() - start:.1f} s (child process)")
+    log.emit(f"{args.preset}: bf16 checkpoint {stored_bytes(source, ())['size_bytes'] / GIB:.2f} GiB at {source}")
+    store = RESULTS / f"scale_{args.preset}.json"
+    rows = {row["config"]: row for row in (json.loads(store.read_text()) if store.is_file() else [])}
+    if not args.render:
+        for config in args.configs.split(","):
+            suffix = ".gguf" if as_config(config).quant_method == "gguf" else ""  # llama.cpp's file, written as it goes
+            rows[config] = measure(source, config, args.work / f"{args.preset}-{config}{suffix}", args)
+            store.write_text(json.dumps(list(rows.values()), indent=1) + "\n")
+    render(log, source, list(rows.values()))
+    log.write(RESULTS / f"scale_{args.preset}.txt")
 
 
 if __name__ == "__main__":
