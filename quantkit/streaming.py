@@ -43,7 +43,7 @@ from .api import calibration_ids
 from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
-from .core.errors import QuantizationError, QuantkitError
+from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
 from .core.linears import Target, check_finite
 from .core.progress import track
@@ -88,8 +88,10 @@ def quantize_streaming(
     max_memory: int | str | None = None,
 ) -> Path:
     """Quantize the float checkpoint folder ``model_folder`` (``model.safetensors`` or shards
-    and their index; float32, float16 or bfloat16, computed in its stored dtype) into
-    ``out_folder``, atomically, never holding the whole model; return ``out_folder``.
+    and their index; float32, float16 or bfloat16, computed in its stored dtype), or a single-file
+    checkpoint a backend streams (a llama ``.gguf``: :meth:`~quantkit.Backend.stream_source`, its
+    tokenizer saved beside the output), into ``out_folder``, atomically, never holding the whole
+    model; return ``out_folder``.
 
     ``config`` (a :class:`QuantConfig`, dict or preset name) must name a backend that quantizes
     module by module (``streams_modules``, calibration-free: RTN, EETQ, HQQ, bitsandbytes, GGUF
@@ -131,9 +133,11 @@ def quantize_streaming(
         )
     source, out = Path(model_folder), Path(out_folder)
     start = time.perf_counter()
-    with StreamedCheckpoint(source) as checkpoint:
+    with _open(source) as checkpoint:
+        carried = checkpoint.tokenizer()  # a .gguf's, saved beside the output; a folder's files are copied
+        tokenizer = tokenizer if tokenizer is not None else carried
         tokens = calibration_ids(checkpoint.model, config, calibration, tokenizer) if calibrated else None
-        if plan_memory(source, config, max_memory, tokens, streaming=True, device=device).spill:
+        if plan_memory(checkpoint.model, config, max_memory, tokens, streaming=True, device=device).spill:
             setattr(checkpoint.model, SPILL_ATTR, out.parent)
         if not calibrated and calibration is not None:
             log.info("%s needs no calibration data; ignoring it", backend.name)
@@ -172,7 +176,9 @@ def quantize_streaming(
             if (dtype := backend.placed_dtype(config)) is not None:
                 checkpoint.model.config.dtype = dtype  # as Backend.place records it
             write_config(checkpoint.model, partial, backend.quantization_config_block(checkpoint.model, config))
-            for name in COPIED_FILES:
+            if carried is not None:
+                carried.save_pretrained(partial)
+            for name in COPIED_FILES if source.is_dir() else ():
                 if (source / name).is_file():
                     shutil.copyfile(source / name, partial / name)
             with atomic_path(out, directory=True) as tmp:
@@ -184,8 +190,20 @@ def quantize_streaming(
     return out
 
 
+def _open(source: Path) -> StreamedCheckpoint:
+    """The float checkpoint at ``source``: a folder, or a single file read by the backend owning its suffix."""
+    if not source.is_file():
+        return StreamedCheckpoint(source)
+    owner = get_registry().backend_for_suffix(source.suffix)
+    if owner is None:
+        raise ModelFormatError(f"{str(source)!r}: no backend streams {source.suffix or 'suffix-less'} files")
+    return owner.stream_source(source)
+
+
 def _fingerprint(source: Path) -> dict[str, list[int]]:
     """Name -> (size, modification time) of the checkpoint's files: what a resumed run must find unchanged."""
+    if source.is_file():
+        return {source.name: [(info := source.stat()).st_size, info.st_mtime_ns]}
     files = [path for path in sorted(source.iterdir()) if path.suffix in (".safetensors", ".json")]
     return {path.name: [(info := path.stat()).st_size, info.st_mtime_ns] for path in files}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_llama
+from safetensors.torch import load_file
 from test_gguf_export import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -16,7 +18,7 @@ import quantkit
 from quantkit.builtin_backends.gguf import export
 from quantkit.builtin_backends.gguf.qlinear import GGUFWeight
 from quantkit.builtin_backends.gguf.rope import ROPE_FREQS, freq_factors
-from quantkit.builtin_backends.gguf.streamed_input import GGUFCheckpoint, open_checkpoint
+from quantkit.builtin_backends.gguf.streamed_input import GGUFCheckpoint
 from quantkit.core.errors import ModelFormatError
 from quantkit.core.hardware import hardware_of
 from quantkit.core.registry import get_registry
@@ -57,7 +59,7 @@ def _materialised(checkpoint: GGUFCheckpoint) -> dict[str, torch.Tensor]:
 def test_every_tensor_is_transformers_gguf_loaders(files, qtype):
     quantized, path = files[qtype]
     reference, _ = load_model(path)  # transformers' GGUF loader, float32
-    with open_checkpoint(path) as checkpoint:
+    with GGUFCheckpoint(path) as checkpoint:
         assert isinstance(checkpoint, GGUFCheckpoint) and isinstance(checkpoint, StreamedCheckpoint)
         assert checkpoint.dtype == DTYPES[qtype] and checkpoint.rope_freqs is None
         assert checkpoint.model.config.tie_word_embeddings and "lm_head.weight" not in checkpoint.stored
@@ -171,3 +173,41 @@ def test_bad_files_are_refused_with_the_reason(files, tmp_path):
             file.truncate(shrinking.stat().st_size // 2)
         with pytest.raises(ModelFormatError, match="not the .* its header was read from"):
             checkpoint.read_tensor("model.norm.weight")
+
+
+@pytest.mark.parametrize(
+    ("qtype", "config"),
+    [
+        ("F16", {"quant_method": "rtn", "bits": 4, "group_size": 32}),
+        ("Q8_0", {"quant_method": "gptq", "bits": 4, "group_size": 32, "nsamples": 4, "seqlen": 32}),
+    ],
+)
+def test_quantize_streaming_a_gguf_gives_the_in_memory_bytes(files, tmp_path, qtype, config):
+    """``quantize_streaming("x.gguf", ...)`` against quantizing transformers' load of the same file
+    in the checkpoint's dtype: every tensor, the quantization_config, the tokenizer and the logits."""
+    _, path = files[qtype]
+    with GGUFCheckpoint(path) as checkpoint:
+        dtype = checkpoint.dtype
+    in_memory = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    in_memory.hf_quantizer = None
+    calibration = torch.randint(0, 400, (4, 32), generator=torch.Generator().manual_seed(0))
+    tokens = calibration if config["quant_method"] == "gptq" else None
+    reference = quantkit.save(quantkit.quantize(in_memory, config, calibration=tokens, device="cpu"), tmp_path / "ref")
+    out = quantkit.quantize_streaming(path, config, tmp_path / "out", calibration=tokens)
+    ours, theirs = (load_file(folder / "model.safetensors") for folder in (out, reference))
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    blocks = [json.loads((folder / "config.json").read_text())["quantization_config"] for folder in (out, reference)]
+    assert blocks[0] == blocks[1]
+    assert (out / "tokenizer.json").is_file()  # the file's tokenizer, saved beside the weights
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(quantkit.load(out, "cpu")(ids).logits, quantkit.load(reference, "cpu")(ids).logits)
+
+
+def test_a_file_no_backend_streams_is_refused(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\0" * 64)
+    with pytest.raises(ModelFormatError, match="no backend streams .bin files"):
+        quantkit.quantize_streaming(path, "rtn-4bit-g128", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -30,8 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream",
         action="store_true",
-        help="read --model (a local float checkpoint folder) one module at a time and write the output as it goes: "
-        "models larger than memory (rtn, eetq, hqq, bitsandbytes, gguf; gptq, awq one decoder layer at a time)",
+        help="read --model (a local float checkpoint folder or llama .gguf) one module at a time and write the output "
+        "as it goes: models larger than memory (rtn, eetq, hqq, bitsandbytes, gguf; gptq, awq one decoder layer "
+        "at a time)",
     )
     parser.add_argument(
         "--max-memory",
@@ -55,8 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     max_memory = None if args.max_memory is None else parse_bytes(args.max_memory, "--max-memory")
-    if args.stream and not (args.model and Path(args.model).is_dir()):
-        raise ConfigValueError("quantize", "--model", args.model, "a local float checkpoint folder (with --stream)")
+    if args.stream and not (args.model and (Path(args.model).is_dir() or Path(args.model).is_file())):
+        raise ConfigValueError(
+            "quantize", "--model", args.model, "a local float checkpoint folder or .gguf file (with --stream)"
+        )
     if args.target_bits is not None:
         if args.stream:
             raise ConfigValueError("quantize", "--target-bits", args.target_bits, "a run without --stream")

@@ -17,6 +17,7 @@ from .errors import ConfigTypeError, QuantkitError
 from .linears import Target, check_finite, quantizable_linears, replace_linears
 from .presets import Preset
 from .serialization import quant_config_of, read_safetensors_folder, unique_state_dict, write_safetensors_folder
+from .streamed_checkpoints import StreamedCheckpoint
 
 
 class Backend(abc.ABC):
@@ -270,6 +271,11 @@ class Backend(abc.ABC):
     def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
         """Write ``model`` (and ``tokenizer``, which the format embeds) to one file."""
         raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
+
+    def stream_source(self, path: Path) -> StreamedCheckpoint:
+        """The float checkpoint in the single file ``path`` (one of ``file_suffixes``), read one
+        module at a time by :func:`quantkit.quantize_streaming`."""
+        raise NotImplementedError(f"backend {self.name!r} streams no single-file checkpoint")
 
     def load_file(self, path: Path, device: torch.device) -> nn.Module:
         raise NotImplementedError(f"backend {self.name!r} reads no single-file format")

@@ -15,6 +15,7 @@ import mmap
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,11 @@ class StreamedCheckpoint:
     def close(self) -> None:
         """Let the shards mapped so far go (each is unmapped when no tensor read from it is left)."""
         self._maps.clear()
+
+    def tokenizer(self) -> Any:
+        """The tokenizer the checkpoint carries inside it (a single-file format's), or None: a
+        folder's tokenizer files are read and copied as they are."""
+        return None
 
     def modules(self) -> list[tuple[str, list[str]]]:
         """Every module owning stored tensors, in the model's order, with their full names."""

@@ -28,6 +28,7 @@ from .imatrix_files import ImportanceMatrix
 from .mixes import ModelShape, bound_shape, row_bytes
 from .qlinear import GGUFEmbedding, GGUFLinear
 from .reader import read_gguf
+from .streamed_input import GGUFCheckpoint
 
 log = logging.getLogger("quantkit")
 
@@ -178,6 +179,10 @@ class GGUFBackend(Backend):
     def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
         """A complete llama.cpp ``.gguf``: hyperparameters, tokenizer, every tensor."""
         write_gguf(model, path, tokenizer)
+
+    def stream_source(self, path: Path) -> GGUFCheckpoint:
+        """A llama ``.gguf`` (float or quantized tensors) as a float checkpoint to stream."""
+        return GGUFCheckpoint(path)
 
     def load_file(self, path: Path, device: torch.device) -> nn.Module:
         """A quantized Llama ``.gguf`` as a model whose quantized tensors stay GGUF modules."""

@@ -11,8 +11,8 @@ F16 and BF16 tensors as views of the file's pages where they can be, quantized o
 Every tensor comes in the checkpoint's :attr:`~GGUFCheckpoint.dtype`: float16 when every matrix
 of the file is F16, bfloat16 when every one is BF16, float32 otherwise (quantized, F32 or mixed
 matrices); the F32 norms of an F16 or BF16 file are cast to it, as
-``quantkit.models.load_model(path, dtype=...)`` casts them. :func:`open_checkpoint` picks this
-class for a ``.gguf`` path and :class:`StreamedCheckpoint` for a folder.
+``quantkit.models.load_model(path, dtype=...)`` casts them. The GGUF backend gives it to
+:func:`quantkit.quantize_streaming` for a ``.gguf`` path (:meth:`~quantkit.Backend.stream_source`).
 """
 
 from __future__ import annotations
@@ -38,13 +38,6 @@ from .rope import ROPE_FREQS
 GGUF_SUFFIX = ".gguf"
 FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 """The ggml float types, with the torch dtype they are read in."""
-
-
-def open_checkpoint(path: str | os.PathLike) -> StreamedCheckpoint:
-    """The float checkpoint at ``path`` to stream: a :class:`GGUFCheckpoint` for a ``.gguf`` file,
-    else a :class:`StreamedCheckpoint` of the safetensors folder."""
-    path = Path(path)
-    return GGUFCheckpoint(path) if path.suffix.lower() == GGUF_SUFFIX else StreamedCheckpoint(path)
 
 
 class GGUFCheckpoint(StreamedCheckpoint):
