@@ -922,7 +922,8 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     """Quantize ``weight`` (rows, cols) to ``qtype``; returns uint8 (rows, cols / block_size * type_size).
 
     The bytes are the ggml block layout, row after row, as stored in a GGUF file; leading
-    dimensions are kept and the weights are converted to float32 first. ``imatrix`` (cols,)
+    dimensions are kept and the weights are converted to float32 a chunk at a time (a bfloat16 or
+    float16 matrix is never held whole in float32: a 128256 x 4096 output head would take 2 GiB). ``imatrix`` (cols,)
     holds llama.cpp importance-matrix values, one per column; F32, F16, BF16 and Q8_0 ignore
     it. Runs on ``weight``'s device.
     """
@@ -933,9 +934,9 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     if cols % bs:
         raise ValueError(f"{qtype}: row length {cols} is not a multiple of the block size {bs}")
     out_shape = (*weight.shape[:-1], cols // bs * ts)
-    x = weight.to(torch.float32).contiguous()
+    x = weight.contiguous()
     if qtype == "F32":
-        return x.view(torch.uint8).reshape(out_shape).clone()
+        return x.to(torch.float32).view(torch.uint8).reshape(out_shape).clone()
     if imatrix is not None:
         if imatrix.shape != (cols,):
             raise ValueError(f"{qtype}: imatrix has shape {tuple(imatrix.shape)}, expected ({cols},)")
@@ -948,7 +949,11 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     blocks = rows.view(-1, bs)
     out = torch.empty((blocks.shape[0], ts), dtype=torch.uint8, device=x.device)
     if imatrix is not None and qtype in _WEIGHTED_LEGACY_QUANTIZERS:
-        row_sigma2 = (rows * rows).sum(-1) / cols  # these use the mean of x^2 over the whole row
+        # these use the mean of x^2 over the whole row (rows converted a chunk at a time)
+        row_sigma2 = torch.cat(
+            [part.float().square().sum(-1) for part in rows.split(max(1, _CPU_CHUNK_ELEMENTS // cols))]
+        )
+        row_sigma2 /= cols
     on_cpu = x.device.type == "cpu"
     chunk = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _ACCELERATOR_CHUNK_ELEMENTS) // bs)
     q3_scales = None
@@ -957,12 +962,12 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
         batch = max(1, _Q3_K_SCALE_BATCH_ELEMENTS // bs) if on_cpu else chunk
 
         def fit_q3_scales(start: int) -> None:
-            q3_scales[start : start + batch] = _q3_k_scales(blocks[start : start + batch])
+            q3_scales[start : start + batch] = _q3_k_scales(blocks[start : start + batch].float())
 
         _run_chunks(fit_q3_scales, range(0, blocks.shape[0], batch), on_cpu)
 
     def quantize_chunk(start: int) -> None:
-        part = blocks[start : start + chunk]
+        part = blocks[start : start + chunk].float()
         qw = None
         if imatrix is not None:
             index = torch.arange(start, start + part.shape[0], device=x.device)
