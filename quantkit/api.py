@@ -234,7 +234,7 @@ def calibration_ids(model: nn.Module, config: QuantConfig, calibration: Any, tok
                 f"got {tuple(calibration.shape)} {calibration.dtype}"
             )
         return calibration
-    tokenizer = tokenizer or _tokenizer_of(model)
+    tokenizer = tokenizer or model_tokenizer(model)
     if isinstance(calibration, Sequence) and not isinstance(calibration, str):
         ids = [tokenize(tokenizer, text)[:seqlen] for text in calibration]
         short = [len(i) for i in ids if len(i) < seqlen]
@@ -247,7 +247,8 @@ def calibration_ids(model: nn.Module, config: QuantConfig, calibration: Any, tok
     return calibration_tokens(tokenizer, source, nsamples=nsamples, seqlen=seqlen)
 
 
-def _tokenizer_of(model: nn.Module) -> Any:
+def model_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved where ``model`` was loaded from (``name_or_path``); QuantizationError if none."""
     from transformers import AutoTokenizer
 
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)

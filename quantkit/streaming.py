@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .api import calibration_ids
+from .api import calibration_ids, model_tokenizer
 from .core.atomic import atomic_path
 from .core.backend import Backend
 from .core.config import QuantConfig
@@ -141,53 +141,77 @@ def quantize_streaming(
             setattr(checkpoint.model, SPILL_ATTR, out.parent)
         if not calibrated and calibration is not None:
             log.info("%s needs no calibration data; ignoring it", backend.name)
-        targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
-        run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
-        partial = out.parent / f".{out.name}.quantkit-partial"
-        with _claimed(partial) as lock:
-            journal = partial / JOURNAL
-            state = _journal(journal, run) if resume and not calibrated else None
-            if state is None:
-                _clear(partial, keep=lock)
-
-            outputs: dict[str, list[str]] = {}  # module -> the names of its tensors in the output
-
-            def record(shards: dict[str, Any]) -> None:
-                done = {m: names for m, names in outputs.items() if all(map(writer.written, names))}
-                with atomic_path(journal, directory=False) as tmp:
-                    tmp.write_text(json.dumps({**run, **shards, "modules": done}))
-
-            writer = ShardWriter(partial, max_shard_bytes, on_close=None if calibrated else record)
-            if state is not None:
-                try:
-                    writer.resume(state)
-                    outputs.update(state["modules"])
-                    log.info("resuming in %s: %d modules already written", partial, len(outputs))
-                except QuantkitError as error:
-                    log.warning("%s; starting over", error)
-                    _clear(partial, keep=lock)
-                    writer = ShardWriter(partial, max_shard_bytes, on_close=record)
-            if calibrated:
-                _stream_layers(checkpoint, backend, config, tokens, targets, writer, device)
-            else:
-                _stream_modules(checkpoint, backend, config, targets, writer, outputs, device)
-            writer.finish()
-            journal.unlink(missing_ok=True)  # it names the shards as they were before finish renamed them
-            if (dtype := backend.placed_dtype(config)) is not None:
-                checkpoint.model.config.dtype = dtype  # as Backend.place records it
-            write_config(checkpoint.model, partial, backend.quantization_config_block(checkpoint.model, config))
-            if carried is not None:
-                carried.save_pretrained(partial)
-            for name in COPIED_FILES if source.is_dir() else ():
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, partial / name)
-            with atomic_path(out, directory=True) as tmp:
-                for item in partial.iterdir():
-                    if not item.name.startswith("."):  # the lock, leftovers of interrupted writes
-                        os.rename(item, tmp / item.name)
-            _clear(partial)
+        if out.suffix in backend.file_suffixes:  # a single-file format, written tensor by tensor (.gguf)
+            if tokenizer is None and (source / "tokenizer_config.json").is_file():
+                tokenizer = model_tokenizer(checkpoint.model)  # the folder's, which the file embeds
+            backend.stream_file(checkpoint, config, out, tokenizer=tokenizer, device=device)
+        else:
+            _write_folder(checkpoint, source, out, backend, config, tokens, carried, max_shard_bytes, resume, device)
     log.info("%s: streamed %s in %s", config.quant_method, source, format_seconds(time.perf_counter() - start))
     return out
+
+
+def _write_folder(
+    checkpoint: StreamedCheckpoint,
+    source: Path,
+    out: Path,
+    backend: Backend,
+    config: QuantConfig,
+    tokens: torch.Tensor | None,
+    carried: Any,
+    max_shard_bytes: int,
+    resume: bool,
+    device: torch.device,
+) -> None:
+    """Write the quantized folder ``out`` from ``checkpoint`` through the work folder and its journal
+    (see :func:`quantize_streaming`); ``tokens``: the calibration of a layer-by-layer backend, or None;
+    ``carried``: the tokenizer a single-file checkpoint carries, saved beside the weights."""
+    calibrated = tokens is not None
+    targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
+    run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
+    partial = out.parent / f".{out.name}.quantkit-partial"
+    with _claimed(partial) as lock:
+        journal = partial / JOURNAL
+        state = _journal(journal, run) if resume and not calibrated else None
+        if state is None:
+            _clear(partial, keep=lock)
+
+        outputs: dict[str, list[str]] = {}  # module -> the names of its tensors in the output
+
+        def record(shards: dict[str, Any]) -> None:
+            done = {m: names for m, names in outputs.items() if all(map(writer.written, names))}
+            with atomic_path(journal, directory=False) as tmp:
+                tmp.write_text(json.dumps({**run, **shards, "modules": done}))
+
+        writer = ShardWriter(partial, max_shard_bytes, on_close=None if calibrated else record)
+        if state is not None:
+            try:
+                writer.resume(state)
+                outputs.update(state["modules"])
+                log.info("resuming in %s: %d modules already written", partial, len(outputs))
+            except QuantkitError as error:
+                log.warning("%s; starting over", error)
+                _clear(partial, keep=lock)
+                writer = ShardWriter(partial, max_shard_bytes, on_close=record)
+        if calibrated:
+            _stream_layers(checkpoint, backend, config, tokens, targets, writer, device)
+        else:
+            _stream_modules(checkpoint, backend, config, targets, writer, outputs, device)
+        writer.finish()
+        journal.unlink(missing_ok=True)  # it names the shards as they were before finish renamed them
+        if (dtype := backend.placed_dtype(config)) is not None:
+            checkpoint.model.config.dtype = dtype  # as Backend.place records it
+        write_config(checkpoint.model, partial, backend.quantization_config_block(checkpoint.model, config))
+        if carried is not None:
+            carried.save_pretrained(partial)
+        for name in COPIED_FILES if source.is_dir() else ():
+            if (source / name).is_file():
+                shutil.copyfile(source / name, partial / name)
+        with atomic_path(out, directory=True) as tmp:
+            for item in partial.iterdir():
+                if not item.name.startswith("."):  # the lock, leftovers of interrupted writes
+                    os.rename(item, tmp / item.name)
+        _clear(partial)
 
 
 def _open(source: Path) -> StreamedCheckpoint:

@@ -135,8 +135,8 @@ def test_tokenizer_is_the_files(files, tmp_path):
 
 def test_llama3_rope_freqs_are_kept_not_loaded(tmp_path, monkeypatch):
     factors = torch.linspace(1, 8, 8)  # head_dim 16
-    tensors = export._tensors
-    monkeypatch.setattr(export, "_tensors", lambda model: [*tensors(model), (ROPE_FREQS, factors.numpy(), None)])
+    tensors, extra = export.file_tensors, export.FileTensor(ROPE_FREQS, ROPE_FREQS, factors, None)
+    monkeypatch.setattr(export, "file_tensors", lambda model: [*tensors(model), extra])
     path = quantkit.save(_gguf("BF16", layers=1), tmp_path / "llama3.gguf")
     with GGUFCheckpoint(path) as checkpoint:
         assert torch.equal(checkpoint.rope_freqs, factors)

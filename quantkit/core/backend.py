@@ -272,6 +272,14 @@ class Backend(abc.ABC):
         """Write ``model`` (and ``tokenizer``, which the format embeds) to one file."""
         raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
 
+    def stream_file(
+        self, checkpoint: StreamedCheckpoint, config: QuantConfig, path: Path, *, tokenizer=None, device: torch.device
+    ) -> None:
+        """Write ``checkpoint`` quantized with ``config`` to the single file ``path`` (one of
+        ``file_suffixes``) one module at a time, atomically: the bytes :meth:`save_file` writes for
+        the same model quantized in memory (:func:`quantkit.quantize_streaming` to a ``.gguf``)."""
+        raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
+
     def stream_source(self, path: Path) -> StreamedCheckpoint:
         """The float checkpoint in the single file ``path`` (one of ``file_suffixes``), read one
         module at a time by :func:`quantkit.quantize_streaming`."""

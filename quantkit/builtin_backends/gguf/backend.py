@@ -19,6 +19,7 @@ from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities
 from quantkit.core.errors import ConfigValueError
 from quantkit.core.linears import Target, check_finite
+from quantkit.core.streamed_checkpoints import StreamedCheckpoint
 
 from .config import PRESETS, GGUFConfig, ggml_code_bits
 from .convert import EmbeddingPlan, embedding_plan, empty_embedding, install_embedding, linear_type, type_counts
@@ -28,6 +29,7 @@ from .imatrix_files import ImportanceMatrix
 from .mixes import ModelShape, bound_shape, row_bytes
 from .qlinear import GGUFEmbedding, GGUFLinear
 from .reader import read_gguf
+from .stream_export import write_gguf_streamed
 from .streamed_input import GGUFCheckpoint
 
 log = logging.getLogger("quantkit")
@@ -179,6 +181,12 @@ class GGUFBackend(Backend):
     def save_file(self, model: nn.Module, path: Path, *, tokenizer=None) -> None:
         """A complete llama.cpp ``.gguf``: hyperparameters, tokenizer, every tensor."""
         write_gguf(model, path, tokenizer)
+
+    def stream_file(
+        self, checkpoint: StreamedCheckpoint, config: GGUFConfig, path: Path, *, tokenizer=None, device: torch.device
+    ) -> None:
+        """A complete llama.cpp ``.gguf``, its header planned before the first tensor is quantized."""
+        write_gguf_streamed(checkpoint, config, path, tokenizer, device)
 
     def stream_source(self, path: Path) -> GGUFCheckpoint:
         """A llama ``.gguf`` (float or quantized tensors) as a float checkpoint to stream."""
