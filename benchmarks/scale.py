@@ -123,6 +123,11 @@ def predicted(source: Path, config: str, nsamples: int, seqlen: int) -> tuple[fl
     return estimate.peak_bytes, estimate.seconds
 
 
+def stored_rows(store: Path) -> dict[str, dict]:
+    """The measured rows kept in ``store``, by config."""
+    return {row["config"]: row for row in (json.loads(store.read_text()) if store.is_file() else [])}
+
+
 def calibrated(config: str) -> bool:
     resolved = as_config(config)
     return get_registry().backend_for(resolved, Hardware.CPU).needs_calibration(resolved)
@@ -201,13 +206,13 @@ def main() -> None:
         log.emit(f"synthetic checkpoint written in {time.perf_counter() - start:.1f} s (child process)")
     log.emit(f"{args.preset}: bf16 checkpoint {stored_bytes(source, ())['size_bytes'] / GIB:.2f} GiB at {source}")
     store = RESULTS / f"scale_{args.preset}.json"
-    rows = {row["config"]: row for row in (json.loads(store.read_text()) if store.is_file() else [])}
     if not args.render:
         for config in args.configs.split(","):
             suffix = ".gguf" if as_config(config).quant_method == "gguf" else ""  # llama.cpp's file, written as it goes
-            rows[config] = measure(source, config, args.work / f"{args.preset}-{config}{suffix}", args)
+            row = measure(source, config, args.work / f"{args.preset}-{config}{suffix}", args)
+            rows = {**stored_rows(store), config: row}  # read again: another run may have added rows meanwhile
             store.write_text(json.dumps(list(rows.values()), indent=1) + "\n")
-    render(log, source, list(rows.values()))
+    render(log, source, list(stored_rows(store).values()))
     log.write(RESULTS / f"scale_{args.preset}.txt")
 
 

@@ -34,13 +34,13 @@ def float_model(dtype: torch.dtype = torch.float32, layers: int = 2) -> torch.nn
     return tiny_llama(0, hidden=128, intermediate=256, layers=layers, outliers=False).to(dtype)
 
 
-def tiny_qwen2() -> torch.nn.Module:
+def tiny_qwen2(hidden: int = 128, intermediate: int = 256, layers: int = 2) -> torch.nn.Module:
     """A Qwen2 (q/k/v biases, untied output head) in bfloat16."""
     torch.manual_seed(0)
     config = Qwen2Config(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=256,

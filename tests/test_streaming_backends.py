@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from test_streaming import as_bytes, tensors_of, tiny_qwen2
+from transformers import AutoModelForCausalLM
 
 import quantkit
 from quantkit import streaming
@@ -45,27 +45,11 @@ METHODS = {
 }
 
 
-def tiny_qwen2() -> torch.nn.Module:
-    """A Qwen2 (q/k/v biases, output head not tied) in bfloat16."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config).eval().to(torch.bfloat16)
-
-
 CHECKPOINTS = {
     # 4 layers: the K-quant mixes give attn_v/ffn_down other types in some of them
     "llama-tied-fp32": lambda: tiny_llama(0, hidden=256, intermediate=512, layers=4, outliers=False),
     "llama-tied-bf16": lambda: tiny_llama(0, hidden=256, intermediate=512, layers=4, outliers=False).to(torch.bfloat16),
-    "qwen2-bf16": tiny_qwen2,
+    "qwen2-bf16": lambda: tiny_qwen2(hidden=256, intermediate=512, layers=4),
 }
 
 
@@ -76,17 +60,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     for name, make in CHECKPOINTS.items():
         make().save_pretrained(root / name, max_shard_size="200KB")
     return {name: root / name for name in CHECKPOINTS}
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        found.update(load_file(path))
-    return found
-
-
-def as_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def in_memory(folder: Path, config: dict, out: Path) -> tuple[torch.nn.Module, Path]:
