@@ -135,6 +135,7 @@ def calibrated(config: str) -> bool:
 
 def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> dict:
     """Stream ``config`` from ``source`` into ``out`` in a child process inside a memory group."""
+    peak, seconds = predicted(source, config, args.nsamples, args.seqlen)  # before the run, at its load
     drop_page_cache()
     command = [sys.executable, "-c", CHILD, str(source), config, str(out), str(args.nsamples), str(args.seqlen)]
     env = {**os.environ, "QUANTKIT_QUIET": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -159,6 +160,8 @@ def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> d
         "load_before": load,
         "load_after": load_average(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "predicted_peak": peak,
+        "predicted_seconds": seconds,
     }
     if done.returncode:
         row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "(no message)"
@@ -180,10 +183,15 @@ def render(log: RunLog, source: Path, rows: list[dict]) -> None:
         )
         if row["exit"] == 0:
             log.emit(f"   output {row['output_bytes'] / GIB:.2f} GiB")
-        peak, seconds = predicted(source, row["config"], row["nsamples"], row["seqlen"])
+        when = "before the run"
+        if "predicted_peak" in row:
+            peak, seconds = row["predicted_peak"], row["predicted_seconds"]
+        else:  # a row measured before predictions were kept with it
+            peak, seconds = predicted(source, row["config"], row["nsamples"], row["seqlen"])
+            when = f"now, at load {load_average()}"
         log.emit(
-            f"   estimate: peak {peak / GIB:.2f} GiB ({peak / row['anonymous_peak']:.2f}x the anonymous peak), "
-            f"time {seconds:.0f} s ({seconds / row['seconds']:.2f}x the measured)"
+            f"   estimate ({when}): peak {peak / GIB:.2f} GiB ({peak / row['anonymous_peak']:.2f}x the anonymous "
+            f"peak), time {seconds:.0f} s ({seconds / row['seconds']:.2f}x the measured)"
         )
 
 
