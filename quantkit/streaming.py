@@ -386,14 +386,17 @@ def _stream_module(
     if module in steps.others:
         return _write_new(writer, _quantized_other(checkpoint, module, steps))
     with checkpoint.tensors(names) as tensors:
-        return _write_new(writer, _quantized(target, tensors, steps) if target else _placed(tensors, steps.dtype))
+        if target is None:  # copied through, cast as Backend.place casts it, piece by piece as it is written
+            return _write_new(writer, tensors, steps.dtype)
+        return _write_new(writer, _quantized(target, tensors, steps))
 
 
-def _write_new(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Add ``tensors`` but those an interrupted run wrote to ``writer``; return all their names."""
+def _write_new(writer: ShardWriter, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
+    """Add ``tensors`` but those an interrupted run wrote to ``writer``, the float ones cast to
+    ``dtype`` if given; return all their names."""
     for name, tensor in tensors.items():
         if not writer.written(name):
-            writer.add(name, tensor)
+            writer.add(name, tensor, dtype if tensor.is_floating_point() else None)
     return list(tensors)
 
 
@@ -445,10 +448,3 @@ def _cast(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if dtype is not None:
         nn.ModuleList([module]).to(dtype=dtype)
     return module
-
-
-def _placed(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Float ``tensors`` of a module copied through, cast as :meth:`Backend.place` casts them."""
-    if dtype is None:
-        return tensors
-    return {name: t.to(dtype) if t.is_floating_point() or t.is_complex() else t for name, t in tensors.items()}

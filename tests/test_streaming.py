@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 import quantkit
 from quantkit import streaming
 from quantkit.cli.main import main
+from quantkit.core import shard_writer
 from quantkit.core.empty_models import empty_model
 from quantkit.core.errors import QuantkitError
 from quantkit.core.safetensors_files import INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, read_header
@@ -114,6 +115,28 @@ def test_one_shard_is_written_as_model_safetensors(float_folder, tmp_path):
     tensors = load_file(out / WEIGHTS_NAME)
     save_file(tensors, tmp_path / "library.safetensors", metadata=SAFETENSORS_METADATA)
     assert (out / WEIGHTS_NAME).read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+
+
+def test_a_cast_tensor_is_written_a_piece_at_a_time(monkeypatch, tmp_path):
+    """ShardWriter.add(..., dtype): the bytes of the whole cast, each piece cast alone (no whole cast copy)."""
+    monkeypatch.setattr(shard_writer, "COPY_BYTES", 1000)  # pieces of 250 float32 values
+    weight = torch.randn(37, 53, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    casts = []
+    original = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):
+        if any(isinstance(arg, torch.dtype) for arg in (*args, *kwargs.values())):
+            casts.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    writer = shard_writer.ShardWriter(tmp_path, 10**6)
+    writer.add("w", weight, torch.float32)
+    writer.finish()
+    monkeypatch.setattr(torch.Tensor, "to", original)
+    assert max(casts) <= 250 < weight.numel()
+    stored = load_file(tmp_path / WEIGHTS_NAME)["w"]
+    assert stored.dtype == torch.float32 and torch.equal(stored, weight.float())
 
 
 def test_float_tensors_are_read_one_module_at_a_time(monkeypatch, tmp_path):

@@ -93,21 +93,26 @@ class ShardWriter:
         """Whether ``name`` is in a complete shard."""
         return self._weight_map.get(name, len(self._shards)) < len(self._shards)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (any device) as ``name``."""
+    def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Write ``tensor`` (any device) as ``name``, cast to ``dtype`` if given: a piece of at most
+        :data:`COPY_BYTES` at a time, so that casting a large tensor (an 8B model's 2 GiB float32
+        head) never holds its cast copy whole."""
+        dtype = dtype or tensor.dtype
         if name in self._weight_map:
             raise QuantkitError(f"tensor {name!r} is written twice")
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise QuantkitError(f"tensor {name!r} has dtype {tensor.dtype}; safetensors stores {', '.join(DTYPES)}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        nbytes = data.numel()
+        if dtype not in _DTYPE_NAMES:
+            raise QuantkitError(f"tensor {name!r} has dtype {dtype}; safetensors stores {', '.join(DTYPES)}")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        nbytes = flat.numel() * dtype.itemsize
         if self._entries and self._scratch_bytes + nbytes > self.max_shard_bytes:
             self._close_shard()
         if self._scratch is None:
             self._scratch = (self.directory / f".shard-{len(self._shards) + 1}.part").open("w+b")
             self._scratch_bytes = 0
-        self._scratch.write(data.numpy())
-        self._entries[name] = (tensor.dtype, list(tensor.shape), self._scratch_bytes, self._scratch_bytes + nbytes)
+        step = max(1, COPY_BYTES // max(flat.element_size(), dtype.itemsize))
+        for start in range(0, flat.numel(), step):  # pieces of COPY_BYTES: a cast holds one at a time
+            self._scratch.write(flat[start : start + step].to(dtype).contiguous().view(torch.uint8).numpy())
+        self._entries[name] = (dtype, list(tensor.shape), self._scratch_bytes, self._scratch_bytes + nbytes)
         self._weight_map[name] = len(self._shards)
         self._scratch_bytes += nbytes
         self.total_bytes += nbytes
