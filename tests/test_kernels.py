@@ -103,22 +103,15 @@ def test_int8_cpu_equals_the_reference_to_bfloat16_rounding(rows, dtype):
     assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
 
 
-def test_ragged_groups_are_refused_with_the_reason_and_run_the_reference():
-    """SmolLM2's hidden 576 in groups of 128: the last group holds 64 inputs."""
-    module = gptq_layer(64, 576, 128)
-    kernel = next(k for k in get_registry().kernels_for(module) if k.name == "int4-cpu")
-    availability = check(kernel, module, "cpu", torch.float32)
-    assert not availability
-    assert "in_features must be a multiple of group_size" in availability.reason
-    assert "576 % 128 = 64" in availability.reason and "ragged" in availability.reason
-    x = torch.randn(3, 576)
-    assert relative_error(module(x), F.linear(x, module.dequantize(), module.bias)) < 1e-6
-    assert module.kernel_name == "dequantize"
-    with pytest.raises(
-        KernelUnavailableError,
-        match=r"'int4-cpu' cannot serve GPTQLinear on cpu: in_features.*576 % 128 = 64.*can: dequantize$",
-    ):
-        set_kernel(module, "int4-cpu")
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, DENSE_ROWS])
+def test_a_ragged_last_group_runs_int4_cpu_padded_with_zeros(act_order, rows):
+    """SmolLM2's hidden 576 in groups of 128: the last group holds 64 inputs, padded to 128."""
+    module = gptq_layer(64, 576, 128, act_order=act_order)
+    x = torch.randn(rows, 576)
+    got = module(x)
+    assert module.kernel_name == "int4-cpu"
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
 
 
 def test_the_validator_names_each_reason():

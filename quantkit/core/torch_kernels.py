@@ -9,9 +9,11 @@ paths are scalar loops (seconds for a 4096x4096 weight and 128 rows, against ~60
 bfloat16), so activations go to bfloat16 and the output back to their dtype: W4A16 numerics.
 Act-order layers (``g_idx`` not sorted) are served when each group still holds ``group_size``
 inputs: the weight's input channels are sorted by group once, and each input row is gathered
-in that order. Formats with other parameters (GGUF's block scales and minimums, HQQ's float zero
-points) bring their own ``prepare``, which ends with :func:`int4_state` on ``(scale, offset)``
-pairs. Scales and offsets are rounded to bfloat16 (relative 2**-9): every int4-cpu kernel equals
+in that order. A ragged last group (SmolLM2's 576 inputs in groups of 128) is padded to a whole
+group once, and each input row with zeros: the padding adds exact zeros to the product. Formats
+with other parameters (GGUF's block scales and minimums, HQQ's float zero points) bring their
+own ``prepare``, which ends with :func:`int4_state` on ``(scale, offset)`` pairs. Scales and
+offsets are rounded to bfloat16 (relative 2**-9): every int4-cpu kernel equals
 dequantize-then-matmul up to that rounding and the activations' own. From :data:`DENSE_ROWS`
 input rows on it runs a bfloat16 GEMM on the dequantized weight instead (same numerics class:
 the weight rounded to bfloat16).
@@ -33,10 +35,7 @@ from .kernels import Kernel
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """The ``qGroupSize`` values torch's int4 CPU operator takes."""
-INT4_SHAPE_LIMITS = (
-    ShapeLimit("out_features", 16, "torch's int4 CPU packing takes output channels in blocks of 16"),
-    ShapeLimit("in_features", "group_size", "torch's int4 CPU kernel takes whole groups: no ragged last group"),
-)
+INT4_SHAPE_LIMITS = (ShapeLimit("out_features", 16, "torch's int4 CPU packing takes output channels in blocks of 16"),)
 DENSE_ROWS = 128
 """From this many input rows on (a prompt, a batch), where the CPU multiplies bfloat16 natively
 (AVX512-BF16, AMX), the kernel dequantizes the weight to bfloat16 for the call and runs oneDNN's
@@ -70,6 +69,8 @@ class Int4State:
     group_size: int
     order: Tensor | None
     """The input channels sorted by group (act-order), ``None`` when they already are."""
+    padding: int
+    """Zero inputs appended to each row to complete a ragged last group."""
 
 
 def _sorted_groups(module: nn.Module) -> Tensor:
@@ -88,10 +89,14 @@ def int4_state(
 ) -> Int4State:
     """Repack a weight ``W[o, i] = (codes[o, i] - 8) * scales[g, o] + offsets[g, o]`` (``g`` the group
     of input ``i``; ``(n_groups, out)`` float scales and offsets, 4-bit ``(out, in)`` codes) for torch's
-    int4 CPU operator: what every layer format's ``prepare`` ends with."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
+    int4 CPU operator: what every layer format's ``prepare`` ends with. A ragged last group is
+    padded to ``group_size`` inputs (codes 8: weights equal to the group's offset, multiplied by
+    the zero inputs the matmul appends)."""
+    padding = -codes.shape[1] % group_size
+    codes = F.pad(codes.to(torch.int32), (0, padding), value=8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
     scale_zeros = torch.stack([scales.float(), offsets.float()], dim=-1).to(torch.bfloat16)
-    return Int4State(packed, scale_zeros, group_size, order)
+    return Int4State(packed, scale_zeros, group_size, order, padding)
 
 
 def _prepare_int4(module: nn.Module) -> Int4State:
@@ -107,10 +112,10 @@ def _prepare_int4(module: nn.Module) -> Int4State:
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
     if x.shape[0] >= DENSE_ROWS and bf16_native("cpu"):
         return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
-    activations = x if state.order is None else x.index_select(1, state.order)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        activations.to(torch.bfloat16), state.packed, state.group_size, state.scale_zeros
-    )
+    activations = (x if state.order is None else x.index_select(1, state.order)).to(torch.bfloat16)
+    if state.padding:
+        activations = F.pad(activations, (0, state.padding))
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(activations, state.packed, state.group_size, state.scale_zeros)
     return out.to(x.dtype)
 
 
@@ -119,6 +124,7 @@ def int4_cpu_kernel(
     prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
     fits: Callable[[nn.Module], str] | None = _groups_fit,
     group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
+    shape_limits: tuple[ShapeLimit, ...] = INT4_SHAPE_LIMITS,
     description: str = (
         "torch's _weight_int4pack_mm_for_cpu on codes repacked once, bfloat16 activations (W4A16); "
         f"from {DENSE_ROWS} rows a bfloat16 GEMM on the weight dequantized per call (native bfloat16 CPUs)"
@@ -126,7 +132,7 @@ def int4_cpu_kernel(
 ) -> Kernel:
     """The ``int4-cpu`` kernel for ``layers``: by default classes with the interface of the module
     docstring; a format whose weights are not :class:`GroupedCodes` passes its own ``prepare``
-    (ending with :func:`int4_state`), ``fits`` and ``group_sizes``."""
+    (ending with :func:`int4_state`), ``fits``, ``group_sizes`` and ``shape_limits``."""
     return Kernel(
         name="int4-cpu",
         layers=layers,
@@ -136,7 +142,7 @@ def int4_cpu_kernel(
         compute_dtype=torch.bfloat16,
         bits=(4,),
         group_sizes=group_sizes,
-        shape_limits=INT4_SHAPE_LIMITS,
+        shape_limits=shape_limits,
         fits=fits,
         priority=20,
         description=description,

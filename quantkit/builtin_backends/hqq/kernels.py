@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.core.torch_kernels import Int4State, int4_cpu_kernel, int4_state
+from quantkit.core.capabilities import ShapeLimit
+from quantkit.core.torch_kernels import INT4_SHAPE_LIMITS, Int4State, int4_cpu_kernel, int4_state
 
 from .layers import HQQLayer
 
@@ -44,6 +45,10 @@ INT4_CPU = int4_cpu_kernel(
     HQQLayer,
     prepare=_prepare_int4,
     fits=_axis_1,
+    shape_limits=(
+        *INT4_SHAPE_LIMITS,
+        ShapeLimit("in_features", "group_size", "hqq's groups run across rows unless each row holds whole groups"),
+    ),
     description=(
         "torch's _weight_int4pack_mm_for_cpu on HQQ's 4-bit axis-1 codes repacked once (exact but for "
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
