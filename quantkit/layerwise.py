@@ -30,7 +30,10 @@ A model whose decoder layers are not in memory (:mod:`quantkit.streaming`: built
 device, read from disk) carries a :class:`LayerSource` as ``model.quantkit_layer_source``
 (:data:`LAYER_SOURCE_ATTR`): the pipeline asks it for each layer just before the layer's turn
 and hands the layer back once it is quantized and has propagated; the layer then returns to
-the device it came from (the meta device), so one float layer is in memory at a time.
+the device it came from (the meta device), so one float layer is in memory at a time. A source
+may also keep each finished layer's outputs (:meth:`LayerSource.finished`, with
+:func:`save_activations`) and hand them back to a later run (:meth:`LayerSource.restore`,
+:func:`load_activations`), which then starts at the first layer not finished.
 
 Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, SmolLM),
 ``mistral`` and ``qwen2`` — whose decoder layers are ``model.model.layers`` with
@@ -41,6 +44,7 @@ Supported architectures: the Llama family — ``model_type`` ``llama`` (Llama, S
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -54,11 +58,14 @@ from typing import Any, Protocol
 
 import psutil
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .core.atomic import atomic_path
 from .core.errors import QuantizationError
 from .core.linears import Target, set_submodule
 from .core.progress import track
+from .core.safetensors_files import DTYPES, WRITE_ORDER
 from .distributed import Distributed, DistributedError, session
 
 log = logging.getLogger("quantkit")
@@ -74,6 +81,9 @@ LAYER_SOURCE_ATTR = "quantkit_layer_source"
 SPILL_ATTR = "quantkit_activation_spill"
 """The model attribute naming a folder in which the pipeline keeps the calibration hidden states on
 disk (absent or ``None``: in memory)."""
+ACTIVATIONS_METADATA = "quantkit_activations"
+"""The metadata key of a :func:`save_activations` file: its layout (chunks, keyword arguments) as JSON."""
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,10 @@ class SpilledChunks(Sequence[torch.Tensor]):
         self._chunks.append(None)
         self[len(self._chunks) - 1] = tensor
 
+    def spec(self, index: int) -> tuple[torch.Size, torch.dtype]:
+        """The shape and dtype of chunk ``index``, without reading it."""
+        return self._chunks[index]
+
     def _path(self, index: int) -> Path:
         return self.folder / f"chunk-{index}.bin"
 
@@ -233,6 +247,81 @@ def _hidden_states(
         yield SpilledChunks(device, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_activations(path: Path, chunks: list[torch.Tensor] | SpilledChunks, kwargs: list[dict[str, Any]]) -> None:
+    """Write the hidden states ``chunks`` entering a decoder layer and each chunk's keyword
+    arguments ``kwargs`` (tensors, tuples of tensors, None, numbers, strings) to the safetensors
+    file ``path``, atomically and flushed to disk, a chunk at a time in memory (read from disk
+    when spilled). The layout (:data:`ACTIVATIONS_METADATA`) lets :func:`load_activations` rebuild
+    them; a keyword argument of another type raises :class:`QuantizationError`."""
+    layout, tensors = _kwargs_layout(kwargs)
+    specs = {name: (tensor.shape, tensor.dtype) for name, tensor in tensors.items()}
+    for c in range(len(chunks)):
+        specs[f"hidden.{c}"] = (
+            chunks.spec(c) if isinstance(chunks, SpilledChunks) else (chunks[c].shape, chunks[c].dtype)
+        )
+    order = sorted(specs, key=lambda name: (WRITE_ORDER.index(_DTYPE_NAMES[specs[name][1]]), name))
+    metadata = {ACTIVATIONS_METADATA: json.dumps({"chunks": len(chunks), "kwargs": layout})}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        shape, dtype = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path, directory=False) as tmp, tmp.open("wb") as file:
+        file.write(len(text).to_bytes(8, "little") + text)
+        for name in order:
+            tensor = chunks[int(name.removeprefix("hidden."))] if name.startswith("hidden.") else tensors[name]
+            file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def load_activations(
+    path: Path, chunks: list[torch.Tensor] | SpilledChunks, device: torch.device
+) -> list[dict[str, Any]]:
+    """Append the hidden states a :func:`save_activations` file holds to ``chunks`` (on ``device``),
+    one at a time; return the keyword arguments of each chunk (their tensors on ``device``).
+    A file that is not one raises :class:`QuantizationError`."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            layout = json.loads(file.metadata()[ACTIVATIONS_METADATA])
+            for c in range(layout["chunks"]):
+                chunks.append(file.get_tensor(f"hidden.{c}").to(device))
+            return [{key: _kwarg(file, spec, device) for key, spec in chunk.items()} for chunk in layout["kwargs"]]
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        raise QuantizationError(f"{path} does not hold saved calibration activations: {error}") from error
+
+
+def _kwargs_layout(kwargs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Each chunk's keyword arguments as JSON (a value, or the names of its tensors) and those tensors."""
+    layout: list[dict[str, Any]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for c, chunk in enumerate(kwargs):
+        layout.append({})
+        for key, value in chunk.items():
+            name = f"kwargs.{c}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name], layout[c][key] = value, {"tensor": name}
+            elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+                tensors.update({f"{name}.{i}": item for i, item in enumerate(value)})
+                layout[c][key] = {"tuple": [f"{name}.{i}" for i in range(len(value))]}
+            elif value is None or isinstance(value, bool | int | float | str):
+                layout[c][key] = {"value": value}
+            else:
+                raise QuantizationError(f"the decoder layers' argument {key}={type(value).__name__} cannot be saved")
+    return layout, tensors
+
+
+def _kwarg(file: Any, spec: dict[str, Any], device: torch.device) -> Any:
+    """One keyword argument of a :func:`save_activations` file, as :func:`_kwargs_layout` laid it out."""
+    if "tensor" in spec:
+        return file.get_tensor(spec["tensor"]).to(device)
+    if "tuple" in spec:
+        return tuple(file.get_tensor(name).to(device) for name in spec["tuple"])
+    return spec["value"]
 
 
 class _StopForward(Exception):
@@ -350,11 +439,25 @@ class LayerSource(Protocol):
     """Where the decoder layers of a model built on the meta device come from (see
     :data:`LAYER_SOURCE_ATTR`): :meth:`load` materialises layer ``index`` in place (on the CPU,
     same modules, real tensors) just before its turn; :meth:`done` receives it quantized, after
-    it has propagated, still on the working device, before the pipeline returns it to meta."""
+    it has propagated, still on the working device, before the pipeline returns it to meta.
+
+    :meth:`restore` tells where an interrupted run left off: the first layer still to quantize,
+    the hidden states entering it appended to ``chunks`` (on ``device``), and the keyword arguments
+    of each chunk; None starts at layer 0 from the captured inputs. :meth:`finished` follows
+    :meth:`done` of every layer but the last, ``chunks`` holding the next layer's inputs: the
+    moment to keep them for such a restore (:func:`save_activations`)."""
 
     def load(self, index: int, layer: nn.Module) -> None: ...
 
     def done(self, index: int, layer: nn.Module) -> None: ...
+
+    def restore(
+        self, chunks: list[torch.Tensor] | SpilledChunks, device: torch.device
+    ) -> tuple[int, list[dict[str, Any]]] | None: ...
+
+    def finished(
+        self, index: int, chunks: list[torch.Tensor] | SpilledChunks, kwargs: list[dict[str, Any]]
+    ) -> None: ...
 
 
 LayerQuantizer = Callable[[LayerContext], None]
@@ -501,10 +604,15 @@ def quantize_layerwise(
     model.eval()
     try:
         with _hidden_states(device, getattr(model, SPILL_ATTR, None)) as chunks:
-            kwargs = _capture_first_inputs(stack, local, device, chunks, chunk_samples)
+            restored = source.restore(chunks, device) if source is not None else None
+            first, kwargs = restored or (0, _capture_first_inputs(stack, local, device, chunks, chunk_samples))
             sample_ids = list(ids.split(chunk_samples))
+            if len(chunks) != len(sample_ids) or len(kwargs) != len(sample_ids):
+                raise QuantizationError(
+                    f"the restored activations hold {len(chunks)} chunks; expected {len(sample_ids)}"
+                )
             meter.sample()
-            for index in track(range(len(stack.layers)), f"{description} layers"):
+            for index in track(range(first, len(stack.layers)), f"{description} layers"):
                 layer = stack.layers[index]
                 home = _device_of(layer)
                 if source is not None:
@@ -529,6 +637,8 @@ def quantize_layerwise(
                     ctx.propagate()
                 if source is not None:
                     source.done(index, layer)
+                    if index + 1 < len(stack.layers):
+                        source.finished(index, chunks, kwargs)
                 layer.to(home)
     finally:
         model.train(was_training)

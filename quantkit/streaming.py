@@ -20,13 +20,15 @@ module's float tensors and its quantized form at a time. A calibrated one that d
 (:func:`quantkit.layerwise.quantize_layerwise`) takes each decoder layer from the shards just
 before its turn and hands it back quantized (:class:`_StreamedLayers`, the model's
 :class:`~quantkit.layerwise.LayerSource`): memory holds the embedding while the first layer's
-inputs are captured, then one layer and the calibration activations.
+inputs are captured, then one layer and the calibration activations. After each layer the run
+is made resumable: its tensors flushed, the next layer's inputs saved in the work folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -49,17 +51,19 @@ from .core.linears import Target, check_finite
 from .core.progress import track
 from .core.registry import get_registry
 from .core.resolve import as_config
+from .core.safetensors_files import read_header
 from .core.serialization import write_config
 from .core.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .core.streamed_checkpoints import StreamedCheckpoint
 from .estimate import format_seconds
-from .layerwise import LAYER_SOURCE_ATTR, SPILL_ATTR, decoder_stack
+from .layerwise import LAYER_SOURCE_ATTR, SPILL_ATTR, SpilledChunks, decoder_stack, load_activations, save_activations
 from .memory_budget import plan_memory
 
 log = logging.getLogger("quantkit")
 
 JOURNAL = ".quantkit-progress.json"
-"""The work folder's record of the run (config, checkpoint fingerprint) and its complete shards."""
+"""The work folder's record of the run (config, checkpoint and calibration fingerprints) and what
+it completed: shards and modules (calibration-free), or layers and the next one's inputs (calibrated)."""
 LOCK = ".quantkit-run.lock"
 
 COPIED_FILES = (
@@ -106,10 +110,13 @@ def quantize_streaming(
     Complete shards are kept in ``.NAME.quantkit-partial`` beside ``out_folder`` with a journal
     (:data:`JOURNAL`) until the run ends: a calibration-free run that was interrupted (killed, out
     of disk) resumes after its last complete shard when the same checkpoint, config and shard size
-    are given again, re-quantizing only the modules not yet on disk; ``resume=False``, or any
-    difference, starts over. A calibrated run keeps no journal and always starts over: resuming it
-    would need the calibration activations entering its interrupted layer. The output appears at
-    ``out_folder`` only when complete.
+    are given again, re-quantizing only the modules not yet on disk. A calibrated run records each
+    finished decoder layer (its tensors flushed to disk, the next layer's input activations saved
+    beside them, the previous ones deleted once these are on disk: room for two sets of activations
+    at a time): given the same checkpoint, config, calibration token ids, shard size and device
+    type again, it resumes at the first unfinished layer without reading the finished ones.
+    ``resume=False``, or any difference, starts over. A resumed run writes the bytes of an
+    uninterrupted one. The output appears at ``out_folder`` only when complete.
 
     The folder is checked whole before anything is written: a damaged one raises
     :class:`~quantkit.ModelFormatError` and leaves no output. Tokenizer and generation files
@@ -169,32 +176,40 @@ def _write_folder(
     calibrated = tokens is not None
     targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
     run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
+    run["calibration"] = _calibration_fingerprint(tokens, device) if calibrated else None
     partial = out.parent / f".{out.name}.quantkit-partial"
     with _claimed(partial) as lock:
         journal = partial / JOURNAL
-        state = _journal(journal, run) if resume and not calibrated else None
+        state = _journal(journal, run) if resume else None
         if state is None:
+            if not resume and journal.is_file():
+                log.info("resume=False: starting over in %s", partial)
             _clear(partial, keep=lock)
 
         outputs: dict[str, list[str]] = {}  # module -> the names of its tensors in the output
 
         def record(shards: dict[str, Any]) -> None:
             done = {m: names for m, names in outputs.items() if all(map(writer.written, names))}
-            with atomic_path(journal, directory=False) as tmp:
-                tmp.write_text(json.dumps({**run, **shards, "modules": done}))
+            _save_journal(journal, {**run, **shards, "modules": done})
 
         writer = ShardWriter(partial, max_shard_bytes, on_close=None if calibrated else record)
         if state is not None:
             try:
                 writer.resume(state)
-                outputs.update(state["modules"])
-                log.info("resuming in %s: %d modules already written", partial, len(outputs))
+                if calibrated:
+                    read_header(partial / state["activations"])  # complete, or a resume cannot use it
+                    log.info("resuming in %s: layers 0-%d already quantized", partial, state["layer"] - 1)
+                else:
+                    outputs.update(state["modules"])
+                    log.info("resuming in %s: %d modules already written", partial, len(outputs))
             except QuantkitError as error:
                 log.warning("%s; starting over", error)
                 _clear(partial, keep=lock)
-                writer = ShardWriter(partial, max_shard_bytes, on_close=record)
+                state = None
+                writer = ShardWriter(partial, max_shard_bytes, on_close=None if calibrated else record)
         if calibrated:
-            _stream_layers(checkpoint, backend, config, tokens, targets, writer, device)
+            layers = _StreamedLayers(checkpoint, writer, targets, _Resume(journal, run, state))
+            _stream_layers(checkpoint, backend, config, tokens, layers, device)
         else:
             _stream_modules(checkpoint, backend, config, targets, writer, outputs, device)
         writer.finish()
@@ -233,17 +248,37 @@ def _fingerprint(source: Path) -> dict[str, list[int]]:
 
 
 def _journal(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
-    """The complete shards an interrupted run of the same ``run`` left, or None."""
+    """What an interrupted run of the same ``run`` completed (see :data:`JOURNAL`), or None."""
     try:
         state = json.loads(journal.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or not isinstance(state.get("modules"), dict):
+    if not isinstance(state, dict):
         return None
     if {k: state.get(k) for k in run} != json.loads(json.dumps(run)):
-        log.info("%s is from another checkpoint, config or shard size: starting over", journal.parent)
+        log.info("%s is from another checkpoint, config, calibration or shard size: starting over", journal.parent)
         return None
-    return state
+    if run["calibration"] is None:
+        return state if isinstance(state.get("modules"), dict) else None
+    layer = state.get("layer")
+    return state if type(layer) is int and state.get("activations") == _activations_name(layer) else None
+
+
+def _save_journal(journal: Path, state: dict[str, Any]) -> None:
+    with atomic_path(journal, directory=False) as tmp:
+        tmp.write_text(json.dumps(state))
+
+
+def _calibration_fingerprint(tokens: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """What a resumed calibrated run must find unchanged besides the checkpoint and config: the
+    calibration token ids (their sha256) and the kind of device computing on them."""
+    ids = tokens.detach().to("cpu", torch.long).contiguous()
+    return {"sha256": hashlib.sha256(ids.numpy()).hexdigest(), "shape": list(ids.shape), "device": device.type}
+
+
+def _activations_name(layer: int) -> str:
+    """The work folder's file of the calibration activations entering decoder layer ``layer``."""
+    return f".activations-{layer}.safetensors"
 
 
 @contextlib.contextmanager
@@ -298,30 +333,29 @@ def _stream_layers(
     backend: Backend,
     config: QuantConfig,
     tokens: torch.Tensor,
-    targets: dict[str, Target],
-    writer: ShardWriter,
+    source: _StreamedLayers,
     device: torch.device,
 ) -> None:
     """Quantize the checkpoint with a layer-by-layer ``backend``, writing as it goes: the modules
     before the decoder layers (the embedding) are materialised for the capture of the first
-    layer's inputs and written, each layer streams through :class:`_StreamedLayers`, the modules
-    after them (final norm, output head) are copied through."""
+    layer's inputs and written (unless a resumed run wrote them), each layer streams through
+    ``source``, the modules after them (final norm, output head) are copied through."""
     model = checkpoint.model
-    stack = decoder_stack(model)
-    layers = f"{stack.prefix}layers."
+    layers = f"{source.stack.prefix}layers."
     modules = checkpoint.modules()
     first = next((i for i, (module, _) in enumerate(modules) if module.startswith(layers)), len(modules))
-    before = [module for module, _ in modules[:first]]
-    for module in before:
-        _write(writer, checkpoint.materialise(module))
-    setattr(model, LAYER_SOURCE_ATTR, _StreamedLayers(checkpoint, writer, targets, before))
+    if source.resumed.state is None:
+        for module, _ in modules[:first]:
+            _write(source.writer, checkpoint.materialise(module))
+            source.hold(module)
+    setattr(model, LAYER_SOURCE_ATTR, source)
     try:
         backend.quantize(model, config, calibration=tokens, device=device)
     finally:
         delattr(model, LAYER_SOURCE_ATTR)
     for module, names in modules[first:]:
         if not module.startswith(layers):
-            _stream_module(checkpoint, module, names, None, _Steps(backend), writer)
+            _stream_module(checkpoint, module, names, None, _Steps(backend), source.writer)
 
 
 def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
@@ -330,18 +364,63 @@ def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
         writer.add(name, tensor)
 
 
+class _Resume(NamedTuple):
+    """A calibrated run's journal, the ``run`` it records, and the ``state`` of the interrupted run
+    it resumes (None: a fresh run)."""
+
+    journal: Path
+    run: dict[str, Any]
+    state: dict[str, Any] | None
+
+
 class _StreamedLayers:
     """The :class:`~quantkit.layerwise.LayerSource` of a streamed checkpoint: each decoder layer is
     read from the shards for its turn (its linears checked finite) and, once quantized, written
-    and released with the float modules it replaced. ``before``: the modules materialised for the
-    capture of the first layer's inputs, released when the first layer arrives."""
+    and released with the float modules it replaced; the modules :meth:`hold` names (materialised
+    for the capture of the first layer's inputs) are released when the first layer arrives.
+
+    Every finished layer but the last is made resumable (:meth:`finished`): the next layer's inputs
+    saved in the work folder, the writer's tensors flushed, then the journal naming both written;
+    a run resuming ``resumed.state`` starts from them (:meth:`restore`)."""
 
     def __init__(
-        self, checkpoint: StreamedCheckpoint, writer: ShardWriter, targets: dict[str, Target], before: list[str]
+        self, checkpoint: StreamedCheckpoint, writer: ShardWriter, targets: dict[str, Target], resumed: _Resume
     ):
-        self.checkpoint, self.writer, self.targets = checkpoint, writer, targets
+        self.checkpoint, self.writer, self.targets, self.resumed = checkpoint, writer, targets, resumed
         self.stack = decoder_stack(checkpoint.model)
-        self._held = [checkpoint.model.get_submodule(module) for module in before]
+        self._held: list[nn.Module] = []
+        self._activations = None if resumed.state is None else resumed.state["activations"]
+        self._saving = True
+
+    def hold(self, module: str) -> None:
+        self._held.append(self.checkpoint.model.get_submodule(module))
+
+    def restore(
+        self, chunks: list[torch.Tensor] | SpilledChunks, device: torch.device
+    ) -> tuple[int, list[dict[str, Any]]] | None:
+        if self.resumed.state is None:
+            return None
+        try:
+            kwargs = load_activations(self.resumed.journal.parent / self._activations, chunks, device)
+        except QuantizationError as error:
+            raise QuantizationError(f"{error}; rerun with resume=False to start over") from error
+        return self.resumed.state["layer"], kwargs
+
+    def finished(self, index: int, chunks: list[torch.Tensor] | SpilledChunks, kwargs: list[dict[str, Any]]) -> None:
+        if not self._saving:
+            return
+        folder, name = self.resumed.journal.parent, _activations_name(index + 1)
+        try:
+            save_activations(folder / name, chunks, kwargs)
+        except QuantizationError as error:
+            log.warning("%s: this run cannot resume if interrupted", error)
+            self._saving = False
+            return
+        state = {**self.resumed.run, "layer": index + 1, "activations": name}
+        self.writer.checkpoint(lambda shards: _save_journal(self.resumed.journal, {**state, **shards}))
+        if self._activations not in (None, name):
+            (folder / self._activations).unlink(missing_ok=True)
+        self._activations = name
 
     def load(self, index: int, layer: nn.Module) -> None:
         for module in self._held:

@@ -12,6 +12,7 @@ The folder gets the hub's layout: ``model.safetensors`` when one shard suffices,
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class ShardWriter:
 
     ``on_close(state)`` is called each time a shard is complete on disk, with :meth:`state`: the
     journal from which :meth:`resume` continues an interrupted writer after its last complete shard.
+    :meth:`checkpoint` makes every tensor added so far durable, the shard being filled included.
     """
 
     def __init__(
@@ -56,6 +58,8 @@ class ShardWriter:
         self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         self._scratch = None
         self._scratch_bytes = 0
+        self._synced = 0  # complete shards flushed to disk by checkpoint()
+        self._closed_scratch: list[Path] | None = None  # kept from the first checkpoint on: it may name them
 
     def state(self) -> dict[str, Any]:
         """The complete shards (file, data bytes, tensor names) as JSON-ready data."""
@@ -70,9 +74,30 @@ class ShardWriter:
             ]
         }
 
+    def checkpoint(self, commit: Callable[[dict[str, Any]], None]) -> None:
+        """Flush every tensor added so far to disk, then call ``commit`` with the state :meth:`resume`
+        continues from at this very point: :meth:`state` and the shard being filled (``open``: its
+        scratch file, length and tensors). A shard closed after a checkpoint keeps its scratch file
+        until the next ``commit`` returns, as the state committed before may name it."""
+        for path in self._shards[self._synced :]:
+            _fsync(path)
+        self._synced = len(self._shards)
+        state = self.state()
+        if self._scratch is not None:
+            self._scratch.flush()
+            os.fsync(self._scratch.fileno())
+            tensors = {name: [_DTYPE_NAMES[dtype], *rest] for name, (dtype, *rest) in self._entries.items()}
+            state["open"] = {"file": Path(self._scratch.name).name, "bytes": self._scratch_bytes, "tensors": tensors}
+        _fsync(self.directory)
+        commit(state)
+        for path in self._closed_scratch or ():
+            path.unlink(missing_ok=True)
+        self._closed_scratch = []
+
     def resume(self, state: dict[str, Any]) -> None:
         """Adopt the complete shards a :meth:`state` of an earlier writer of this folder lists, after
-        checking each holds exactly its tensors; the shard that writer was filling is started over."""
+        checking each holds exactly its tensors; the shard that writer was filling is started over,
+        or, from a :meth:`checkpoint`'s state, continued after the tensors it had then."""
         if self._shards or self._weight_map:
             raise QuantkitError("a writer resumes before it writes")
         for shard in state["shards"]:
@@ -88,6 +113,23 @@ class ShardWriter:
             self._shards.append(path)
             self._shard_bytes.append(shard["bytes"])
             self.total_bytes += shard["bytes"]
+        if "open" in state:
+            self._reopen(state["open"])
+
+    def _reopen(self, shard: dict[str, Any]) -> None:
+        """Continue filling the shard a :meth:`checkpoint` recorded as ``open``, cut back to its length then."""
+        path, size = self.directory / f".shard-{len(self._shards) + 1}.part", shard["bytes"]
+        if shard["file"] != path.name or not path.is_file() or path.stat().st_size < size:
+            raise QuantkitError(f"the interrupted run's unfinished shard {path} is missing or truncated")
+        self._scratch = path.open("r+b")
+        self._scratch.truncate(size)
+        self._scratch.seek(size)
+        self._scratch_bytes = size
+        self.total_bytes += size
+        self._closed_scratch = []
+        for name, (dtype, shape, begin, end) in shard["tensors"].items():
+            self._entries[name] = (DTYPES[dtype], shape, begin, end)
+            self._weight_map[name] = len(self._shards)
 
     def written(self, name: str) -> bool:
         """Whether ``name`` is in a complete shard."""
@@ -163,9 +205,21 @@ class ShardWriter:
                     out.write(chunk)
                     begin += len(chunk)
         scratch.close()
-        Path(scratch.name).unlink()
+        if self._closed_scratch is None:
+            Path(scratch.name).unlink()
+        else:
+            self._closed_scratch.append(Path(scratch.name))
         self._shards.append(shard)
         self._shard_bytes.append(offset)
         self._scratch, self._entries = None, {}
         if self._on_close is not None:
             self._on_close(self.state())
+
+
+def _fsync(path: Path) -> None:
+    """Flush the file or folder ``path`` to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
