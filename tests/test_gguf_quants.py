@@ -211,3 +211,12 @@ def test_imatrix_favours_important_columns(qtype: str) -> None:
     assert weighted_error(weighted) < 0.95 * weighted_error(plain)
     # A flat importance matrix is llama.cpp's weighted search without emphasis: about as good.
     assert relative_error(w, qtype, imatrix=torch.ones(1024)) < 1.02 * relative_error(w, qtype)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_quantize_runs_inside_inference_mode(qtype: str) -> None:
+    """The chunk threads write into the caller's tensors: under the caller's inference mode."""
+    weight = torch.randn(64, 4096)
+    expected = quantize(weight, qtype)
+    with torch.inference_mode():
+        assert torch.equal(quantize(weight, qtype), expected)

@@ -902,17 +902,24 @@ def _run_chunks(work: Callable[[int], None], starts: range, on_cpu: bool) -> Non
     A chunk runs many small kernels. On CPU, spreading the chunks over a thread pool whose
     kernels run single-threaded scales better than intra-op parallelism, and degrades
     gracefully when other processes compete for the cores; torch's intra-op thread count is
-    set to 1 meanwhile and restored afterwards.
+    set to 1 meanwhile and restored afterwards. The pool's threads run in the caller's inference
+    mode (a thread does not inherit it): their writes land in tensors the caller made.
     """
     threads = torch.get_num_threads()
     if not on_cpu or threads == 1:
         for start in starts:
             work(start)
         return
+    inference = torch.is_inference_mode_enabled()
+
+    def in_callers_mode(start: int) -> None:
+        with torch.inference_mode(inference):
+            work(start)
+
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max(1, min(threads, len(starts)))) as pool:
-            for _ in pool.map(work, starts):
+            for _ in pool.map(in_callers_mode, starts):
                 pass
     finally:
         torch.set_num_threads(threads)
