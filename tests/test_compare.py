@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from safetensors.torch import save_file
 
+import quantkit
 from quantkit.builtin_backends.gptq.config import GPTQConfig
 from quantkit.builtin_backends.rtn.config import RTNConfig
 from quantkit.compare import (
@@ -47,6 +49,7 @@ from quantkit.compare import (
     write_json_atomic,
 )
 from quantkit.compare.plots import plot
+from quantkit.core.dispatch import chosen_kernels, set_kernel
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.resolve import default_comparison
 from quantkit.core.safetensors_files import stored_bytes
@@ -571,6 +574,7 @@ def test_compare_end_to_end_on_the_embedded_model(tmp_path):
     assert rtn["bits_per_param"] == pytest.approx(rtn["estimated_bits_per_param"], rel=0.01)
     assert rtn["size_bytes"] < base["size_bytes"] and rtn["peak_rss_bytes"] > rtn["size_bytes"]
     assert rtn["quantize_seconds"] > 0 and rtn["decode_tokens_per_s"] > 0 and rtn["prefill_tokens_per_s"] > 0
+    assert rtn["kernels"] == "int4-cpu x210" and "kernels" not in base  # g128's ragged last group padded
     for name in ("results.csv", "report.md", "perplexity_vs_bits.png", "perplexity_vs_size.png"):
         assert (out / name).is_file()
 
@@ -584,3 +588,18 @@ def test_checks_class_methods_by_their_stored_code_width():
     checks = {c.name.split()[0]: c for c in run_checks(results)}
     assert checks["4-bit"].status == "PASS", checks["4-bit"].detail
     assert "gguf-q2_k 12.000 in [10.050, 900.000] ok" in checks["4-bit"].detail
+
+
+def test_the_kernels_column_names_what_the_quantized_linears_ran(tiny_llama):
+    model = quantkit.quantize(tiny_llama, RTNConfig(bits=4, group_size=32), device="cpu")
+    ids, rtn = torch.randint(0, 256, (1, 6)), SimpleNamespace(name="rtn")
+    with torch.no_grad():
+        model(ids)
+        layers = len(chosen_kernels(model))
+        assert worker.kernel_summary(model, rtn) == f"int4-cpu x{layers}"
+        set_kernel(model, "dequantize")
+        model(ids)
+    assert worker.kernel_summary(model, rtn) == f"dequantize x{layers}"
+    assert worker.kernel_summary(make_tiny_llama(), None) is None
+    nf4 = quantkit.quantize(make_tiny_llama(), "nf4", device="cpu")
+    assert worker.kernel_summary(nf4, SimpleNamespace(name="bnb")) == "bnb's own layers"

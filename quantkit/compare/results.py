@@ -175,6 +175,9 @@ class Result:
     """Lowest perplexity of the :attr:`evaluations`."""
     perplexity_max: float | None = column(optional=True)
     """Highest perplexity of the :attr:`evaluations`."""
+    kernels: str | None = column(optional=True, label="kernels", group=Group.SPEED, markdown=True)
+    """The kernels the quantized linears ran for the speed columns (``int4-cpu x210``; a backend's
+    layers with their own forward, such as bitsandbytes', by that backend's name)."""
 
     @classmethod
     def of(cls, method: Method, protocol: Protocol, status: str, reason: str = "", **values: Any) -> Result:
@@ -244,8 +247,10 @@ def _columns(kind: type[Result]) -> tuple[Column, ...]:
 
 def columns_of(results: Sequence[Result], view: Literal["csv", "markdown", "terminal"]) -> list[Column]:
     """The columns of ``results`` (their record type's) that ``view`` shows: ``csv`` in field
-    order, ``markdown`` and ``terminal`` by group, then field order."""
+    order, ``markdown`` and ``terminal`` by group, then field order; an optional column only where
+    some result has it (results written before it existed render as they did)."""
     every = (type(results[0]) if results else Result).columns()
+    every = tuple(c for c in every if not c.optional or any(getattr(r, c.name) is not None for r in results))
     if view == "csv":
         return [c for c in every if c.csv]
     chosen = [c for c in every if (c.markdown if view == "markdown" else c.terminal is not None)]

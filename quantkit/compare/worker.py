@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..api import quantize, save
 from ..calibration import calibration_tokens, evaluation_tokens
 from ..core.backend import Backend
 from ..core.config import QuantConfig
-from ..core.dispatch import set_kernel
+from ..core.dispatch import chosen_kernels, set_kernel
 from ..core.linears import quantizable_linears
 from ..core.safetensors_files import stored_bytes
 from ..core.serialization import unique_state_dict
@@ -135,11 +136,22 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
         top1_agreement=result.top1_agreement,
         prefill_tokens_per_s=result.prefill_tokens_per_s,
         decode_tokens_per_s=decode,
+        kernels=kernel_summary(model, backend),
         eval_seconds=result.seconds,
         worker_seconds=time.perf_counter() - started,
         cpu_seconds=_cpu_seconds(),
         environment=environment(),
     )
+
+
+def kernel_summary(model: nn.Module, backend: Backend | None) -> str | None:
+    """The kernels the last forward of ``model``'s quantized linears ran, with their counts
+    (``int4-cpu x181, dequantize x30``); a quantized model without kernel-dispatched layers (they
+    have their own forward) is named by its backend; ``None`` for a float model."""
+    counts = Counter(name for name in chosen_kernels(model).values() if name is not None)
+    if counts:
+        return ", ".join(f"{name} x{count}" for name, count in counts.most_common())
+    return None if backend is None else f"{backend.name}'s own layers"
 
 
 def evaluate_repeatedly(
