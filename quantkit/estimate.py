@@ -31,6 +31,7 @@ states kept on disk (:data:`quantkit.layerwise.SPILL_ATTR`): one chunk of them i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -39,17 +40,19 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
 import torch
+from huggingface_hub import get_safetensors_metadata, hf_hub_download
+from huggingface_hub.errors import NotASafetensorsRepoError
 from torch import nn
 
 from .core.backend import Backend
 from .core.config import QuantConfig
-from .core.errors import ConfigValueError, UnknownMethodError
+from .core.errors import ConfigValueError, ModelFormatError, UnknownMethodError
 from .core.linears import Target, quantizable_linears
 from .core.registry import get_registry
 from .core.safetensors_files import stored_tensors
@@ -123,7 +126,7 @@ def estimate(
 ) -> Estimate:
     """Predict the stored size of a model quantized with ``config``.
 
-    With ``model_config`` (a ``config.json`` path, folder or dict), every
+    With ``model_config`` (a ``config.json`` path, folder, dict or hub id), every
     linear is counted at its real shape and the rest (embeddings, norms,
     skipped modules) at ``dtype``. With only ``params``, all parameters are
     taken as linears of :data:`TYPICAL_SHAPE`.
@@ -141,26 +144,66 @@ def estimate(
     return Estimate(count, count, round(bits), 0)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A model hub repository id (``owner/name``): read when no local path has that name."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+"""The safetensors dtype names of float weights."""
+
+
 def _read_model_config(source: str | os.PathLike | dict) -> dict:
     if isinstance(source, dict):
         return source
     path = Path(source)
-    path = path / "config.json" if path.is_dir() else path
-    return json.loads(path.read_text())
+    if path.exists():
+        path = path / "config.json" if path.is_dir() else path
+        return json.loads(path.read_text())
+    if HUB_ID.fullmatch(str(source)):
+        with _from_hub(str(source), "config.json"):
+            return json.loads(Path(hf_hub_download(str(source), "config.json")).read_text())
+    raise ModelFormatError(f"{str(source)!r} is neither a config.json, a model folder nor a hub id (owner/name)")
+
+
+@contextlib.contextmanager
+def _from_hub(repo: str, what: str) -> Iterator[None]:
+    """Hub failures (offline, gated, no such model) as a :class:`ModelFormatError` naming ``repo``."""
+    try:
+        yield
+    except Exception as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelFormatError(
+            f"could not read the {what} of hub model {repo!r} (offline, gated, or no such model?): {reason}"
+        ) from exc
+
+
+def _stored_dtypes(source: str | os.PathLike | dict) -> Counter[torch.dtype]:
+    """Parameters per float dtype in the checkpoint's safetensors headers: a local folder's (or a
+    ``config.json``'s folder's), or a hub model's (its headers only); empty without any."""
+    counts: Counter[torch.dtype] = Counter()
+    if isinstance(source, dict):
+        return counts
+    folder = Path(source)
+    if folder.exists():
+        folder = folder if folder.is_dir() else folder.parent
+        for tensor in stored_tensors(folder).values() if any(folder.glob("*.safetensors")) else ():
+            if tensor.dtype.is_floating_point:
+                counts[tensor.dtype] += tensor.numel
+        return counts
+    with _from_hub(str(source), "safetensors headers"):
+        try:
+            per_dtype = get_safetensors_metadata(str(source)).parameter_count
+        except NotASafetensorsRepoError:  # .bin weights only: config.json's torch_dtype tells
+            return counts
+    counts.update({SAFETENSORS_DTYPES[name]: n for name, n in per_dtype.items() if name in SAFETENSORS_DTYPES})
+    return counts
 
 
 def stored_model(source: str | os.PathLike | dict) -> nn.Module:
-    """The architecture of a float checkpoint (folder, ``config.json`` or its dict) on the meta
-    device, its parameters in their stored dtype: the one most of the safetensors headers' float
-    tensors name when the folder has them, else config.json's ``torch_dtype`` (float32 without one)."""
+    """The architecture of a float checkpoint (folder, ``config.json``, its dict or a hub id) on the
+    meta device, its parameters in their stored dtype: the one most of the safetensors headers'
+    float tensors name when there are headers, else config.json's ``torch_dtype`` (float32 without
+    one)."""
     raw = _read_model_config(source)
-    folder = None if isinstance(source, dict) else Path(source)
-    folder = folder if folder is None or folder.is_dir() else folder.parent
-    counts: Counter[torch.dtype] = Counter()
-    if folder is not None and any(folder.glob("*.safetensors")):
-        for tensor in stored_tensors(folder).values():
-            if tensor.dtype.is_floating_point:
-                counts[tensor.dtype] += tensor.numel
+    counts = _stored_dtypes(source)
     if counts:
         dtype = counts.most_common(1)[0][0]
     else:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import quantkit
-from quantkit.estimate import REFERENCE_RATES, estimate, estimate_quantization, parse_params
+from quantkit.cli.main import main
+from quantkit.core.errors import ModelFormatError
+from quantkit.estimate import REFERENCE_RATES, estimate, estimate_quantization, parse_params, stored_model
+
+ESTIMATE_MODULE = importlib.import_module("quantkit.estimate")  # the package exports a function of that name
 
 
 @pytest.mark.parametrize(
@@ -246,3 +253,40 @@ def test_other_calibrated_methods_are_priced_by_the_work_their_backend_declares(
     # codeword scoring (2 * 8 FLOPs a distance for 2x8's 8-wide groups) is priced at memory speed, the rest as matmuls
     assert prediction.parts["calibration"].flops == pytest.approx(flops - scoring)
     assert prediction.parts["calibration"].elements == pytest.approx(elements) and elements > 0
+
+
+def test_a_hub_id_is_read_from_its_config_and_safetensors_headers(tmp_path, monkeypatch, capsys):
+    """Only config.json and the headers' parameter counts are fetched (faked here: no hub offline)."""
+    (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2, "torch_dtype": "float32"}))
+    fetched = []
+
+    def download(repo, filename):
+        fetched.append((repo, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(ESTIMATE_MODULE, "hf_hub_download", download)
+    monkeypatch.setattr(
+        ESTIMATE_MODULE,
+        "get_safetensors_metadata",
+        lambda repo: SimpleNamespace(parameter_count={"BF16": 134_515_008, "I64": 1}),
+    )
+    rtn = quantkit.RTNConfig(bits=4, group_size=64)
+    local = estimate(None, rtn, model_config=tmp_path)
+    assert local.quantized_bits / local.quantized_params < 5
+    assert estimate(None, rtn, model_config="HuggingFaceTB/SmolLM2-135M") == local
+    assert fetched[0] == ("HuggingFaceTB/SmolLM2-135M", "config.json")
+    assert next(stored_model("HuggingFaceTB/SmolLM2-135M").parameters()).dtype == torch.bfloat16  # headers, not config
+    rows = []
+    for source in (str(tmp_path), "HuggingFaceTB/SmolLM2-135M"):
+        assert main(["estimate", "--model-config", source, "--method", "rtn-4bit-g64", "--json"]) == 0
+        rows.append(json.loads(capsys.readouterr().out))
+    assert rows[0] == rows[1]
+
+    def offline(repo, filename):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(ESTIMATE_MODULE, "hf_hub_download", offline)
+    with pytest.raises(ModelFormatError, match=r"config.json of hub model 'org/absent' \(offline.*couldn't connect"):
+        estimate(None, model_config="org/absent")
+    with pytest.raises(ModelFormatError, match="neither a config.json, a model folder nor a hub id"):
+        estimate(None, model_config=str(tmp_path / "missing" / "config.json"))

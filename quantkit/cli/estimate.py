@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--params", help="parameter count: 7B, 135M, 13e9 ...")
-    source.add_argument("--model-config", type=Path, help="a model's config.json (or its folder)")
+    source.add_argument(
+        "--model-config", help="a model's config.json, its folder, or a hub id (only its config and headers are read)"
+    )
     parser.add_argument("--method", action="append", help="preset or quant_method (repeatable); fp32/fp16/bf16 too")
     parser.add_argument("--double-quant", action="store_true", help="bitsandbytes double quantization")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
