@@ -146,5 +146,6 @@ def test_plugin_authors_one_liner_passes_a_sound_backend_and_fails_broken_ones(e
         for test, failing in EXPECTED_FAILURES.items()
         for config in (["defaults", "scale_dtype=float16"] if test == "test_example_int8" else ["defaults"])
         for check in CHECKS
+        if check != "streaming_is_the_in_memory_save"  # skipped: these backends do not declare streaming
     }
     assert outcomes == expected, result.stdout[-5000:] + result.stderr[-2000:]

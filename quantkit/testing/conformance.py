@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import re
 import shutil
@@ -49,6 +50,7 @@ from ..core.resolve import as_config
 from ..core.safetensors_files import stored_bytes
 from ..core.serialization import unique_state_dict
 from ..estimate import estimate
+from ..streaming import quantize_streaming
 from .models import tiny_llama, token_ids
 
 if importlib.util.find_spec("peft") is not None:  # quantkit.finetune needs peft
@@ -380,6 +382,40 @@ def unavailable_backend_refuses_load(case: Case) -> None:
             load(path, device=case.device)
 
 
+def streaming_is_the_in_memory_save(case: Case) -> None:
+    """A backend declaring ``streams_modules`` or ``streams_layers``: ``quantkit.quantize_streaming``
+    of the suite's float model, saved by transformers in shards, writes the tensors (names, dtypes,
+    shapes, bytes) and ``config.json`` (but the float model's origin: ``_name_or_path``, ``dtype``)
+    of the in-memory save; a config its ``check_streaming``
+    refuses skips with the reason."""
+    case.require(saved=True)
+    backend = case.backend
+    if not (backend.streams_modules or backend.streams_layers):
+        pytest.skip(f"{backend.name} declares neither streams_modules nor streams_layers")
+    try:
+        backend.check_streaming(case.config)
+    except QuantkitError as error:
+        pytest.skip(f"{backend.name} does not stream this config: {error}")
+    reference = case.quantized().saved[FOLDER]
+    source = case.tmp_path / "float"
+    tiny_llama(vocab=VOCAB).save_pretrained(source, max_shard_size="100KB")
+    streamed = quantize_streaming(
+        source, case.config, case.tmp_path / "streamed", calibration=case.calibration(), device=case.device
+    )
+    got, expected = _saved_tensors(streamed), _saved_tensors(reference)
+    assert got.keys() == expected.keys(), (
+        f"streamed tensors differ in names: missing {sorted(expected.keys() - got.keys())[:5]}, "
+        f"unexpected {sorted(got.keys() - expected.keys())[:5]}"
+    )
+    differing = [name for name in expected if not _same_bytes(got[name], expected[name])]
+    assert not differing, f"streamed tensors differ from the in-memory save's: {differing[:5]}"
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (streamed, reference)]
+    for config in configs:  # where the float model came from: a folder, or the suite's memory
+        for origin in ("_name_or_path", "dtype"):
+            config.pop(origin, None)
+    assert configs[0] == configs[1], "the streamed config.json differs"
+
+
 CHECKS: dict[str, Callable[[Case], None]] = {
     check.__name__: check
     for check in (
@@ -395,6 +431,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
         damaged_checkpoint_is_refused,
         unavailable_backend_refuses_quantize,
         unavailable_backend_refuses_load,
+        streaming_is_the_in_memory_save,
     )
 }
 """Every check by name (its docstring says what it asserts)."""
@@ -609,6 +646,21 @@ def _saved_keys(folder: Path) -> set[str]:
         with safe_open(path, "pt") as f:
             keys.update(f.keys())
     return keys
+
+
+def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            names = f.keys()
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
 
 
 def _module_types(model: nn.Module) -> dict[str, type]:
