@@ -114,8 +114,10 @@ def quantize_streaming(
     finished decoder layer (its tensors flushed to disk, the next layer's input activations saved
     beside them, the previous ones deleted once these are on disk: room for two sets of activations
     at a time): given the same checkpoint, config, calibration token ids, shard size and device
-    type again, it resumes at the first unfinished layer without reading the finished ones.
-    ``resume=False``, or any difference, starts over. A resumed run writes the bytes of an
+    type again, it resumes at the first unfinished layer without reading the finished ones. A
+    single file (``.gguf``) grows in that folder too, the journal recording how many of its tensors
+    are on disk: it resumes after them. Files the config reads (a GGUF importance matrix) count as
+    input. ``resume=False``, or any difference, starts over. A resumed run writes the bytes of an
     uninterrupted one. The output appears at ``out_folder`` only when complete.
 
     The folder is checked whole before anything is written: a damaged one raises
@@ -151,7 +153,7 @@ def quantize_streaming(
         if out.suffix in backend.file_suffixes:  # a single-file format, written tensor by tensor (.gguf)
             if tokenizer is None and (source / "tokenizer_config.json").is_file():
                 tokenizer = model_tokenizer(checkpoint.model)  # the folder's, which the file embeds
-            backend.stream_file(checkpoint, config, out, tokenizer=tokenizer, device=device)
+            _write_file(checkpoint, source, out, backend, config, tokenizer, resume, device)
         else:
             _write_folder(checkpoint, source, out, backend, config, tokens, carried, max_shard_bytes, resume, device)
     log.info("%s: streamed %s in %s", config.quant_method, source, format_seconds(time.perf_counter() - start))
@@ -176,6 +178,7 @@ def _write_folder(
     calibrated = tokens is not None
     targets = {t.name: t for t in backend.targets(checkpoint.model, config, check_weights=False)}
     run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
+    run["inputs"] = _inputs(backend, config)
     run["calibration"] = _calibration_fingerprint(tokens, device) if calibrated else None
     partial = out.parent / f".{out.name}.quantkit-partial"
     with _claimed(partial) as lock:
@@ -229,6 +232,42 @@ def _write_folder(
         _clear(partial)
 
 
+def _write_file(
+    checkpoint: StreamedCheckpoint,
+    source: Path,
+    out: Path,
+    backend: Backend,
+    config: QuantConfig,
+    tokenizer: Any,
+    resume: bool,
+    device: torch.device,
+) -> None:
+    """Write the single file ``out`` (:meth:`Backend.stream_file`) in the work folder, where a
+    journal keeps what the backend records of it: a run of the same checkpoint, config and input
+    files resumes from there (see :func:`quantize_streaming`). Renamed into place when complete."""
+    run = {"config": config.to_dict(), "source": _fingerprint(source), "inputs": _inputs(backend, config)}
+    partial = out.parent / f".{out.name}.quantkit-partial"
+    with _claimed(partial) as lock:
+        journal = partial / JOURNAL
+        state = _recorded(journal, run) if resume else None
+        if state is None:
+            if not resume and journal.is_file():
+                log.info("resume=False: starting over in %s", partial)
+            _clear(partial, keep=lock)
+
+        def record(written: dict[str, Any]) -> None:
+            _save_journal(journal, {**run, "written": written})
+
+        work = partial / out.name
+        resumed = None if state is None else state.get("written")
+        backend.stream_file(
+            checkpoint, config, work, tokenizer=tokenizer, device=device, resumed=resumed, record=record
+        )
+        with atomic_path(out, directory=False) as tmp:
+            os.rename(work, tmp)
+        _clear(partial)
+
+
 def _open(source: Path) -> StreamedCheckpoint:
     """The float checkpoint at ``source``: a folder, or a single file read by the backend owning its suffix."""
     if not source.is_file():
@@ -247,8 +286,25 @@ def _fingerprint(source: Path) -> dict[str, list[int]]:
     return {path.name: [(info := path.stat()).st_size, info.st_mtime_ns] for path in files}
 
 
+def _inputs(backend: Backend, config: QuantConfig) -> dict[str, Any]:
+    """Path -> fingerprint (:func:`_fingerprint`; None when missing) of the files besides the
+    checkpoint that ``config`` reads (:meth:`Backend.input_files`)."""
+    return {str(path): _fingerprint(path) if path.is_file() else None for path in backend.input_files(config)}
+
+
 def _journal(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
     """What an interrupted run of the same ``run`` completed (see :data:`JOURNAL`), or None."""
+    state = _recorded(journal, run)
+    if state is None:
+        return None
+    if run["calibration"] is None:
+        return state if isinstance(state.get("modules"), dict) else None
+    layer = state.get("layer")
+    return state if type(layer) is int and state.get("activations") == _activations_name(layer) else None
+
+
+def _recorded(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
+    """The journal's state if it records the same ``run`` (config, fingerprints), or None."""
     try:
         state = json.loads(journal.read_text())
     except (OSError, ValueError):
@@ -256,12 +312,12 @@ def _journal(journal: Path, run: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(state, dict):
         return None
     if {k: state.get(k) for k in run} != json.loads(json.dumps(run)):
-        log.info("%s is from another checkpoint, config, calibration or shard size: starting over", journal.parent)
+        log.info(
+            "%s is from another checkpoint, config, calibration or shard size (or input file): starting over",
+            journal.parent,
+        )
         return None
-    if run["calibration"] is None:
-        return state if isinstance(state.get("modules"), dict) else None
-    layer = state.get("layer")
-    return state if type(layer) is int and state.get("activations") == _activations_name(layer) else None
+    return state
 
 
 def _save_journal(journal: Path, state: dict[str, Any]) -> None:

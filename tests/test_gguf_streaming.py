@@ -12,6 +12,7 @@ import quantkit
 from quantkit import GGUFConfig
 from quantkit.builtin_backends.gguf import stream_export
 from quantkit.builtin_backends.gguf.imatrix import collect_imatrix
+from quantkit.builtin_backends.gguf.qlinear import GGUFEmbedding
 from quantkit.builtin_backends.gguf.stream_export import write_gguf_streamed
 from quantkit.cli.main import main
 from quantkit.core.errors import QuantizationError, QuantkitError
@@ -84,7 +85,7 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, tokenizer, monkeypa
     quantize = stream_export._quantize
 
     def failing(*args):
-        calls.append(args[2])
+        calls.append(args[1])
         if len(calls) == 5:
             raise RuntimeError("interrupted")
         return quantize(*args)
@@ -98,14 +99,17 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, tokenizer, monkeypa
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def other_type(backend, config, name, module, qtype, *rest):
-        return quantize(backend, config, name, module, "Q4_0", *rest)
+    embedding = GGUFEmbedding.from_embedding
 
-    for patch, error, match in [
-        (full, QuantkitError, "out.gguf"),  # a full disk: a SaveError naming the output
-        (other_type, QuantizationError, "token_embd.weight.*header announced"),
+    def other_type(module, qtype, device=None):
+        return embedding(module, "Q4_0", device)
+
+    for target, patch, error, match in [
+        (stream_export, ("_quantize", full), QuantkitError, "out.gguf"),  # a full disk: a SaveError naming the output
+        (GGUFEmbedding, ("from_embedding", other_type), QuantizationError, "token_embd.weight.*header announced"),
     ]:
-        monkeypatch.setattr(stream_export, "_quantize", patch)
+        monkeypatch.undo()
+        monkeypatch.setattr(target, *patch)
         with pytest.raises(error, match=match):
             _streamed(folder, "Q8_0", path, tokenizer)
         assert path.read_bytes() == b"previous"
@@ -120,7 +124,7 @@ def test_importance_matrix_from_the_config_or_given(tmp_path, tokenizer):
     expected = quantkit.save(quantkit.quantize(model, config), tmp_path / "memory.gguf", tokenizer=tokenizer)
     with StreamedCheckpoint(folder) as checkpoint:
         write_gguf_streamed(checkpoint, config, tmp_path / "config.gguf", tokenizer, CPU)
-        write_gguf_streamed(checkpoint, GGUFConfig(), tmp_path / "given.gguf", tokenizer, CPU, imatrix=matrix)
+        write_gguf_streamed(checkpoint, GGUFConfig(), tmp_path / "given.gguf", tokenizer, CPU, imatrix=config.imatrix)
     assert (tmp_path / "config.gguf").read_bytes() == expected.read_bytes()
     assert (tmp_path / "given.gguf").read_bytes() == expected.read_bytes()
     assert _streamed(folder, "Q4_K_M", tmp_path / "plain.gguf", tokenizer).read_bytes() != expected.read_bytes()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -273,12 +273,29 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
 
     def stream_file(
-        self, checkpoint: StreamedCheckpoint, config: QuantConfig, path: Path, *, tokenizer=None, device: torch.device
+        self,
+        checkpoint: StreamedCheckpoint,
+        config: QuantConfig,
+        path: Path,
+        *,
+        tokenizer=None,
+        device: torch.device,
+        resumed: Mapping[str, Any] | None = None,
+        record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """Write ``checkpoint`` quantized with ``config`` to the single file ``path`` (one of
         ``file_suffixes``) one module at a time, atomically: the bytes :meth:`save_file` writes for
-        the same model quantized in memory (:func:`quantkit.quantize_streaming` to a ``.gguf``)."""
+        the same model quantized in memory (:func:`quantkit.quantize_streaming` to a ``.gguf``).
+
+        With ``record``, ``path`` is a work file written in place instead, and ``record`` is called
+        with a small JSON-able state each time more of it is on disk; given back as ``resumed`` by
+        a later call with the same checkpoint and config, that state lets it keep the file so far."""
         raise NotImplementedError(f"backend {self.name!r} writes no single-file format")
+
+    def input_files(self, config: QuantConfig) -> tuple[Path, ...]:
+        """Files besides the checkpoint that quantizing with ``config`` reads (GGUF: an importance
+        matrix), which a resumed streamed run must find unchanged. None by default."""
+        return ()
 
     def stream_source(self, path: Path) -> StreamedCheckpoint:
         """The float checkpoint in the single file ``path`` (one of ``file_suffixes``), read one

@@ -8,9 +8,10 @@ text first, on the float model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,10 +184,23 @@ class GGUFBackend(Backend):
         write_gguf(model, path, tokenizer)
 
     def stream_file(
-        self, checkpoint: StreamedCheckpoint, config: GGUFConfig, path: Path, *, tokenizer=None, device: torch.device
+        self,
+        checkpoint: StreamedCheckpoint,
+        config: GGUFConfig,
+        path: Path,
+        *,
+        tokenizer=None,
+        device: torch.device,
+        resumed: Mapping[str, Any] | None = None,
+        record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        """A complete llama.cpp ``.gguf``, its header planned before the first tensor is quantized."""
-        write_gguf_streamed(checkpoint, config, path, tokenizer, device)
+        r"""A complete llama.cpp ``.gguf``, its header planned before the first tensor is quantized;
+        ``record``\ ed after each module (its tensors and the file's length)."""
+        write_gguf_streamed(checkpoint, config, path, tokenizer, device, resumed=resumed, record=record)
+
+    def input_files(self, config: GGUFConfig) -> tuple[Path, ...]:
+        """The importance-matrix file, when ``config`` names one."""
+        return (Path(config.imatrix),) if config.imatrix_is_file else ()
 
     def stream_source(self, path: Path) -> GGUFCheckpoint:
         """A llama ``.gguf`` (float or quantized tensors) as a float checkpoint to stream."""
