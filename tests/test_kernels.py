@@ -227,6 +227,7 @@ def test_a_plugin_registers_kernels_through_the_hook():
         "int8-cpu (EetqLinear)": "quantkit's own plugin 'eetq'",
         "eetq (EetqLinear)": "quantkit's own plugin 'eetq'",
         "int4-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
+        "int4x2-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "dequantize-cached (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "int4-cpu (HQQLayer)": "quantkit's own plugin 'hqq'",
     }
@@ -265,7 +266,25 @@ def test_gguf_int4_cpu_decodes_the_blocks_exactly_and_equals_the_reference(qtype
     assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
 
 
+@pytest.mark.parametrize("qtype", gguf_kernels.SPLIT_TYPES)
+@pytest.mark.parametrize("rows", [1, 9, DENSE_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_int4x2_cpu_splits_the_blocks_exactly_and_equals_the_reference(qtype, rows, dtype):
+    """Q8_0 and the 5-bit types: high nibble x 16 + low nibble is each block's code exactly, the two
+    int4 products sum to dequantize-then-matmul up to bfloat16 rounding."""
+    shape = (192, 1536) if qtype == "Q5_K" else (192, 576)
+    module = gguf_layer(*shape, qtype)
+    codes, scales, offsets = gguf_kernels.int4_operands(module)
+    assert torch.equal(regrouped(codes + 8, scales, offsets), module.dequantize())
+    assert int(codes.min()) >= -128 and int(codes.max()) < 128
+    x = torch.randn(2, rows, shape[1]).to(dtype)
+    got = module(x)
+    assert module.kernel_name == "int4x2-cpu" and got.dtype == dtype and got.shape == (2, rows, shape[0])
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
 def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_the_reference():
+    split = next(k for k in get_registry().kernels_for(gguf_layer(64, 256, "Q8_0")) if k.name == "int4x2-cpu")
     for qtype, reason in {
         "Q8_0": "it takes 4-bit codes, not 8-bit",
         "Q5_0": "it takes 4-bit codes, not 5-bit",
@@ -273,9 +292,11 @@ def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_
     }.items():
         module = gguf_layer(64, 256, qtype)
         assert reason in check(int4_kernel_of(module), module, "cpu", None).reason
-        x = torch.randn(3, 256)
-        assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
-        assert module.kernel_name == "dequantize"
+    module = gguf_layer(64, 256, "Q6_K")  # 16-input scales: no int4 group holds them
+    assert "it takes Q8_0, Q5_0, Q5_1, Q5_K weights, not Q6_K" in check(split, module, "cpu", None).reason
+    x = torch.randn(3, 256)
+    assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
+    assert module.kernel_name == "dequantize"
     narrow = gguf_layer(40, 256, "Q4_0")  # torch packs output channels in blocks of 16
     assert "out_features must be a multiple of 16" in check(int4_kernel_of(narrow), narrow, "cpu", None).reason
     with pytest.raises(KernelUnavailableError, match=r"'int4-cpu' cannot serve GGUFLinear on cpu: out_features"):

@@ -18,6 +18,7 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("int4-cpu", ("GPTQLinear",)),
         ("int4-cpu", ("GGUFLinear",)),
         ("int4-cpu", ("HQQLayer",)),
+        ("int4x2-cpu", ("GGUFLinear",)),
         ("int8-cpu", ("EetqLinear",)),
         ("dequantize", ()),
         ("dequantize-cached", ("GGUFLinear",)),
@@ -25,7 +26,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
     int4 = rows[("int4-cpu", ("GPTQLinear",))]
     assert int4["devices"] == ["cpu"] and int4["bits"] == [4] and int4["group_sizes"] == [32, 64, 128, 256]
     assert int4["compute_dtype"] == "bfloat16" and int4["available"] and int4["priority"] > 0
-    assert "in_features must be a multiple of group_size" in int4["shape_limits"]
+    assert int4["shape_limits"] == ["out_features must be a multiple of 16"]  # a ragged last group is padded
+    assert "in_features must be a multiple of group_size" in rows[("int4-cpu", ("HQQLayer",))]["shape_limits"]
     eetq = rows[("eetq", ("EetqLinear",))]
     assert eetq["requires"] == ["EETQ"] and not eetq["available"] and "cuda" in eetq["reason"]
     assert rows[("dequantize", ())]["priority"] == 0 and rows[("dequantize", ())]["available"]
@@ -37,7 +39,8 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    assert names[:8] == ["eetq"] + ["int4-cpu"] * 4 + ["int8-cpu", "dequantize", "dequantize-cached"]  # fastest first
+    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4x2-cpu", "int8-cpu", "dequantize", "dequantize-cached"]
+    assert names[:9] == fastest_first
     out = " ".join(" ".join(lines).split())
     assert "eetq: no cuda device here; missing package(s): EETQ" in out
 

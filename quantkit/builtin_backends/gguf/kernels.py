@@ -8,9 +8,12 @@ store 4-bit codes with one scale and one offset per 32 inputs: exactly torch's
 weight, at the first forward; the state dict keeps the ggml bytes. torch's operator takes scales
 and zeros in bfloat16 (relative rounding 2**-9) and bfloat16 activations: W4A16 numerics, as for
 every ``int4-cpu`` kernel. Q8_0 (int8 codes, one scale per 32 inputs) has no exact torch CPU
-kernel: ``_weight_int8pack_mm`` takes one scale per output channel, ``_int_mm`` quantizes the
-activations too. It and the other types run the dequantize reference, or ``dequantize-cached``
-when the user trades 4 bytes a weight for speed.
+kernel of its own (``_weight_int8pack_mm`` takes one scale per output channel, ``_int_mm``
+quantizes the activations too); it and the 5-bit types (Q5_0, Q5_1 and Q5_K, one scale and offset
+per 32 inputs) run ``int4x2-cpu``: their centred codes split into high and low nibbles, two int4
+products summed (:func:`~quantkit.core.torch_kernels.split_int4_state`). The types with 16-input
+scales (Q2_K, Q3_K, Q6_K) run the dequantize reference, or ``dequantize-cached`` when the user
+trades 4 bytes a weight for speed.
 """
 
 from __future__ import annotations
@@ -19,10 +22,17 @@ import torch
 from torch import Tensor
 
 from quantkit.core.kernels import dequantize_cached_kernel
-from quantkit.core.torch_kernels import Int4State, int4_cpu_kernel, int4_state
+from quantkit.core.torch_kernels import (
+    Int4State,
+    SplitInt4State,
+    int4_cpu_kernel,
+    int4_state,
+    split_int4_cpu_kernel,
+    split_int4_state,
+)
 
 from .qlinear import GGUFLinear
-from .quants import _f16_read, _low_nibble_codes, _unpack, _unpack_k_scales, type_size
+from .quants import _bit4_codes, _f16_read, _low_nibble_codes, _unpack, _unpack_k_scales, type_size
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 """The ggml types torch's int4 CPU kernel runs exactly (up to bfloat16 scales)."""
@@ -50,11 +60,44 @@ def _q4_k(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
+def _q8_0(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = _f16_read(blocks[:, :2])
+    return blocks[:, 2:].contiguous().view(torch.int8).int(), d, torch.zeros_like(d)
+
+
+def _q5_0(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = _f16_read(blocks[:, :2])
+    codes = _low_nibble_codes(blocks[:, 6:]) | _bit4_codes(blocks[:, 2:6])
+    return codes.int() - 16, d, torch.zeros_like(d)
+
+
+def _q5_1(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d, m = _f16_read(blocks[:, :2]), _f16_read(blocks[:, 2:4])
+    codes = _low_nibble_codes(blocks[:, 8:]) | _bit4_codes(blocks[:, 4:8])
+    return codes.int() - 16, d, m + 16 * d
+
+
+def _q5_k(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scales, mins = _unpack_k_scales(blocks[:, 4:16])
+    d = _f16_read(blocks[:, :2]) * scales.float()
+    m = _f16_read(blocks[:, 2:4]) * mins.float()
+    high = _unpack(blocks[:, 16:48], 1, 8, 1)
+    low = _unpack(blocks[:, 48:].reshape(-1, 4, 32), 4, 2, 2).reshape(-1, 8, 32)
+    codes = (low | (high << 4)).reshape(-1, GROUP).int() - 16
+    return codes, d.reshape(-1, 1), (16 * d - m).reshape(-1, 1)
+
+
+_SPLIT_DECODERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q5_K": _q5_k}
+"""The types ``int4x2-cpu`` runs: ``W = codes * scale + offset`` per 32 inputs, signed codes."""
+SPLIT_TYPES = tuple(_SPLIT_DECODERS)
+
+
 def int4_operands(module: GGUFLinear) -> tuple[Tensor, Tensor, Tensor]:
     """``module``'s weight as ``(out, in)`` codes and ``(in / 32, out)`` scales and offsets, with
-    ``W = (codes - 8) * scale + offset`` per 32 inputs (float32, before any rounding)."""
+    ``W = (codes - 8) * scale + offset`` per 32 inputs (float32, before any rounding); for the
+    :data:`SPLIT_TYPES`, ``W = codes * scale + offset`` with signed codes."""
     blocks = module.weight.detach().contiguous().reshape(-1, type_size(module.qtype))
-    codes, scales, offsets = _DECODERS[module.qtype](blocks)
+    codes, scales, offsets = (_DECODERS | _SPLIT_DECODERS)[module.qtype](blocks)
     out, groups = module.out_features, module.in_features // GROUP
     return (
         codes.reshape(out, module.in_features),
@@ -79,6 +122,26 @@ INT4_CPU = int4_cpu_kernel(
     description=(
         "torch's _weight_int4pack_mm_for_cpu on Q4_0/Q4_1/Q4_K blocks repacked once (exact but for "
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
+    ),
+)
+
+
+def _prepare_split(module: GGUFLinear) -> SplitInt4State:
+    return split_int4_state(*int4_operands(module), GROUP)
+
+
+def _split_type(module: GGUFLinear) -> str:
+    return "" if module.qtype in SPLIT_TYPES else f"it takes {', '.join(SPLIT_TYPES)} weights, not {module.qtype}"
+
+
+INT4X2_CPU = split_int4_cpu_kernel(
+    GGUFLinear,
+    prepare=_prepare_split,
+    fits=_split_type,
+    description=(
+        "Q8_0/Q5_0/Q5_1/Q5_K blocks as two int4 products (high and low nibbles of the centred codes) on "
+        "torch's _weight_int4pack_mm_for_cpu, repacked once (exact but for bfloat16 scales and offsets); "
+        "bfloat16 activations (W8A16/W5A16)"
     ),
 )
 DEQUANTIZE_CACHED = dequantize_cached_kernel(GGUFLinear)
