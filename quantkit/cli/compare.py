@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from ..compare import Comparison, Event, Protocol, resolve_methods, run_checks, terminal_table, write_reports
+from ..compare.llama_cpp import check_llama_python
 from ..compare.ray_executor import LOCAL, RayExecutor
 from ..compare.runner import ProcessExecutor
 from ..core.hardware import resolve_device
@@ -78,6 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the results (one object per method) to this file")
     parser.add_argument("--force", action="store_true", help="measure every method again")
     parser.add_argument("--keep-models", action="store_true", help="keep each saved model in OUT/models")
+    parser.add_argument(
+        "--llama-python",
+        metavar="PYTHON",
+        help="a Python that imports llama_cpp (llama-cpp-python): GGUF rows also report llama.cpp's own "
+        "prefill/decode speed on their .gguf, run by it with the same threads and prompt",
+    )
     parser.add_argument(
         "--ray",
         nargs="?",
@@ -164,8 +171,17 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     view = ProgressView(console, len(methods))
     executor = ProcessExecutor() if args.ray is None else RayExecutor(args.ray)
+    if args.llama_python:
+        check_llama_python(args.llama_python)
     comparison = Comparison(
-        methods, protocol, args.out, force=args.force, keep_models=args.keep_models, on_event=view, executor=executor
+        methods,
+        protocol,
+        args.out,
+        force=args.force,
+        keep_models=args.keep_models,
+        llama_python=args.llama_python,
+        on_event=view,
+        executor=executor,
     )
     interrupted = False
     with view:

@@ -175,6 +175,14 @@ class Result:
     """Lowest perplexity of the :attr:`evaluations`."""
     perplexity_max: float | None = column(optional=True)
     """Highest perplexity of the :attr:`evaluations`."""
+    llama_cpp_prefill_tokens_per_s: float | None = column(
+        optional=True, label="llama.cpp prefill tok/s", fmt="{:.0f}", group=Group.SPEED, markdown=True, csv=True
+    )
+    """llama.cpp's own prefill speed on the row's ``.gguf`` (GGUF rows, with ``--llama-python``)."""
+    llama_cpp_decode_tokens_per_s: float | None = column(
+        optional=True, label="llama.cpp decode tok/s", fmt="{:.1f}", group=Group.SPEED, markdown=True, csv=True
+    )
+    """llama.cpp's own decode speed on the row's ``.gguf`` (GGUF rows, with ``--llama-python``)."""
     kernels: str | None = column(optional=True, label="kernels", group=Group.SPEED, markdown=True)
     """The kernels the quantized linears ran for the speed columns (``int4-cpu x210``; a backend's
     layers with their own forward, such as bitsandbytes', by that backend's name)."""

@@ -170,6 +170,8 @@ class Comparison:
     force: bool = False
     keep_models: bool = False
     keep_reference: bool = False
+    llama_python: str | None = None
+    """A Python with ``llama-cpp-python``: GGUF rows also time llama.cpp on their ``.gguf``."""
     on_event: Callable[[Event], None] | None = None
     executor: Executor = field(default_factory=ProcessExecutor)
     paths: RunPaths = field(init=False)
@@ -253,6 +255,7 @@ class Comparison:
             "models": str(self.paths.models) if self.keep_models else None,
             "scratch": str(self.out),
             "estimate": estimate,
+            "llama_python": self.llama_python,
         }
         return Job(method, self.protocol, spec, self.paths.logs / f"{method.name}.log")
 

@@ -36,6 +36,7 @@ from ..core.serialization import unique_state_dict
 from ..evaluate import EvalResult, decode_speed, evaluate
 from ..models import load_model
 from .environment import environment
+from .llama_cpp import llama_cpp_speed
 from .methods import Method, backend_for
 from .protocol import Protocol
 from .results import Result, write_result
@@ -110,6 +111,7 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
     result = median_run(runs)
     report("decode")
     decode = decode_speed(model, eval_ids[:, : protocol.prompt_tokens], protocol.decode_tokens)
+    llama = llama_cpp_speeds(model, tokenizer, backend, job, eval_ids[0, : protocol.prompt_tokens].tolist(), protocol)
     spread: dict[str, float] = {}
     if method.evaluations is not None:
         spread = {"perplexity_min": min(r.perplexity for r in runs), "perplexity_max": max(r.perplexity for r in runs)}
@@ -136,6 +138,7 @@ def measure(job: dict[str, Any], report: Callable[..., None]) -> Result:
         top1_agreement=result.top1_agreement,
         prefill_tokens_per_s=result.prefill_tokens_per_s,
         decode_tokens_per_s=decode,
+        **llama,
         kernels=kernel_summary(model, backend),
         eval_seconds=result.seconds,
         worker_seconds=time.perf_counter() - started,
@@ -152,6 +155,29 @@ def kernel_summary(model: nn.Module, backend: Backend | None) -> str | None:
     if counts:
         return ", ".join(f"{name} x{count}" for name, count in counts.most_common())
     return None if backend is None else f"{backend.name}'s own layers"
+
+
+def llama_cpp_speeds(
+    model: nn.Module,
+    tokenizer: Any,
+    backend: Backend | None,
+    job: dict[str, Any],
+    prompt: list[int],
+    protocol: Protocol,
+) -> dict[str, float]:
+    """llama.cpp's prefill and decode tokens/s on ``model`` written as a ``.gguf`` (in the
+    scratch folder, then removed): for a backend that writes ``.gguf`` files when the job names a
+    ``llama_python``; otherwise nothing."""
+    python = job.get("llama_python")
+    if not python or backend is None or ".gguf" not in backend.file_suffixes:
+        return {}
+    folder = Path(tempfile.mkdtemp(prefix=".save-llama-cpp-", dir=job["scratch"]))
+    try:
+        path = save(model, folder / "model.gguf", tokenizer=tokenizer)
+        prefill, decode = llama_cpp_speed(python, path, prompt, protocol.decode_tokens, protocol.threads)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"llama_cpp_prefill_tokens_per_s": prefill, "llama_cpp_decode_tokens_per_s": decode}
 
 
 def evaluate_repeatedly(
