@@ -1,6 +1,6 @@
 """SmolLM2-135M greedy decode and prefill speed on the CPU: float32 against 4-bit GPTQ, RTN, GGUF
-Q4_0 and HQQ and 8-bit EETQ, each through the kernel selected for its layers and through the
-``dequantize`` reference.
+Q4_0 and HQQ and 8-bit EETQ and GGUF Q8_0, each through the kernel selected for its layers and
+through the ``dequantize`` reference.
 
     python benchmarks/kernel_decode.py
     python benchmarks/kernel_decode.py --new-tokens 32 --repeats 1 --methods rtn,gguf
@@ -14,7 +14,7 @@ tokens (the calibration changes the weights, not the speed); RTN is ``RTNConfig(
 group_size=64)``; GGUF is ``GGUFConfig(quant_type="Q4_0")`` (its tied embedding and output head
 too: the head runs ``int4-cpu`` as well); HQQ is 4-bit group 64 with ``optimize=False`` (the same
 layout and speed as the optimized weights, quantized in seconds); EETQ is int8 per channel
-(``int8-cpu``). g64 divides every SmolLM2 linear
+(``int8-cpu``); GGUF Q8_0 (head included) runs ``int4x2-cpu``. g64 divides every SmolLM2 linear
 (576 and 1536), so every one can take ``int4-cpu``. The float32 output head (49152 x 576, 28 M
 weights, tied to the embedding) of the GPTQ, RTN and HQQ models is timed alone too: its share of
 a decode step is what those methods leave in float32. Variants alternate for ``--repeats`` rounds;
@@ -49,6 +49,7 @@ CONFIGS = {
     ),
     "rtn": ("rtn 4-bit g64", RTNConfig(bits=4, group_size=64)),
     "gguf": ("gguf q4_0", GGUFConfig(quant_type="Q4_0")),
+    "gguf8": ("gguf q8_0", GGUFConfig(quant_type="Q8_0")),
     "hqq": ("hqq 4-bit g64", HQQConfig(nbits=4, group_size=64, optimize=False)),
     "eetq": ("eetq int8", EETQConfig()),
 }
