@@ -135,7 +135,7 @@ def calibrated(config: str) -> bool:
 
 def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> dict:
     """Stream ``config`` from ``source`` into ``out`` in a child process inside a memory group."""
-    peak, seconds = predicted(source, config, args.nsamples, args.seqlen)  # before the run, at its load
+    predicted_peak, seconds = predicted(source, config, args.nsamples, args.seqlen)  # before the run, at its load
     drop_page_cache()
     command = [sys.executable, "-c", CHILD, str(source), config, str(out), str(args.nsamples), str(args.seqlen)]
     env = {**os.environ, "QUANTKIT_QUIET": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -160,7 +160,7 @@ def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> d
         "load_before": load,
         "load_after": load_average(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "predicted_peak": peak,
+        "predicted_peak": predicted_peak,
         "predicted_seconds": seconds,
     }
     if done.returncode:

@@ -22,8 +22,10 @@ and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
 ``benchmarks/estimate_accuracy.py`` and its committed results.
 
 The streamed peak (``streaming=True``) is the process, the shard writer's copy buffer and the
-largest of what one step holds: a module's stored tensors with its quantized copy and the
-method's working memory (calibration-free), or the embedding while the first layer's inputs are
+largest of what one step holds: the finite check of a weight, or a weight's quantized copy with
+the working memory its backend declares (:meth:`~quantkit.core.backend.Backend.working_bytes`;
+calibration-free: the stored weights are memory-mapped, page cache rather than process memory,
+and modules copied through go in the writer's pieces), or the embedding while the first layer's inputs are
 captured, then one decoder layer in its stored dtype with its quantized linears, the calibration
 hidden states and the method's working memory (GPTQ, AWQ). ``spill=True`` counts the hidden
 states kept on disk (:data:`quantkit.layerwise.SPILL_ATTR`): one chunk of them in memory.
@@ -281,8 +283,13 @@ that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 
 MEASURE_ABOVE_SECONDS = 5.0
 """A prediction longer than this at :data:`REFERENCE_RATES` is redone at measured rates."""
 
-PROCESS_BYTES = 300 * 2**20
-"""Resident memory of a Python process that imported torch, transformers and quantkit."""
+PROCESS_BYTES = 320 * 2**20
+"""Anonymous memory of a Python process that imported torch, transformers and quantkit and built the
+model's architecture: 320-330 MiB measured (RssAnon) before a streamed run's first module on
+Llama-3.2-1B shapes, 170 MiB of it after the imports alone."""
+FINITE_CHECK_BYTES = 5
+"""Per weight of the largest weight checked finite before quantizing (:func:`~quantkit.core.linears.check_finite`):
+``torch.isfinite`` of a 16-bit weight makes a float32 copy and a bool result (5.0 measured)."""
 
 # Elementwise work per token of one decoder layer's forward pass besides its matmuls: norms,
 # residuals and rotary embeddings (~ hidden), the MLP's activation (~ mlp), the attention's
@@ -634,34 +641,43 @@ def _nbytes(module: nn.Module, recurse: bool = True) -> int:
 def _streaming_phases(
     model: nn.Module,
     backend: Backend,
+    config: QuantConfig,
     targets: list[Target],
     working: dict[str, int],
     activations: dict[str, int] | None,
 ) -> list[dict[str, int]]:
     """What memory holds at each step of ``quantkit.quantize_streaming`` besides the process and
-    the shard writer: each module by itself (a quantized linear with its quantized copy and
-    ``working`` memory), or, with ``activations`` (a layer-by-layer run), the largest module outside
-    the decoder layers with the activations, then each decoder layer with its quantized linears,
-    the activations and ``working`` memory."""
+    the shard writer: each quantized weight (a target linear's, or one of the backend's other
+    quantizers' modules) checked finite, then quantized with the working memory its backend declares;
+    or, with ``activations`` (a layer-by-layer run), the largest module outside the decoder layers
+    with the activations, then each decoder layer with its quantized linears, the activations and
+    ``working`` memory."""
+    float_bits = 8 * next(model.parameters()).element_size()
     with backend.storage_context(model):
         quantized = {
-            name: (linear, backend.storage_bits(cfg, name, linear.out_features, linear.in_features) // 8)
+            name: (linear.weight, cfg, backend.storage_bits(cfg, name, linear.out_features, linear.in_features) // 8)
             for name, linear, cfg in targets
         }
+        for name in backend.other_quantizers(model, config, torch.device("cpu")) if activations is None else ():
+            weight = model.get_submodule(name).weight
+            size = backend.other_bits(config, model, f"{name}.weight", weight, float_bits) // 8
+            quantized[name] = (weight, config, size)
     if activations is None:
-        phases = [
-            {"largest quantized linear": _nbytes(linear), "its quantized copy": size, **working}
-            for linear, size in quantized.values()
+        return [
+            phase
+            for weight, cfg, size in quantized.values()
+            for phase in (
+                {"finite check": FINITE_CHECK_BYTES * weight.numel()},
+                {"quantizing one weight": backend.working_bytes(cfg, *weight.shape), "its quantized copy": size},
+            )
         ]
-        copied = [_nbytes(m, recurse=False) for n, m in model.named_modules() if n not in quantized]
-        return [*phases, {"largest module copied": max(copied, default=0)}]
     stack = decoder_stack(model)
     inside = {id(m) for layer in stack.layers for m in layer.modules()}
     outside = max((_nbytes(m, False) for m in model.modules() if id(m) not in inside), default=0)
     phases = [{"largest module outside the decoder layers": outside, **activations}]
     for index, layer in enumerate(stack.layers):
         prefix = f"{stack.layer_name(index)}."
-        size = sum(s for name, (_, s) in quantized.items() if name.startswith(prefix))
+        size = sum(s for name, (_, _, s) in quantized.items() if name.startswith(prefix))
         phases.append({"decoder layer": _nbytes(layer), "its quantized linears": size, **activations, **working})
     return phases
 
@@ -700,7 +716,7 @@ def estimate_quantization(
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_weight = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
     parts = {"quantize": Work(elements=per_weight * weights, ops=LINEAR_OPS * len(targets))}
-    working = 6 * largest * 4
+    working = max(backend.working_bytes(cfg, *linear.weight.shape) for _, linear, cfg in targets)
     activations = None  # the hidden states and temporaries of a layer-by-layer calibration
     item = next(model.parameters()).element_size()
     calibration = None
@@ -731,7 +747,7 @@ def estimate_quantization(
     memory = {"process": PROCESS_BYTES}
     if streaming:
         memory["shard writer"] = COPY_BYTES
-        phases = _streaming_phases(model, backend, targets, {"method working": working}, activations)
+        phases = _streaming_phases(model, backend, config, targets, {"method working": working}, activations)
         memory.update(max(phases, key=lambda phase: sum(phase.values())))
     else:
         memory.update({"model": model_bytes, **(activations or {}), "method working": working})

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +13,12 @@ from conftest import make_tiny_llama
 
 import quantkit
 from quantkit import layerwise
+from quantkit.builtin_backends.gguf.backend import CHUNK_WORKING_BYTES
 from quantkit.core.errors import MemoryBudgetError
-from quantkit.estimate import PROCESS_BYTES, REFERENCE_RATES, estimate_quantization
+from quantkit.core.hardware import Hardware
+from quantkit.core.registry import get_registry
+from quantkit.core.shard_writer import COPY_BYTES
+from quantkit.estimate import FINITE_CHECK_BYTES, PROCESS_BYTES, REFERENCE_RATES, estimate_quantization
 from quantkit.memory_budget import parse_bytes, plan_memory
 
 TOKENS = torch.randint(0, 256, (17, 512), generator=torch.Generator().manual_seed(0))
@@ -42,7 +49,7 @@ def test_a_run_over_budget_fails_early_naming_the_smallest_budget(monkeypatch):
         quantkit.quantize(model, config, calibration=TOKENS, device="cpu", max_memory=PROCESS_BYTES)
     message = str(info.value)
     assert info.value.predicted == spilled.peak_bytes and info.value.budget == PROCESS_BYTES
-    assert "smallest budget that would work is" in message and "process 0.29 GiB" in message
+    assert "smallest budget that would work is" in message and "process 0.31 GiB" in message
     assert not hasattr(model, layerwise.SPILL_ATTR) and not hasattr(model, "quantkit_config")
 
 
@@ -51,7 +58,7 @@ def test_an_in_memory_run_over_budget_that_streaming_fits_suggests_it():
     from quantkit.models import default_model_folder
 
     model = stored_model(default_model_folder()).float()  # SmolLM2-135M's shapes, on the meta device
-    with pytest.raises(MemoryBudgetError, match=r"quantize --stream, quantkit.quantize_streaming\) fits 0.4"):
+    with pytest.raises(MemoryBudgetError, match=r"quantize --stream, quantkit.quantize_streaming\) fits 0.39"):
         plan_memory(model, quantkit.RTNConfig(), "0.6GiB", None, streaming=False)
 
 
@@ -169,3 +176,70 @@ def test_a_streamed_run_spills_under_its_budget_with_the_same_output(tmp_path, m
     assert seen == [True]
     assert (out / "model.safetensors").read_bytes() == (kept / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "kept", "out"]  # no spill folder left
+
+
+MEASURE_WORKING = r"""
+import json, sys, threading, torch
+from torch import nn
+from quantkit import as_config
+from quantkit.core.hardware import Hardware
+from quantkit.core.registry import get_registry
+
+def anonymous():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+linear = nn.Linear(1024, 2048, bias=False, dtype=torch.bfloat16)
+peaks = {}
+for name in sys.argv[1:]:
+    config = as_config(name)
+    backend = get_registry().backend_for(config, Hardware.CPU)
+    with torch.no_grad():  # libraries loaded on first use are not working memory
+        backend.quantize_linear("warm.up", nn.Linear(128, 128, dtype=torch.bfloat16), config, torch.device("cpu"))
+    base, peak, stop = anonymous(), [0], threading.Event()
+    def sample():
+        while not stop.wait(0.001):
+            peak[0] = max(peak[0], anonymous() - base)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    with torch.no_grad():
+        module = backend.quantize_linear("model.layers.0.mlp.up_proj", linear, config, torch.device("cpu"))
+    stop.set()
+    thread.join()
+    peaks[name] = peak[0]
+    del module
+print(json.dumps(peaks))
+"""
+
+
+def test_declared_working_memory_matches_the_measured_peak_of_quantizing_one_linear():
+    """Each backend's working_bytes plus its quantized copy against the anonymous memory quantizing a
+    2048 x 1024 bfloat16 linear takes, in a fresh process whose allocator maps (and returns) every
+    block over 64 KiB, so that no memory freed earlier hides or inflates the figure."""
+    configs = ["rtn-4bit-g128", "nf4", "hqq-4bit-g64"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE", "QUANTKIT_QUIET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_WORKING, *configs], env=env, capture_output=True, text=True, check=True
+    )
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in configs:
+        config = quantkit.as_config(name)
+        backend = get_registry().backend_for(config, Hardware.CPU)
+        declared = backend.working_bytes(config, 2048, 1024) + backend.storage_bits(config, "", 2048, 1024) // 8
+        assert 0.75 <= measured[name] / declared <= 1.15, (name, measured[name], declared)
+
+
+def test_the_streamed_peak_of_a_calibration_free_method_counts_the_largest_quantized_weight(tmp_path):
+    _tiny_checkpoint(tmp_path)  # linears of 128 x 64 at most, a 256 x 64 embedding
+    config = quantkit.RTNConfig(group_size=32)
+    rtn = estimate_quantization(tmp_path, config, streaming=True, rates=REFERENCE_RATES)
+    quantized = get_registry().backend_for(config, Hardware.CPU).storage_bits(config, "", 64, 128) // 8  # down_proj
+    assert rtn.memory == {
+        "process": PROCESS_BYTES,
+        "shard writer": COPY_BYTES,
+        "quantizing one weight": 4 * 4 * 128 * 64,  # RTN's four float32 copies
+        "its quantized copy": quantized,
+    }
+    gguf = estimate_quantization(tmp_path, quantkit.as_config("gguf-q4_k_m"), streaming=True, rates=REFERENCE_RATES)
+    assert gguf.memory["quantizing one weight"] == CHUNK_WORKING_BYTES  # the embedding, its largest weight, too
+    assert FINITE_CHECK_BYTES * 256 * 64 < CHUNK_WORKING_BYTES
