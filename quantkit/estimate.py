@@ -55,7 +55,7 @@ from torch import nn
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigValueError, ModelFormatError, UnknownMethodError
-from .core.linears import Target, quantizable_linears
+from .core.linears import FINITE_CHECK_ELEMENTS, Target, quantizable_linears
 from .core.registry import get_registry
 from .core.safetensors_files import stored_tensors
 from .core.shard_writer import COPY_BYTES
@@ -288,8 +288,9 @@ PROCESS_BYTES = 320 * 2**20
 model's architecture: 320-330 MiB measured (RssAnon) before a streamed run's first module on
 Llama-3.2-1B shapes, 170 MiB of it after the imports alone."""
 FINITE_CHECK_BYTES = 5
-"""Per weight of the largest weight checked finite before quantizing (:func:`~quantkit.core.linears.check_finite`):
-``torch.isfinite`` of a 16-bit weight makes a float32 copy and a bool result (5.0 measured)."""
+"""Per weight checked finite at a time before quantizing (:func:`~quantkit.core.linears.check_finite`,
+:data:`~quantkit.core.linears.FINITE_CHECK_ELEMENTS` at most): ``torch.isfinite`` of a 16-bit weight
+makes a float32 copy and a bool result (5.0 measured)."""
 
 # Elementwise work per token of one decoder layer's forward pass besides its matmuls: norms,
 # residuals and rotary embeddings (~ hidden), the MLP's activation (~ mlp), the attention's
@@ -667,7 +668,7 @@ def _streaming_phases(
             phase
             for weight, cfg, size in quantized.values()
             for phase in (
-                {"finite check": FINITE_CHECK_BYTES * weight.numel()},
+                {"finite check": FINITE_CHECK_BYTES * min(weight.numel(), FINITE_CHECK_ELEMENTS)},
                 {"quantizing one weight": backend.working_bytes(cfg, *weight.shape), "its quantized copy": size},
             )
         ]

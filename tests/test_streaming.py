@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 import quantkit
 from quantkit import streaming
 from quantkit.cli.main import main
-from quantkit.core import shard_writer
+from quantkit.core import linears, shard_writer
 from quantkit.core.empty_models import empty_model
 from quantkit.core.errors import QuantkitError
 from quantkit.core.safetensors_files import INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, read_header
@@ -428,3 +428,13 @@ def test_a_nan_weight_stops_a_calibrated_run_and_leaves_no_output(float_folder, 
     partial = tmp_path / ".out.quantkit-partial"  # kept only when layer 0 was finished, to resume from
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float"] or (partial / streaming.JOURNAL).is_file()
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_are_checked_finite_a_piece_at_a_time(monkeypatch):
+    """A whole 8B embedding checked at once would take 2.5 GiB (a float32 copy and a bool mask)."""
+    monkeypatch.setattr(linears, "FINITE_CHECK_ELEMENTS", 100)
+    weight = torch.zeros(30, 40, dtype=torch.bfloat16)
+    linears.check_finite("ok", weight)
+    weight[29, 39], weight[3, 1] = float("nan"), float("inf")
+    with pytest.raises(QuantkitError, match=r"bad\.weight holds 2 NaN/Inf values"):
+        linears.check_finite("bad", weight)
