@@ -214,9 +214,11 @@ def test_imatrix_favours_important_columns(qtype: str) -> None:
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
-def test_quantize_runs_inside_inference_mode(qtype: str) -> None:
-    """The chunk threads write into the caller's tensors: under the caller's inference mode."""
+def test_quantize_runs_inside_inference_mode_and_on_tensors_that_require_grad(qtype: str) -> None:
+    """The chunk threads write into the caller's tensors: under the caller's inference mode, on a
+    weight detached from any graph."""
     weight = torch.randn(64, 4096)
     expected = quantize(weight, qtype)
     with torch.inference_mode():
         assert torch.equal(quantize(weight, qtype), expected)
+    assert torch.equal(quantize(weight.requires_grad_(), qtype), expected)  # a Parameter, outside no_grad

@@ -941,7 +941,7 @@ def quantize(weight: Tensor, qtype: str, imatrix: Tensor | None = None) -> Tenso
     if cols % bs:
         raise ValueError(f"{qtype}: row length {cols} is not a multiple of the block size {bs}")
     out_shape = (*weight.shape[:-1], cols // bs * ts)
-    x = weight.contiguous()
+    x = weight.detach().contiguous()  # no graph: the chunk threads run with grad mode on
     if qtype == "F32":
         return x.to(torch.float32).view(torch.uint8).reshape(out_shape).clone()
     if imatrix is not None:
