@@ -237,11 +237,11 @@ def test_untied_output_takes_the_output_rule_unless_skipped():
         vocab_size=128,
         tie_word_embeddings=False,
     )
-    everything = GGUFConfig(quant_type="Q4_K_M", modules_to_not_convert=[])
-    model = quantkit.quantize(LlamaForCausalLM(config).eval(), everything)
+    model = quantkit.quantize(LlamaForCausalLM(config).eval(), GGUFConfig(quant_type="Q4_K_M"))  # as llama.cpp
     assert model.lm_head.qtype == "Q8_0"  # llama.cpp's output rule when rows are not multiples of 256
     assert model.model.embed_tokens.qtype == "Q5_0"  # token_embd: the mix's Q4_K, falling back
-    kept = quantkit.quantize(LlamaForCausalLM(config).eval(), GGUFConfig(quant_type="Q4_K_M"))
+    skipped = GGUFConfig(quant_type="Q4_K_M", modules_to_not_convert=["lm_head"])
+    kept = quantkit.quantize(LlamaForCausalLM(config).eval(), skipped)
     assert type(kept.lm_head) is nn.Linear
 
 

@@ -170,7 +170,8 @@ def test_untied_model_with_float_head_round_trips(tmp_path):
         vocab_size=512,
         tie_word_embeddings=False,
     )
-    model = quantkit.quantize(LlamaForCausalLM(config).eval(), GGUFConfig(quant_type="Q5_1"))
+    float_head = GGUFConfig(quant_type="Q5_1", modules_to_not_convert=["lm_head"])
+    model = quantkit.quantize(LlamaForCausalLM(config).eval(), float_head)
     quantkit.save(model, tmp_path / "m.gguf")
     tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
     assert tensors["output.weight"].tensor_type.name == "F32"  # lm_head is in modules_to_not_convert

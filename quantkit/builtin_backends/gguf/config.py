@@ -46,9 +46,14 @@ class GGUFConfig(QuantConfig):
     from ``llama-imatrix`` or :meth:`ImportanceMatrix.save`), or calibration text (a dataset
     name such as ``"pydoc"``, or a text file) from which ``nsamples`` windows of ``seqlen``
     tokens are drawn and a matrix is collected on the float model before quantizing.
+
+    As llama-quantize, every linear is quantized by default, the output matrix too (Q6_K in the
+    mixes): ``modules_to_not_convert`` is empty unless given.
     """
 
     quant_method: ClassVar[str] = "gguf"
+
+    modules_to_not_convert: list[str] = spec([], allowed="a list of module names or glob patterns")
 
     quant_type: str = spec("Q4_K_M", choices=tuple(dict.fromkeys(GGUF_TENSOR_TYPES + GGUF_MIXES)))
     imatrix: str | None = spec(
