@@ -43,6 +43,7 @@ from run_log import RunLog  # this folder's scripts import each other when run
 from transformers import AutoTokenizer
 
 from quantkit import GGUFConfig, quantize_streaming
+from quantkit.compare.llama_cpp import SCRIPT as LLAMA_CPP
 from quantkit.core.safetensors_files import stored_bytes
 from quantkit.models import default_model_folder
 
@@ -122,39 +123,6 @@ model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 print(json.dumps({**speeds(model), "peak_rss": peak()}))
 """
 )
-
-LLAMA_CPP = r"""
-import json, resource, sys, time
-import numpy as np
-import llama_cpp
-path, ids, new, threads, warmup = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
-llm = llama_cpp.Llama(
-    model_path=path, n_ctx=len(ids) + warmup + new + 8, n_batch=len(ids), n_ubatch=len(ids),
-    n_threads=threads, n_threads_batch=threads, verbose=False,
-)
-n_vocab = llm.n_vocab()
-
-def greedy():
-    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
-
-llm.eval(ids)  # warm-up
-llm.reset()  # the next eval drops the cache from position 0
-start = time.perf_counter()
-llm.eval(ids)
-prefill = len(ids) / (time.perf_counter() - start)
-token = greedy()
-for step in range(warmup + new):
-    if step == warmup:
-        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-        start = time.perf_counter()
-    llm.eval([token])  # a fixed number of tokens: no EOS check
-    token = greedy()
-decode = new / (time.perf_counter() - start)
-perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-own = perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"prefill": prefill, "decode": decode, "decode_perf_counters": own, "peak_rss": peak}))
-"""
 
 
 def child(command: list[str], threads: int) -> dict:

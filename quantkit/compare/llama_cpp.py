@@ -20,7 +20,7 @@ from ..core.errors import QuantkitError
 WARMUP = 2
 
 SCRIPT = r"""
-import json, sys, time
+import json, resource, sys, time
 import numpy as np
 import llama_cpp
 path, ids, new, threads, warmup = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
@@ -41,10 +41,15 @@ prefill = len(ids) / (time.perf_counter() - start)
 token = greedy()
 for step in range(warmup + new):
     if step == warmup:
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         start = time.perf_counter()
-    llm.eval([token])
+    llm.eval([token])  # a fixed number of tokens: no EOS check
     token = greedy()
-print(json.dumps({"prefill": prefill, "decode": new / (time.perf_counter() - start)}))
+decode = new / (time.perf_counter() - start)
+perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+own = perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"prefill": prefill, "decode": decode, "decode_perf_counters": own, "peak_rss": peak}))
 """
 
 
