@@ -109,9 +109,18 @@ def _prepare_int4(module: nn.Module) -> Int4State:
     return int4_state(codes, scales, scales * (8 - zeros), module.group_size, order)
 
 
+def _dense(x: Tensor) -> bool:
+    """Whether ``x`` has the rows for which a bfloat16 GEMM on the dequantized weight is faster."""
+    return x.shape[0] >= DENSE_ROWS and bf16_native("cpu")
+
+
+def _dense_matmul(module: nn.Module, x: Tensor) -> Tensor:
+    return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
+
+
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
-    if x.shape[0] >= DENSE_ROWS and bf16_native("cpu"):
-        return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
+    if _dense(x):
+        return _dense_matmul(module, x)
     activations = (x if state.order is None else x.index_select(1, state.order)).to(torch.bfloat16)
     if state.padding:
         activations = F.pad(activations, (0, state.padding))
@@ -143,8 +152,8 @@ def split_int4_state(codes: Tensor, scales: Tensor, offsets: Tensor, group_size:
 
 
 def _split_int4_matmul(module: nn.Module, state: SplitInt4State, x: Tensor) -> Tensor:
-    if x.shape[0] >= DENSE_ROWS and bf16_native("cpu"):
-        return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
+    if _dense(x):
+        return _dense_matmul(module, x)
     activations = x.to(torch.bfloat16)
     out = [
         torch.ops.aten._weight_int4pack_mm_for_cpu(activations, part.packed, part.group_size, part.scale_zeros)
