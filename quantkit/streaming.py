@@ -180,15 +180,7 @@ def _write_folder(
     run = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes, "source": _fingerprint(source)}
     run["inputs"] = _inputs(backend, config)
     run["calibration"] = _calibration_fingerprint(tokens, device) if calibrated else None
-    partial = out.parent / f".{out.name}.quantkit-partial"
-    with _claimed(partial) as lock:
-        journal = partial / JOURNAL
-        state = _journal(journal, run) if resume else None
-        if state is None:
-            if not resume and journal.is_file():
-                log.info("resume=False: starting over in %s", partial)
-            _clear(partial, keep=lock)
-
+    with _work_folder(out, resume, lambda journal: _journal(journal, run)) as (partial, journal, lock, state):
         outputs: dict[str, list[str]] = {}  # module -> the names of its tensors in the output
 
         def record(shards: dict[str, Any]) -> None:
@@ -246,14 +238,7 @@ def _write_file(
     journal keeps what the backend records of it: a run of the same checkpoint, config and input
     files resumes from there (see :func:`quantize_streaming`). Renamed into place when complete."""
     run = {"config": config.to_dict(), "source": _fingerprint(source), "inputs": _inputs(backend, config)}
-    partial = out.parent / f".{out.name}.quantkit-partial"
-    with _claimed(partial) as lock:
-        journal = partial / JOURNAL
-        state = _recorded(journal, run) if resume else None
-        if state is None:
-            if not resume and journal.is_file():
-                log.info("resume=False: starting over in %s", partial)
-            _clear(partial, keep=lock)
+    with _work_folder(out, resume, lambda journal: _recorded(journal, run)) as (partial, journal, _, state):
 
         def record(written: dict[str, Any]) -> None:
             _save_journal(journal, {**run, "written": written})
@@ -335,6 +320,29 @@ def _calibration_fingerprint(tokens: torch.Tensor, device: torch.device) -> dict
 def _activations_name(layer: int) -> str:
     """The work folder's file of the calibration activations entering decoder layer ``layer``."""
     return f".activations-{layer}.safetensors"
+
+
+class _WorkFolder(NamedTuple):
+    partial: Path
+    journal: Path
+    lock: Path
+    state: dict[str, Any] | None
+    """What the interrupted run recorded in ``journal`` (None: a fresh start in an emptied folder)."""
+
+
+@contextlib.contextmanager
+def _work_folder(out: Path, resume: bool, recorded: Callable[[Path], dict[str, Any] | None]) -> Iterator[_WorkFolder]:
+    """The work folder ``.NAME.quantkit-partial`` beside ``out``, locked (:func:`_claimed`), with
+    ``recorded(journal)`` of the run that left it when resuming, else emptied."""
+    partial = out.parent / f".{out.name}.quantkit-partial"
+    with _claimed(partial) as lock:
+        journal = partial / JOURNAL
+        state = recorded(journal) if resume else None
+        if state is None:
+            if not resume and journal.is_file():
+                log.info("resume=False: starting over in %s", partial)
+            _clear(partial, keep=lock)
+        yield _WorkFolder(partial, journal, lock, state)
 
 
 @contextlib.contextmanager

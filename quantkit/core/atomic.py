@@ -92,7 +92,7 @@ def atomic_path(path: Path, *, directory: bool) -> Iterator[Path]:
             else:
                 os.replace(target, path)
         with _as_save_error(path, "the new output is in place but may not be on disk yet"):
-            _fsync(path.parent)
+            fsync_path(path.parent)
     finally:
         _remove(tmp)  # what is left of the temporary, or the old folder swapped out to its name
         os.close(lock)
@@ -122,7 +122,7 @@ def recover(path: Path) -> None:
                 continue  # removed meanwhile by the writer that set it aside
             if not os.path.lexists(path):
                 os.rename(aside, path)
-                _fsync(path.parent)
+                fsync_path(path.parent)
             else:
                 _remove(aside)
 
@@ -254,7 +254,8 @@ def _changed(item: Path) -> float:
         return 0.0
 
 
-def _fsync(item: Path) -> None:
+def fsync_path(item: Path) -> None:
+    """Flush the file or folder ``item`` to disk."""
     descriptor = os.open(item, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -265,7 +266,7 @@ def _fsync(item: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     """Flush the file ``root``, or every file and folder in the folder ``root``, to disk (contents first)."""
     for item in reversed([root, *root.rglob("*")] if root.is_dir() else [root]):
-        _fsync(item)
+        fsync_path(item)
 
 
 def _umask(scratch: Path) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .atomic import fsync_path
 from .errors import ConfigValueError, QuantkitError
 from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, WRITE_ORDER, read_header
 
@@ -80,7 +81,7 @@ class ShardWriter:
         scratch file, length and tensors). A shard closed after a checkpoint keeps its scratch file
         until the next ``commit`` returns, as the state committed before may name it."""
         for path in self._shards[self._synced :]:
-            _fsync(path)
+            fsync_path(path)
         self._synced = len(self._shards)
         state = self.state()
         if self._scratch is not None:
@@ -88,7 +89,7 @@ class ShardWriter:
             os.fsync(self._scratch.fileno())
             tensors = {name: [_DTYPE_NAMES[dtype], *rest] for name, (dtype, *rest) in self._entries.items()}
             state["open"] = {"file": Path(self._scratch.name).name, "bytes": self._scratch_bytes, "tensors": tensors}
-        _fsync(self.directory)
+        fsync_path(self.directory)
         commit(state)
         for path in self._closed_scratch or ():
             path.unlink(missing_ok=True)
@@ -214,12 +215,3 @@ class ShardWriter:
         self._scratch, self._entries = None, {}
         if self._on_close is not None:
             self._on_close(self.state())
-
-
-def _fsync(path: Path) -> None:
-    """Flush the file or folder ``path`` to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
