@@ -65,7 +65,7 @@ from .core.atomic import atomic_path
 from .core.errors import QuantizationError
 from .core.linears import Target, set_submodule
 from .core.progress import track
-from .core.safetensors_files import DTYPES, WRITE_ORDER
+from .core.safetensors_files import header_bytes
 from .distributed import Distributed, DistributedError, session
 
 log = logging.getLogger("quantkit")
@@ -83,7 +83,6 @@ SPILL_ATTR = "quantkit_activation_spill"
 disk (absent or ``None``: in memory)."""
 ACTIVATIONS_METADATA = "quantkit_activations"
 """The metadata key of a :func:`save_activations` file: its layout (chunks, keyword arguments) as JSON."""
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -261,19 +260,11 @@ def save_activations(path: Path, chunks: list[torch.Tensor] | SpilledChunks, kwa
         specs[f"hidden.{c}"] = (
             chunks.spec(c) if isinstance(chunks, SpilledChunks) else (chunks[c].shape, chunks[c].dtype)
         )
-    order = sorted(specs, key=lambda name: (WRITE_ORDER.index(_DTYPE_NAMES[specs[name][1]]), name))
     metadata = {ACTIVATIONS_METADATA: json.dumps({"chunks": len(chunks), "kwargs": layout})}
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        shape, dtype = specs[name]
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    sized = {name: (dtype, shape, math.prod(shape) * dtype.itemsize) for name, (shape, dtype) in specs.items()}
+    head, order = header_bytes(sized, metadata)
     with atomic_path(path, directory=False) as tmp, tmp.open("wb") as file:
-        file.write(len(text).to_bytes(8, "little") + text)
+        file.write(head)
         for name in order:
             tensor = chunks[int(name.removeprefix("hidden."))] if name.startswith("hidden.") else tensors[name]
             file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -9,9 +9,10 @@ failure is a :class:`ModelFormatError` naming the file and the entry.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -53,6 +54,26 @@ WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "
 WRITE_ORDER += ("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
 """The order in which the safetensors library lays tensors out in a file, by dtype (then by name):
 a file written in it has the bytes ``safetensors.torch.save_file`` writes."""
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+"""torch dtype -> its safetensors name."""
+
+
+def header_bytes(
+    tensors: Mapping[str, tuple[torch.dtype, Sequence[int], int]], metadata: Mapping[str, str]
+) -> tuple[bytes, list[str]]:
+    """The start of a safetensors file holding ``tensors`` (name -> dtype, shape, bytes): the header's
+    8-byte length and the header padded to 8 bytes, the data laid out in safetensors' own order
+    (by dtype as :data:`WRITE_ORDER`, then name); and that order, in which the data must follow."""
+    order = sorted(tensors, key=lambda name: (WRITE_ORDER.index(DTYPE_NAMES[tensors[name][0]]), name))
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        dtype, shape, size = tensors[name]
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
 
 
 @dataclass(frozen=True)

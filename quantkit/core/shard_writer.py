@@ -21,14 +21,21 @@ import torch
 
 from .atomic import fsync_path
 from .errors import ConfigValueError, QuantkitError
-from .safetensors_files import DTYPES, INDEX_NAME, SAFETENSORS_METADATA, WEIGHTS_NAME, WRITE_ORDER, read_header
+from .safetensors_files import (
+    DTYPE_NAMES,
+    DTYPES,
+    INDEX_NAME,
+    SAFETENSORS_METADATA,
+    WEIGHTS_NAME,
+    header_bytes,
+    read_header,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """The hub's shard size (5 GB)."""
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 COPY_BYTES = 64 * 2**20
 """Bytes copied at a time from a shard's scratch file into the shard."""
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class ShardWriter:
@@ -87,7 +94,7 @@ class ShardWriter:
         if self._scratch is not None:
             self._scratch.flush()
             os.fsync(self._scratch.fileno())
-            tensors = {name: [_DTYPE_NAMES[dtype], *rest] for name, (dtype, *rest) in self._entries.items()}
+            tensors = {name: [DTYPE_NAMES[dtype], *rest] for name, (dtype, *rest) in self._entries.items()}
             state["open"] = {"file": Path(self._scratch.name).name, "bytes": self._scratch_bytes, "tensors": tensors}
         fsync_path(self.directory)
         commit(state)
@@ -143,7 +150,7 @@ class ShardWriter:
         dtype = dtype or tensor.dtype
         if name in self._weight_map:
             raise QuantkitError(f"tensor {name!r} is written twice")
-        if dtype not in _DTYPE_NAMES:
+        if dtype not in DTYPE_NAMES:
             raise QuantkitError(f"tensor {name!r} has dtype {dtype}; safetensors stores {', '.join(DTYPES)}")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         nbytes = flat.numel() * dtype.itemsize
@@ -183,19 +190,13 @@ class ShardWriter:
     def _close_shard(self) -> None:
         """Write the shard being filled (header, then its scratch data in safetensors' order)."""
         scratch, entries = self._scratch, self._entries
-        order = sorted(entries, key=lambda key: (WRITE_ORDER.index(_DTYPE_NAMES[entries[key][0]]), key))
-        header: dict[str, object] = {"__metadata__": SAFETENSORS_METADATA}
-        offset = 0
-        for key in order:
-            dtype, shape, begin, end = entries[key]
-            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + end - begin]}
-            offset += end - begin
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        head, order = header_bytes(
+            {key: (dtype, shape, end - begin) for key, (dtype, shape, begin, end) in entries.items()},
+            SAFETENSORS_METADATA,
+        )
         shard = self.directory / f".shard-{len(self._shards) + 1}.safetensors"
         with shard.open("wb") as out:
-            out.write(len(text).to_bytes(8, "little"))
-            out.write(text)
+            out.write(head)
             for key in order:
                 _, _, begin, end = entries[key]
                 scratch.seek(begin)
@@ -211,7 +212,7 @@ class ShardWriter:
         else:
             self._closed_scratch.append(Path(scratch.name))
         self._shards.append(shard)
-        self._shard_bytes.append(offset)
+        self._shard_bytes.append(sum(end - begin for _, _, begin, end in entries.values()))
         self._scratch, self._entries = None, {}
         if self._on_close is not None:
             self._on_close(self.state())
