@@ -49,10 +49,15 @@ def _q4_1(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _low_nibble_codes(blocks[:, 4:]), d, m + 8 * d
 
 
-def _q4_k(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _k_sub_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K/Q5_K super-blocks' scale ``d * sc`` and minimum ``dmin * mn`` of each 32-weight
+    sub-block, ``(n, 8)`` float32 (``W = d * sc * q - dmin * mn``)."""
     scales, mins = _unpack_k_scales(blocks[:, 4:16])
-    d = _f16_read(blocks[:, :2]) * scales.float()
-    m = _f16_read(blocks[:, 2:4]) * mins.float()
+    return _f16_read(blocks[:, :2]) * scales.float(), _f16_read(blocks[:, 2:4]) * mins.float()
+
+
+def _q4_k(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d, m = _k_sub_blocks(blocks)
     codes = _unpack(blocks[:, 16:].reshape(-1, 4, 32), 4, 2, 2).reshape(-1, GROUP)
     return codes, d.reshape(-1, 1), (8 * d - m).reshape(-1, 1)
 
@@ -78,9 +83,7 @@ def _q5_1(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _q5_k(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    scales, mins = _unpack_k_scales(blocks[:, 4:16])
-    d = _f16_read(blocks[:, :2]) * scales.float()
-    m = _f16_read(blocks[:, 2:4]) * mins.float()
+    d, m = _k_sub_blocks(blocks)
     high = _unpack(blocks[:, 16:48], 1, 8, 1)
     low = _unpack(blocks[:, 48:].reshape(-1, 4, 32), 4, 2, 2).reshape(-1, 8, 32)
     codes = (low | (high << 4)).reshape(-1, GROUP).int() - 16
