@@ -57,7 +57,7 @@ from .core.config import QuantConfig
 from .core.errors import ConfigValueError, ModelFormatError, UnknownMethodError
 from .core.linears import FINITE_CHECK_ELEMENTS, Target, quantizable_linears
 from .core.registry import get_registry
-from .core.safetensors_files import stored_tensors
+from .core.safetensors_files import DTYPES, stored_tensors
 from .core.shard_writer import COPY_BYTES
 from .layerwise import DEFAULT_CHUNK_TOKENS, LLAMA_GROUPS, decoder_stack
 
@@ -148,8 +148,6 @@ def estimate(
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 """A model hub repository id (``owner/name``): read when no local path has that name."""
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-"""The safetensors dtype names of float weights."""
 
 
 def _read_model_config(source: str | os.PathLike | dict) -> dict:
@@ -195,7 +193,8 @@ def _stored_dtypes(source: str | os.PathLike | dict) -> Counter[torch.dtype]:
             per_dtype = get_safetensors_metadata(str(source)).parameter_count
         except NotASafetensorsRepoError:  # .bin weights only: config.json's torch_dtype tells
             return counts
-    counts.update({SAFETENSORS_DTYPES[name]: n for name, n in per_dtype.items() if name in SAFETENSORS_DTYPES})
+    stored = {DTYPES[name]: n for name, n in per_dtype.items() if name in DTYPES}
+    counts.update({dtype: n for dtype, n in stored.items() if dtype.is_floating_point})
     return counts
 
 
