@@ -14,7 +14,9 @@ tokens (the calibration changes the weights, not the speed); RTN is ``RTNConfig(
 group_size=64)``; GGUF is ``GGUFConfig(quant_type="Q4_0")`` (its tied embedding and output head
 too: the head runs ``int4-cpu`` as well); HQQ is 4-bit group 64 with ``optimize=False`` (the same
 layout and speed as the optimized weights, quantized in seconds); EETQ is int8 per channel
-(``int8-cpu``); GGUF Q8_0 (head included) runs ``int4x2-cpu``. g64 divides every SmolLM2 linear
+(``int8-cpu``); GGUF Q8_0 (head included) runs ``int4x2-cpu``. Not run by default: the GGUF mixes
+Q4_K_M, Q6_K and Q2_K (their 16-input-scale tensors run ``gemv-inductor``), HQQ 2-bit g16
+(``gemv-inductor``), and bitsandbytes NF4 and FP4 (``bnb-cpu``). g64 divides every SmolLM2 linear
 (576 and 1536), so every one can take ``int4-cpu``. The float32 output head (49152 x 576, 28 M
 weights, tied to the embedding) of the GPTQ, RTN and HQQ models is timed alone too: its share of
 a decode step is what those methods leave in float32. Variants alternate for ``--repeats`` rounds;
@@ -34,7 +36,17 @@ import torch
 from run_log import RunLog  # this folder's scripts import each other when run
 from torch.nn import functional as F
 
-from quantkit import EETQConfig, GGUFConfig, GPTQConfig, HQQConfig, RTNConfig, chosen_kernels, quantize, set_kernel
+from quantkit import (
+    BnbConfig,
+    EETQConfig,
+    GGUFConfig,
+    GPTQConfig,
+    HQQConfig,
+    RTNConfig,
+    chosen_kernels,
+    quantize,
+    set_kernel,
+)
 from quantkit.calibration import evaluation_tokens
 from quantkit.evaluate import decode_speed
 from quantkit.models import load_model
@@ -52,7 +64,14 @@ CONFIGS = {
     "gguf8": ("gguf q8_0", GGUFConfig(quant_type="Q8_0")),
     "hqq": ("hqq 4-bit g64", HQQConfig(nbits=4, group_size=64, optimize=False)),
     "eetq": ("eetq int8", EETQConfig()),
+    "q4_k_m": ("gguf q4_k_m", GGUFConfig(quant_type="Q4_K_M")),
+    "q6_k": ("gguf q6_k", GGUFConfig(quant_type="Q6_K")),
+    "q2_k": ("gguf q2_k", GGUFConfig(quant_type="Q2_K")),
+    "hqq2": ("hqq 2-bit g16", HQQConfig(nbits=2, group_size=16, optimize=False)),
+    "nf4": ("bnb nf4", BnbConfig(quant_type="nf4")),
+    "fp4": ("bnb fp4", BnbConfig(quant_type="fp4")),
 }
+DEFAULT_METHODS = ("gptq", "rtn", "gguf", "gguf8", "hqq", "eetq")
 
 
 def prefill_speed(model: torch.nn.Module, window: torch.Tensor) -> float:
@@ -77,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     log = RunLog("kernel_decode.py")

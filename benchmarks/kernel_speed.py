@@ -3,12 +3,14 @@
 
     python benchmarks/kernel_speed.py                      # SmolLM2 and Llama shapes, batch 1 and 128
     python benchmarks/kernel_speed.py --shapes 4096x4096 --batches 1 --repeats 20
+    python benchmarks/kernel_speed.py --shapes 576x1536,1536x576,2048x2048,2048x8192,8192x2048 \
+        --batches 1 --out benchmarks/results/kernel_speed_inductor.txt
 
 Layers (seed 0, standard-normal float32 weights): GPTQ-format 4-bit group-64 (round-to-nearest,
-what ``RTNConfig(bits=4, group_size=64)`` stores), EETQ int8 per channel, GGUF Q4_0, Q4_K (where
-the rows hold 256-wide super-blocks) and Q8_0, HQQ 4-bit group 64 (``optimize=False``: the same
-layout, quantized faster), each run through every registered kernel that can serve it here
-(``quantkit.set_kernel``). Inputs are float32, calls run
+what ``RTNConfig(bits=4, group_size=64)`` stores), EETQ int8 per channel, GGUF Q4_0, Q8_0, and
+Q4_K, Q6_K and Q2_K (where the rows hold 256-wide super-blocks), HQQ 4-bit group 64 and 2-bit
+group 16 (``optimize=False``: the same layout, quantized faster), each run through every
+registered kernel that can serve it here (``quantkit.set_kernel``). Inputs are float32, calls run
 under ``torch.inference_mode()``; a kernel's one-off preparation is done before timing.
 
 All variants of a shape and batch run in one process, their calls interleaved so that a shared
@@ -52,10 +54,12 @@ def build(in_features: int, out_features: int) -> dict[str, nn.Module]:
     gptq = packed_module(linear, rtn_quantize(linear.weight.detach(), bits=4, group_size=64, sym=False))
     cpu = torch.device("cpu")
     layers = {"float32": linear, "gptq-4bit-g64": gptq, "eetq-int8": EetqLinear.from_linear(linear, cpu)}
-    for qtype in ("Q4_0", "Q4_K", "Q8_0"):
+    for qtype in ("Q4_0", "Q4_K", "Q8_0", "Q6_K", "Q2_K"):
         if in_features % 256 == 0 or not qtype.endswith("_K"):
             layers[f"gguf-{qtype.lower()}"] = GGUFLinear.from_linear(linear, qtype)
-    layers["hqq-4bit-g64"] = hqq_linear(copy.deepcopy(linear), HQQConfig(nbits=4, group_size=64, optimize=False), cpu)
+    for bits, group_size in ((4, 64), (2, 16)):
+        config = HQQConfig(nbits=bits, group_size=group_size, optimize=False)
+        layers[f"hqq-{bits}bit-g{group_size}"] = hqq_linear(copy.deepcopy(linear), config, cpu)
     return layers
 
 
@@ -121,7 +125,8 @@ def main() -> None:
                 )
         del layers
     emit("ms: best of the interleaved repeats; vs fp32: float32 F.linear time / variant time (above 1: faster);")
-    emit("int4-cpu and int8-cpu compute in bfloat16 (W4A16 / W8A16); dequantize: the reference, every call;")
+    emit("int4-cpu and int8-cpu compute in bfloat16 (W4A16 / W8A16), gemv-inductor in float32 on int8 codes")
+    emit("(above 4 rows it dequantizes, as the reference does); dequantize: the reference, every call;")
     emit("dequantize-cached: the float32 weight kept after the first call (forced only: 4 bytes a weight more).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log.write(args.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from quantkit.builtin_backends.hqq.layers import quantize_linear as hqq_linear
 from quantkit.core.dispatch import chosen_kernels, set_kernel
 from quantkit.core.errors import UnknownNameError
 from quantkit.core.hardware import Hardware
+from quantkit.core.inductor_kernels import GEMV_ROWS as GEMV_INDUCTOR_ROWS
 from quantkit.core.kernels import DEQUANTIZE, Kernel, KernelUnavailableError, check
 from quantkit.core.registry import get_registry
 from quantkit.core.torch_kernels import DENSE_ROWS
@@ -139,7 +142,7 @@ def test_the_validator_names_each_reason():
 def test_selection_takes_the_highest_priority_valid_kernel_and_forcing_checks_it():
     module = gptq_layer(64, 256, 64)
     registry = get_registry()
-    assert [k.name for k in registry.kernels_for(module)] == ["int4-cpu", "dequantize"]
+    assert [k.name for k in registry.kernels_for(module)] == ["int4-cpu", "gemv-inductor", "dequantize"]
     calls = []
     faster = Kernel(
         name="faster",
@@ -223,13 +226,17 @@ def test_a_plugin_registers_kernels_through_the_hook():
     owners = {k.label: registry._by("kernel", k.label) for k in registry.kernels if k is not DEQUANTIZE}
     assert owners == {
         "int4-cpu (GPTQLinear)": "quantkit's own plugin 'gptq'",
+        "gemv-inductor (GPTQLinear)": "quantkit's own plugin 'gptq'",
         "int4-cpu (AWQLinear)": "quantkit's own plugin 'awq'",
+        "gemv-inductor (AWQLinear)": "quantkit's own plugin 'awq'",
         "int8-cpu (EetqLinear)": "quantkit's own plugin 'eetq'",
         "eetq (EetqLinear)": "quantkit's own plugin 'eetq'",
         "int4-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "int4x2-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
+        "gemv-inductor (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "dequantize-cached (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "int4-cpu (HQQLayer)": "quantkit's own plugin 'hqq'",
+        "gemv-inductor (HQQLayer)": "quantkit's own plugin 'hqq'",
     }
 
 
@@ -285,6 +292,7 @@ def test_gguf_int4x2_cpu_splits_the_blocks_exactly_and_equals_the_reference(qtyp
 
 def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_the_reference():
     split = next(k for k in get_registry().kernels_for(gguf_layer(64, 256, "Q8_0")) if k.name == "int4x2-cpu")
+    gemv = next(k for k in get_registry().kernels_for(gguf_layer(64, 256, "Q8_0")) if k.name == "gemv-inductor")
     for qtype, reason in {
         "Q8_0": "it takes 4-bit codes, not 8-bit",
         "Q5_0": "it takes 4-bit codes, not 5-bit",
@@ -294,6 +302,8 @@ def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_
         assert reason in check(int4_kernel_of(module), module, "cpu", None).reason
     module = gguf_layer(64, 256, "Q6_K")  # 16-input scales: no int4 group holds them
     assert "it takes Q8_0, Q5_0, Q5_1, Q5_K weights, not Q6_K" in check(split, module, "cpu", None).reason
+    module = gguf_layer(64, 256, "IQ4_NL")  # codes through a non-linear table: no kernel but the reference
+    assert "it takes Q2_K, Q3_K, Q6_K weights, not IQ4_NL" in check(gemv, module, "cpu", None).reason
     x = torch.randn(3, 256)
     assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
     assert module.kernel_name == "dequantize"
@@ -303,8 +313,56 @@ def test_gguf_types_without_an_exact_kernel_are_refused_with_the_reason_and_run_
         set_kernel(narrow, "int4-cpu")
 
 
-def test_gguf_dequantize_cached_is_forced_only_and_keeps_the_state_dict():
+@pytest.mark.parametrize("qtype", gguf_kernels.GEMV_TYPES)
+@pytest.mark.parametrize("rows", [1, 3, GEMV_INDUCTOR_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_gemv_inductor_decodes_16_input_groups_exactly_and_equals_the_reference(qtype, rows, dtype):
+    """Q2_K, Q3_K, Q6_K: codes x scale + offset per 16 inputs is each block's weight exactly; the
+    compiled GEMV differs from dequantize-then-matmul by its bfloat16 scales and offsets only."""
+    module = gguf_layer(192, 1536, qtype)
+    codes, scales, offsets = gguf_kernels.small_group_operands(module)
+    weight = codes.float().reshape(192, -1, 16) * scales.t().unsqueeze(-1) + offsets.t().unsqueeze(-1)
+    assert torch.equal(weight.reshape(192, 1536), module.dequantize())
+    x = torch.randn(rows, 1536).to(dtype)
+    got = module(x)
+    assert module.kernel_name == "gemv-inductor" and got.dtype == dtype and got.shape == (rows, 192)
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "act_order"), [(2, 32, True), (3, 128, False), (8, 64, False), (4, 16, False)]
+)
+def test_gptq_widths_and_groups_the_int4_kernel_cannot_take_run_gemv_inductor(bits, group_size, act_order):
+    """2, 3 and 8 bits, groups of 16, act-order and SmolLM2's ragged 576 = 4.5 x 128 inputs."""
+    gen = torch.Generator().manual_seed(0)
+    groups = -(-576 // group_size)
+    g_idx = torch.arange(576) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(576, generator=gen)]
+    packed = pack_gptq(
+        torch.randint(0, 2**bits, (192, 576), generator=gen),
+        torch.randint(1, 2**bits, (groups, 192), generator=gen),
+        torch.rand(groups, 192, generator=gen) * 0.02 + 0.002,
+        g_idx,
+        bits,
+    )
+    module = GPTQLinear.from_packed(packed, bits, torch.randn(192, generator=gen))
+    x = torch.randn(2, 576)
+    got = module(x)
+    assert module.kernel_name == "gemv-inductor"
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
+def test_gemv_inductor_needs_a_compiler_and_says_so(monkeypatch):
     module = gguf_layer(64, 256, "Q6_K")
+    gemv = next(k for k in get_registry().kernels_for(module) if k.name == "gemv-inductor")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert check(gemv, module, "cpu", None).reason == f"missing program {gemv.programs[0]}"
+    assert module(torch.randn(1, 256)).shape == (1, 64) and module.kernel_name == "dequantize"
+
+
+def test_gguf_dequantize_cached_is_forced_only_and_keeps_the_state_dict():
+    module = gguf_layer(64, 256, "IQ4_NL")
     x = torch.randn(3, 256)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     reference = module(x)
@@ -314,8 +372,8 @@ def test_gguf_dequantize_cached_is_forced_only_and_keeps_the_state_dict():
     assert torch.equal(module._choice.state, module.dequantize())
     after = module.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
-    other = gguf_layer(64, 256, "Q6_K", seed=1)
-    module.load_bytes(other.weight.data, "Q6_K")  # new bytes: the cached weight is dropped
+    other = gguf_layer(64, 256, "IQ4_NL", seed=1)
+    module.load_bytes(other.weight.data, "IQ4_NL")  # new bytes: the cached weight is dropped
     assert torch.equal(module(x), F.linear(x, other.dequantize(), module.bias))
 
 
@@ -361,16 +419,34 @@ def test_hqq_4bit_int4_cpu_equals_the_reference_to_bfloat16_rounding(group_size,
 def test_hqq_layers_the_int4_kernel_cannot_serve_are_refused_with_the_reason():
     torch.manual_seed(0)
     cases = {
-        "in_features must be a multiple of group_size": HQQConfig(group_size=128, optimize=False),  # 576 = 4.5 groups
-        "it takes 4-bit codes, not 8-bit": HQQConfig(nbits=8, group_size=64, optimize=False),
-        "it takes groups along the inputs (axis 1), not axis 0": HQQConfig(group_size=64, axis=0, optimize=False),
+        "in_features must be a multiple of group_size": (HQQConfig(group_size=128, optimize=False), "dequantize"),
+        "it takes 4-bit codes, not 8-bit": (HQQConfig(nbits=8, group_size=64, optimize=False), "gemv-inductor"),
+        "it takes groups along the inputs (axis 1), not axis 0": (
+            HQQConfig(group_size=64, axis=0, optimize=False),
+            "dequantize",
+        ),
     }
-    for reason, config in cases.items():
+    for reason, (config, runs) in cases.items():
         module = hqq_linear(nn.Linear(576, 192), config, torch.device("cpu"))
         assert reason in check(int4_kernel_of(module), module, "cpu", None).reason
         x = torch.randn(3, 576)
-        assert torch.equal(module(x), F.linear(x, module.dequantize(), module.bias))
-        assert chosen_kernels(module) == {"": "dequantize"}
+        got = module(x)
+        assert chosen_kernels(module) == {"": runs}
+        if runs == "dequantize":
+            assert torch.equal(got, F.linear(x, module.dequantize(), module.bias))
+        else:
+            assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(2, 16), (3, 64)])
+def test_hqq_2_and_3_bit_run_gemv_inductor(bits, group_size):
+    torch.manual_seed(0)
+    config = HQQConfig(nbits=bits, group_size=group_size, optimize=False)
+    module = hqq_linear(nn.Linear(576, 192), config, torch.device("cpu"))
+    x = torch.randn(1, 576)
+    got = module(x)
+    assert chosen_kernels(module) == {"": "gemv-inductor"}
+    assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
 
 
 def test_hqq_model_loads_with_int4_cpu(tiny_llama, tmp_path):

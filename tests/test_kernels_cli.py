@@ -19,6 +19,10 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("int4-cpu", ("GGUFLinear",)),
         ("int4-cpu", ("HQQLayer",)),
         ("int4x2-cpu", ("GGUFLinear",)),
+        ("gemv-inductor", ("AWQLinear",)),
+        ("gemv-inductor", ("GPTQLinear",)),
+        ("gemv-inductor", ("GGUFLinear",)),
+        ("gemv-inductor", ("HQQLayer",)),
         ("int8-cpu", ("EetqLinear",)),
         ("dequantize", ()),
         ("dequantize-cached", ("GGUFLinear",)),
@@ -31,6 +35,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
     eetq = rows[("eetq", ("EetqLinear",))]
     assert eetq["requires"] == ["EETQ"] and not eetq["available"] and "cuda" in eetq["reason"]
     assert rows[("dequantize", ())]["priority"] == 0 and rows[("dequantize", ())]["available"]
+    gemv = rows[("gemv-inductor", ("GGUFLinear",))]
+    assert gemv["programs"] == ["g++"] and gemv["cpu_features"] == [] and gemv["compute_dtype"] == "float32"
 
 
 def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot_run(capsys, monkeypatch):
@@ -39,10 +45,11 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4x2-cpu", "int8-cpu", "dequantize", "dequantize-cached"]
-    assert names[:9] == fastest_first
+    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4x2-cpu"] + ["gemv-inductor"] * 4
+    fastest_first += ["int8-cpu", "dequantize", "dequantize-cached"]
+    assert names[: len(fastest_first)] == fastest_first
     out = " ".join(" ".join(lines).split())
-    assert "eetq: no cuda device here; missing package(s): EETQ" in out
+    assert "eetq: no cuda device here; missing package EETQ" in out
 
 
 def test_compare_kernel_is_part_of_the_protocol_only_when_given():

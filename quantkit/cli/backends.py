@@ -88,6 +88,8 @@ def print_kernels(rows: list[dict], console: Console) -> None:
             *([f"groups {', '.join(map(str, r['group_sizes']))}"] if r["group_sizes"] else []),
             *r["shape_limits"],
             *([f"package {', '.join(r['requires'])}"] if r["requires"] else []),
+            *([f"program {', '.join(r['programs'])}"] if r["programs"] else []),
+            *([f"CPU {', '.join(r['cpu_features'])}"] if r["cpu_features"] else []),
         ]
         cells.append(
             [

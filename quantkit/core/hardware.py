@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from pathlib import Path
 
 import torch
 
@@ -72,3 +73,19 @@ def bf16_native(device: torch.device | str | None = None) -> bool:
         return bool((a @ a).float().diagonal().eq(9).all())
     except RuntimeError:
         return False
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set extensions as ``/proc/cpuinfo`` names them (``avx512_bf16``,
+    ``amx_tile``); empty where that file does not exist (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(
+        flag
+        for line in text.splitlines()
+        if line.startswith(("flags", "Features"))
+        for flag in line.split(":", 1)[1].split()
+    )

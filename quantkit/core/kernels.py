@@ -14,6 +14,7 @@ the reference the others are measured against and the fallback when none of them
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 
 from .capabilities import ALL_HARDWARE, Availability, ShapeLimit
 from .errors import QuantkitError
-from .hardware import Hardware, hardware_of, present_hardware
+from .hardware import Hardware, cpu_features, hardware_of, present_hardware
 from .linears import Target
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,6 +69,10 @@ class Kernel:
     fits: Callable[[nn.Module], str] | None = None
     requires: tuple[str, ...] = ()
     """Importable module names the kernel needs."""
+    programs: tuple[str, ...] = ()
+    """Programs it needs on ``PATH`` (the C++ compiler torch.compile's CPU code is built with)."""
+    cpu_features: tuple[str, ...] = ()
+    """CPU instruction-set extensions it needs, named as ``/proc/cpuinfo`` flags (``avx512_bf16``)."""
     priority: int = 0
     description: str = ""
 
@@ -80,14 +85,20 @@ class Kernel:
         return not self.layers or isinstance(module, self.layers)
 
     def missing_requirements(self) -> list[str]:
-        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+        """What this machine lacks of the declared packages, programs and CPU features."""
+        present = cpu_features()
+        return (
+            [f"package {name}" for name in self.requires if importlib.util.find_spec(name) is None]
+            + [f"program {name}" for name in self.programs if shutil.which(name) is None]
+            + [f"CPU feature {name}" for name in self.cpu_features if name not in present]
+        )
 
     def is_available(self) -> Availability:
         """Whether this machine has the kernel's hardware and packages (layers aside)."""
         reasons = [] if self.devices & present_hardware() else [f"no {' or '.join(sorted(self.devices))} device here"]
         missing = self.missing_requirements()
         if missing:
-            reasons.append(f"missing package(s): {', '.join(missing)}")
+            reasons.append(f"missing {', '.join(missing)}")
         return Availability(not reasons, "; ".join(reasons))
 
     def to_dict(self) -> dict:
@@ -103,6 +114,8 @@ class Kernel:
             "group_sizes": list(self.group_sizes),
             "shape_limits": [str(limit) for limit in self.shape_limits],
             "requires": list(self.requires),
+            "programs": list(self.programs),
+            "cpu_features": list(self.cpu_features),
             "priority": self.priority,
             "description": self.description,
             "available": availability.ok,
@@ -121,7 +134,7 @@ def check(kernel: Kernel, module: nn.Module, device: torch.device | str, dtype: 
         return Availability(False, f"it runs on {', '.join(sorted(kernel.devices))}, not {hardware}")
     missing = kernel.missing_requirements()
     if missing:
-        return Availability(False, f"missing package(s): {', '.join(missing)}")
+        return Availability(False, f"missing {', '.join(missing)}")
     if dtype is not None and dtype not in kernel.dtypes:
         return Availability(False, f"it takes {_names(kernel.dtypes)} activations, not {_names((dtype,))}")
     if kernel.bits and module.bits not in kernel.bits:

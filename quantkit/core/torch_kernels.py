@@ -73,13 +73,15 @@ class Int4State:
     """Zero inputs appended to each row to complete a ragged last group."""
 
 
-def _sorted_groups(module: nn.Module) -> Tensor:
+def sorted_groups(module: nn.Module) -> Tensor:
+    """The group of each input when groups are consecutive inputs (no act-order)."""
     return torch.arange(module.in_features, device=module.group_index().device) // module.group_size
 
 
-def _groups_fit(module: nn.Module) -> str:
+def groups_fit(module: nn.Module) -> str:
+    """``""`` when ``module``'s ``g_idx`` splits the inputs into whole groups (in any order), else why not."""
     g_idx = module.group_index()
-    if torch.equal(g_idx.sort(stable=True).values, _sorted_groups(module)):
+    if torch.equal(g_idx.sort(stable=True).values, sorted_groups(module)):
         return ""
     return f"g_idx does not split the inputs into groups of {module.group_size} (in any order)"
 
@@ -102,25 +104,26 @@ def int4_state(
 def _prepare_int4(module: nn.Module) -> Int4State:
     codes, zeros, scales = module.grouped_codes()
     g_idx = module.group_index()
-    order = None if torch.equal(g_idx, _sorted_groups(module)) else torch.argsort(g_idx, stable=True)
+    order = None if torch.equal(g_idx, sorted_groups(module)) else torch.argsort(g_idx, stable=True)
     if order is not None:
         codes = codes[:, order]
     scales = scales.float()
     return int4_state(codes, scales, scales * (8 - zeros), module.group_size, order)
 
 
-def _dense(x: Tensor) -> bool:
+def dense(x: Tensor) -> bool:
     """Whether ``x`` has the rows for which a bfloat16 GEMM on the dequantized weight is faster."""
     return x.shape[0] >= DENSE_ROWS and bf16_native("cpu")
 
 
-def _dense_matmul(module: nn.Module, x: Tensor) -> Tensor:
+def dense_matmul(module: nn.Module, x: Tensor) -> Tensor:
+    """``x @ W.T`` as a bfloat16 GEMM on ``module``'s weight dequantized for the call."""
     return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
 
 
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
-    if _dense(x):
-        return _dense_matmul(module, x)
+    if dense(x):
+        return dense_matmul(module, x)
     activations = (x if state.order is None else x.index_select(1, state.order)).to(torch.bfloat16)
     if state.padding:
         activations = F.pad(activations, (0, state.padding))
@@ -152,8 +155,8 @@ def split_int4_state(codes: Tensor, scales: Tensor, offsets: Tensor, group_size:
 
 
 def _split_int4_matmul(module: nn.Module, state: SplitInt4State, x: Tensor) -> Tensor:
-    if _dense(x):
-        return _dense_matmul(module, x)
+    if dense(x):
+        return dense_matmul(module, x)
     activations = x.to(torch.bfloat16)
     out = [
         torch.ops.aten._weight_int4pack_mm_for_cpu(activations, part.packed, part.group_size, part.scale_zeros)
@@ -187,7 +190,7 @@ def split_int4_cpu_kernel(
 def int4_cpu_kernel(
     *layers: type[nn.Module],
     prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
-    fits: Callable[[nn.Module], str] | None = _groups_fit,
+    fits: Callable[[nn.Module], str] | None = groups_fit,
     group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
     shape_limits: tuple[ShapeLimit, ...] = INT4_SHAPE_LIMITS,
     description: str = (

@@ -1,6 +1,7 @@
 """quantkit's built-in plugin: AWQ in plain torch, AutoAWQ GEMM checkpoint format, and its kernels."""
 
 from quantkit.core.hookspecs import hookimpl
+from quantkit.core.inductor_kernels import gemv_inductor_kernel
 from quantkit.core.torch_kernels import int4_cpu_kernel
 
 from .backend import AWQBackend
@@ -15,3 +16,4 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(int4_cpu_kernel(AWQLinear))
+    register(gemv_inductor_kernel(AWQLinear))

@@ -1,5 +1,5 @@
-"""GGUF's kernels: torch's int4 CPU kernel for the types whose blocks are its layout, the weight
-dequantized once for the rest (forced only).
+"""GGUF's kernels: torch's int4 CPU kernel for the types whose blocks are its layout, a compiled
+GEMV for the types with 16-input scales, the weight dequantized once for any type (forced only).
 
 Q4_0 (``d * (q - 8)``), Q4_1 (``d * q + m``) and Q4_K (per 32 weights ``d * sc * q - dmin * mn``)
 store 4-bit codes with one scale and one offset per 32 inputs: exactly torch's
@@ -12,8 +12,10 @@ kernel of its own (``_weight_int8pack_mm`` takes one scale per output channel, `
 quantizes the activations too); it and the 5-bit types (Q5_0, Q5_1 and Q5_K, one scale and offset
 per 32 inputs) run ``int4x2-cpu``: their centred codes split into high and low nibbles, two int4
 products summed (:func:`~quantkit.core.torch_kernels.split_int4_state`). The types with 16-input
-scales (Q2_K, Q3_K, Q6_K) run the dequantize reference, or ``dequantize-cached`` when the user
-trades 4 bytes a weight for speed.
+scales (Q2_K, Q3_K, Q6_K), which no int4 group holds, run ``gemv-inductor``
+(:mod:`quantkit.core.inductor_kernels`): their codes, sub-block scales and minimums as int8 codes
+with bfloat16 scales and offsets per 16 inputs. ``dequantize-cached`` trades 4 bytes a weight for
+speed when the user forces it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantkit.core.inductor_kernels import GroupedGemvState, gemv_inductor_kernel, grouped_gemv_state
 from quantkit.core.kernels import dequantize_cached_kernel
 from quantkit.core.torch_kernels import (
     Int4State,
@@ -32,7 +35,15 @@ from quantkit.core.torch_kernels import (
 )
 
 from .qlinear import GGUFLinear
-from .quants import _bit4_codes, _f16_read, _low_nibble_codes, _unpack, _unpack_k_scales, type_size
+from .quants import (
+    SMALL_GROUP_DECODERS,
+    _bit4_codes,
+    _f16_read,
+    _low_nibble_codes,
+    _unpack,
+    _unpack_k_scales,
+    type_size,
+)
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 """The ggml types torch's int4 CPU kernel runs exactly (up to bfloat16 scales)."""
@@ -145,6 +156,41 @@ INT4X2_CPU = split_int4_cpu_kernel(
         "Q8_0/Q5_0/Q5_1/Q5_K blocks as two int4 products (high and low nibbles of the centred codes) on "
         "torch's _weight_int4pack_mm_for_cpu, repacked once (exact but for bfloat16 scales and offsets); "
         "bfloat16 activations (W8A16/W5A16)"
+    ),
+)
+GEMV_TYPES = tuple(SMALL_GROUP_DECODERS)
+"""The types ``gemv-inductor`` runs: a scale (and an offset) per 16 inputs."""
+SMALL_GROUP = 16
+
+
+def small_group_operands(module: GGUFLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """``module``'s weight (a :data:`GEMV_TYPES` type) as ``(out, in)`` signed codes and
+    ``(in / 16, out)`` float32 scales and offsets, ``W = codes * scale + offset``."""
+    blocks = module.weight.detach().contiguous().reshape(-1, type_size(module.qtype))
+    codes, scales, offsets = SMALL_GROUP_DECODERS[module.qtype](blocks)
+    out, groups = module.out_features, module.in_features // SMALL_GROUP
+    return (
+        codes.reshape(out, module.in_features),
+        scales.reshape(out, groups).t(),
+        offsets.reshape(out, groups).t(),
+    )
+
+
+def _prepare_gemv(module: GGUFLinear) -> GroupedGemvState:
+    return grouped_gemv_state(*small_group_operands(module), SMALL_GROUP)
+
+
+def _gemv_type(module: GGUFLinear) -> str:
+    return "" if module.qtype in GEMV_TYPES else f"it takes {', '.join(GEMV_TYPES)} weights, not {module.qtype}"
+
+
+GEMV_INDUCTOR = gemv_inductor_kernel(
+    GGUFLinear,
+    prepare=_prepare_gemv,
+    fits=_gemv_type,
+    description=(
+        "Q2_K/Q3_K/Q6_K blocks as int8 codes with bfloat16 scales and offsets per 16 inputs, repacked once; "
+        "a dequantize-GEMV torch.compile generates (float32 activations); the weight dequantized above 4 rows"
     ),
 )
 DEQUANTIZE_CACHED = dequantize_cached_kernel(GGUFLinear)

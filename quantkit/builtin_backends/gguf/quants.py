@@ -791,25 +791,50 @@ def _dequantize_q5_1(b: Tensor) -> Tensor:
     return _f16_read(b[:, :2]) * q.float() + _f16_read(b[:, 2:4])
 
 
-def _dequantize_q2_k(b: Tensor) -> Tensor:
+def q2_k_groups(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q2_K blocks as ``W = codes * scales + offsets`` per 16 weights: ``(s, 16, 16)`` codes in
+    ``[0, 4)``, ``(s, 16)`` float32 scales ``d * sc`` and offsets ``-dmin * m``."""
     s = b.shape[0]
     sc = b[:, :16]
-    q = _unpack(b[:, 16:80].reshape(s, 2, 32), 2, 4, 2).reshape(s, 16, 16).float()
+    codes = _unpack(b[:, 16:80].reshape(s, 2, 32), 2, 4, 2).reshape(s, 16, 16)
     d, dmin = _f16_read(b[:, 80:82]), _f16_read(b[:, 82:84])
-    dl = (d * (sc & 0x0F).float()).unsqueeze(-1)
-    ml = (dmin * (sc >> 4).float()).unsqueeze(-1)
-    return (dl * q - ml).reshape(s, QK_K)
+    return codes, d * (sc & 0x0F).float(), -(dmin * (sc >> 4).float())
 
 
-def _dequantize_q3_k(b: Tensor) -> Tensor:
+def q3_k_groups(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q3_K blocks as ``W = codes * scales + offsets`` per 16 weights: ``(s, 16, 16)`` codes in
+    ``[-4, 4)``, ``(s, 16)`` float32 scales ``d * (sc - 32)``, zero offsets."""
     s = b.shape[0]
     high = _unpack(b[:, :32], 1, 8, 1).reshape(s, 16, 16)
     low = _unpack(b[:, 32:96].reshape(s, 2, 32), 2, 4, 2).reshape(s, 16, 16)
     packed = b[:, 96:108]
-    codes = torch.cat([packed[:, :8] & 0x0F, packed[:, :8] >> 4], dim=-1)
-    codes = codes | (_unpack(packed[:, 8:], 2, 4, 1).reshape(s, 16) << 4)
-    dl = (_f16_read(b[:, 108:110]) * (codes.float() - 32)).unsqueeze(-1)
-    return (dl * (low.float() - 4 * (1 - high.float()))).reshape(s, QK_K)
+    sc = torch.cat([packed[:, :8] & 0x0F, packed[:, :8] >> 4], dim=-1)
+    sc = sc | (_unpack(packed[:, 8:], 2, 4, 1).reshape(s, 16) << 4)
+    scales = _f16_read(b[:, 108:110]) * (sc.float() - 32)
+    return low.to(torch.int8) - 4 * (1 - high.to(torch.int8)), scales, torch.zeros_like(scales)
+
+
+def q6_k_groups(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q6_K blocks as ``W = codes * scales + offsets`` per 16 weights: ``(s, 16, 16)`` codes in
+    ``[-32, 32)``, ``(s, 16)`` float32 scales ``d * sc``, zero offsets."""
+    s = b.shape[0]
+    low = _unpack(b[:, :128].reshape(s, 2, 2, 32), 4, 2, 2).reshape(s, 2, 4, 32)
+    high = _unpack(b[:, 128:192].reshape(s, 2, 32), 2, 4, 2)
+    codes = (low | (high << 4)).reshape(s, 16, 16).view(torch.int8) - 32
+    scales = _f16_read(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return codes, scales, torch.zeros_like(scales)
+
+
+SMALL_GROUP_DECODERS = {"Q2_K": q2_k_groups, "Q3_K": q3_k_groups, "Q6_K": q6_k_groups}
+"""The K-quants with a scale per 16 weights, decoded to codes, scales and offsets."""
+
+
+def _dequantize_small_groups(qtype: str) -> Callable[[Tensor], Tensor]:
+    def dequantize(b: Tensor) -> Tensor:
+        codes, scales, offsets = SMALL_GROUP_DECODERS[qtype](b)
+        return (scales.unsqueeze(-1) * codes.float() + offsets.unsqueeze(-1)).reshape(b.shape[0], QK_K)
+
+    return dequantize
 
 
 def _dequantize_q45_k(b: Tensor, q: Tensor) -> Tensor:
@@ -829,15 +854,6 @@ def _dequantize_q5_k(b: Tensor) -> Tensor:
     high = _unpack(b[:, 16:48], 1, 8, 1)
     low = _unpack(b[:, 48:].reshape(-1, 4, 32), 4, 2, 2).reshape(-1, 8, 32)
     return _dequantize_q45_k(b, low | (high << 4))
-
-
-def _dequantize_q6_k(b: Tensor) -> Tensor:
-    s = b.shape[0]
-    low = _unpack(b[:, :128].reshape(s, 2, 2, 32), 4, 2, 2).reshape(s, 2, 4, 32)
-    high = _unpack(b[:, 128:192].reshape(s, 2, 32), 2, 4, 2)
-    q = _centred((low | (high << 4)).reshape(s, 16, 16), 32)
-    d = _f16_read(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
-    return (d.unsqueeze(-1) * q).reshape(s, QK_K)
 
 
 def _dequantize_iq4_nl(b: Tensor) -> Tensor:
@@ -886,11 +902,11 @@ _DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
     "Q5_0": _dequantize_q5_0,
     "Q4_1": _dequantize_q4_1,
     "Q4_0": _dequantize_q4_0,
-    "Q6_K": _dequantize_q6_k,
+    "Q6_K": _dequantize_small_groups("Q6_K"),
     "Q5_K": _dequantize_q5_k,
     "Q4_K": _dequantize_q4_k,
-    "Q3_K": _dequantize_q3_k,
-    "Q2_K": _dequantize_q2_k,
+    "Q3_K": _dequantize_small_groups("Q3_K"),
+    "Q2_K": _dequantize_small_groups("Q2_K"),
     "IQ4_XS": _dequantize_iq4_xs,
     "IQ4_NL": _dequantize_iq4_nl,
 }

@@ -3,7 +3,7 @@
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import HQQBackend
-from .kernels import INT4_CPU
+from .kernels import GEMV_INDUCTOR, INT4_CPU
 
 
 @hookimpl
@@ -14,3 +14,4 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(INT4_CPU)
+    register(GEMV_INDUCTOR)
