@@ -142,7 +142,7 @@ def test_the_validator_names_each_reason():
 def test_selection_takes_the_highest_priority_valid_kernel_and_forcing_checks_it():
     module = gptq_layer(64, 256, 64)
     registry = get_registry()
-    assert [k.name for k in registry.kernels_for(module)] == ["int4-cpu", "gemv-inductor", "dequantize"]
+    assert [k.name for k in registry.kernels_for(module)] == ["int4-cpu", "int4-cuda", "gemv-inductor", "dequantize"]
     calls = []
     faster = Kernel(
         name="faster",
@@ -226,16 +226,20 @@ def test_a_plugin_registers_kernels_through_the_hook():
     owners = {k.label: registry._by("kernel", k.label) for k in registry.kernels if k is not DEQUANTIZE}
     assert owners == {
         "int4-cpu (GPTQLinear)": "quantkit's own plugin 'gptq'",
+        "int4-cuda (GPTQLinear)": "quantkit's own plugin 'gptq'",
         "gemv-inductor (GPTQLinear)": "quantkit's own plugin 'gptq'",
         "int4-cpu (AWQLinear)": "quantkit's own plugin 'awq'",
+        "int4-cuda (AWQLinear)": "quantkit's own plugin 'awq'",
         "gemv-inductor (AWQLinear)": "quantkit's own plugin 'awq'",
         "int8-cpu (EetqLinear)": "quantkit's own plugin 'eetq'",
         "eetq (EetqLinear)": "quantkit's own plugin 'eetq'",
         "int4-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
+        "int4-cuda (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "int4x2-cpu (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "gemv-inductor (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "dequantize-cached (GGUFLinear)": "quantkit's own plugin 'gguf'",
         "int4-cpu (HQQLayer)": "quantkit's own plugin 'hqq'",
+        "int4-cuda (HQQLayer)": "quantkit's own plugin 'hqq'",
         "gemv-inductor (HQQLayer)": "quantkit's own plugin 'hqq'",
     }
 

@@ -18,6 +18,10 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("int4-cpu", ("GPTQLinear",)),
         ("int4-cpu", ("GGUFLinear",)),
         ("int4-cpu", ("HQQLayer",)),
+        ("int4-cuda", ("AWQLinear",)),
+        ("int4-cuda", ("GPTQLinear",)),
+        ("int4-cuda", ("GGUFLinear",)),
+        ("int4-cuda", ("HQQLayer",)),
         ("int4x2-cpu", ("GGUFLinear",)),
         ("gemv-inductor", ("AWQLinear",)),
         ("gemv-inductor", ("GPTQLinear",)),
@@ -35,6 +39,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
     eetq = rows[("eetq", ("EetqLinear",))]
     assert eetq["requires"] == ["EETQ"] and not eetq["available"] and "cuda" in eetq["reason"]
     assert rows[("dequantize", ())]["priority"] == 0 and rows[("dequantize", ())]["available"]
+    cuda = rows[("int4-cuda", ("GPTQLinear",))]
+    assert cuda["devices"] == ["cuda"] and cuda["group_sizes"] == [32, 64, 128, 256] and not cuda["available"]
     gemv = rows[("gemv-inductor", ("GGUFLinear",))]
     assert gemv["programs"] == ["g++"] and gemv["cpu_features"] == [] and gemv["compute_dtype"] == "float32"
 
@@ -45,7 +51,7 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4x2-cpu"] + ["gemv-inductor"] * 4
+    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu"] + ["gemv-inductor"] * 4
     fastest_first += ["int8-cpu", "dequantize", "dequantize-cached"]
     assert names[: len(fastest_first)] == fastest_first
     out = " ".join(" ".join(lines).split())

@@ -1,4 +1,4 @@
-"""Kernels on torch's own CPU operators, for group-quantized layers of any format.
+"""Kernels on torch's own int4 operators (CPU, and tinygemm on CUDA), for group-quantized layers of any format.
 
 :func:`int4_cpu_kernel` runs torch's ``_weight_int4pack_mm_for_cpu`` for the layer classes a plugin
 names. Those layers expose their weight as :class:`GroupedCodes` (``grouped_codes()``), the group
@@ -16,7 +16,9 @@ own ``prepare``, which ends with :func:`int4_state` on ``(scale, offset)`` pairs
 offsets are rounded to bfloat16 (relative 2**-9): every int4-cpu kernel equals
 dequantize-then-matmul up to that rounding and the activations' own. From :data:`DENSE_ROWS`
 input rows on it runs a bfloat16 GEMM on the dequantized weight instead (same numerics class:
-the weight rounded to bfloat16).
+the weight rounded to bfloat16). :func:`int4_cuda_kernel` runs the same groups, from the same
+``prepare``, through torch's CUDA tinygemm (``_weight_int4pack_mm``, sm80 and newer): only the
+packing differs, done where the weight lies.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ a float32 ``F.linear`` at 128 rows), as ExLlama rebuilds the fp16 weight above a
 128 rows of a 576 x 576 layer (``benchmarks/results/kernel_speed.txt``, quiet): int4 0.71 ms,
 dequantizing 0.48 ms, a bfloat16 GEMM ~0.1 ms; the dequantization's share falls as rows grow."""
 INNER_K_TILES = 2
-"""The packing's ``innerKTiles`` (a CUDA tiling parameter; the CPU layout ignores it)."""
+"""The CPU packing's ``innerKTiles`` (a CUDA tiling parameter the CPU layout ignores)."""
+CUDA_DENSE_ROWS = 64
+"""From this many input rows on, ``int4-cuda`` dequantizes the weight to bfloat16 for the call and
+runs cuBLAS: tinygemm is a GEMV-shaped kernel whose time grows with the rows (torchao's HQQ
+benchmark on an A6000 has it slower than a dequantize-then-GEMM from 128 rows of a 4096 x 4096
+layer), as ExLlama rebuilds the fp16 weight above a batch size."""
 
 
 class GroupedCodes(NamedTuple):
@@ -96,9 +103,18 @@ def int4_state(
     the zero inputs the matmul appends)."""
     padding = -codes.shape[1] % group_size
     codes = F.pad(codes.to(torch.int32), (0, padding), value=8)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
+    if codes.device.type == "cuda":  # tinygemm takes two codes a byte, the even input in the high nibble
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), _inner_k_tiles(codes.shape[1]))
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
     scale_zeros = torch.stack([scales.float(), offsets.float()], dim=-1).to(torch.bfloat16)
     return Int4State(packed, scale_zeros, group_size, order, padding)
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """tinygemm's widest ``innerKTiles`` (8, 4 or 2 tiles of 16 inputs) dividing ``in_features``."""
+    return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
 
 
 def _prepare_int4(module: nn.Module) -> Int4State:
@@ -122,13 +138,14 @@ def dense_matmul(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
-    if dense(x):
+    on_cuda = x.device.type == "cuda"
+    if x.shape[0] >= CUDA_DENSE_ROWS if on_cuda else dense(x):
         return dense_matmul(module, x)
     activations = (x if state.order is None else x.index_select(1, state.order)).to(torch.bfloat16)
     if state.padding:
         activations = F.pad(activations, (0, state.padding))
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(activations, state.packed, state.group_size, state.scale_zeros)
-    return out.to(x.dtype)
+    product = torch.ops.aten._weight_int4pack_mm if on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return product(activations.contiguous(), state.packed, state.group_size, state.scale_zeros).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -214,4 +231,43 @@ def int4_cpu_kernel(
         fits=fits,
         priority=20,
         description=description,
+    )
+
+
+def _ampere(module: nn.Module) -> str:
+    """``""`` when ``module``'s CUDA device is sm80 or newer (tinygemm's tensor-core tiles)."""
+    device = next(module.buffers()).device
+    if device.type != "cuda":
+        return ""  # checked on its own device when it gets there
+    major, minor = torch.cuda.get_device_capability(device)
+    return "" if major >= 8 else f"tinygemm needs compute capability 8.0 or newer, not {major}.{minor}"
+
+
+def int4_cuda_kernel(
+    *layers: type[nn.Module],
+    prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
+    fits: Callable[[nn.Module], str] | None = groups_fit,
+    group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
+    shape_limits: tuple[ShapeLimit, ...] = INT4_SHAPE_LIMITS,
+) -> Kernel:
+    """The ``int4-cuda`` kernel for ``layers``: torch's own tinygemm (``_weight_int4pack_mm``, what
+    torchao's int4 weight-only layout runs) on the same ``(q - 8) * scale + zero`` groups as
+    ``int4-cpu``, from the same ``prepare``; declared for NVIDIA GPUs, checked by
+    ``benchmarks/gpu_check.py``."""
+    return Kernel(
+        name="int4-cuda",
+        layers=layers,
+        devices=frozenset({Hardware.CUDA}),
+        prepare=prepare,
+        matmul=_int4_matmul,
+        compute_dtype=torch.bfloat16,
+        bits=(4,),
+        group_sizes=group_sizes,
+        shape_limits=shape_limits,
+        fits=lambda module: (fits(module) if fits is not None else "") or _ampere(module),
+        priority=20,
+        description=(
+            "torch's tinygemm _weight_int4pack_mm on codes repacked once (sm80+), bfloat16 activations (W4A16); "
+            f"from {CUDA_DENSE_ROWS} rows cuBLAS on the weight dequantized to bfloat16 per call"
+        ),
     )

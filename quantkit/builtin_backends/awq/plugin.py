@@ -2,7 +2,7 @@
 
 from quantkit.core.hookspecs import hookimpl
 from quantkit.core.inductor_kernels import gemv_inductor_kernel
-from quantkit.core.torch_kernels import int4_cpu_kernel
+from quantkit.core.torch_kernels import int4_cpu_kernel, int4_cuda_kernel
 
 from .backend import AWQBackend
 from .qlinear import AWQLinear
@@ -16,4 +16,5 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(int4_cpu_kernel(AWQLinear))
+    register(int4_cuda_kernel(AWQLinear))
     register(gemv_inductor_kernel(AWQLinear))

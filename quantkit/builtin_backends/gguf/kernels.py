@@ -29,6 +29,7 @@ from quantkit.core.torch_kernels import (
     Int4State,
     SplitInt4State,
     int4_cpu_kernel,
+    int4_cuda_kernel,
     int4_state,
     split_int4_cpu_kernel,
     split_int4_state,
@@ -138,6 +139,9 @@ INT4_CPU = int4_cpu_kernel(
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
     ),
 )
+
+
+INT4_CUDA = int4_cuda_kernel(GGUFLinear, prepare=_prepare_int4, fits=_int4_type, group_sizes=(GROUP,))
 
 
 def _prepare_split(module: GGUFLinear) -> SplitInt4State:

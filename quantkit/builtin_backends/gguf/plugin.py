@@ -4,7 +4,7 @@ import, and their kernels."""
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import GGUFBackend
-from .kernels import DEQUANTIZE_CACHED, GEMV_INDUCTOR, INT4_CPU, INT4X2_CPU
+from .kernels import DEQUANTIZE_CACHED, GEMV_INDUCTOR, INT4_CPU, INT4_CUDA, INT4X2_CPU
 
 
 @hookimpl
@@ -15,6 +15,7 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(INT4_CPU)
+    register(INT4_CUDA)
     register(INT4X2_CPU)
     register(GEMV_INDUCTOR)
     register(DEQUANTIZE_CACHED)

@@ -2,7 +2,7 @@
 
 from quantkit.core.hookspecs import hookimpl
 from quantkit.core.inductor_kernels import gemv_inductor_kernel
-from quantkit.core.torch_kernels import int4_cpu_kernel
+from quantkit.core.torch_kernels import int4_cpu_kernel, int4_cuda_kernel
 
 from .backend import GPTQBackend
 from .qlinear import GPTQLinear
@@ -16,4 +16,5 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(int4_cpu_kernel(GPTQLinear))
+    register(int4_cuda_kernel(GPTQLinear))
     register(gemv_inductor_kernel(GPTQLinear))

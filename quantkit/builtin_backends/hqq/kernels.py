@@ -19,7 +19,7 @@ from torch import Tensor
 
 from quantkit.core.capabilities import ShapeLimit
 from quantkit.core.inductor_kernels import GroupedGemvState, gemv_inductor_kernel, grouped_gemv_state
-from quantkit.core.torch_kernels import INT4_SHAPE_LIMITS, Int4State, int4_cpu_kernel, int4_state
+from quantkit.core.torch_kernels import INT4_SHAPE_LIMITS, Int4State, int4_cpu_kernel, int4_cuda_kernel, int4_state
 
 from .layers import HQQLayer
 
@@ -69,6 +69,9 @@ INT4_CPU = int4_cpu_kernel(
         "torch's _weight_int4pack_mm_for_cpu on HQQ's 4-bit axis-1 codes repacked once (exact but for "
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
     ),
+)
+INT4_CUDA = int4_cuda_kernel(
+    HQQLayer, prepare=_prepare_int4, fits=_axis_1, shape_limits=(*INT4_SHAPE_LIMITS, WHOLE_GROUPS)
 )
 GEMV_INDUCTOR = gemv_inductor_kernel(
     HQQLayer,

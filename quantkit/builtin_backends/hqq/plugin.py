@@ -3,7 +3,7 @@
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import HQQBackend
-from .kernels import GEMV_INDUCTOR, INT4_CPU
+from .kernels import GEMV_INDUCTOR, INT4_CPU, INT4_CUDA
 
 
 @hookimpl
@@ -14,4 +14,5 @@ def quantkit_register_backends(register) -> None:
 @hookimpl
 def quantkit_register_kernels(register) -> None:
     register(INT4_CPU)
+    register(INT4_CUDA)
     register(GEMV_INDUCTOR)
