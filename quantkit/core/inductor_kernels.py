@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -33,41 +33,65 @@ from .hardware import Hardware
 from .kernels import Kernel
 from .torch_kernels import dense, dense_matmul, groups_fit, sorted_groups
 
+BLOCK = 16
+"""Outputs per block: the vector width of the compiled loop (16 float32 lanes of AVX512)."""
 GEMV_ROWS = 4
 """Input rows up to which the kernel runs one GEMV per row; above, the weight is dequantized for
 the call (the GEMV reads 1.25 bytes a weight a row; dequantizing writes and reads ~9)."""
-COMPILED_SHAPES = 256
-"""Weight shapes the GEMV is compiled for in one process (dynamo's default limit is 8)."""
+COMPILED_SHAPES = 1024
+"""Weight shapes x row counts x activation dtypes the GEMV is compiled for in one process
+(dynamo's default limit is 8)."""
 CXX = "clang++" if platform.system() == "Darwin" else "g++"
 """The compiler inductor builds CPU code with (its ``cpp.cxx`` default)."""
 
 
 def _gemv(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None) -> Tensor:
     """``x @ W.T`` for one float32 row ``x`` of ``in`` values (see :class:`GroupedGemvState`)."""
-    n_groups, out = scales.shape
-    inputs = x.view(n_groups, -1, 1)
-    sums = (codes.view(n_groups, -1, out).float() * inputs).sum(1)
-    product = (sums * scales.float()).sum(0)
-    return product if offsets is None else product + (offsets.float() * inputs.sum(1)).sum(0)
+    blocks, n_groups, width = scales.shape
+    inputs = x.view(1, n_groups, -1, 1)
+    sums = (codes.view(blocks, n_groups, -1, width).float() * inputs).sum(2)
+    product = (sums * scales.float()).sum(1)
+    if offsets is not None:
+        product = product + (offsets.float() * inputs.sum(2)).sum(1)
+    return product.view(-1)
 
 
-_compiled_gemv = torch.compile(_gemv, dynamic=False, fullgraph=True)
+def _gemv_rows(
+    x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, order: Tensor | None, padding: int, out: int
+) -> Tensor:
+    """``x @ W.T`` for the few rows of ``x``: one compiled graph from the activations as they come
+    (gathered in group order, padded, float32) to the output in their dtype."""
+    rows = F.pad((x if order is None else x.index_select(1, order)).float(), (0, padding))
+    products = torch.stack([_gemv(row, codes, scales, offsets) for row in rows])
+    return products[:, :out].to(x.dtype)
+
+
+_compiled_gemv_rows = torch.compile(_gemv_rows, dynamic=False, fullgraph=True)
 
 
 @dataclass(frozen=True)
 class GroupedGemvState:
-    """A weight repacked for :func:`gemv_inductor_kernel`."""
+    """A weight repacked for :func:`gemv_inductor_kernel`, in blocks of :data:`BLOCK` outputs."""
 
     codes: Tensor
-    """int8 ``(in, out)``: the weight's codes, input-major."""
+    """int8 ``(out / BLOCK, in, BLOCK)``: each block's codes, input-major."""
     scales: Tensor
-    """bfloat16 ``(n_groups, out)``."""
+    """bfloat16 ``(out / BLOCK, n_groups, BLOCK)``."""
     offsets: Tensor | None
-    """bfloat16 ``(n_groups, out)``; ``None`` where every offset is zero (symmetric formats)."""
+    """Laid out as ``scales``; ``None`` where every offset is zero (symmetric formats)."""
+    out_features: int
     order: Tensor | None = None
     """The input channels sorted by group (act-order), ``None`` when they already are."""
     padding: int = 0
     """Zero inputs appended to each row to complete a ragged last group."""
+    compiled_for: set[tuple] = field(default_factory=set)
+    """The kinds of input (rows, dtype, inference tensor, grad mode) the GEMV was compiled for."""
+
+
+def _blocked(values: Tensor, out_padding: int, dtype: torch.dtype) -> Tensor:
+    """``(out, n)`` -> ``(out / BLOCK, n, BLOCK)`` contiguous, ``out`` padded with zero rows."""
+    values = F.pad(values, (0, 0, 0, out_padding)).to(dtype)
+    return values.view(-1, BLOCK, values.shape[1]).transpose(1, 2).contiguous()
 
 
 def grouped_gemv_state(
@@ -75,19 +99,19 @@ def grouped_gemv_state(
 ) -> GroupedGemvState:
     """Repack ``W[o, i] = codes[o, i] * scales[g, o] + offsets[g, o]`` (``(out, in)`` integer codes in
     ``[-128, 128)``, ``(n_groups, out)`` float scales and offsets, ``g = i // group_size``; a ragged
-    last group is padded with zero codes, and each input row with zeros)."""
-    padding = -codes.shape[1] % group_size
+    last group is padded with zero codes, and each input row with zeros; the outputs are padded
+    to whole blocks with zero rows)."""
+    out_features = codes.shape[0]
+    padding, out_padding = -codes.shape[1] % group_size, -out_features % BLOCK
     state = GroupedGemvState(
-        F.pad(codes.to(torch.int8), (0, padding)).t().contiguous(),
-        scales.to(torch.bfloat16).contiguous(),
-        offsets.to(torch.bfloat16).contiguous() if offsets.any() else None,
+        _blocked(F.pad(codes.to(torch.int8), (0, padding)), out_padding, torch.int8),
+        _blocked(scales.t(), out_padding, torch.bfloat16),
+        _blocked(offsets.t(), out_padding, torch.bfloat16) if offsets.any() else None,
+        out_features,
         order,
         padding,
     )
-    # compiled here, once per weight shape: past dynamo's recompile limit (8 shapes a function, a
-    # global setting) it would run the function uncompiled; a cache hit never checks the limit
-    with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-        _compiled_gemv(torch.zeros(state.codes.shape[0]), state.codes, state.scales, state.offsets)
+    _run(state, torch.zeros(1, codes.shape[1]))  # compiled at the first forward, not in a timed one
     return state
 
 
@@ -104,18 +128,24 @@ def _prepare_grouped_codes(module: nn.Module) -> GroupedGemvState:
     return grouped_gemv_state(codes.int() - centre, scales, scales * (centre - zeros), module.group_size, order)
 
 
+def _run(state: GroupedGemvState, x: Tensor) -> Tensor:
+    """The compiled GEMV on ``x``. Each new kind of input (row count, dtype, inference tensor, grad
+    mode) compiles once, past dynamo's limit of 8 graphs a function (a global setting): the limit
+    is checked only when compiling, never on a cache hit."""
+    kind = (x.shape[0], x.dtype, x.is_inference(), torch.is_grad_enabled())
+    args = (x, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features)
+    if kind in state.compiled_for:
+        return _compiled_gemv_rows(*args)
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+        out = _compiled_gemv_rows(*args)
+    state.compiled_for.add(kind)
+    return out
+
+
 def _gemv_matmul(module: nn.Module, state: GroupedGemvState, x: Tensor) -> Tensor:
     if x.shape[0] > GEMV_ROWS:
         return dense_matmul(module, x) if dense(x) else F.linear(x, module.dequantize().to(x.dtype))
-    # a new float32 tensor, made under the caller's grad mode like the one compiled for
-    rows = (x if state.order is None else x.index_select(1, state.order)).to(torch.float32, copy=True)
-    if state.padding:
-        rows = F.pad(rows, (0, state.padding))
-    if rows.shape[0] == 1:
-        out = _compiled_gemv(rows[0], state.codes, state.scales, state.offsets).unsqueeze(0)
-    else:
-        out = torch.stack([_compiled_gemv(row, state.codes, state.scales, state.offsets) for row in rows])
-    return out.to(x.dtype)
+    return _run(state, x)
 
 
 def gemv_inductor_kernel(
