@@ -5,17 +5,19 @@ torch's int4 CPU operator takes 4-bit codes in groups of 32 to 256 inputs. Forma
 otherwise dequantize their whole weight on every call. :func:`gemv_inductor_kernel` repacks such a
 weight once as ``W[o, i] = codes[o, i] * scales[g, o] + offsets[g, o]`` (int8 codes, one byte a
 weight, and bfloat16 scales and offsets: relative rounding 2**-9, as for the int4 kernels) and
-runs each input row through one function inductor compiles to vectorized C++: codes converted,
-multiplied by the row and summed per group, then scaled, in one pass over the codes. The codes
-are stored input-major (``(in, out)``) so the vectorized loop runs along the outputs and the sum
-over a group needs no horizontal reduction. Activations and accumulation stay float32.
+runs the input rows through one function inductor compiles to vectorized C++: codes converted,
+multiplied by the row and summed per group, then scaled and summed over the groups. The codes are
+stored in blocks of 16 outputs, input-major within a block (``(out / 16, in, 16)``): the vectorized
+loop runs along a block's outputs, reads the codes in order, and keeps a block's group sums in
+cache. Activations and accumulation stay float32.
 
-Measured (``benchmarks/results/kernel_speed_inductor.txt``): at decode, 2.0-3.4x faster than a
-float32 ``F.linear`` on SmolLM2's and Llama-3.2-1B's shapes with groups of 16. Above
-:data:`GEMV_ROWS` rows a row-by-row GEMV would read the weight once a row, so the weight is
-dequantized for the call instead (a bfloat16 GEMM from :data:`~.torch_kernels.DENSE_ROWS` rows on
-CPUs that multiply bfloat16 natively, as for the int4 kernels). Compiling takes about a second per
-weight shape, at the first forward; inductor caches the code on disk across runs.
+Measured per layer at batch 1 (``benchmarks/results/kernel_speed_inductor.txt``): 2.3-5.3x faster
+than a float32 ``F.linear`` on SmolLM2's and Llama-3.2-1B's shapes, 0.5-0.8x the speed of
+``int4-cpu`` where both can run. Above :data:`GEMV_ROWS` rows a row-by-row GEMV would read the
+weight once a row, so the weight is dequantized for the call instead (a bfloat16 GEMM from
+:data:`~.torch_kernels.DENSE_ROWS` rows on CPUs that multiply bfloat16 natively, as for the int4
+kernels). Compiling takes about a second per weight shape, at the first forward; inductor caches
+the code on disk across runs.
 """
 
 from __future__ import annotations
