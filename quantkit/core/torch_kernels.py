@@ -47,6 +47,10 @@ a float32 ``F.linear`` at 128 rows), as ExLlama rebuilds the fp16 weight above a
 dequantizing 0.48 ms, a bfloat16 GEMM ~0.1 ms; the dequantization's share falls as rows grow."""
 INNER_K_TILES = 2
 """The CPU packing's ``innerKTiles`` (a CUDA tiling parameter the CPU layout ignores)."""
+PACK_ROWS = 64
+"""Rows both int4 layouts pack independently of the others (CPU: blocks of 64; CUDA: tiles of 8)."""
+PACK_ELEMENTS = 1 << 24
+"""Codes converted and packed at a time (64 MiB of int32)."""
 CUDA_DENSE_ROWS = 64
 """From this many input rows on, ``int4-cuda`` dequantizes the weight to bfloat16 for the call and
 runs cuBLAS: tinygemm is a GEMV-shaped kernel whose time grows with the rows (torchao's HQQ
@@ -102,14 +106,21 @@ def int4_state(
     padded to ``group_size`` inputs (codes 8: weights equal to the group's offset, multiplied by
     the zero inputs the matmul appends)."""
     padding = -codes.shape[1] % group_size
+    # int32 codes take 4 bytes a weight: packed a slice of rows at a time (both layouts pack
+    # blocks of 64 rows independently), a 128k-row output head takes ~70 MB at once, not 1 GB
+    rows = max(PACK_ROWS, PACK_ELEMENTS // codes.shape[1] // PACK_ROWS * PACK_ROWS)
+    packed = torch.cat([_pack(codes[i : i + rows], padding) for i in range(0, codes.shape[0], rows)])
+    scale_zeros = torch.stack([scales.float(), offsets.float()], dim=-1).to(torch.bfloat16)
+    return Int4State(packed, scale_zeros, group_size, order, padding)
+
+
+def _pack(codes: Tensor, padding: int) -> Tensor:
+    """Rows of 4-bit codes, padded with ``padding`` codes 8, in torch's int4 layout for their device."""
     codes = F.pad(codes.to(torch.int32), (0, padding), value=8)
     if codes.device.type == "cuda":  # tinygemm takes two codes a byte, the even input in the high nibble
         nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), _inner_k_tiles(codes.shape[1]))
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
-    scale_zeros = torch.stack([scales.float(), offsets.float()], dim=-1).to(torch.bfloat16)
-    return Int4State(packed, scale_zeros, group_size, order, padding)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), _inner_k_tiles(codes.shape[1]))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
 
 
 def _inner_k_tiles(in_features: int) -> int:
