@@ -20,6 +20,7 @@ from quantkit.builtin_backends.gptq.packing import pack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.builtin_backends.hqq import kernels as hqq_kernels
 from quantkit.builtin_backends.hqq.layers import quantize_linear as hqq_linear
+from quantkit.core import torch_kernels
 from quantkit.core.dispatch import chosen_kernels, set_kernel
 from quantkit.core.errors import UnknownNameError
 from quantkit.core.hardware import Hardware
@@ -162,7 +163,7 @@ def test_selection_takes_the_highest_priority_valid_kernel_and_forcing_checks_it
     set_kernel(module, "SLOWER")  # case ignored
     module(x)
     assert module.kernel_name == "slower"
-    with pytest.raises(UnknownNameError, match=r"kernel='int5' is unknown.*registered kernels: dequantize"):
+    with pytest.raises(UnknownNameError, match=r"kernel='int5' is unknown; registered kernels: .*dequantize"):
         set_kernel(module, "int5")
     with pytest.raises(
         KernelUnavailableError,
@@ -241,6 +242,8 @@ def test_a_plugin_registers_kernels_through_the_hook():
         "int4-cpu (HQQLayer)": "quantkit's own plugin 'hqq'",
         "int4-cuda (HQQLayer)": "quantkit's own plugin 'hqq'",
         "gemv-inductor (HQQLayer)": "quantkit's own plugin 'hqq'",
+        "bitsandbytes (Bnb4bit)": "quantkit's own plugin 'bnb'",
+        "bnb-cpu (Bnb4bit)": "quantkit's own plugin 'bnb'",
     }
 
 
@@ -463,3 +466,14 @@ def test_hqq_model_loads_with_int4_cpu(tiny_llama, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, logits)
     assert set(chosen_kernels(loaded).values()) == {"int4-cpu"}
+
+
+def test_int4_packing_a_slice_of_rows_at_a_time_is_the_whole_packing(monkeypatch):
+    """A weight too large to convert to int32 at once is packed in slices of 64 rows' multiples,
+    with the same bytes (SmolLM2's 576 rows: 9 slices of 64 when forced small)."""
+    codes = torch.randint(0, 16, (576, 320), generator=torch.Generator().manual_seed(0))
+    scales, offsets = torch.rand(5, 576), torch.rand(5, 576)
+    whole = torch_kernels.int4_state(codes, scales, offsets, 64)
+    monkeypatch.setattr(torch_kernels, "PACK_ELEMENTS", 1)
+    sliced = torch_kernels.int4_state(codes, scales, offsets, 64)
+    assert torch.equal(whole.packed, sliced.packed) and torch.equal(whole.scale_zeros, sliced.scale_zeros)

@@ -14,6 +14,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
     rows = {(r["name"], tuple(r["layers"])): r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {
         ("eetq", ("EetqLinear",)),
+        ("bnb-cpu", ("Bnb4bit",)),
+        ("bitsandbytes", ("Bnb4bit",)),
         ("int4-cpu", ("AWQLinear",)),
         ("int4-cpu", ("GPTQLinear",)),
         ("int4-cpu", ("GGUFLinear",)),
@@ -51,7 +53,8 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    fastest_first = ["eetq"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu"] + ["gemv-inductor"] * 4
+    fastest_first = ["eetq", "bnb-cpu"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu", "bitsandbytes"]
+    fastest_first += ["gemv-inductor"] * 4
     fastest_first += ["int8-cpu", "dequantize", "dequantize-cached"]
     assert names[: len(fastest_first)] == fastest_first
     out = " ".join(" ".join(lines).split())

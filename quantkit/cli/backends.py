@@ -104,7 +104,7 @@ def print_kernels(rows: list[dict], console: Console) -> None:
             ]
         )
     headers = ("kernel", "serves", "ready", "prio.", "device", "dtypes", "bits", "needs")
-    widths = _fitted_widths(headers, cells, wrapping=(1, 5, 7), width=console.width)
+    widths = _fitted_widths(headers, cells, wrapping=(1, 4, 5, 7), width=console.width)
     table = Table(title="quantkit kernels", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
     for header, width in zip(headers, widths):
         table.add_column(header, width=width, overflow="fold")

@@ -158,7 +158,7 @@ def set_kernel(model: nn.Module, name: str | None) -> nn.Module:
     fastest valid one again), checked on each layer's device first: a name nothing registered
     raises :class:`~quantkit.core.errors.UnknownNameError`, a kernel that cannot serve a layer
     :class:`KernelUnavailableError` naming the layer, the reason and the kernels that can. Layers
-    with a forward of their own (bitsandbytes, AQLM) are left as they are."""
+    with a forward of their own (bitsandbytes' LLM.int8, AQLM) are left as they are."""
     layers = [(n, m) for n, m in model.named_modules() if _dispatched(m)]
     if name is not None:
         name = get_registry().kernel_name(name)

@@ -17,7 +17,14 @@ from quantkit.core.config import HF_EXACT_CONFIG_KEY
 from quantkit.core.hardware import Hardware
 
 from .config import PRESETS, BnbConfig
-from .layers import empty_linear, mixes_4bit_and_8bit, quantize_linear, quantized_linears, sync_int8_statistics
+from .layers import (
+    Bnb4bit,
+    empty_linear,
+    mixes_4bit_and_8bit,
+    quantize_linear,
+    quantized_linears,
+    sync_int8_statistics,
+)
 
 BNB_HARDWARE = frozenset({Hardware.CUDA, Hardware.ROCM, Hardware.CPU})
 NESTED_BLOCKSIZE = 256
@@ -32,6 +39,7 @@ class BnbBackend(Backend):
     presets = PRESETS
     aliases = ("bnb",)
     streams_modules = True
+    layer_classes = (Bnb4bit,)  # LLM.int8 keeps bitsandbytes' own forward
     capabilities = Capabilities(
         quantize_hardware=BNB_HARDWARE,
         inference_hardware=BNB_HARDWARE,

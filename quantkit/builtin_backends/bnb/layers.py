@@ -16,16 +16,23 @@ AVX512-BF16, converting the absmax to bfloat16 and re-quantizing it when the sta
 read back: lossy, and saving after a forward writes other bytes than before it. quantkit's
 modules keep the canonical layout instead (:func:`keep_canonical_layout`), so the bytes
 saved and the logits computed never depend on whether a forward has run.
+
+The 4-bit modules stay real ``Linear4bit`` (PEFT's QLoRA wraps them) but run through the kernels
+registered for :class:`Bnb4bit` (:mod:`.kernels`): bitsandbytes' own CPU GEMV runs on a
+packed copy the kernel keeps outside the state dict. LLM.int8 keeps bitsandbytes' own forward
+(it quantizes the activations too).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from quantkit.core.config_files import parse_json
+from quantkit.core.dispatch import route_through_kernels
 from quantkit.core.errors import ModelFormatError
 from quantkit.core.linears import Target
 
@@ -38,6 +45,21 @@ QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Block sizes a saved 4-bit quant state may name (bitsandbytes' own, nested ones included)."""
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+BNB_LINEAR4BIT = "bitsandbytes.nn.modules.Linear4bit"
+
+
+class _NamesLinear4bit(type):
+    def __instancecheck__(cls, instance: object) -> bool:
+        return cls.__subclasscheck__(type(instance))
+
+    def __subclasscheck__(cls, candidate: type) -> bool:
+        return candidate is cls or any(f"{c.__module__}.{c.__qualname__}" == BNB_LINEAR4BIT for c in candidate.__mro__)
+
+
+class Bnb4bit(metaclass=_NamesLinear4bit):
+    """bitsandbytes' ``Linear4bit`` (and its subclasses) as a class quantkit can name without
+    importing bitsandbytes: ``isinstance(module, Bnb4bit)``, the layer class of the kernels
+    in :mod:`.kernels`."""
 
 
 def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:
@@ -73,6 +95,7 @@ def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) 
             quant_storage=torch.uint8,
             module=module,
         ).to(device)
+        _through_kernels(module)
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
     return module.train(linear.training)  # LLM.int8 treats outliers differently in training mode
@@ -113,6 +136,7 @@ def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
             bnb_quantized=True,
         )
         module.register_load_state_dict_pre_hook(_load_4bit)
+        _through_kernels(module)
     return module
 
 
@@ -162,6 +186,25 @@ def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConf
     )
     keep_canonical_layout(module)
     return module
+
+
+def dequantize(module: bnb.nn.Linear4bit) -> torch.Tensor:
+    """The float32 ``(out, in)`` weight ``module``'s canonical 4-bit weight and quant state encode."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
+
+def _through_kernels(module: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+    """``module`` with ``dequantize()`` and its forward routed through the registered kernels; a
+    state dict loaded into it drops the kernel state prepared from the weight it replaces."""
+    module.dequantize = partial(dequantize, module)
+    module.register_load_state_dict_post_hook(_drop_kernel_state)
+    return route_through_kernels(module)
+
+
+def _drop_kernel_state(module: nn.Module, incompatible_keys: Any) -> None:
+    module._choice = None
 
 
 def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args) -> None:
