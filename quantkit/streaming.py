@@ -47,6 +47,7 @@ from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ModelFormatError, QuantizationError, QuantkitError
 from .core.hardware import hardware_of, resolve_device
+from .core.heap import release_heap
 from .core.linears import Target, check_finite
 from .core.progress import track
 from .core.registry import get_registry
@@ -390,6 +391,7 @@ def _stream_modules(
     for module, names in track(checkpoint.modules(), f"{backend.name} (streaming)"):
         if module not in outputs:
             outputs[module] = _stream_module(checkpoint, module, names, targets.get(module), steps, writer)
+            release_heap()
 
 
 def _stream_layers(
@@ -420,6 +422,7 @@ def _stream_layers(
     for module, names in modules[first:]:
         if not module.startswith(layers):
             _stream_module(checkpoint, module, names, None, _Steps(backend), source.writer)
+            release_heap()
 
 
 def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
@@ -501,6 +504,7 @@ class _StreamedLayers:
         for module in self._held:
             module.to("meta")
         self._held = []
+        release_heap()
 
 
 class _Steps(NamedTuple):

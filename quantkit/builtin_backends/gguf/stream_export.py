@@ -36,6 +36,7 @@ from torch import nn
 from quantkit.core.atomic import atomic_path
 from quantkit.core.backend import Backend
 from quantkit.core.errors import QuantizationError
+from quantkit.core.heap import release_heap
 from quantkit.core.linears import Target, check_finite, set_submodule
 from quantkit.core.progress import track
 from quantkit.core.registry import get_registry
@@ -122,8 +123,8 @@ def _write(
             if written <= done:
                 continue  # on disk already
             todo = entries[max(done - first, 0) :]
-            for array in _arrays(checkpoint, module, todo, steps, n_layer, heads):
-                _append(file, array, writer.data_alignment)
+            _append_all(file, _arrays(checkpoint, module, todo, steps, n_layer, heads), writer.data_alignment)
+            release_heap()  # the module's arrays are let go: glibc's freed heap back to the OS
             file.flush()
             os.fsync(file.fileno())
             record({"tensors": written, "offset": file.tell()})
@@ -233,6 +234,12 @@ def _end(start: int, tensors: list[FileTensor], alignment: int) -> int:
         nbytes = tensor.data.numel() * tensor.data.element_size()
         start = GGUFWriter.ggml_pad(start, alignment) + GGUFWriter.ggml_pad(nbytes, alignment)
     return start
+
+
+def _append_all(file: BinaryIO, arrays: list[np.ndarray], alignment: int) -> None:
+    """:func:`_append` each of ``arrays`` (a function: no loop variable keeps the last one alive)."""
+    for array in arrays:
+        _append(file, array, alignment)
 
 
 def _append(file: BinaryIO, array: np.ndarray, alignment: int) -> None:
