@@ -8,9 +8,11 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import quantkit
 from quantkit import BnbConfig, chosen_kernels, set_kernel
+from quantkit.builtin_backends.bnb.kernels import llm_int8_activations
 from quantkit.builtin_backends.bnb.layers import empty_linear, quantize_linear
 from quantkit.cli.backends import kernel_rows
 from quantkit.core.hardware import cpu_features
@@ -18,6 +20,7 @@ from quantkit.core.kernels import KernelUnavailableError
 from quantkit.core.torch_kernels import DENSE_ROWS
 
 bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = bnb.functional
 
 CONFIGS = {
     "nf4": BnbConfig(),
@@ -30,6 +33,10 @@ SHAPES = [(576, 576), (1536, 576), (576, 1536)]
 needs_avx512_bf16 = pytest.mark.skipif(
     "avx512_bf16" not in cpu_features(), reason="bnb-cpu needs a CPU with AVX512-BF16 (avx512_bf16)"
 )
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 @functools.cache
@@ -160,3 +167,37 @@ def test_kernels_are_listed_with_their_declarations():
     assert cpu["devices"] == ["cpu"] and cpu["cpu_features"] == ["avx512_bf16"] and cpu["requires"] == ["bitsandbytes"]
     assert cpu["shape_limits"] == ["out_features must be a multiple of 32", "in_features must be a multiple of 2"]
     assert set(rows["bitsandbytes"]["devices"]) == {"cuda", "rocm", "cpu"}
+
+
+@pytest.mark.parametrize("threshold", [6.0, 1.5, 0.0])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_llm_int8_gemv_inductor_is_bitsandbytes_own_llm_int8_to_float_rounding(threshold, rows):
+    """LLM.int8's activation quantization and outlier columns folded into one int8 GEMV: the
+    numbers bitsandbytes' own forward computes (not the weight-only dequantize reference)."""
+    torch.manual_seed(0)
+    config = BnbConfig(load_in_4bit=False, load_in_8bit=True, llm_int8_threshold=threshold)
+    module = quantize_linear(nn.Linear(576, 1536), config, torch.device("cpu")).eval()
+    x = torch.randn(rows, 576)
+    x[:, 5] *= 10  # an outlier column
+    x[0, 7] = 8.0  # an outlier in one row only: its column is set aside for every row
+    with torch.inference_mode():
+        set_kernel(module, "bitsandbytes")
+        reference = module(x)
+        set_kernel(module, None)
+        got = module(x)
+        weight_only = F.linear(x, module.dequantize(), module.bias)
+    assert chosen_kernels(module) == {"": "gemv-inductor"}
+    assert relative(got, reference) < 1e-4
+    if threshold:  # the activations' int8 rounding shows against weight-only int8
+        assert relative(weight_only, reference) > 10 * relative(got, reference)
+
+
+def test_llm_int8_activations_are_bitsandbytes_int8_rows_and_outlier_columns():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    x[1, 3] = 9.0
+    ca, sca, columns = bnb_functional.int8_vectorwise_quant(x.to(torch.float16), threshold=6.0)
+    expected = ca.float() * sca.unsqueeze(1) / 127
+    expected[:, columns] = x[:, columns]
+    assert columns.tolist() == [3]
+    assert torch.allclose(llm_int8_activations(x, 6.0), expected, rtol=1e-6, atol=0)

@@ -244,6 +244,8 @@ def test_a_plugin_registers_kernels_through_the_hook():
         "gemv-inductor (HQQLayer)": "quantkit's own plugin 'hqq'",
         "bitsandbytes (Bnb4bit)": "quantkit's own plugin 'bnb'",
         "bnb-cpu (Bnb4bit)": "quantkit's own plugin 'bnb'",
+        "bitsandbytes (Bnb8bit)": "quantkit's own plugin 'bnb'",
+        "gemv-inductor (Bnb8bit)": "quantkit's own plugin 'bnb'",
     }
 
 

@@ -16,6 +16,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("eetq", ("EetqLinear",)),
         ("bnb-cpu", ("Bnb4bit",)),
         ("bitsandbytes", ("Bnb4bit",)),
+        ("bitsandbytes", ("Bnb8bit",)),
+        ("gemv-inductor", ("Bnb8bit",)),
         ("int4-cpu", ("AWQLinear",)),
         ("int4-cpu", ("GPTQLinear",)),
         ("int4-cpu", ("GGUFLinear",)),
@@ -53,8 +55,8 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    fastest_first = ["eetq", "bnb-cpu"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu", "bitsandbytes"]
-    fastest_first += ["gemv-inductor"] * 4
+    fastest_first = ["eetq", "bnb-cpu"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu"]
+    fastest_first += ["bitsandbytes"] * 2 + ["gemv-inductor"] * 5
     fastest_first += ["int8-cpu", "dequantize", "dequantize-cached"]
     assert names[: len(fastest_first)] == fastest_first
     out = " ".join(" ".join(lines).split())

@@ -106,6 +106,27 @@ def route_through_kernels(module: nn.Module) -> nn.Module:
     return module
 
 
+class _NamedClass(type):
+    """Metaclass of :func:`third_party_class`'s stand-ins: instance and subclass checks by name."""
+
+    qualified_name: str
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return cls.__subclasscheck__(type(instance))
+
+    def __subclasscheck__(cls, candidate: type) -> bool:
+        return candidate is cls or any(
+            f"{c.__module__}.{c.__qualname__}" == cls.qualified_name for c in candidate.__mro__
+        )
+
+
+def third_party_class(qualified_name: str, name: str, doc: str) -> type:
+    """A class named ``name`` standing for the third-party layer class ``qualified_name``
+    (``"hqq.core.quantize.HQQLinear"``) and its subclasses, without importing its package:
+    ``isinstance(module, stand_in)`` holds for them, so kernels can declare it as a layer class."""
+    return _NamedClass(name, (), {"qualified_name": qualified_name, "__doc__": doc})
+
+
 def _dispatched(module: nn.Module) -> bool:
     return isinstance(module, KernelLinear) or "kernel_request" in vars(module)
 
@@ -158,7 +179,7 @@ def set_kernel(model: nn.Module, name: str | None) -> nn.Module:
     fastest valid one again), checked on each layer's device first: a name nothing registered
     raises :class:`~quantkit.core.errors.UnknownNameError`, a kernel that cannot serve a layer
     :class:`KernelUnavailableError` naming the layer, the reason and the kernels that can. Layers
-    with a forward of their own (bitsandbytes' LLM.int8, AQLM) are left as they are."""
+    with a forward of their own (AQLM) are left as they are."""
     layers = [(n, m) for n, m in model.named_modules() if _dispatched(m)]
     if name is not None:
         name = get_registry().kernel_name(name)

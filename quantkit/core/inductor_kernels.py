@@ -59,16 +59,27 @@ def _gemv(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
 
 
 def _gemv_rows(
-    x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, order: Tensor | None, padding: int, out: int
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    order: Tensor | None,
+    padding: int,
+    out: int,
+    prologue: Callable[[Tensor], Tensor] | None,
 ) -> Tensor:
     """``x @ W.T`` for the few rows of ``x``: one compiled graph from the activations as they come
-    (gathered in group order, padded, float32) to the output in their dtype."""
-    rows = F.pad((x if order is None else x.index_select(1, order)).float(), (0, padding))
+    (the format's ``prologue`` applied, gathered in group order, padded, float32) to the output in
+    their dtype."""
+    rows = x.float() if prologue is None else prologue(x)
+    rows = F.pad(rows if order is None else rows.index_select(1, order), (0, padding))
     products = torch.stack([_gemv(row, codes, scales, offsets) for row in rows])
     return products[:, :out].to(x.dtype)
 
 
-_compiled_gemv_rows = torch.compile(_gemv_rows, dynamic=False, fullgraph=True)
+_compiled_gemv_rows = torch.compile(
+    _gemv_rows, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True}
+)
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,13 @@ class GroupedGemvState:
     codes: Tensor
     """int8 ``(out / BLOCK, in, BLOCK)``: each block's codes, input-major."""
     scales: Tensor
-    """bfloat16 ``(out / BLOCK, n_groups, BLOCK)``."""
+    """``(out / BLOCK, n_groups, BLOCK)``, bfloat16 unless the format asked for more."""
     offsets: Tensor | None
     """Laid out as ``scales``; ``None`` where every offset is zero (symmetric formats)."""
     out_features: int
+    prologue: Callable[[Tensor], Tensor] | None = None
+    """Applied to the activations before the product, inside the compiled graph (float32 out): a
+    format that also quantizes its activations (LLM.int8) folds that in here."""
     order: Tensor | None = None
     """The input channels sorted by group (act-order), ``None`` when they already are."""
     padding: int = 0
@@ -97,19 +111,27 @@ def _blocked(values: Tensor, out_padding: int, dtype: torch.dtype) -> Tensor:
 
 
 def grouped_gemv_state(
-    codes: Tensor, scales: Tensor, offsets: Tensor, group_size: int, order: Tensor | None = None
+    codes: Tensor,
+    scales: Tensor,
+    offsets: Tensor,
+    group_size: int,
+    order: Tensor | None = None,
+    prologue: Callable[[Tensor], Tensor] | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> GroupedGemvState:
     """Repack ``W[o, i] = codes[o, i] * scales[g, o] + offsets[g, o]`` (``(out, in)`` integer codes in
     ``[-128, 128)``, ``(n_groups, out)`` float scales and offsets, ``g = i // group_size``; a ragged
     last group is padded with zero codes, and each input row with zeros; the outputs are padded
-    to whole blocks with zero rows)."""
+    to whole blocks with zero rows). ``prologue``: see :class:`GroupedGemvState`; ``scale_dtype``:
+    bfloat16 (half the bytes to read) unless a format's scales are few and must stay exact."""
     out_features = codes.shape[0]
     padding, out_padding = -codes.shape[1] % group_size, -out_features % BLOCK
     state = GroupedGemvState(
         _blocked(F.pad(codes.to(torch.int8), (0, padding)), out_padding, torch.int8),
-        _blocked(scales.t(), out_padding, torch.bfloat16),
-        _blocked(offsets.t(), out_padding, torch.bfloat16) if offsets.any() else None,
+        _blocked(scales.t(), out_padding, scale_dtype),
+        _blocked(offsets.t(), out_padding, scale_dtype) if offsets.any() else None,
         out_features,
+        prologue,
         order,
         padding,
     )
@@ -135,7 +157,7 @@ def _run(state: GroupedGemvState, x: Tensor) -> Tensor:
     mode) compiles once, past dynamo's limit of 8 graphs a function (a global setting): the limit
     is checked only when compiling, never on a cache hit."""
     kind = (x.shape[0], x.dtype, x.is_inference(), torch.is_grad_enabled())
-    args = (x, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features)
+    args = (x, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features, state.prologue)
     if kind in state.compiled_for:
         return _compiled_gemv_rows(*args)
     with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
@@ -145,9 +167,11 @@ def _run(state: GroupedGemvState, x: Tensor) -> Tensor:
 
 
 def _gemv_matmul(module: nn.Module, state: GroupedGemvState, x: Tensor) -> Tensor:
-    if x.shape[0] > GEMV_ROWS:
-        return dense_matmul(module, x) if dense(x) else F.linear(x, module.dequantize().to(x.dtype))
-    return _run(state, x)
+    if x.shape[0] <= GEMV_ROWS:
+        return _run(state, x)
+    if state.prologue is not None:  # activations a format computes in float32 stay in float32
+        return F.linear(state.prologue(x), module.dequantize()).to(x.dtype)
+    return dense_matmul(module, x) if dense(x) else F.linear(x, module.dequantize().to(x.dtype))
 
 
 def gemv_inductor_kernel(

@@ -19,6 +19,7 @@ from quantkit.core.hardware import Hardware
 from .config import PRESETS, BnbConfig
 from .layers import (
     Bnb4bit,
+    Bnb8bit,
     empty_linear,
     mixes_4bit_and_8bit,
     quantize_linear,
@@ -39,7 +40,7 @@ class BnbBackend(Backend):
     presets = PRESETS
     aliases = ("bnb",)
     streams_modules = True
-    layer_classes = (Bnb4bit,)  # LLM.int8 keeps bitsandbytes' own forward
+    layer_classes = (Bnb4bit, Bnb8bit)
     capabilities = Capabilities(
         quantize_hardware=BNB_HARDWARE,
         inference_hardware=BNB_HARDWARE,

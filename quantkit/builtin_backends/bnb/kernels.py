@@ -1,4 +1,5 @@
-"""bitsandbytes' kernels for its 4-bit layers (NF4/FP4, with or without double quantization).
+"""bitsandbytes' kernels: for its 4-bit layers (NF4/FP4, with or without double quantization) and
+its LLM.int8 layers.
 
 ``bitsandbytes`` runs ``bnb.matmul_4bit`` on the module's canonical weight, what bitsandbytes'
 own ``Linear4bit.forward`` runs, on every device bitsandbytes does. ``bnb-cpu`` runs bitsandbytes'
@@ -10,11 +11,23 @@ packing turns the absmax (double quantization resolved) into bfloat16, relative 
 the same class of rounding as the ``int4-cpu`` kernels' bfloat16 scales, with bfloat16
 activations (W4A16 numerics). From :data:`~quantkit.core.torch_kernels.DENSE_ROWS` input rows on
 it runs a bfloat16 GEMM on the weight dequantized for the call, as ``int4-cpu`` does.
+
+LLM.int8 (``Linear8bitLt``) quantizes the activations too: each row to int8 by its absmax, after
+setting aside the input columns holding a value at or above the threshold, which stay in float
+against the dequantized weight. Both parts multiply the same int8 weight with its row scale, so
+they are one product ``a @ W.T`` with ``W = CB * SCB / 127`` and ``a`` the activations as LLM.int8
+sees them: the dequantized int8 rows, with the outlier columns' own values
+(:func:`llm_int8_activations`). ``gemv-inductor`` computes that from the activations in one
+compiled graph and one pass over the int8 codes (float32 sums where bitsandbytes sums int32:
+float rounding apart, the same numbers); above 4 rows it multiplies ``a`` by the weight dequantized
+for the call, in float32. ``bitsandbytes`` runs ``bnb.matmul`` as ``Linear8bitLt.forward`` does
+(on the CPU an int8 ``torch._int_mm`` GEMM, slow for a decode step's single row).
 """
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,11 +35,12 @@ from torch import Tensor
 
 from quantkit.core.capabilities import ShapeLimit
 from quantkit.core.hardware import Hardware
+from quantkit.core.inductor_kernels import GroupedGemvState, gemv_inductor_kernel, grouped_gemv_state
 from quantkit.core.kernels import Kernel
 from quantkit.core.torch_kernels import DENSE_ROWS, dense, dense_matmul
 
 from .backend import BNB_HARDWARE
-from .layers import Bnb4bit
+from .layers import Bnb4bit, Bnb8bit, int8_weight
 
 BNB_CPU_SHAPE_LIMITS = (
     ShapeLimit("out_features", 32, "bitsandbytes' CPU packing takes output channels in blocks of 32"),
@@ -96,5 +110,66 @@ BNB_CPU = Kernel(
     description=(
         "bitsandbytes' AVX512-BF16 gemv_4bit on a copy packed once (bfloat16 absmax and activations, W4A16); "
         f"from {DENSE_ROWS} rows a bfloat16 GEMM on the weight dequantized per call"
+    ),
+)
+
+
+def llm_int8_activations(x: Tensor, threshold: float) -> Tensor:
+    """The float32 activations LLM.int8 multiplies by its dequantized weight, as bitsandbytes'
+    ``int8_vectorwise_quant`` and ``int8_mixed_scaled_mm`` compute them: in float16, values at or
+    above ``threshold`` (when positive) set aside; each row scaled by its absmax to int8 (round
+    half to even) and back; the columns that held a set-aside value take ``x``'s own values."""
+    half = x.to(torch.float16)
+    outliers = half.abs() >= threshold if threshold > 0 else torch.zeros_like(half, dtype=torch.bool)
+    kept = half.masked_fill(outliers, 0)
+    row_stats = kept.abs().amax(dim=1, keepdim=True).float()
+    dequantized = torch.round(kept * (127.0 / row_stats)) * (row_stats / 127.0)
+    return torch.where(outliers.any(dim=0, keepdim=True), x.float(), dequantized)
+
+
+def _int8_bitsandbytes_matmul(module: Bnb8bit, state: None, x: Tensor) -> Tensor:
+    """``Linear8bitLt.forward`` without the bias (the dispatch adds it)."""
+    import bitsandbytes as bnb
+
+    module.state.is_training = module.training
+    if module.weight.CB is not None:
+        module.init_8bit_state()
+    out = bnb.matmul(x, module.weight, state=module.state)
+    if not module.state.has_fp16_weights and module.state.CB is not None:
+        module.weight.data = module.state.CB
+    return out
+
+
+def _prepare_llm_int8(module: Bnb8bit) -> GroupedGemvState:
+    codes, row_scales = int8_weight(module)
+    scales = (row_scales.float() / 127.0).view(1, -1)
+    return grouped_gemv_state(
+        codes,
+        scales,
+        torch.zeros_like(scales),
+        module.in_features,
+        prologue=partial(llm_int8_activations, threshold=float(module.state.threshold)),
+        scale_dtype=torch.float32,
+    )
+
+
+BITSANDBYTES_INT8 = Kernel(
+    name="bitsandbytes",
+    layers=(Bnb8bit,),
+    devices=BNB_HARDWARE,
+    prepare=lambda module: None,
+    matmul=_int8_bitsandbytes_matmul,
+    requires=("bitsandbytes",),
+    priority=10,
+    description="bitsandbytes' own LLM.int8 matmul (int8 activations, outlier columns in float): its forward",
+)
+GEMV_INDUCTOR_INT8 = gemv_inductor_kernel(
+    Bnb8bit,
+    prepare=_prepare_llm_int8,
+    fits=None,
+    description=(
+        "LLM.int8: the activations quantized per row as bitsandbytes does, outlier columns kept, one compiled "
+        "GEMV over the int8 codes (float32 row scales and sums); above 4 rows a float32 GEMM on the "
+        "dequantized weight"
     ),
 )

@@ -17,10 +17,10 @@ read back: lossy, and saving after a forward writes other bytes than before it. 
 modules keep the canonical layout instead (:func:`keep_canonical_layout`), so the bytes
 saved and the logits computed never depend on whether a forward has run.
 
-The 4-bit modules stay real ``Linear4bit`` (PEFT's QLoRA wraps them) but run through the kernels
-registered for :class:`Bnb4bit` (:mod:`.kernels`): bitsandbytes' own CPU GEMV runs on a
-packed copy the kernel keeps outside the state dict. LLM.int8 keeps bitsandbytes' own forward
-(it quantizes the activations too).
+The modules stay real ``Linear4bit``/``Linear8bitLt`` (PEFT's QLoRA wraps them) but run through
+the kernels registered for :data:`Bnb4bit` and :data:`Bnb8bit` (:mod:`.kernels`): bitsandbytes'
+own CPU GEMV runs on a packed copy the kernel keeps outside the state dict, and LLM.int8's
+activation quantization and outlier columns fold into one compiled int8 GEMV.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from quantkit.core.config_files import parse_json
-from quantkit.core.dispatch import route_through_kernels
+from quantkit.core.dispatch import route_through_kernels, third_party_class
 from quantkit.core.errors import ModelFormatError
 from quantkit.core.linears import Target
 
@@ -45,21 +45,17 @@ QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Block sizes a saved 4-bit quant state may name (bitsandbytes' own, nested ones included)."""
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-BNB_LINEAR4BIT = "bitsandbytes.nn.modules.Linear4bit"
-
-
-class _NamesLinear4bit(type):
-    def __instancecheck__(cls, instance: object) -> bool:
-        return cls.__subclasscheck__(type(instance))
-
-    def __subclasscheck__(cls, candidate: type) -> bool:
-        return candidate is cls or any(f"{c.__module__}.{c.__qualname__}" == BNB_LINEAR4BIT for c in candidate.__mro__)
-
-
-class Bnb4bit(metaclass=_NamesLinear4bit):
-    """bitsandbytes' ``Linear4bit`` (and its subclasses) as a class quantkit can name without
-    importing bitsandbytes: ``isinstance(module, Bnb4bit)``, the layer class of the kernels
-    in :mod:`.kernels`."""
+Bnb4bit = third_party_class(
+    "bitsandbytes.nn.modules.Linear4bit",
+    "Bnb4bit",
+    "bitsandbytes' ``Linear4bit`` (and its subclasses) as a class quantkit can name without importing "
+    "bitsandbytes: ``isinstance(module, Bnb4bit)``, a layer class of the kernels in :mod:`.kernels`.",
+)
+Bnb8bit = third_party_class(
+    "bitsandbytes.nn.modules.Linear8bitLt",
+    "Bnb8bit",
+    "bitsandbytes' ``Linear8bitLt`` (LLM.int8), named the same way.",
+)
 
 
 def keep_canonical_layout(module: bnb.nn.Linear4bit) -> None:
@@ -95,7 +91,7 @@ def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) 
             quant_storage=torch.uint8,
             module=module,
         ).to(device)
-        _through_kernels(module)
+    _through_kernels(module)
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
     return module.train(linear.training)  # LLM.int8 treats outliers differently in training mode
@@ -136,8 +132,7 @@ def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
             bnb_quantized=True,
         )
         module.register_load_state_dict_pre_hook(_load_4bit)
-        _through_kernels(module)
-    return module
+    return _through_kernels(module)
 
 
 def sync_int8_statistics(model: nn.Module) -> nn.Module:
@@ -188,14 +183,24 @@ def _linear4bit(in_features: int, out_features: int, bias: bool, config: BnbConf
     return module
 
 
-def dequantize(module: bnb.nn.Linear4bit) -> torch.Tensor:
-    """The float32 ``(out, in)`` weight ``module``'s canonical 4-bit weight and quant state encode."""
+def dequantize(module: bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) -> torch.Tensor:
+    """The float32 ``(out, in)`` weight ``module`` encodes: its canonical 4-bit weight and quant
+    state, or its LLM.int8 codes and row scales."""
     import bitsandbytes as bnb
 
+    if isinstance(module, Bnb8bit):
+        return bnb.functional.int8_vectorwise_dequant(*int8_weight(module)).float()
     return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
 
 
-def _through_kernels(module: bnb.nn.Linear4bit) -> bnb.nn.Linear4bit:
+def int8_weight(module: bnb.nn.Linear8bitLt) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LLM.int8 layer's int8 ``(out, in)`` codes and float32 row scales (``SCB``; bitsandbytes
+    moves them from the weight to the layer's state at its first forward)."""
+    scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    return module.weight.data, scales
+
+
+def _through_kernels(module: nn.Module) -> nn.Module:
     """``module`` with ``dequantize()`` and its forward routed through the registered kernels; a
     state dict loaded into it drops the kernel state prepared from the weight it replaces."""
     module.dequantize = partial(dequantize, module)

@@ -1,9 +1,9 @@
-"""quantkit's built-in plugin: bitsandbytes (NF4/FP4/LLM.int8) through bitsandbytes, and its 4-bit kernels."""
+"""quantkit's built-in plugin: bitsandbytes (NF4/FP4/LLM.int8) through bitsandbytes, and its kernels."""
 
 from quantkit.core.hookspecs import hookimpl
 
 from .backend import BnbBackend
-from .kernels import BITSANDBYTES, BNB_CPU
+from .kernels import BITSANDBYTES, BITSANDBYTES_INT8, BNB_CPU, GEMV_INDUCTOR_INT8
 
 
 @hookimpl
@@ -15,3 +15,5 @@ def quantkit_register_backends(register) -> None:
 def quantkit_register_kernels(register) -> None:
     register(BNB_CPU)
     register(BITSANDBYTES)
+    register(GEMV_INDUCTOR_INT8)
+    register(BITSANDBYTES_INT8)

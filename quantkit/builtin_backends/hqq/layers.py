@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from quantkit.core.dispatch import route_through_kernels
+from quantkit.core.dispatch import route_through_kernels, third_party_class
 
 from .config import HQQConfig
 
@@ -21,20 +21,12 @@ if TYPE_CHECKING:
     from hqq.core.quantize import HQQLinear
 
 
-HQQ_LINEAR = "hqq.core.quantize.HQQLinear"
-
-
-class _NamesHQQLinear(type):
-    def __instancecheck__(cls, instance: object) -> bool:
-        return cls.__subclasscheck__(type(instance))
-
-    def __subclasscheck__(cls, candidate: type) -> bool:
-        return candidate is cls or any(f"{c.__module__}.{c.__qualname__}" == HQQ_LINEAR for c in candidate.__mro__)
-
-
-class HQQLayer(metaclass=_NamesHQQLinear):
-    """hqq's ``HQQLinear`` (and its subclasses) as a class quantkit can name without importing
-    hqq: ``isinstance(module, HQQLayer)``, the layer class hqq's kernels declare."""
+HQQLayer = third_party_class(
+    "hqq.core.quantize.HQQLinear",
+    "HQQLayer",
+    "hqq's ``HQQLinear`` (and its subclasses) as a class quantkit can name without importing hqq: "
+    "``isinstance(module, HQQLayer)``, the layer class hqq's kernels declare.",
+)
 
 
 def _through_kernels(module: HQQLinear) -> HQQLinear:
