@@ -16,11 +16,12 @@ too: the head runs ``int4-cpu`` as well); HQQ is 4-bit group 64 with ``optimize=
 layout and speed as the optimized weights, quantized in seconds); EETQ is int8 per channel
 (``int8-cpu``); GGUF Q8_0 (head included) runs ``int4x2-cpu``. Not run by default: the GGUF mixes
 Q4_K_M, Q6_K and Q2_K (their 16-input-scale tensors run ``gemv-inductor``), HQQ 2-bit g16
-(``gemv-inductor``), and bitsandbytes NF4 and FP4 (``bnb-cpu``). g64 divides every SmolLM2 linear
-(576 and 1536), so every one can take ``int4-cpu``. The float32 output head (49152 x 576, 28 M
-weights, tied to the embedding) of the GPTQ, RTN and HQQ models is timed alone too: its share of
-a decode step is what those methods leave in float32. Variants alternate for ``--repeats`` rounds;
-each keeps its best tokens/s. Peak RSS: the process's high-water mark once everything ran.
+(``gemv-inductor``), bitsandbytes NF4 and FP4 (``bnb-cpu``) and LLM.int8 (``gemv-inductor``).
+g64 divides every SmolLM2 linear (576 and 1536), so every one can take ``int4-cpu``. The float32
+output head (49152 x 576, 28 M weights, tied to the embedding) of the GPTQ, RTN and HQQ models is
+timed alone too: its share of a decode step is what those methods leave in float32. Variants
+alternate for ``--repeats`` rounds; each keeps its best tokens/s. Peak RSS: the process's
+high-water mark once everything ran.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ CONFIGS = {
     "hqq2": ("hqq 2-bit g16", HQQConfig(nbits=2, group_size=16, optimize=False)),
     "nf4": ("bnb nf4", BnbConfig(quant_type="nf4")),
     "fp4": ("bnb fp4", BnbConfig(quant_type="fp4")),
+    "int8": ("bnb llm.int8", BnbConfig(load_in_4bit=False, load_in_8bit=True)),
 }
 DEFAULT_METHODS = ("gptq", "rtn", "gguf", "gguf8", "hqq", "eetq")
 

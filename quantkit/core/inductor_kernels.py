@@ -25,6 +25,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -59,27 +60,16 @@ def _gemv(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
 
 
 def _gemv_rows(
-    x: Tensor,
-    codes: Tensor,
-    scales: Tensor,
-    offsets: Tensor | None,
-    order: Tensor | None,
-    padding: int,
-    out: int,
-    prologue: Callable[[Tensor], Tensor] | None,
+    x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, order: Tensor | None, padding: int, out: int
 ) -> Tensor:
     """``x @ W.T`` for the few rows of ``x``: one compiled graph from the activations as they come
-    (the format's ``prologue`` applied, gathered in group order, padded, float32) to the output in
-    their dtype."""
-    rows = x.float() if prologue is None else prologue(x)
-    rows = F.pad(rows if order is None else rows.index_select(1, order), (0, padding))
+    (gathered in group order, padded, float32) to the output in their dtype."""
+    rows = F.pad((x if order is None else x.index_select(1, order)).float(), (0, padding))
     products = torch.stack([_gemv(row, codes, scales, offsets) for row in rows])
     return products[:, :out].to(x.dtype)
 
 
-_compiled_gemv_rows = torch.compile(
-    _gemv_rows, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True}
-)
+_compiled_gemv_rows = torch.compile(_gemv_rows, dynamic=False, fullgraph=True)
 
 
 @dataclass(frozen=True)
@@ -94,8 +84,9 @@ class GroupedGemvState:
     """Laid out as ``scales``; ``None`` where every offset is zero (symmetric formats)."""
     out_features: int
     prologue: Callable[[Tensor], Tensor] | None = None
-    """Applied to the activations before the product, inside the compiled graph (float32 out): a
-    format that also quantizes its activations (LLM.int8) folds that in here."""
+    """Applied to the activations before the product (float32 out), outside the compiled graph
+    (inductor would recompute it inside the GEMV's loop, once per block of outputs): a format that
+    also quantizes its activations (LLM.int8) does it here."""
     order: Tensor | None = None
     """The input channels sorted by group (act-order), ``None`` when they already are."""
     padding: int = 0
@@ -135,7 +126,7 @@ def grouped_gemv_state(
         order,
         padding,
     )
-    _run(state, torch.zeros(1, codes.shape[1]))  # compiled at the first forward, not in a timed one
+    run_gemv(state, torch.zeros(1, codes.shape[1]))  # compiled at the first forward, not in a timed one
     return state
 
 
@@ -152,26 +143,31 @@ def _prepare_grouped_codes(module: nn.Module) -> GroupedGemvState:
     return grouped_gemv_state(codes.int() - centre, scales, scales * (centre - zeros), module.group_size, order)
 
 
-def _run(state: GroupedGemvState, x: Tensor) -> Tensor:
-    """The compiled GEMV on ``x``. Each new kind of input (row count, dtype, inference tensor, grad
-    mode) compiles once, past dynamo's limit of 8 graphs a function (a global setting): the limit
-    is checked only when compiling, never on a cache hit."""
-    kind = (x.shape[0], x.dtype, x.is_inference(), torch.is_grad_enabled())
-    args = (x, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features, state.prologue)
+def run_gemv(state: GroupedGemvState, x: Tensor) -> Tensor:
+    """The compiled GEMV on the rows of ``x`` (at most :data:`GEMV_ROWS`), the state's prologue
+    applied first. Each new kind of input (row count, dtype, inference tensor, grad mode) compiles
+    once, past dynamo's limit of 8 graphs a function (a global setting): the limit is checked only
+    when compiling, never on a cache hit."""
+    rows = x if state.prologue is None else state.prologue(x)
+    kind = (rows.shape[0], rows.dtype, rows.is_inference(), torch.is_grad_enabled())
+    args = (rows, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features)
     if kind in state.compiled_for:
-        return _compiled_gemv_rows(*args)
+        return _compiled_gemv_rows(*args).to(x.dtype)
     with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
         out = _compiled_gemv_rows(*args)
     state.compiled_for.add(kind)
-    return out
+    return out.to(x.dtype)
 
 
-def _gemv_matmul(module: nn.Module, state: GroupedGemvState, x: Tensor) -> Tensor:
-    if x.shape[0] <= GEMV_ROWS:
-        return _run(state, x)
-    if state.prologue is not None:  # activations a format computes in float32 stay in float32
-        return F.linear(state.prologue(x), module.dequantize()).to(x.dtype)
+def _dense_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """Above :data:`GEMV_ROWS` rows: the weight dequantized for the call."""
     return dense_matmul(module, x) if dense(x) else F.linear(x, module.dequantize().to(x.dtype))
+
+
+def _gemv_matmul(
+    module: nn.Module, state: GroupedGemvState, x: Tensor, *, many_rows: Callable[[nn.Module, Tensor], Tensor]
+) -> Tensor:
+    return run_gemv(state, x) if x.shape[0] <= GEMV_ROWS else many_rows(module, x)
 
 
 def gemv_inductor_kernel(
@@ -179,6 +175,7 @@ def gemv_inductor_kernel(
     prepare: Callable[[nn.Module], GroupedGemvState] = _prepare_grouped_codes,
     fits: Callable[[nn.Module], str] | None = groups_fit,
     shape_limits: tuple[ShapeLimit, ...] = (),
+    many_rows: Callable[[nn.Module, Tensor], Tensor] = _dense_rows,
     description: str = (
         "group-quantized codes of 2 to 8 bits, any group size, repacked once as int8 with bfloat16 scales "
         "and offsets; a dequantize-GEMV torch.compile generates (float32 activations); the weight "
@@ -188,14 +185,15 @@ def gemv_inductor_kernel(
     """The ``gemv-inductor`` kernel for ``layers``: by default classes with the
     :class:`~.torch_kernels.GroupedCodes` interface (``grouped_codes()``, ``group_index()``,
     ``bits``, ``group_size``); other formats pass a ``prepare`` ending with
-    :func:`grouped_gemv_state`, their ``fits`` and ``shape_limits``. Below ``int4-cpu`` and ``int4x2-cpu`` in
-    priority, above the dequantize reference."""
+    :func:`grouped_gemv_state`, their ``fits`` and ``shape_limits``, and ``many_rows``, the
+    product above :data:`GEMV_ROWS` rows (default: the weight dequantized for the call). Below
+    ``int4-cpu`` and ``int4x2-cpu`` in priority, above the dequantize reference."""
     return Kernel(
         name="gemv-inductor",
         layers=layers,
         devices=frozenset({Hardware.CPU}),
         prepare=prepare,
-        matmul=_gemv_matmul,
+        matmul=partial(_gemv_matmul, many_rows=many_rows),
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         compute_dtype=torch.float32,
         fits=fits,

@@ -17,11 +17,11 @@ setting aside the input columns holding a value at or above the threshold, which
 against the dequantized weight. Both parts multiply the same int8 weight with its row scale, so
 they are one product ``a @ W.T`` with ``W = CB * SCB / 127`` and ``a`` the activations as LLM.int8
 sees them: the dequantized int8 rows, with the outlier columns' own values
-(:func:`llm_int8_activations`). ``gemv-inductor`` computes that from the activations in one
-compiled graph and one pass over the int8 codes (float32 sums where bitsandbytes sums int32:
-float rounding apart, the same numbers); above 4 rows it multiplies ``a`` by the weight dequantized
-for the call, in float32. ``bitsandbytes`` runs ``bnb.matmul`` as ``Linear8bitLt.forward`` does
-(on the CPU an int8 ``torch._int_mm`` GEMM, slow for a decode step's single row).
+(:func:`llm_int8_activations`, in eager torch). ``gemv-inductor`` then multiplies ``a`` in one
+compiled pass over the int8 codes (float32 sums where bitsandbytes sums int32: float rounding
+apart, the same numbers); above 4 rows it runs bitsandbytes' own product.
+``bitsandbytes`` runs ``bnb.matmul`` as ``Linear8bitLt.forward`` does (on the CPU an int8
+``torch._int_mm`` GEMM: fast for a prompt, slow for a decode step's single row).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def llm_int8_activations(x: Tensor, threshold: float) -> Tensor:
     return torch.where(outliers.any(dim=0, keepdim=True), x.float(), dequantized)
 
 
-def _int8_bitsandbytes_matmul(module: Bnb8bit, state: None, x: Tensor) -> Tensor:
+def _bitsandbytes_int8(module: Bnb8bit, x: Tensor) -> Tensor:
     """``Linear8bitLt.forward`` without the bias (the dispatch adds it)."""
     import bitsandbytes as bnb
 
@@ -158,7 +158,7 @@ BITSANDBYTES_INT8 = Kernel(
     layers=(Bnb8bit,),
     devices=BNB_HARDWARE,
     prepare=lambda module: None,
-    matmul=_int8_bitsandbytes_matmul,
+    matmul=lambda module, state, x: _bitsandbytes_int8(module, x),
     requires=("bitsandbytes",),
     priority=10,
     description="bitsandbytes' own LLM.int8 matmul (int8 activations, outlier columns in float): its forward",
@@ -167,9 +167,10 @@ GEMV_INDUCTOR_INT8 = gemv_inductor_kernel(
     Bnb8bit,
     prepare=_prepare_llm_int8,
     fits=None,
+    many_rows=_bitsandbytes_int8,
     description=(
-        "LLM.int8: the activations quantized per row as bitsandbytes does, outlier columns kept, one compiled "
-        "GEMV over the int8 codes (float32 row scales and sums); above 4 rows a float32 GEMM on the "
-        "dequantized weight"
+        "LLM.int8: the activations quantized per row as bitsandbytes does, outlier columns kept, then one "
+        "compiled GEMV over the int8 codes (float32 row scales and sums); above 4 rows bitsandbytes' own "
+        "int8 GEMM"
     ),
 )
