@@ -85,7 +85,7 @@ def kernel_forward(module: nn.Module, x: Tensor) -> Tensor:
     the CPU are a third of a decode step's product on a 576x576 int4 layer."""
     kernel, state = _kernel_for(module, x.device, x.dtype)
     rows = x.reshape(-1, module.in_features)
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled() and not kernel.differentiable:
         out = _WeightOnlyMatmul.apply(rows, module, kernel, state)
     else:
         out = kernel.matmul(module, state, rows.contiguous())

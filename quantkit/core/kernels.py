@@ -75,6 +75,9 @@ class Kernel:
     """CPU instruction-set extensions it needs, named as ``/proc/cpuinfo`` flags (``avx512_bf16``)."""
     priority: int = 0
     description: str = ""
+    differentiable: bool = False
+    """Its ``matmul`` carries autograd itself (a library's own autograd function): inputs that need
+    a gradient go through it as is, not through the dispatch's weight-only backward."""
 
     @property
     def label(self) -> str:
@@ -117,6 +120,7 @@ class Kernel:
             "programs": list(self.programs),
             "cpu_features": list(self.cpu_features),
             "priority": self.priority,
+            "differentiable": self.differentiable,
             "description": self.description,
             "available": availability.ok,
             "reason": availability.reason,

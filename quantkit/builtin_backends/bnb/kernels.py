@@ -10,7 +10,9 @@ state and saved bytes stay canonical; the copy costs the 4-bit weight's size onc
 packing turns the absmax (double quantization resolved) into bfloat16, relative rounding 2**-9:
 the same class of rounding as the ``int4-cpu`` kernels' bfloat16 scales, with bfloat16
 activations (W4A16 numerics). From :data:`~quantkit.core.torch_kernels.DENSE_ROWS` input rows on
-it runs a bfloat16 GEMM on the weight dequantized for the call, as ``int4-cpu`` does.
+it runs a bfloat16 GEMM on the weight dequantized for the call, as ``int4-cpu`` does. With grad
+mode on (QLoRA's training steps) it takes bitsandbytes' own ``matmul_4bit`` and its autograd: the
+per-call dequantization to float32 and back cost QLoRA 1.2-1.3x the float LoRA step.
 
 LLM.int8 (``Linear8bitLt``) quantizes the activations too: each row to int8 by its absmax, after
 setting aside the input columns holding a value at or above the threshold, which stay in float
@@ -67,6 +69,8 @@ def _prepare_packed(module: Bnb4bit) -> tuple[Tensor, Any]:
 
 
 def _bnb_cpu_matmul(module: Bnb4bit, state: tuple[Tensor, Any], x: Tensor) -> Tensor:
+    if torch.is_grad_enabled():  # training (QLoRA): bitsandbytes' own product and autograd
+        return _bnb_matmul(module, None, x)
     if dense(x):
         return dense_matmul(module, x)
     packed, quant_state = state
@@ -94,6 +98,7 @@ BITSANDBYTES = Kernel(
     requires=("bitsandbytes",),
     priority=10,
     description="bitsandbytes' own matmul_4bit on the canonical weight in the layer's compute dtype (its forward)",
+    differentiable=True,
 )
 BNB_CPU = Kernel(
     name="bnb-cpu",
@@ -107,6 +112,7 @@ BNB_CPU = Kernel(
     requires=("bitsandbytes",),
     cpu_features=("avx512_bf16",),
     priority=20,
+    differentiable=True,
     description=(
         "bitsandbytes' AVX512-BF16 gemv_4bit on a copy packed once (bfloat16 absmax and activations, W4A16); "
         f"from {DENSE_ROWS} rows a bfloat16 GEMM on the weight dequantized per call"
@@ -162,6 +168,7 @@ BITSANDBYTES_INT8 = Kernel(
     requires=("bitsandbytes",),
     priority=10,
     description="bitsandbytes' own LLM.int8 matmul (int8 activations, outlier columns in float): its forward",
+    differentiable=True,
 )
 GEMV_INDUCTOR_INT8 = gemv_inductor_kernel(
     Bnb8bit,
