@@ -111,9 +111,15 @@ def int4_operands(module: GGUFLinear) -> tuple[Tensor, Tensor, Tensor]:
     """``module``'s weight as ``(out, in)`` codes and ``(in / 32, out)`` scales and offsets, with
     ``W = (codes - 8) * scale + offset`` per 32 inputs (float32, before any rounding); for the
     :data:`SPLIT_TYPES`, ``W = codes * scale + offset`` with signed codes."""
+    return _operands(module, _DECODERS | _SPLIT_DECODERS, GROUP)
+
+
+def _operands(module: GGUFLinear, decoders: dict, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``module``'s blocks through ``decoders[qtype]``: ``(out, in)`` codes, ``(in / group, out)``
+    scales and offsets."""
     blocks = module.weight.detach().contiguous().reshape(-1, type_size(module.qtype))
-    codes, scales, offsets = (_DECODERS | _SPLIT_DECODERS)[module.qtype](blocks)
-    out, groups = module.out_features, module.in_features // GROUP
+    codes, scales, offsets = decoders[module.qtype](blocks)
+    out, groups = module.out_features, module.in_features // group
     return (
         codes.reshape(out, module.in_features),
         scales.reshape(out, groups).t(),
@@ -170,14 +176,7 @@ SMALL_GROUP = 16
 def small_group_operands(module: GGUFLinear) -> tuple[Tensor, Tensor, Tensor]:
     """``module``'s weight (a :data:`GEMV_TYPES` type) as ``(out, in)`` signed codes and
     ``(in / 16, out)`` float32 scales and offsets, ``W = codes * scale + offset``."""
-    blocks = module.weight.detach().contiguous().reshape(-1, type_size(module.qtype))
-    codes, scales, offsets = SMALL_GROUP_DECODERS[module.qtype](blocks)
-    out, groups = module.out_features, module.in_features // SMALL_GROUP
-    return (
-        codes.reshape(out, module.in_features),
-        scales.reshape(out, groups).t(),
-        offsets.reshape(out, groups).t(),
-    )
+    return _operands(module, SMALL_GROUP_DECODERS, SMALL_GROUP)
 
 
 def _prepare_gemv(module: GGUFLinear) -> GroupedGemvState:
