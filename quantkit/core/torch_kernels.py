@@ -24,7 +24,7 @@ packing differs, done where the weight lies.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -254,29 +254,17 @@ def _ampere(module: nn.Module) -> str:
     return "" if major >= 8 else f"tinygemm needs compute capability 8.0 or newer, not {major}.{minor}"
 
 
-def int4_cuda_kernel(
-    *layers: type[nn.Module],
-    prepare: Callable[[nn.Module], Int4State] = _prepare_int4,
-    fits: Callable[[nn.Module], str] | None = groups_fit,
-    group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
-    shape_limits: tuple[ShapeLimit, ...] = INT4_SHAPE_LIMITS,
-) -> Kernel:
-    """The ``int4-cuda`` kernel for ``layers``: torch's own tinygemm (``_weight_int4pack_mm``, what
-    torchao's int4 weight-only layout runs) on the same ``(q - 8) * scale + zero`` groups as
-    ``int4-cpu``, from the same ``prepare``; declared for NVIDIA GPUs, checked by
-    ``benchmarks/gpu_check.py``."""
-    return Kernel(
+def int4_cuda_kernel(cpu_kernel: Kernel) -> Kernel:
+    """The ``int4-cuda`` kernel serving what ``cpu_kernel`` (an :func:`int4_cpu_kernel`) serves, from
+    the same ``prepare``, layers and declarations: torch's own tinygemm (``_weight_int4pack_mm``,
+    what torchao's int4 weight-only layout runs) on the same ``(q - 8) * scale + zero`` groups;
+    declared for NVIDIA GPUs, checked by ``benchmarks/gpu_check.py``."""
+    fits = cpu_kernel.fits
+    return replace(
+        cpu_kernel,
         name="int4-cuda",
-        layers=layers,
         devices=frozenset({Hardware.CUDA}),
-        prepare=prepare,
-        matmul=_int4_matmul,
-        compute_dtype=torch.bfloat16,
-        bits=(4,),
-        group_sizes=group_sizes,
-        shape_limits=shape_limits,
         fits=lambda module: (fits(module) if fits is not None else "") or _ampere(module),
-        priority=20,
         description=(
             "torch's tinygemm _weight_int4pack_mm on codes repacked once (sm80+), bfloat16 activations (W4A16); "
             f"from {CUDA_DENSE_ROWS} rows cuBLAS on the weight dequantized to bfloat16 per call"

@@ -147,7 +147,7 @@ INT4_CPU = int4_cpu_kernel(
 )
 
 
-INT4_CUDA = int4_cuda_kernel(GGUFLinear, prepare=_prepare_int4, fits=_int4_type, group_sizes=(GROUP,))
+INT4_CUDA = int4_cuda_kernel(INT4_CPU)
 
 
 def _prepare_split(module: GGUFLinear) -> SplitInt4State:

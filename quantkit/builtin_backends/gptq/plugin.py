@@ -15,6 +15,7 @@ def quantkit_register_backends(register) -> None:
 
 @hookimpl
 def quantkit_register_kernels(register) -> None:
-    register(int4_cpu_kernel(GPTQLinear))
-    register(int4_cuda_kernel(GPTQLinear))
+    int4_cpu = int4_cpu_kernel(GPTQLinear)
+    register(int4_cpu)
+    register(int4_cuda_kernel(int4_cpu))
     register(gemv_inductor_kernel(GPTQLinear))

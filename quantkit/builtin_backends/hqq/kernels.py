@@ -70,9 +70,7 @@ INT4_CPU = int4_cpu_kernel(
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
     ),
 )
-INT4_CUDA = int4_cuda_kernel(
-    HQQLayer, prepare=_prepare_int4, fits=_axis_1, shape_limits=(*INT4_SHAPE_LIMITS, WHOLE_GROUPS)
-)
+INT4_CUDA = int4_cuda_kernel(INT4_CPU)
 GEMV_INDUCTOR = gemv_inductor_kernel(
     HQQLayer,
     prepare=_prepare_gemv,
