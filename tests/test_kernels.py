@@ -20,7 +20,7 @@ from quantkit.builtin_backends.gptq.packing import pack_gptq
 from quantkit.builtin_backends.gptq.qlinear import GPTQLinear
 from quantkit.builtin_backends.hqq import kernels as hqq_kernels
 from quantkit.builtin_backends.hqq.layers import quantize_linear as hqq_linear
-from quantkit.core import torch_kernels
+from quantkit.core import inductor_kernels, torch_kernels
 from quantkit.core.dispatch import chosen_kernels, set_kernel
 from quantkit.core.errors import UnknownNameError
 from quantkit.core.hardware import Hardware
@@ -360,6 +360,30 @@ def test_gptq_widths_and_groups_the_int4_kernel_cannot_take_run_gemv_inductor(bi
     got = module(x)
     assert module.kernel_name == "gemv-inductor"
     assert relative_error(got, exact(module, x)) < 2 * BFLOAT16_UNIT
+
+
+@pytest.mark.parametrize("spans", [False, True])
+def test_gemv_inductor_single_sum_for_layers_whose_group_sums_spill_is_the_same_product(monkeypatch, spans):
+    """The formulation a vocabulary-sized head takes (each code scaled inside one sum, split into
+    runs of at most ``SPAN`` inputs), forced on a small ragged layer with offsets: the same product
+    as the two-stage one and as the float64 weight, to float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-8, 8, (40, 600), generator=gen)
+    scales, offsets = torch.rand(2, 10, 40, generator=gen) * 0.1 - 0.05
+    weight = codes.double() * scales.double().repeat_interleave(64, 0)[:600].t()
+    weight += offsets.double().repeat_interleave(64, 0)[:600].t()
+    x = torch.randn(3, 600, generator=gen)
+    two_stage = inductor_kernels.run_gemv(
+        inductor_kernels.grouped_gemv_state(codes, scales, offsets, 64, scale_dtype=torch.float32), x
+    )
+    monkeypatch.setattr(inductor_kernels, "GROUP_SUMS_BYTES", 0)
+    if spans:
+        monkeypatch.setattr(inductor_kernels, "SPAN", 128)
+    state = inductor_kernels.grouped_gemv_state(codes, scales, offsets, 64, scale_dtype=torch.float32)
+    single_sum = inductor_kernels.run_gemv(state, x)
+    expected = x.double() @ weight.t()
+    assert relative_error(single_sum, expected) < 1e-6 and relative_error(two_stage, expected) < 1e-6
+    torch.testing.assert_close(single_sum, two_stage, rtol=1e-5, atol=1e-5)
 
 
 def test_gemv_inductor_needs_a_compiler_and_says_so(monkeypatch):

@@ -6,7 +6,9 @@ otherwise dequantize their whole weight on every call. :func:`gemv_inductor_kern
 weight once as ``W[o, i] = codes[o, i] * scales[g, o] + offsets[g, o]`` (int8 codes, one byte a
 weight, and bfloat16 scales and offsets: relative rounding 2**-9, as for the int4 kernels) and
 runs the input rows through one function inductor compiles to vectorized C++: codes converted,
-multiplied by the row and summed per group, then scaled and summed over the groups. The codes are
+multiplied by the row and summed per group, then scaled and summed over the groups (a layer
+whose per-group sums would not stay in cache, a vocabulary-sized head, scales each code inside
+a single sum instead, see :data:`GROUP_SUMS_BYTES`). The codes are
 stored in blocks of 16 outputs, input-major within a block (``(out / 16, in, 16)``): the vectorized
 loop runs along a block's outputs, reads the codes in order, and keeps a block's group sums in
 cache. Activations and accumulation stay float32.
@@ -40,7 +42,15 @@ BLOCK = 16
 """Outputs per block: the vector width of the compiled loop (16 float32 lanes of AVX512)."""
 GEMV_ROWS = 4
 """Input rows up to which the kernel runs one GEMV per row; above, the weight is dequantized for
-the call (the GEMV reads 1.25 bytes a weight a row; dequantizing writes and reads ~9)."""
+the call (the GEMV reads 1.125 bytes a weight a row; dequantizing writes and reads ~9)."""
+GROUP_SUMS_BYTES = 16 << 20
+"""Largest per-group sums (float32, a value per output and group) the GEMV materializes between
+its two loop nests; above (a vocabulary-sized head), each weight is scaled inside a single
+reduction instead: the sums would fall out of cache, and past glibc's 32 MiB mmap threshold be
+mapped afresh on every call."""
+SPAN = 4096
+"""Longest run of inputs one accumulator of the single reduction sums: inductor's generated C++
+adds pairwise-summation bookkeeping to every step of a longer float32 sum."""
 COMPILED_SHAPES = 1024
 """Weight shapes x row counts x activation dtypes the GEMV is compiled for in one process
 (dynamo's default limit is 8)."""
@@ -52,8 +62,14 @@ def _gemv(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
     """``x @ W.T`` for one float32 row ``x`` of ``in`` values (see :class:`GroupedGemvState`)."""
     blocks, n_groups, width = scales.shape
     inputs = x.view(1, n_groups, -1, 1)
-    sums = (codes.view(blocks, n_groups, -1, width).float() * inputs).sum(2)
-    product = (sums * scales.float()).sum(1)
+    codes = codes.view(blocks, n_groups, -1, width).float()
+    if blocks * n_groups * width * 4 <= GROUP_SUMS_BYTES:
+        product = ((codes * inputs).sum(2) * scales.float()).sum(1)
+    else:
+        group_size = inputs.shape[2]
+        spans = next(s for s in range(1, n_groups + 1) if n_groups % s == 0 and n_groups // s * group_size <= SPAN)
+        weighted = codes * (inputs * scales.float().unsqueeze(2))
+        product = weighted.view(blocks, spans, -1, width).sum(2).sum(1)
     if offsets is not None:
         product = product + (offsets.float() * inputs.sum(2)).sum(1)
     return product.view(-1)
