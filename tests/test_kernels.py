@@ -377,6 +377,7 @@ def test_gemv_inductor_single_sum_for_layers_whose_group_sums_spill_is_the_same_
         inductor_kernels.grouped_gemv_state(codes, scales, offsets, 64, scale_dtype=torch.float32), x
     )
     monkeypatch.setattr(inductor_kernels, "GROUP_SUMS_BYTES", 0)
+    monkeypatch.setattr(inductor_kernels, "_COMPILED", {})
     if spans:
         monkeypatch.setattr(inductor_kernels, "SPAN", 128)
     state = inductor_kernels.grouped_gemv_state(codes, scales, offsets, 64, scale_dtype=torch.float32)

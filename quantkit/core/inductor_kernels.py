@@ -25,12 +25,13 @@ the code on disk across runs.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn import functional as F
 
 from .capabilities import ShapeLimit
@@ -51,9 +52,6 @@ mapped afresh on every call."""
 SPAN = 4096
 """Longest run of inputs one accumulator of the single reduction sums: inductor's generated C++
 adds pairwise-summation bookkeeping to every step of a longer float32 sum."""
-COMPILED_SHAPES = 1024
-"""Weight shapes x row counts x activation dtypes the GEMV is compiled for in one process
-(dynamo's default limit is 8)."""
 CXX = "clang++" if platform.system() == "Darwin" else "g++"
 """The compiler inductor builds CPU code with (its ``cpp.cxx`` default)."""
 
@@ -76,16 +74,39 @@ def _gemv(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
 
 
 def _gemv_rows(
-    x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, order: Tensor | None, padding: int, out: int
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    offsets: Tensor | None,
+    order: Tensor | None,
+    padding: int,
+    out: int,
 ) -> Tensor:
-    """``x @ W.T`` for the few rows of ``x``: one compiled graph from the activations as they come
-    (gathered in group order, padded, float32) to the output in their dtype."""
+    """``x @ W.T`` for the few rows of ``x``: one graph from the activations as they come (gathered
+    in group order, padded, float32) to the output in their dtype."""
     rows = F.pad((x if order is None else x.index_select(1, order)).float(), (0, padding))
     products = torch.stack([_gemv(row, codes, scales, offsets) for row in rows])
     return products[:, :out].to(x.dtype)
 
 
-_compiled_gemv_rows = torch.compile(_gemv_rows, dynamic=False, fullgraph=True)
+_COMPILED: dict[tuple, Callable[..., Sequence[Tensor]]] = {}
+"""The compiled GEMVs of this process, by the shapes, strides and dtypes of their inputs and their
+constants: layers of one shape share one."""
+
+
+def _compiled(function: Callable[..., tuple[Tensor]], constants: tuple, tensors: list[Tensor]) -> Callable:
+    """``function(*constants, *tensors)`` compiled by inductor for ``tensors`` as they are (static
+    shapes), once per function, constants and tensor layout.
+    Traced with ``make_fx`` and called directly: no dynamo guards to evaluate on each call (~40 us,
+    what the GEMV itself takes on a small layer). ``emulate_precision_casts``: a float16 rounding in
+    the graph (LLM.int8's) stays one."""
+    key = (function, constants, *((t.shape, t.stride(), t.dtype) for t in tensors))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            compiled = torch._inductor.compile(make_fx(partial(function, *constants))(*tensors), tensors)
+        _COMPILED[key] = compiled
+    return compiled
 
 
 @dataclass(frozen=True)
@@ -100,15 +121,14 @@ class GroupedGemvState:
     """Laid out as ``scales``; ``None`` where every offset is zero (symmetric formats)."""
     out_features: int
     prologue: Callable[[Tensor], Tensor] | None = None
-    """Applied to the activations before the product (float32 out), outside the compiled graph
-    (inductor would recompute it inside the GEMV's loop, once per block of outputs): a format that
-    also quantizes its activations (LLM.int8) does it here."""
+    """Applied to the activations before the product (float32 out), compiled as a graph of its own
+    (inside the GEMV's, inductor would recompute it once per block of outputs): a format that also
+    quantizes its activations (LLM.int8) does it here. Hashable by value (a frozen dataclass):
+    layers with equal prologues share their compiled code."""
     order: Tensor | None = None
     """The input channels sorted by group (act-order), ``None`` when they already are."""
     padding: int = 0
     """Zero inputs appended to each row to complete a ragged last group."""
-    compiled_for: set[tuple] = field(default_factory=set)
-    """The kinds of input (rows, dtype, inference tensor, grad mode) the GEMV was compiled for."""
 
 
 def _blocked(values: Tensor, out_padding: int, dtype: torch.dtype) -> Tensor:
@@ -161,18 +181,25 @@ def _prepare_grouped_codes(module: nn.Module) -> GroupedGemvState:
 
 def run_gemv(state: GroupedGemvState, x: Tensor) -> Tensor:
     """The compiled GEMV on the rows of ``x`` (at most :data:`GEMV_ROWS`), the state's prologue
-    applied first. Each new kind of input (row count, dtype, inference tensor, grad mode) compiles
-    once, past dynamo's limit of 8 graphs a function (a global setting): the limit is checked only
-    when compiling, never on a cache hit."""
-    rows = x if state.prologue is None else state.prologue(x)
-    kind = (rows.shape[0], rows.dtype, rows.is_inference(), torch.is_grad_enabled())
-    args = (rows, state.codes, state.scales, state.offsets, state.order, state.padding, state.out_features)
-    if kind in state.compiled_for:
-        return _compiled_gemv_rows(*args).to(x.dtype)
-    with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-        out = _compiled_gemv_rows(*args)
-    state.compiled_for.add(kind)
-    return out.to(x.dtype)
+    applied first; each new input shape and dtype compiles once (in this process; inductor's disk
+    cache keeps the code across runs)."""
+    rows = x if state.prologue is None else _compiled(_prologue_call, (state.prologue,), [x])(x)[0]
+    tensors = [t for t in (rows, state.codes, state.scales, state.offsets, state.order) if t is not None]
+    constants = (state.offsets is not None, state.order is not None, state.padding, state.out_features)
+    return _compiled(_gemv_call, constants, tensors)(*tensors)[0].to(x.dtype)
+
+
+def _prologue_call(prologue: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor]:
+    return (prologue(x),)
+
+
+def _gemv_call(
+    has_offsets: bool, has_order: bool, padding: int, out: int, x: Tensor, codes: Tensor, scales: Tensor, *rest: Tensor
+) -> tuple[Tensor]:
+    """:func:`_gemv_rows` on the tensors :func:`run_gemv` passes (``None`` ones left out)."""
+    offsets = rest[0] if has_offsets else None
+    order = rest[-1] if has_order else None
+    return (_gemv_rows(x, codes, scales, offsets, order, padding, out),)
 
 
 def _dense_rows(module: nn.Module, x: Tensor) -> Tensor:

@@ -21,7 +21,9 @@ they are one product ``a @ W.T`` with ``W = CB * SCB / 127`` and ``a`` the activ
 sees them: the dequantized int8 rows, with the outlier columns' own values
 (:func:`llm_int8_activations`, in eager torch). ``gemv-inductor`` then multiplies ``a`` in one
 compiled pass over the int8 codes (float32 sums where bitsandbytes sums int32: float rounding
-apart, the same numbers); above 4 rows it runs bitsandbytes' own product.
+apart, the same numbers); above 4 rows the int8 rows (outlier columns zeroed) multiply the int8
+weight in int32 through ``torch._int_mm``, and the outlier columns the weight dequantized on them,
+bitsandbytes' own computation in float32 where it goes through float16 (slow on a CPU).
 ``bitsandbytes`` runs ``bnb.matmul`` as ``Linear8bitLt.forward`` does (on the CPU an int8
 ``torch._int_mm`` GEMM: fast for a prompt, slow for a decode step's single row).
 """
@@ -29,7 +31,7 @@ apart, the same numbers); above 4 rows it runs bitsandbytes' own product.
 from __future__ import annotations
 
 import copy
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,17 +122,51 @@ BNB_CPU = Kernel(
 )
 
 
-def llm_int8_activations(x: Tensor, threshold: float) -> Tensor:
-    """The float32 activations LLM.int8 multiplies by its dequantized weight, as bitsandbytes'
-    ``int8_vectorwise_quant`` and ``int8_mixed_scaled_mm`` compute them: in float16, values at or
-    above ``threshold`` (when positive) set aside; each row scaled by its absmax to int8 (round
-    half to even) and back; the columns that held a set-aside value take ``x``'s own values."""
+def _int8_rows(x: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LLM.int8's rows as bitsandbytes' ``int8_vectorwise_quant`` computes them, in float16 from
+    ``x``: values at or above ``threshold`` (when positive) set aside, each row scaled by its absmax
+    to integers (round half to even, float32). Returns the integers, each row's step
+    (``absmax / 127``) and the columns holding a set-aside value (``(1, in)`` bool)."""
     half = x.to(torch.float16)
     outliers = half.abs() >= threshold if threshold > 0 else torch.zeros_like(half, dtype=torch.bool)
     kept = half.masked_fill(outliers, 0)
     row_stats = kept.abs().amax(dim=1, keepdim=True).float()
-    dequantized = torch.round(kept * (127.0 / row_stats)) * (row_stats / 127.0)
-    return torch.where(outliers.any(dim=0, keepdim=True), x.float(), dequantized)
+    return torch.round(kept * (127.0 / row_stats)), row_stats / 127.0, outliers.any(dim=0, keepdim=True)
+
+
+def llm_int8_activations(x: Tensor, threshold: float) -> Tensor:
+    """The float32 activations LLM.int8 multiplies by its dequantized weight: each row's int8
+    values times its step, and the columns that held a set-aside value with ``x``'s own values."""
+    integers, step, columns = _int8_rows(x, threshold)
+    return torch.where(columns, x.float(), integers * step)
+
+
+def _llm_int8_rows(module: Bnb8bit, x: Tensor) -> Tensor:
+    """LLM.int8 above :data:`~quantkit.core.inductor_kernels.GEMV_ROWS` rows, bitsandbytes'
+    ``int8_mixed_scaled_mm`` in float32 where it computes in float16: the int8 rows (outlier columns
+    zeroed) times the int8 weight in int32 (``torch._int_mm``), scaled by the row steps and weight
+    scales, plus the outlier columns' own values times the weight dequantized on those columns."""
+    codes, weight_scales = int8_weight(module)
+    integers, step, columns = _int8_rows(x, float(module.state.threshold))
+    int8_rows = integers.masked_fill(columns, 0).to(torch.int8)
+    weight_steps = weight_scales.float() / 127.0
+    out = torch._int_mm(int8_rows, codes.t()).float() * step * weight_steps
+    outlier_columns = columns.view(-1).nonzero().view(-1)
+    if outlier_columns.numel():
+        dequantized = codes.index_select(1, outlier_columns).float() * weight_steps.unsqueeze(1)
+        out.addmm_(x.index_select(1, outlier_columns).float(), dequantized.t())
+    return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Int8Activations:
+    """:func:`llm_int8_activations` at one threshold, as a ``gemv-inductor`` prologue (equal
+    thresholds share compiled code)."""
+
+    threshold: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return llm_int8_activations(x, self.threshold)
 
 
 def _bitsandbytes_int8(module: Bnb8bit, x: Tensor) -> Tensor:
@@ -154,7 +190,7 @@ def _prepare_llm_int8(module: Bnb8bit) -> GroupedGemvState:
         scales,
         torch.zeros_like(scales),
         module.in_features,
-        prologue=partial(llm_int8_activations, threshold=float(module.state.threshold)),
+        prologue=Int8Activations(float(module.state.threshold)),
         scale_dtype=torch.float32,
     )
 
@@ -174,10 +210,10 @@ GEMV_INDUCTOR_INT8 = gemv_inductor_kernel(
     Bnb8bit,
     prepare=_prepare_llm_int8,
     fits=None,
-    many_rows=_bitsandbytes_int8,
+    many_rows=_llm_int8_rows,
     description=(
         "LLM.int8: the activations quantized per row as bitsandbytes does, outlier columns kept, then one "
-        "compiled GEMV over the int8 codes (float32 row scales and sums); above 4 rows bitsandbytes' own "
-        "int8 GEMM"
+        "compiled GEMV over the int8 codes (float32 row scales and sums); above 4 rows an int32 GEMM of the "
+        "int8 rows (torch._int_mm) and a float32 product of the outlier columns"
     ),
 )
