@@ -97,14 +97,16 @@ constants: layers of one shape share one."""
 def _compiled(function: Callable[..., tuple[Tensor]], constants: tuple, tensors: list[Tensor]) -> Callable:
     """``function(*constants, *tensors)`` compiled by inductor for ``tensors`` as they are (static
     shapes), once per function, constants and tensor layout.
-    Traced with ``make_fx`` and called directly: no dynamo guards to evaluate on each call (~40 us,
-    what the GEMV itself takes on a small layer). ``emulate_precision_casts``: a float16 rounding in
-    the graph (LLM.int8's) stays one."""
+    Traced with ``make_fx`` on fake tensors (tracing computes nothing: a vocabulary-sized head's
+    float32 intermediates would take gigabytes) and called directly: no dynamo guards to evaluate
+    on each call (~40 us, what the GEMV itself takes on a small layer). ``emulate_precision_casts``:
+    a float16 rounding in the graph (LLM.int8's) stays one."""
     key = (function, constants, *((t.shape, t.stride(), t.dtype) for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is None:
         with torch._inductor.config.patch(emulate_precision_casts=True):
-            compiled = torch._inductor.compile(make_fx(partial(function, *constants))(*tensors), tensors)
+            graph = make_fx(partial(function, *constants), tracing_mode="fake")(*tensors)
+            compiled = torch._inductor.compile(graph, tensors)
         _COMPILED[key] = compiled
     return compiled
 

@@ -19,7 +19,7 @@ setting aside the input columns holding a value at or above the threshold, which
 against the dequantized weight. Both parts multiply the same int8 weight with its row scale, so
 they are one product ``a @ W.T`` with ``W = CB * SCB / 127`` and ``a`` the activations as LLM.int8
 sees them: the dequantized int8 rows, with the outlier columns' own values
-(:func:`llm_int8_activations`, in eager torch). ``gemv-inductor`` then multiplies ``a`` in one
+(:func:`llm_int8_activations`, compiled as a graph of its own). ``gemv-inductor`` then multiplies ``a`` in one
 compiled pass over the int8 codes (float32 sums where bitsandbytes sums int32: float rounding
 apart, the same numbers); above 4 rows the int8 rows (outlier columns zeroed) multiply the int8
 weight in int32 through ``torch._int_mm``, and the outlier columns the weight dequantized on them,
