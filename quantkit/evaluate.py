@@ -9,6 +9,7 @@ without running the baseline again.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -226,12 +227,16 @@ def evaluate(
 def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, warmup: int = 2) -> float:
     """Greedy decoding speed in tokens/s with a KV cache, after a prompt ``(1, p)``.
 
-    The prompt's prefill and ``warmup`` first steps are not timed.
+    The prompt's prefill and ``warmup`` first steps are not timed. The prefill computes the last
+    position's logits only where the model's forward takes ``logits_to_keep``, as ``generate``
+    does (and llama.cpp): the whole prompt's logits, a vocabulary-sized product per token, are
+    nothing a decoding user pays for.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     device = next(model.parameters()).device
-    out = model(input_ids=prompt.to(device), use_cache=True)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=prompt.to(device), use_cache=True, **last_only)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for step in range(warmup + new_tokens):
         if step == warmup:

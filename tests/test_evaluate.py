@@ -166,7 +166,15 @@ def test_progress_and_speed_are_reported(model, tokens):
 
 
 def test_decode_speed_decodes_greedily_with_the_cache(model, tokens):
+    kept = []
+
+    def record(module, args, kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     speed = decode_speed(model, tokens[:, :16], new_tokens=8)
+    hook.remove()
     assert speed > 0
+    assert kept == [1] + [None] * 10  # the prefill's last logits only, as generate() asks; then 2 + 8 steps
     with pytest.raises(ValueError):
         decode_speed(model, tokens[:, :16], new_tokens=0)
