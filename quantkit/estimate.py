@@ -22,7 +22,7 @@ and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
 ``benchmarks/estimate_accuracy.py`` and its committed results.
 
 The streamed peak (``streaming=True``) is the process, the shard writer's copy buffer and the
-largest of what one step holds: the finite check of a weight, or a weight's quantized copy with
+largest of what one step holds: a weight's quantized copy with
 the working memory its backend declares (:meth:`~quantkit.core.backend.Backend.working_bytes`;
 calibration-free: the stored weights are memory-mapped, page cache rather than process memory,
 and modules copied through go in the writer's pieces), or the embedding while the first layer's inputs are
@@ -55,7 +55,7 @@ from torch import nn
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigValueError, ModelFormatError, UnknownMethodError
-from .core.linears import FINITE_CHECK_ELEMENTS, Target, quantizable_linears
+from .core.linears import Target, quantizable_linears
 from .core.registry import get_registry
 from .core.safetensors_files import DTYPES, stored_tensors
 from .core.shard_writer import COPY_BYTES
@@ -286,11 +286,6 @@ PROCESS_BYTES = 320 * 2**20
 """Anonymous memory of a Python process that imported torch, transformers and quantkit and built the
 model's architecture: 320-330 MiB measured (RssAnon) before a streamed run's first module on
 Llama-3.2-1B shapes, 170 MiB of it after the imports alone."""
-FINITE_CHECK_BYTES = 5
-"""Per weight checked finite at a time before quantizing (:func:`~quantkit.core.linears.check_finite`,
-:data:`~quantkit.core.linears.FINITE_CHECK_ELEMENTS` at most): ``torch.isfinite`` of a 16-bit weight
-makes a float32 copy and a bool result (5.0 measured)."""
-
 # Elementwise work per token of one decoder layer's forward pass besides its matmuls: norms,
 # residuals and rotary embeddings (~ hidden), the MLP's activation (~ mlp), the attention's
 # mask and softmax (~ heads x seqlen scores); and its torch operations, paid once per chunk.
@@ -648,7 +643,7 @@ def _streaming_phases(
 ) -> list[dict[str, int]]:
     """What memory holds at each step of ``quantkit.quantize_streaming`` besides the process and
     the shard writer: each quantized weight (a target linear's, or one of the backend's other
-    quantizers' modules) checked finite, then quantized with the working memory its backend declares;
+    quantizers' modules) quantized with the working memory its backend declares;
     or, with ``activations`` (a layer-by-layer run), the largest module outside the decoder layers
     with the activations, then each decoder layer with its quantized linears, the activations and
     ``working`` memory."""
@@ -664,12 +659,8 @@ def _streaming_phases(
             quantized[name] = (weight, config, size)
     if activations is None:
         return [
-            phase
+            {"quantizing one weight": backend.working_bytes(cfg, *weight.shape), "its quantized copy": size}
             for weight, cfg, size in quantized.values()
-            for phase in (
-                {"finite check": FINITE_CHECK_BYTES * min(weight.numel(), FINITE_CHECK_ELEMENTS)},
-                {"quantizing one weight": backend.working_bytes(cfg, *weight.shape), "its quantized copy": size},
-            )
         ]
     stack = decoder_stack(model)
     inside = {id(m) for layer in stack.layers for m in layer.modules()}

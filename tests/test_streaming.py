@@ -430,11 +430,25 @@ def test_a_nan_weight_stops_a_calibrated_run_and_leaves_no_output(float_folder, 
     assert not (tmp_path / "out").exists()
 
 
-def test_weights_are_checked_finite_a_piece_at_a_time(monkeypatch):
-    """A whole 8B embedding checked at once would take 2.5 GiB (a float32 copy and a bool mask)."""
+def test_weights_are_checked_finite_without_a_weight_sized_copy(monkeypatch):
+    """A whole 8B embedding through ``isfinite`` would take 2.5 GiB (a float32 copy and a bool mask):
+    the check reads its minimum and maximum; a failed one counts the bad values a piece at a time."""
     monkeypatch.setattr(linears, "FINITE_CHECK_ELEMENTS", 100)
     weight = torch.zeros(30, 40, dtype=torch.bfloat16)
     linears.check_finite("ok", weight)
     weight[29, 39], weight[3, 1] = float("nan"), float("inf")
     with pytest.raises(QuantkitError, match=r"bad\.weight holds 2 NaN/Inf values"):
         linears.check_finite("bad", weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 33, 4099])
+def test_all_finite_finds_any_nan_or_infinity_anywhere(dtype, size):
+    weight = torch.randn(size, 3).to(dtype)
+    assert linears.all_finite(weight) and linears.all_finite(weight.t())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for position in {0, size // 2, size - 1}:
+            broken = weight.clone()
+            broken[position, 2] = bad
+            assert not linears.all_finite(broken) and not linears.all_finite(broken.t())
+    assert linears.all_finite(torch.empty(0, 3, dtype=dtype)) and linears.all_finite(torch.ones(4, dtype=torch.int8))

@@ -194,9 +194,8 @@ class Backend(abc.ABC):
         """Peak bytes that quantizing one ``out x in`` weight with ``config`` (a target linear, or a
         module of :meth:`other_quantizers`) holds besides the weight as stored and its quantized
         copy: float32 copies, codes before packing, buffers. The streamed peak estimator's source.
-        By default four float32 copies of the weight: what RTN holds (the weight, its quotient, the
-        codes and a rounding temporary; measured 14.7-16.4 bytes per weight at 2048 x 8192 and
-        4096 x 14336)."""
+        By default four float32 copies of the weight (an elementwise quantizer's float32 weight,
+        quotient, codes and a temporary)."""
         return 4 * 4 * out_features * in_features
 
     def needs_calibration(self, config: QuantConfig) -> bool:

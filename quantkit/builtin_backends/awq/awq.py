@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.core.errors import QuantizationError
+from quantkit.core.linears import all_finite
 
 _MIN_RANGE = 1e-5
 
@@ -207,7 +208,7 @@ def apply_scales_to_previous(
     for linear in linears:
         linear.weight.copy_(linear.weight.float() * scales.to(linear.weight.device))
     for param in (*prev.parameters(), *(p for linear in linears for p in linear.parameters())):
-        if not torch.isfinite(param).all():
+        if not all_finite(param):
             raise QuantizationError("folding AWQ scales produced non-finite parameters")
 
 

@@ -140,23 +140,17 @@ def _split(ctx: LayerContext, names: list[str], result: GPTQResult) -> dict[str,
     linears = [ctx.targets[name].linear for name in names]
     split = {}
     rows = [linear.out_features for linear in linears]
-    parts = zip(
-        result.intweight.split(rows),
-        result.scales.split(rows, dim=1),
-        result.zeros.split(rows, dim=1),
-        result.dequantized.split(rows),
-    )
-    for name, linear, (intweight, scales, zeros, dequantized) in zip(names, linears, parts):
-        linear.weight.copy_(dequantized)
+    parts = zip(result.intweight.split(rows), result.scales.split(rows, dim=1), result.zeros.split(rows, dim=1))
+    for name, linear, (intweight, scales, zeros) in zip(names, linears, parts):
         split[name] = replace(
             result,
             intweight=intweight,
             scales=scales.contiguous(),
             zeros=zeros.contiguous(),
             g_idx=result.g_idx.clone(),
-            dequantized=dequantized,
             loss=None,
         )
+        linear.weight.copy_(split[name].dequantized)
     return split
 
 

@@ -22,11 +22,14 @@ dampening raised by fixed steps until the Hessian factorizes (``damp_auto_increm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from quantkit.core.errors import QuantizationError
+from quantkit.core.linears import all_finite
 
 _FP16_MIN_SUBNORMAL = 2.0**-24
 _FP16_MAX = 65504.0
@@ -41,16 +44,24 @@ _MSE_CHUNK_ELEMENTS = 2**18  # a (shrinks, k, out) slab that stays in the L2 cac
 
 @dataclass
 class GPTQResult:
-    """A quantized layer; ``dequantized == scales[g_idx].T * (intweight - zeros[g_idx].T)``."""
+    """A quantized layer: integer codes, their groups' scales and zero points."""
 
     intweight: Tensor  # (out, in) int32 in [0, 2**bits)
     scales: Tensor  # (n_groups, out) float16
     zeros: Tensor  # (n_groups, out) int32 in [1, 2**bits)
     g_idx: Tensor  # (in,) int32
-    dequantized: Tensor  # (out, in) float32
     bits: int
     loss: float | None  # GPTQ's proxy loss, ~ mean over samples of ||(W - Q) x||^2; None for RTN
     damp_percent: float | None  # dampening that made the Hessian invertible; None for RTN
+
+    @cached_property
+    def dequantized(self) -> Tensor:
+        """``scales[g_idx].T * (intweight - zeros[g_idx].T)``, ``(out, in)`` float32: computed when
+        asked for (packing a layer needs only the codes)."""
+        groups = self.g_idx.long()
+        scales = self.scales.float()
+        weight = torch.empty_like(self.intweight, dtype=scales.dtype)
+        return torch.sub(self.intweight, self.zeros[groups].t(), out=weight).mul_(scales[groups].t())
 
 
 def _validate(weight: Tensor, bits: int, group_size: int) -> int:
@@ -61,7 +72,7 @@ def _validate(weight: Tensor, bits: int, group_size: int) -> int:
         raise ValueError(f"bits must be in [2, 8]; got {bits}")
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"group_size must be -1 (one group per row) or positive; got {group_size}")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise QuantizationError("weight contains NaN or infinite values")
     return weight.shape[1] if group_size == -1 else group_size
 
@@ -119,19 +130,23 @@ def _fit_params(members: Tensor, bits: int, sym: bool, mse: float) -> tuple[Tens
     return _minmax_params(shrink * xmin, shrink * xmax, bits, sym)
 
 
-def _group_params(
-    weight: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool, mse: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """Quantizer params ``(n_groups, out)`` of every group of ``weight (out, in)``."""
+def _group_params(weight: Tensor, group_size: int, bits: int, sym: bool, mse: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Quantizer params ``(n_groups, out)`` of every run of ``group_size`` inputs of ``weight (out, in)``
+    (the last one ragged where ``in`` is not a multiple)."""
     if mse > 0:
-        params = [_fit_params(weight[:, g_idx == g].t(), bits, sym, mse) for g in range(n_groups)]
+        starts = range(0, weight.shape[1], group_size)
+        params = [_fit_params(weight[:, g : g + group_size].t(), bits, sym, mse) for g in starts]
         return torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params])
-    index = g_idx.long().expand_as(weight)
-    empty = weight.new_zeros(weight.shape[0], n_groups)
-    xmin = empty.scatter_reduce(1, index, weight, "amin", include_self=False)
-    xmax = empty.scatter_reduce(1, index, weight, "amax", include_self=False)
+    # zeros completing a ragged group change no range: the min/max range always spans 0
+    xmin, xmax = _groups(weight, group_size).aminmax(dim=-1)
     scale, zero = _minmax_params(xmin, xmax, bits, sym)
     return scale.t().contiguous(), zero.t().contiguous()
+
+
+def _groups(weight: Tensor, group_size: int) -> Tensor:
+    """``weight (out, in)`` as ``(out, n_groups, group_size)``, a ragged last group completed with zeros."""
+    padding = -weight.shape[1] % group_size
+    return (F.pad(weight, (0, padding)) if padding else weight).view(weight.shape[0], -1, group_size)
 
 
 def _finish(
@@ -143,17 +158,13 @@ def _finish(
     loss: float | None,
     damp: float | None,
 ) -> GPTQResult:
-    groups = g_idx.long()
-    dequantized = torch.sub(intweight, zeros[groups].t(), out=torch.empty_like(intweight, dtype=scales.dtype))
-    dequantized.mul_(scales[groups].t())  # scales[g].T * (q - zeros[g].T)
-    if not torch.isfinite(dequantized).all():
-        raise QuantizationError("quantization produced non-finite weights")
+    """The result of float codes and parameters; every weight it stands for is finite: the scales
+    are clamped to float16's finite range, the codes to ``[0, 2**bits)``."""
     return GPTQResult(
         intweight=intweight.to(torch.int32),
         scales=scales.half(),
         zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32),
-        dequantized=dequantized,
         bits=bits,
         loss=loss,
         damp_percent=damp,
@@ -167,14 +178,14 @@ def rtn_quantize(
     """Round-to-nearest with GPTQ's quantizer; ragged last groups use ``ceil(in / group_size)`` groups."""
     group_size = _validate(weight, bits, group_size)
     w = weight.float()
-    in_features = w.shape[1]
-    g_idx = torch.arange(in_features, device=w.device) // group_size
-    scales, zeros = _group_params(w, g_idx, -(-in_features // group_size), bits, sym, mse)
-    # clamp(round(w / s) + z, 0, maxq), in place: a weight-sized buffer at a time
-    q = torch.div(w, scales[g_idx].t(), out=torch.empty_like(w)).round_()
-    q.add_(zeros[g_idx].t()).clamp_(0, 2**bits - 1)
+    out_features, in_features = w.shape
+    scales, zeros = _group_params(w, group_size, bits, sym, mse)
+    # clamp(round(w / s) + z, 0, maxq), in place, each group's parameters broadcast over its inputs
+    q = _groups(w, group_size) / scales.t().unsqueeze(-1)
     del w
-    return _finish(q, scales, zeros, g_idx, bits, loss=None, damp=None)
+    q.round_().add_(zeros.t().unsqueeze(-1)).clamp_(0, 2**bits - 1)
+    g_idx = torch.arange(in_features, device=q.device) // group_size
+    return _finish(q.view(out_features, -1)[:, :in_features], scales, zeros, g_idx, bits, loss=None, damp=None)
 
 
 def _inverse_hessian_factor(H: Tensor, damp_percent: float, damp_auto_increment: float) -> tuple[Tensor, float]:
@@ -263,7 +274,7 @@ def gptq_quantize(
     n_groups = -(-in_features // group_size)
     natural_groups = torch.arange(in_features, device=device) // group_size
     if static_groups:
-        scales, zeros = _group_params(W, natural_groups, n_groups, bits, sym, mse)
+        scales, zeros = _group_params(W, group_size, bits, sym, mse)
     else:
         scales = W.new_empty(n_groups, out_features)
         zeros = W.new_empty(n_groups, out_features)
