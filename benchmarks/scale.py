@@ -15,7 +15,9 @@ under the limit). The page cache is dropped before each run so that the checkpoi
 read inside the group. Calibrated methods get ``--nsamples`` x ``--seqlen`` random token ids (a
 synthetic checkpoint has no tokenizer; the cost does not depend on the ids).
 
-Measured per run: exit status (a run the limit killed says so), wall time, the group's peak usage
+Measured per run: exit status (a run the limit killed says so), the wall time of the
+``quantize_streaming`` call (what the estimator predicts; rows measured before 2026-12-04 hold
+the child process's, imports included) and of the whole child, the group's peak usage
 (``memory.max_usage_in_bytes``: anonymous memory and page cache), the peak of its anonymous memory
 (``rss`` of ``memory.stat``, sampled every 50 ms), the load average before and after. The runs are
 kept in ``results/scale_<preset>.json`` (a config measured again replaces its row) and written out
@@ -51,11 +53,13 @@ SAMPLE_SECONDS = 0.05
 GIB = 2**30
 
 CHILD = r"""
-import json, sys, torch, quantkit
+import json, sys, time, torch, quantkit
 source, config, out, nsamples, seqlen = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 vocab = json.load(open(f"{source}/config.json"))["vocab_size"]
 calibration = torch.randint(vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
 quantkit.quantize_streaming(source, config, out, calibration=calibration, device="cpu")
+print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
@@ -153,7 +157,7 @@ def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> d
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "exit": done.returncode,
-        "seconds": wall,
+        "process_seconds": wall,
         "cgroup_peak": peak,
         "limit_hits": hits,
         "anonymous_peak": anonymous[0],
@@ -164,8 +168,10 @@ def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> d
         "predicted_seconds": seconds,
     }
     if done.returncode:
+        row["seconds"] = wall
         row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "(no message)"
     else:
+        row["seconds"] = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         row["output_bytes"] = out.stat().st_size if out.is_file() else stored_bytes(out, ())["size_bytes"]
     return row
 
@@ -176,8 +182,10 @@ def render(log: RunLog, source: Path, rows: list[dict]) -> None:
         status = "completed" if row["exit"] == 0 else f"FAILED (exit {row['exit']}: {row.get('error')})"
         calibration = f"; calibration {row['nsamples']} x {row['seqlen']} tokens" if row["calibrated"] else ""
         log.emit(f"-- {row['config']} in a {row['limit_gib']:.2f} GiB cgroup{calibration}, {row['date']}")
+        process = f", the process {row['process_seconds']:.1f} s" if "process_seconds" in row else ""
         log.emit(
-            f"   {status} in {row['seconds']:.1f} s (load before {row['load_before']}, after {row['load_after']}); "
+            f"   {status} in {row['seconds']:.1f} s{process} (load before {row['load_before']}, "
+            f"after {row['load_after']}); "
             f"cgroup peak {row['cgroup_peak'] / GIB:.2f} GiB (page cache included; memory.failcnt "
             f"{row['limit_hits']}), peak anonymous {row['anonymous_peak'] / GIB:.2f} GiB"
         )

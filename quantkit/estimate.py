@@ -11,12 +11,13 @@ figures also mix up.
 
 :func:`estimate_quantization` predicts how long ``quantkit.quantize`` (or, with
 ``streaming=True``, ``quantkit.quantize_streaming``) will take and its peak memory, by what
-holds it (:attr:`QuantizeEstimate.memory`). It counts the work in three units: matrix-multiply FLOPs (the
+holds it (:attr:`QuantizeEstimate.memory`). It counts the work in four units: matrix-multiply FLOPs (the
 forward passes over the calibration tokens, GPTQ's Hessians and solves, AWQ's
 scale and clip searches), elementwise elements (norms, rotary embeddings,
-softmax, quantizing and packing the weights) and small torch operations (GPTQ's
-column loop, per-chunk overheads), and prices each at a rate measured on the
-device (:func:`measure_rates`, about 0.2 s) or, for short jobs, at
+softmax, quantizing and packing the weights), small torch operations (GPTQ's
+column loop, per-chunk overheads) and, streamed, the bytes read from the checkpoint
+and written out, and prices each at a rate measured on the
+device and its disk (:func:`measure_rates`, about 0.5 s) or, for short jobs, at
 :data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
 and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
 ``benchmarks/estimate_accuracy.py`` and its committed results.
@@ -40,6 +41,7 @@ import math
 import os
 import re
 import statistics
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -226,7 +228,11 @@ def _meta_model(raw: dict) -> nn.Module:
 
 
 def _estimate_model(raw: dict, config: QuantConfig | None, float_bits: int) -> Estimate:
-    model = _meta_model(raw)
+    return _stored_size(_meta_model(raw), config, float_bits)
+
+
+def _stored_size(model: nn.Module, config: QuantConfig | None, float_bits: int) -> Estimate:
+    """What ``model`` quantized with ``config`` stores, its unquantized tensors at ``float_bits``."""
     total = sum(p.numel() for p in model.parameters())
     targets = (
         quantizable_linears(model, config)
@@ -269,6 +275,10 @@ class Rates:
     """Seconds per operation on a mid-size tensor (its fixed cost)."""
     small_op_seconds: float
     """Seconds per operation on a tiny tensor (one thread: the dispatch cost)."""
+    read_bytes: float = 790e6
+    """Bytes per second read from a file not in the page cache (a streamed run's checkpoint)."""
+    write_bytes: float = 1.0e9
+    """Bytes per second written to a file and synced (a streamed run's output)."""
     device: str | None = None
     """Where these were measured; ``None`` for :data:`REFERENCE_RATES`."""
 
@@ -278,6 +288,16 @@ REFERENCE_RATES = Rates(flops=114e9, elements=1.3e9, op_seconds=20e-6, small_op_
 operation costs as timed there (an operation on 2**17 floats, on 512), and the elementwise rate
 that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 512 tokens
 (103 s and 634 s). Used for jobs predicted shorter than :data:`MEASURE_ABOVE_SECONDS`."""
+
+WRITES_PER_OUTPUT_BYTE = 2
+"""A streamed run writes each output byte twice: into the shard's scratch file as its tensor is
+quantized, then after the header once the shard is complete (:class:`~quantkit.core.shard_writer.ShardWriter`)."""
+ELEMENTWISE_PROBE = 2**22
+"""Elements of the float32 tensor :func:`measure_rates` multiplies (16 MiB: past the caches)."""
+REFERENCE_ELEMENTWISE = 4.6e9
+"""Elements per second of that multiplication on this project's 2-core CPU, quiet."""
+DISK_PROBE_BYTES = 64 << 20
+"""Bytes :func:`measure_disk` writes and reads back."""
 
 MEASURE_ABOVE_SECONDS = 5.0
 """A prediction longer than this at :data:`REFERENCE_RATES` is redone at measured rates."""
@@ -320,20 +340,30 @@ AWQ_CLIP_ELEMENTS = 13
 AWQ_CLIP_VALUES = 2**24
 """AWQ's clip search works in chunks of this many values per tensor (about 8 of them live)."""
 
-WEIGHT_ELEMENTS = {"bitsandbytes": 30, "rtn": 45, "gguf": 35, "hqq": 235}
-"""Per weight, the whole ``quantize`` call of the calibration-free methods: the README
-comparison's times on SmolLM2 at :data:`REFERENCE_RATES`. Other methods count as ``rtn``."""
+WEIGHT_ELEMENTS = {"bitsandbytes": (26, 26), "rtn": (14, 18), "gguf": (52, 52), "hqq": (127, 740)}
+"""Per weight, quantizing one weight with the calibration-free methods: ``(a weight whose float32
+copy fits in :data:`CACHED_WEIGHT_BYTES`, a larger one)``, from each backend's ``quantize_linear``
+timed on the quiet 2-core CPU at SmolLM2's and Llama-3.2-1B's shapes (bfloat16 and float32 inputs;
+ns per weight: RTN 8-12 / 13-14, NF4 19-22 / 20, GGUF Q4_K 40-42 / 45-49 and Q6_K 36 / 27, HQQ
+94-99 / 562-576: hqq's optimizer iterates over nine float32 copies of a weight, which fall out of
+the caches) times :data:`REFERENCE_RATES`' elementwise rate. Other methods count as ``rtn``."""
+CACHED_WEIGHT_BYTES = 8 << 20
+"""A weight whose float32 copy is at most this large is quantized at the first rate of
+:data:`WEIGHT_ELEMENTS`."""
 
 
 @dataclass(frozen=True)
 class Work:
     """Work in the units :class:`Rates` prices: matmul FLOPs, elementwise elements, operations
-    on mid-size tensors (each pays a fixed cost) and small single-thread operations."""
+    on mid-size tensors (each pays a fixed cost), small single-thread operations, and bytes read
+    from and written to disk."""
 
     flops: float = 0.0
     elements: float = 0.0
     ops: float = 0.0
     small_ops: float = 0.0
+    read_bytes: float = 0.0
+    write_bytes: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -349,6 +379,8 @@ class Work:
             + self.elements / rates.elements
             + self.ops * rates.op_seconds
             + self.small_ops * rates.small_op_seconds
+            + self.read_bytes / rates.read_bytes
+            + self.write_bytes / rates.write_bytes
         )
 
 
@@ -426,10 +458,12 @@ def format_seconds(seconds: float) -> str:
 
 @functools.cache
 def measure_rates(device: str = "cpu") -> Rates:
-    """Rates of ``device`` (once per process, ~0.2 s on a CPU): the matmul rate of a
-    calibration-shaped product and the cost of a tiny operation, measured; elementwise work and
-    mid-size operations are taken to speed up with the matmul rate. (Their own timings swing
-    by 100x on a shared machine, where each multi-threaded operation may wait milliseconds for a
+    """Rates of ``device`` (once per process, ~0.5 s on a CPU): the matmul rate of a
+    calibration-shaped product, the rate of an elementwise operation on a weight-sized tensor
+    (elementwise work is priced at :data:`REFERENCE_RATES`' rate times the measured one's ratio
+    to :data:`REFERENCE_ELEMENTWISE`), mid-size operations taken to speed up with the matmul
+    rate, the cost of a tiny operation, and the disk (:func:`measure_disk`). (Timings swing by
+    100x on a shared machine, where each multi-threaded operation may wait milliseconds for a
     descheduled thread: an oversubscribed CPU runs small models several times slower than
     predicted.)"""
     dev = torch.device(device)
@@ -448,20 +482,45 @@ def measure_rates(device: str = "cpu") -> Rates:
 
     a, b = torch.randn(2048, 576, device=dev), torch.randn(576, 1536, device=dev)
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_seconds(lambda: a @ b)
+    x, y = torch.randn(ELEMENTWISE_PROBE, device=dev), torch.empty(ELEMENTWISE_PROBE, device=dev)
+    elementwise = ELEMENTWISE_PROBE / median_seconds(lambda: torch.mul(x, 1.5, out=y))
     v, n = torch.zeros(512, device=dev), 100
 
     def small_ops() -> None:
         for _ in range(n):
             v.add_(1.0)
 
-    speed = flops / REFERENCE_RATES.flops
+    read, write = measure_disk()
     return Rates(
         flops,
-        REFERENCE_RATES.elements * speed,
-        REFERENCE_RATES.op_seconds / speed,
+        REFERENCE_RATES.elements * elementwise / REFERENCE_ELEMENTWISE,
+        REFERENCE_RATES.op_seconds * REFERENCE_RATES.flops / flops,
         median_seconds(small_ops) / n,
+        read,
+        write,
         str(dev),
     )
+
+
+def measure_disk(directory: str | os.PathLike | None = None, size: int = DISK_PROBE_BYTES) -> tuple[float, float]:
+    """Bytes per second written (and synced) to, then read back from a temporary file of ``size``
+    bytes in ``directory`` (the temporary folder by default), its pages dropped from the page
+    cache in between (``posix_fadvise``; where that is missing the read is a cached one)."""
+    data = os.urandom(1 << 20) * (size >> 20)
+    with tempfile.NamedTemporaryFile(dir=directory) as file:
+        start = time.perf_counter()
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+        write = len(data) / (time.perf_counter() - start)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        with open(file.name, "rb", buffering=0) as again:
+            while again.read(8 << 20):
+                pass
+        read = len(data) / (time.perf_counter() - start)
+    return read, write
 
 
 @dataclass(frozen=True)
@@ -705,8 +764,13 @@ def estimate_quantization(
     weights = sum(linear.weight.numel() for _, linear, _ in targets)
     largest = max(linear.weight.numel() for _, linear, _ in targets)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_weight = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
-    parts = {"quantize": Work(elements=per_weight * weights, ops=LINEAR_OPS * len(targets))}
+    cached, uncached = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
+    with backend.storage_context(model):
+        others = backend.other_quantizers(model, config, torch.device("cpu"))
+    quantized = [linear.weight.numel() for _, linear, _ in targets]
+    quantized += [model.get_submodule(name).weight.numel() for name in others]
+    elements = sum(n * (cached if 4 * n <= CACHED_WEIGHT_BYTES else uncached) for n in quantized)
+    parts = {"quantize": Work(elements=elements, ops=LINEAR_OPS * len(quantized))}
     working = max(backend.working_bytes(cfg, *linear.weight.shape) for _, linear, cfg in targets)
     activations = None  # the hidden states and temporaries of a layer-by-layer calibration
     item = next(model.parameters()).element_size()
@@ -736,7 +800,10 @@ def estimate_quantization(
                 elements=sum(backend.calibration_elements(*shape) for shape in shapes),
             )
     memory = {"process": PROCESS_BYTES}
-    if streaming:
+    if streaming:  # every stored tensor read from disk once, the output written (twice) once
+        parts["read checkpoint"] = Work(read_bytes=model_bytes)
+        output = _stored_size(model, config, 8 * item).total_bytes
+        parts["write output"] = Work(write_bytes=WRITES_PER_OUTPUT_BYTE * output)
         memory["shard writer"] = COPY_BYTES
         phases = _streaming_phases(model, backend, config, targets, {"method working": working}, activations)
         memory.update(max(phases, key=lambda phase: sum(phase.values())))
