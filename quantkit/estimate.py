@@ -292,10 +292,12 @@ that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 
 WRITES_PER_OUTPUT_BYTE = 2
 """A streamed run writes each output byte twice: into the shard's scratch file as its tensor is
 quantized, then after the header once the shard is complete (:class:`~quantkit.core.shard_writer.ShardWriter`)."""
-ELEMENTWISE_PROBE = 2**22
-"""Elements of the float32 tensor :func:`measure_rates` multiplies (16 MiB: past the caches)."""
-REFERENCE_ELEMENTWISE = 4.6e9
-"""Elements per second of that multiplication on this project's 2-core CPU, quiet."""
+ELEMENTWISE_PROBE = 2**24
+"""Elements of the float32 tensor :func:`measure_rates` multiplies (64 MiB, into another: past the
+caches, as a large weight's passes are; 16 MiB ones ran from the 32 MiB cache at twice the rate)."""
+REFERENCE_ELEMENTWISE = 3.6e9
+"""Elements per second of that multiplication on this project's 2-core CPU, quiet (the median of 9;
+2.9-4.0e9 in four runs a minute apart: memory bandwidth shared with other machines)."""
 DISK_PROBE_BYTES = 64 << 20
 """Bytes :func:`measure_disk` writes and reads back."""
 
@@ -483,7 +485,7 @@ def measure_rates(device: str = "cpu") -> Rates:
     a, b = torch.randn(2048, 576, device=dev), torch.randn(576, 1536, device=dev)
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_seconds(lambda: a @ b)
     x, y = torch.randn(ELEMENTWISE_PROBE, device=dev), torch.empty(ELEMENTWISE_PROBE, device=dev)
-    elementwise = ELEMENTWISE_PROBE / median_seconds(lambda: torch.mul(x, 1.5, out=y))
+    elementwise = ELEMENTWISE_PROBE / median_seconds(lambda: torch.mul(x, 1.5, out=y), 9)
     v, n = torch.zeros(512, device=dev), 100
 
     def small_ops() -> None:

@@ -189,9 +189,9 @@ def anonymous():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
 
-linear = nn.Linear(1024, 2048, bias=False, dtype=torch.bfloat16)
 peaks = {}
 for name in sys.argv[1:]:
+    linear = nn.Linear(1024, 2048, bias=False, dtype=torch.bfloat16)  # hqq lets the weight of the one it quantizes go
     config = as_config(name)
     backend = get_registry().backend_for(config, Hardware.CPU)
     with torch.no_grad():  # libraries loaded on first use are not working memory
@@ -202,10 +202,12 @@ for name in sys.argv[1:]:
             peak[0] = max(peak[0], anonymous() - base)
     thread = threading.Thread(target=sample)
     thread.start()
-    with torch.no_grad():
-        module = backend.quantize_linear("model.layers.0.mlp.up_proj", linear, config, torch.device("cpu"))
-    stop.set()
-    thread.join()
+    try:
+        with torch.no_grad():
+            module = backend.quantize_linear("model.layers.0.mlp.up_proj", linear, config, torch.device("cpu"))
+    finally:
+        stop.set()
+        thread.join()
     peaks[name] = peak[0]
     del module
 print(json.dumps(peaks))
@@ -216,7 +218,7 @@ def test_declared_working_memory_matches_the_measured_peak_of_quantizing_one_lin
     """Each backend's working_bytes plus its quantized copy against the anonymous memory quantizing a
     2048 x 1024 bfloat16 linear takes, in a fresh process whose allocator maps (and returns) every
     block over 64 KiB, so that no memory freed earlier hides or inflates the figure."""
-    configs = ["rtn-4bit-g128", "nf4", "hqq-4bit-g64"]
+    configs = ["rtn-4bit-g128", "nf4", "hqq-4bit-g64", "eetq-int8"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE", "QUANTKIT_QUIET": "1"}
     done = subprocess.run(
         [sys.executable, "-c", MEASURE_WORKING, *configs], env=env, capture_output=True, text=True, check=True
