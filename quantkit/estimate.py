@@ -287,7 +287,9 @@ REFERENCE_RATES = Rates(flops=114e9, elements=1.3e9, op_seconds=20e-6, small_op_
 """This project's 2-core CPU, quiet: the GEMM rate of ``benchmarks/results/calibration_speed.txt``,
 operation costs as timed there (an operation on 2**17 floats, on 512), and the elementwise rate
 that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 512 tokens
-(103 s and 634 s). Used for jobs predicted shorter than :data:`MEASURE_ABOVE_SECONDS`."""
+(103 s and 634 s); the disk rates are :class:`Rates`' defaults (``dd`` read the 2.5 GB Llama-3.2-1B
+checkpoint at 790 MB/s once the page cache was dropped; :func:`measure_disk` wrote at 0.45-1.6 GB/s).
+Used for jobs predicted shorter than :data:`MEASURE_ABOVE_SECONDS`."""
 
 WRITES_PER_OUTPUT_BYTE = 2
 """A streamed run writes each output byte twice: into the shard's scratch file as its tensor is

@@ -158,8 +158,10 @@ def _finish(
     loss: float | None,
     damp: float | None,
 ) -> GPTQResult:
-    """The result of float codes and parameters; every weight it stands for is finite: the scales
-    are clamped to float16's finite range, the codes to ``[0, 2**bits)``."""
+    """The result of float codes and parameters (a NaN in them, from a solve that overflowed, raises:
+    the scales' clamp to float16's range and the codes' to ``[0, 2**bits)`` let it through)."""
+    if not (all_finite(scales) and all_finite(intweight)):
+        raise QuantizationError("quantization produced non-finite weights")
     return GPTQResult(
         intweight=intweight.to(torch.int32),
         scales=scales.half(),
