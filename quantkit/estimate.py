@@ -44,7 +44,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
@@ -701,12 +701,13 @@ def _streaming_phases(
     backend: Backend,
     config: QuantConfig,
     targets: list[Target],
+    others: Iterable[str],
     working: dict[str, int],
     activations: dict[str, int] | None,
 ) -> list[dict[str, int]]:
     """What memory holds at each step of ``quantkit.quantize_streaming`` besides the process and
-    the shard writer: each quantized weight (a target linear's, or one of the backend's other
-    quantizers' modules) quantized with the working memory its backend declares;
+    the shard writer: each quantized weight (a target linear's, or one of ``others``, the modules
+    the backend's other quantizers quantize) quantized with the working memory its backend declares;
     or, with ``activations`` (a layer-by-layer run), the largest module outside the decoder layers
     with the activations, then each decoder layer with its quantized linears, the activations and
     ``working`` memory."""
@@ -716,7 +717,7 @@ def _streaming_phases(
             name: (linear.weight, cfg, backend.storage_bits(cfg, name, linear.out_features, linear.in_features) // 8)
             for name, linear, cfg in targets
         }
-        for name in backend.other_quantizers(model, config, torch.device("cpu")) if activations is None else ():
+        for name in others if activations is None else ():
             weight = model.get_submodule(name).weight
             size = backend.other_bits(config, model, f"{name}.weight", weight, float_bits) // 8
             quantized[name] = (weight, config, size)
@@ -809,7 +810,7 @@ def estimate_quantization(
         output = _stored_size(model, config, 8 * item).total_bytes
         parts["write output"] = Work(write_bytes=WRITES_PER_OUTPUT_BYTE * output)
         memory["shard writer"] = COPY_BYTES
-        phases = _streaming_phases(model, backend, config, targets, {"method working": working}, activations)
+        phases = _streaming_phases(model, backend, config, targets, others, {"method working": working}, activations)
         memory.update(max(phases, key=lambda phase: sum(phase.values())))
     else:
         memory.update({"model": model_bytes, **(activations or {}), "method working": working})
