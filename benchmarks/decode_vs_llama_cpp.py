@@ -22,7 +22,7 @@ Decode: ``--new-tokens`` greedy tokens (argmax of the logits, EOS never stops it
 make the text meaningless, the speed is what counts) after the prompt and ``WARMUP`` untimed
 steps, by wall clock (``quantkit.evaluate.decode_speed`` for the torch models; the same loop over
 ``Llama.eval`` for llama.cpp, whose own perf counters are printed beside it). Each variant keeps
-its best round; peak RSS is the child's high-water mark. GB/s: the weights' bytes (the file; the
+its best round; peak RSS is the child's own high-water mark (``VmHWM``). GB/s: the weights' bytes (the file; the
 bf16 checkpoint) times tokens/s, as every token reads every weight once (the tied embedding read
 as the output head). Each quantkit run then times its quantized linears per (ggml type, kernel)
 over ``PROFILE_STEPS`` decode steps (forward hooks).
@@ -43,6 +43,7 @@ from run_log import RunLog  # this folder's scripts import each other when run
 from transformers import AutoTokenizer
 
 from quantkit import GGUFConfig, quantize_streaming
+from quantkit.compare.llama_cpp import PEAK_RSS
 from quantkit.compare.llama_cpp import SCRIPT as LLAMA_CPP
 from quantkit.core.safetensors_files import stored_bytes
 from quantkit.models import default_model_folder
@@ -53,8 +54,10 @@ WARMUP = 2
 PROFILE_STEPS = 4
 
 # Each child reads: path, prompt ids (JSON), new tokens, threads, warm-up steps[, profile steps].
-TORCH = r"""
-import json, resource, sys, time
+TORCH = (
+    PEAK_RSS
+    + r"""
+import json, sys, time
 import torch
 from quantkit.evaluate import decode_speed
 path, ids, new, threads, warmup = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
@@ -69,9 +72,8 @@ def speeds(model):
         prefill = prompt.shape[1] / (time.perf_counter() - start)
         return {"prefill": prefill, "decode": decode_speed(model, prompt, new, warmup)}
 
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 """
+)
 
 QUANTKIT = (
     TORCH
@@ -111,7 +113,7 @@ with torch.inference_mode():
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     step = (time.perf_counter() - start) / steps
 profile = {g: [n, w, spent[g] / steps] for g, (n, w) in groups.items()}
-print(json.dumps({**run, "peak_rss": peak(), "profile": profile, "step": step}))
+print(json.dumps({**run, "peak_rss": peak_rss(), "profile": profile, "step": step}))
 """
 )
 
@@ -120,7 +122,7 @@ BF16 = (
     + r"""
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-print(json.dumps({**speeds(model), "peak_rss": peak()}))
+print(json.dumps({**speeds(model), "peak_rss": peak_rss()}))
 """
 )
 

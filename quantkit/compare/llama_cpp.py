@@ -19,8 +19,22 @@ from ..core.errors import QuantkitError
 
 WARMUP = 2
 
-SCRIPT = r"""
-import json, resource, sys, time
+PEAK_RSS = r"""
+import platform, resource
+
+def peak_rss():  # bytes; on Linux the exec'd program's own (getrusage's counts the forking parent's too)
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+"""
+"""Source of ``peak_rss()`` for child scripts."""
+
+SCRIPT = (
+    PEAK_RSS
+    + r"""
+import json, sys, time
 import numpy as np
 import llama_cpp
 path, ids, new, threads, warmup = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
@@ -48,9 +62,9 @@ for step in range(warmup + new):
 decode = new / (time.perf_counter() - start)
 perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
 own = perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"prefill": prefill, "decode": decode, "decode_perf_counters": own, "peak_rss": peak}))
+print(json.dumps({"prefill": prefill, "decode": decode, "decode_perf_counters": own, "peak_rss": peak_rss()}))
 """
+)
 
 
 def check_llama_python(python: str) -> None:
