@@ -27,6 +27,7 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
         ("int4-cuda", ("GGUFLinear",)),
         ("int4-cuda", ("HQQLayer",)),
         ("int4x2-cpu", ("GGUFLinear",)),
+        ("q6k-avx512", ("GGUFLinear",)),
         ("gemv-inductor", ("AWQLinear",)),
         ("gemv-inductor", ("GPTQLinear",)),
         ("gemv-inductor", ("GGUFLinear",)),
@@ -47,6 +48,8 @@ def test_backends_kernels_json_lists_each_kernel_with_its_declarations_and_avail
     assert cuda["devices"] == ["cuda"] and cuda["group_sizes"] == [32, 64, 128, 256] and not cuda["available"]
     gemv = rows[("gemv-inductor", ("GGUFLinear",))]
     assert gemv["programs"] == ["g++"] and gemv["cpu_features"] == [] and gemv["compute_dtype"] == "float32"
+    q6_k = rows[("q6k-avx512", ("GGUFLinear",))]
+    assert q6_k["programs"] == ["g++", "ninja"] and "avx512_bf16" in q6_k["cpu_features"]
 
 
 def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot_run(capsys, monkeypatch):
@@ -55,7 +58,7 @@ def test_backends_kernels_table_fits_80_columns_and_explains_why_a_kernel_cannot
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80
     names = [line.split()[0] for line in lines[3:] if line[:1].isalpha()]
-    fastest_first = ["eetq", "bnb-cpu"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu"]
+    fastest_first = ["eetq", "bnb-cpu"] + ["int4-cpu"] * 4 + ["int4-cuda"] * 4 + ["int4x2-cpu", "q6k-avx512"]
     fastest_first += ["bitsandbytes"] * 2 + ["gemv-inductor"] * 5
     fastest_first += ["int8-cpu", "dequantize", "dequantize-cached"]
     assert names[: len(fastest_first)] == fastest_first

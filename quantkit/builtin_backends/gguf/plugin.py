@@ -5,6 +5,7 @@ from quantkit.core.hookspecs import hookimpl
 
 from .backend import GGUFBackend
 from .kernels import DEQUANTIZE_CACHED, GEMV_INDUCTOR, INT4_CPU, INT4_CUDA, INT4X2_CPU
+from .q6_k_kernel import Q6_K_AVX512
 
 
 @hookimpl
@@ -17,5 +18,6 @@ def quantkit_register_kernels(register) -> None:
     register(INT4_CPU)
     register(INT4_CUDA)
     register(INT4X2_CPU)
+    register(Q6_K_AVX512)
     register(GEMV_INDUCTOR)
     register(DEQUANTIZE_CACHED)
