@@ -62,7 +62,7 @@ def run_streamed(name: str, folder: Path) -> dict:
     """Predict, then stream the checkpoint in ``folder``, sampling the anonymous memory meanwhile."""
     torch.set_num_threads(1)
     config = quantkit.as_config(STREAMED[name][2])
-    prediction = estimate_quantization(folder, config, streaming=True, rates=measure_rates("cpu"))
+    prediction = estimate_quantization(folder, config, streaming=True, rates=measure_rates("cpu", disk=True))
     peak, done = [anonymous_bytes()], threading.Event()
 
     def sample() -> None:

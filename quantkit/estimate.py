@@ -461,12 +461,13 @@ def format_seconds(seconds: float) -> str:
 
 
 @functools.cache
-def measure_rates(device: str = "cpu") -> Rates:
+def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
     """Rates of ``device`` (once per process, ~0.5 s on a CPU): the matmul rate of a
     calibration-shaped product, the rate of an elementwise operation on a weight-sized tensor
     (elementwise work is priced at :data:`REFERENCE_RATES`' rate times the measured one's ratio
     to :data:`REFERENCE_ELEMENTWISE`), mid-size operations taken to speed up with the matmul
-    rate, the cost of a tiny operation, and the disk (:func:`measure_disk`). (Timings swing by
+    rate, the cost of a tiny operation, and with ``disk`` (what a streamed run reads and writes)
+    the disk (:func:`measure_disk`, 64 MiB written; else :data:`REFERENCE_RATES`' disk). (Timings swing by
     100x on a shared machine, where each multi-threaded operation may wait milliseconds for a
     descheduled thread: an oversubscribed CPU runs small models several times slower than
     predicted.)"""
@@ -494,7 +495,7 @@ def measure_rates(device: str = "cpu") -> Rates:
         for _ in range(n):
             v.add_(1.0)
 
-    read, write = measure_disk()
+    read, write = measure_disk() if disk else (REFERENCE_RATES.read_bytes, REFERENCE_RATES.write_bytes)
     return Rates(
         flops,
         REFERENCE_RATES.elements * elementwise / REFERENCE_ELEMENTWISE,
@@ -827,5 +828,5 @@ def estimate_quantization(
         spill=spill and activations is not None,
     )
     if rates is None and result.seconds > MEASURE_ABOVE_SECONDS:
-        result = replace(result, rates=measure_rates(str(torch.device(device))))
+        result = replace(result, rates=measure_rates(str(torch.device(device)), disk=streaming))
     return result

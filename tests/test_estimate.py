@@ -330,3 +330,17 @@ def test_weights_past_the_caches_are_priced_at_their_own_rate():
 def test_measured_disk_rates_are_positive(tmp_path):
     read, write = ESTIMATE_MODULE.measure_disk(tmp_path, size=4 << 20)
     assert read > 0 and write > 0 and list(tmp_path.iterdir()) == []
+
+
+def test_the_disk_is_probed_only_for_a_streamed_run(monkeypatch):
+    """An in-memory quantize reads and writes no checkpoint: its rates keep the reference disk."""
+    probes = []
+    monkeypatch.setattr(ESTIMATE_MODULE, "measure_disk", lambda: probes.append(1) or (2e9, 3e9))
+    measure = ESTIMATE_MODULE.measure_rates.__wrapped__  # past the per-process cache
+    in_memory = measure("cpu")
+    assert probes == [] and (in_memory.read_bytes, in_memory.write_bytes) == (
+        REFERENCE_RATES.read_bytes,
+        REFERENCE_RATES.write_bytes,
+    )
+    streamed = measure("cpu", disk=True)
+    assert probes == [1] and (streamed.read_bytes, streamed.write_bytes) == (2e9, 3e9)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigValueError("estimate", "--time", f"with --params {args.params}", "--model-config (or neither)")
     if args.params is None and args.model_config is None:
         args.model_config = default_model_folder()
-    rates = measure_rates() if args.time else None
+    rates = measure_rates(disk=args.stream) if args.time else None
     shapes = None
     if args.time:  # built once: the architecture on the meta device, in memory as loaded (float32) or as stored
         shapes = stored_model(args.model_config)
