@@ -7,44 +7,23 @@ a second; this kernel reads the 0.82 bytes a weight as stored, converts the code
 through a table and multiplies them with the activations split into two bfloat16 halves (which
 represent a float32 to 2**-17) with ``vdpbf16ps``, accumulating in float32: float32 numerics, at
 about twice the speed on the head's shape (``benchmarks/results/kernel_speed_q6_k.txt``). The C++
-source (:file:`q6_k_gemv.cpp`) is compiled by ``torch.utils.cpp_extension`` at the first use (about
-20 s, then cached on disk). Above :data:`~quantkit.core.inductor_kernels.GEMV_ROWS` input rows the
-weight is dequantized for the call, as for ``gemv-inductor``.
+(:mod:`.native`) is compiled at the first use (about 20 s, then cached on disk). Above
+:data:`~quantkit.core.inductor_kernels.GEMV_ROWS` input rows the weight is dequantized for the
+call, as for ``gemv-inductor``.
 """
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-from types import ModuleType
-
 import torch
 from torch import Tensor
-from torch.utils import cpp_extension
 
-from quantkit.core.errors import QuantkitError
 from quantkit.core.hardware import Hardware
-from quantkit.core.inductor_kernels import CXX, GEMV_ROWS, dequantized_rows
+from quantkit.core.inductor_kernels import GEMV_ROWS, dequantized_rows
 from quantkit.core.kernels import Kernel
 
+from .native import CPU_FEATURES, PROGRAMS, extension
 from .qlinear import GGUFLinear
 from .quants import type_size
-
-SOURCE = Path(__file__).with_name("q6_k_gemv.cpp")
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
-"""The ``/proc/cpuinfo`` flags the compiled code uses."""
-FLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma")
-"""Compiler flags: the instruction sets of :data:`CPU_FEATURES`; OpenMP for torch's
-``at::parallel_for`` (resolved against torch's own OpenMP runtime, not linked)."""
-
-
-@cache
-def extension() -> ModuleType:
-    """The compiled extension (built once per source version, cached by torch on disk)."""
-    try:
-        return cpp_extension.load("quantkit_q6_k_gemv", [str(SOURCE)], extra_cflags=list(FLAGS))
-    except (RuntimeError, OSError) as error:
-        raise QuantkitError(f"kernel 'q6k-avx512': building {SOURCE.name} failed: {error}") from error
 
 
 def tiled_blocks(blocks: Tensor, out: int, tile_blocks: int) -> Tensor:
@@ -81,7 +60,7 @@ Q6_K_AVX512 = Kernel(
     matmul=_matmul,
     compute_dtype=torch.float32,
     fits=_q6_k,
-    programs=(CXX, "ninja"),
+    programs=PROGRAMS,
     cpu_features=CPU_FEATURES,
     priority=12,
     description=(

@@ -1,6 +1,7 @@
-// Q6_K GEMV on ggml's own block bytes, for x86 CPUs with AVX512-BF16.
+// Native CPU code on ggml's own block bytes, for x86 CPUs with AVX512-BF16: a Q6_K GEMV and the
+// dequantizers of the types prompts dequantize most (Q4_0, Q8_0, Q4_K, Q6_K).
 //
-// y[r, o] = sum_i x[r, i] * W[o, i] for up to 4 input rows, W in Q6_K super-blocks of 256 inputs
+// Q6_K GEMV. y[r, o] = sum_i x[r, i] * W[o, i] for up to 4 input rows, W in Q6_K super-blocks of 256 inputs
 // (210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 sub-block scales, float16 d),
 // W = d * scale[i / 16] * (q - 32). The blocks are read as stored: 6.56 bits a weight, nothing
 // repacked. Each code becomes a bfloat16 through a 64-entry table (exact: -32..31), and each
@@ -18,6 +19,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 namespace {
 
@@ -25,6 +27,12 @@ constexpr int64_t QK = 256;            // weights a super-block
 constexpr int64_t BLOCK_BYTES = 210;   // bytes a super-block
 constexpr int64_t TILE_BLOCKS = 8;     // super-blocks a tile: 2048 inputs, 8 KiB of hi + lo a row
 constexpr int64_t MAX_ROWS = 4;
+
+inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
 
 // Activations split into bfloat16 halves, hi[i] + lo[i] ~ x[i] (n a multiple of 16).
 void split(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
@@ -65,10 +73,8 @@ void rows(const uint8_t* w, int64_t begin, int64_t end, int64_t k, const uint16_
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t b = t0; b < t1; ++b) {
         const uint8_t* blk = w + (out * t0 + o * (t1 - t0) + b - t0) * BLOCK_BYTES;
-        uint16_t d16;
-        std::memcpy(&d16, blk + 208, 2);
         const __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 192)))),
-                                            _mm512_set1_ps(_cvtsh_ss(d16)));
+                                            _mm512_set1_ps(half(blk + 208)));
         for (int h = 0; h < 2; ++h) {
           const uint8_t* ql = blk + 64 * h;
           const __m256i l0 = _mm256_loadu_si256((const __m256i*)ql);
@@ -120,9 +126,92 @@ torch::Tensor q6_k_gemv(const torch::Tensor& x, const torch::Tensor& blocks, int
   return y;
 }
 
+// Dequantizers: float32 weights from the blocks, bit for bit what quants.dequantize computes (the same
+// float32 operations in the same order; built with -ffp-contract=off, so no product is fused into a
+// sum), blocks split over torch's intra-op threads.
+
+void q4_0_block(const uint8_t* b, float* y) {  // d * (q - 8), low nibbles first
+  const float d = half(b);
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(int(b[2 + i] & 15) - 8);
+    y[i + 16] = d * float(int(b[2 + i] >> 4) - 8);
+  }
+}
+
+void q8_0_block(const uint8_t* b, float* y) {  // q * d
+  const float d = half(b);
+  for (int i = 0; i < 32; ++i) y[i] = float(int8_t(b[2 + i])) * d;
+}
+
+void q4_k_block(const uint8_t* b, float* y) {  // (d * sc) * q - (dmin * m) per 32 weights
+  const float d = half(b), dmin = half(b + 2);
+  const uint8_t* s = b + 4;
+  float sc[8], mn[8];
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = d * float(s[j] & 63);
+    mn[j] = dmin * float(s[j + 4] & 63);
+    sc[j + 4] = d * float((s[j + 8] & 15) | ((s[j] >> 6) << 4));
+    mn[j + 4] = dmin * float((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const uint8_t* q = b + 16 + 32 * c;
+    for (int i = 0; i < 32; ++i) {
+      y[64 * c + i] = sc[2 * c] * float(q[i] & 15) - mn[2 * c];
+      y[64 * c + 32 + i] = sc[2 * c + 1] * float(q[i] >> 4) - mn[2 * c + 1];
+    }
+  }
+}
+
+void q6_k_block(const uint8_t* b, float* y) {  // (d * sc) * (q - 32) + 0 per 16 weights
+  const float d = half(b + 208);
+  float sc[16];
+  for (int j = 0; j < 16; ++j) sc[j] = d * float(int8_t(b[192 + j]));
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = b + 64 * h;
+    const uint8_t* qh = b + 128 + 32 * h;
+    float* out = y + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      const int q[4] = {(ql[l] & 15) | ((qh[l] & 3) << 4), (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4),
+                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)};
+      for (int j = 0; j < 4; ++j) out[32 * j + l] = sc[8 * h + 2 * j + l / 16] * float(q[j] - 32) + 0.0f;
+    }
+  }
+}
+
+struct Type {
+  int64_t weights, bytes;
+  void (*block)(const uint8_t*, float*);
+};
+
+const Type& type_of(const std::string& name) {
+  static const std::pair<const char*, Type> types[] = {
+      {"Q4_0", {32, 18, q4_0_block}}, {"Q8_0", {32, 34, q8_0_block}},
+      {"Q4_K", {256, 144, q4_k_block}}, {"Q6_K", {256, 210, q6_k_block}}};
+  for (const auto& [key, type] : types)
+    if (name == key) return type;
+  TORCH_CHECK(false, "no native dequantizer for ", name);
+}
+
+// blocks: contiguous uint8 bytes of whole blocks of qtype; the float32 weights, flat.
+torch::Tensor dequantize(const torch::Tensor& blocks, const std::string& qtype) {
+  const Type& type = type_of(qtype);
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous() && blocks.numel() % type.bytes == 0,
+              "blocks: contiguous uint8, whole ", qtype, " blocks");
+  const int64_t n = blocks.numel() / type.bytes;
+  auto y = torch::empty({n * type.weights}, blocks.options().dtype(torch::kFloat32));
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) type.block(b + i * type.bytes, yp + i * type.weights);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q6_k_gemv", &q6_k_gemv, "Q6_K GEMV (AVX512-BF16) on blocks ordered by input tiles");
   m.attr("TILE_BLOCKS") = TILE_BLOCKS;
+  m.def("dequantize", &dequantize, "float32 weights from Q4_0, Q8_0, Q4_K or Q6_K blocks");
+  m.attr("DEQUANTIZED_TYPES") = std::vector<std::string>{"Q4_0", "Q8_0", "Q4_K", "Q6_K"};
 }

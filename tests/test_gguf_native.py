@@ -1,4 +1,5 @@
-"""``q6k-avx512``: the native Q6_K GEMV equals dequantize-then-matmul to the rounding of its activations
+"""quantkit's native GGUF code: the dequantizers compute quants.dequantize's float32 values bit for bit;
+``q6k-avx512``, the native Q6_K GEMV, equals dequantize-then-matmul to the rounding of its activations
 (two bfloat16 halves: 2**-17 relative, against 2**-8 for the kernels with bfloat16 activations), reads the
 blocks as stored, and is declared so that machines without its CPU features or tools skip it."""
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantkit.builtin_backends.gguf import native, quants
 from quantkit.builtin_backends.gguf.q6_k_kernel import Q6_K_AVX512, tiled_blocks
 from quantkit.builtin_backends.gguf.qlinear import GGUFLinear
 from quantkit.core import kernels
@@ -16,6 +18,35 @@ from quantkit.core.dispatch import set_kernel
 from quantkit.core.kernels import check
 
 runs_here = pytest.mark.skipif(not Q6_K_AVX512.is_available(), reason=Q6_K_AVX512.is_available().reason)
+
+
+native_here = pytest.mark.skipif(not native.dequantizer_available(), reason="no native GGUF code on this machine")
+
+
+@native_here
+@pytest.mark.parametrize("qtype", native.DEQUANTIZED_TYPES)
+def test_native_dequantizers_equal_the_torch_ones_bit_for_bit(qtype):
+    """Random rows, an all-zero block and a row of negative zeros (signs of zero compared too)."""
+    torch.manual_seed(1)
+    linear = nn.Linear(512, 24, bias=False)
+    linear.weight.data[0, :256] = 0.0
+    linear.weight.data[1] = -0.0
+    linear.weight.data[2] *= 1e4
+    module = GGUFLinear.from_linear(linear, qtype)
+    expected = quants.dequantize(module.weight, qtype, (24, 512))
+    got = module.dequantize()
+    assert got.shape == (24, 512) and torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert tuple(native.extension().DEQUANTIZED_TYPES) == native.DEQUANTIZED_TYPES
+
+
+def test_other_types_and_machines_without_the_native_code_dequantize_through_torch(monkeypatch):
+    torch.manual_seed(0)
+    q5 = GGUFLinear.from_linear(nn.Linear(256, 8), "Q5_K")
+    assert native.dequantize(q5.weight, "Q5_K") is None
+    monkeypatch.setattr(native, "dequantizer_available", lambda: False)
+    q4 = GGUFLinear.from_linear(nn.Linear(256, 8), "Q4_K")
+    assert native.dequantize(q4.weight, "Q4_K") is None
+    assert torch.equal(q4.dequantize(), quants.dequantize(q4.weight, "Q4_K", (8, 256)))
 
 
 def q6_k_layer(out_features: int, in_features: int, seed: int = 0) -> GGUFLinear:
