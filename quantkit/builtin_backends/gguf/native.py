@@ -3,7 +3,8 @@
 x86 CPUs with AVX512-BF16 (:data:`CPU_FEATURES`) and a C++ toolchain (:data:`PROGRAMS`) get a Q6_K
 GEMV (the ``q6k-avx512`` kernel) and dequantizers for Q4_0, Q8_0, Q4_K and Q6_K that compute
 exactly what :func:`.quants.dequantize` computes (the same float32 operations in the same order),
-about 1 ns a weight on 2 cores, 2.5x (Q4_0) to 12x (Q6_K) faster: what a prompt's product on the
+into memory that asks for transparent huge pages, at 0.17-0.44 ns a weight on 2 cores, 5-23x
+faster (``benchmarks/results/gguf_dequantize_speed.txt``): what a prompt's product on the
 dequantized weight waits for. ``torch.utils.
 cpp_extension`` builds the source once per version (about 20 s) and caches it on disk.
 """
