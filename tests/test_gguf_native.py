@@ -36,6 +36,10 @@ def test_native_dequantizers_equal_the_torch_ones_bit_for_bit(qtype):
     expected = quants.dequantize(module.weight, qtype, (24, 512))
     got = module.dequantize()
     assert got.shape == (24, 512) and torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    rounded = module.dequantize(torch.bfloat16)  # straight to bfloat16: as .to(torch.bfloat16) rounds
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded.view(torch.int16), expected.bfloat16().view(torch.int16))
+    assert native.dequantize(module.weight, qtype, torch.float16) is None  # other dtypes: torch's path
     assert tuple(native.extension().DEQUANTIZED_TYPES) == native.DEQUANTIZED_TYPES
 
 
@@ -47,6 +51,7 @@ def test_other_types_and_machines_without_the_native_code_dequantize_through_tor
     q4 = GGUFLinear.from_linear(nn.Linear(256, 8), "Q4_K")
     assert native.dequantize(q4.weight, "Q4_K") is None
     assert torch.equal(q4.dequantize(), quants.dequantize(q4.weight, "Q4_K", (8, 256)))
+    assert torch.equal(q4.dequantize(torch.float16), quants.dequantize(q4.weight, "Q4_K", (8, 256)).half())
 
 
 def q6_k_layer(out_features: int, in_features: int, seed: int = 0) -> GGUFLinear:

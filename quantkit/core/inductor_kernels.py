@@ -204,7 +204,7 @@ def _gemv_call(
     return (_gemv_rows(x, codes, scales, offsets, order, padding, out),)
 
 
-def dequantized_rows(module: nn.Module, x: Tensor) -> Tensor:
+def _dense_rows(module: nn.Module, x: Tensor) -> Tensor:
     """Above :data:`GEMV_ROWS` rows: the weight dequantized for the call."""
     return dense_matmul(module, x) if dense(x) else F.linear(x, module.dequantize().to(x.dtype))
 
@@ -220,7 +220,7 @@ def gemv_inductor_kernel(
     prepare: Callable[[nn.Module], GroupedGemvState] = _prepare_grouped_codes,
     fits: Callable[[nn.Module], str] | None = groups_fit,
     shape_limits: tuple[ShapeLimit, ...] = (),
-    many_rows: Callable[[nn.Module, Tensor], Tensor] = dequantized_rows,
+    many_rows: Callable[[nn.Module, Tensor], Tensor] = _dense_rows,
     description: str = (
         "group-quantized codes of 2 to 8 bits, any group size, repacked once as int8 with bfloat16 scales "
         "and offsets; a dequantize-GEMV torch.compile generates (float32 activations); the weight "

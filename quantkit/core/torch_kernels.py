@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -148,10 +149,14 @@ def dense_matmul(module: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x.to(torch.bfloat16), module.dequantize().to(torch.bfloat16)).to(x.dtype)
 
 
-def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor) -> Tensor:
+DenseProduct = Callable[[nn.Module, Tensor], Tensor]
+"""``x @ W.T`` on the weight dequantized for the call: what a kernel runs for many input rows."""
+
+
+def _int4_matmul(module: nn.Module, state: Int4State, x: Tensor, *, dense_product: DenseProduct) -> Tensor:
     on_cuda = x.device.type == "cuda"
     if x.shape[0] >= CUDA_DENSE_ROWS if on_cuda else dense(x):
-        return dense_matmul(module, x)
+        return dense_product(module, x)
     activations = (x if state.order is None else x.index_select(1, state.order)).to(torch.bfloat16)
     if state.padding:
         activations = F.pad(activations, (0, state.padding))
@@ -182,9 +187,9 @@ def split_int4_state(codes: Tensor, scales: Tensor, offsets: Tensor, group_size:
     return SplitInt4State(high, low)
 
 
-def _split_int4_matmul(module: nn.Module, state: SplitInt4State, x: Tensor) -> Tensor:
+def _split_int4_matmul(module: nn.Module, state: SplitInt4State, x: Tensor, *, dense_product: DenseProduct) -> Tensor:
     if dense(x):
-        return dense_matmul(module, x)
+        return dense_product(module, x)
     activations = x.to(torch.bfloat16)
     out = [
         torch.ops.aten._weight_int4pack_mm_for_cpu(activations, part.packed, part.group_size, part.scale_zeros)
@@ -198,15 +203,17 @@ def split_int4_cpu_kernel(
     prepare: Callable[[nn.Module], SplitInt4State],
     fits: Callable[[nn.Module], str],
     description: str,
+    dense_product: DenseProduct = dense_matmul,
 ) -> Kernel:
     """The ``int4x2-cpu`` kernel for ``layers`` whose ``prepare`` ends with :func:`split_int4_state`:
-    two int4 products a call (a byte a weight read), below ``int4-cpu`` in priority."""
+    two int4 products a call (a byte a weight read), below ``int4-cpu`` in priority; from
+    :data:`DENSE_ROWS` rows ``dense_product``."""
     return Kernel(
         name="int4x2-cpu",
         layers=layers,
         devices=frozenset({Hardware.CPU}),
         prepare=prepare,
-        matmul=_split_int4_matmul,
+        matmul=partial(_split_int4_matmul, dense_product=dense_product),
         compute_dtype=torch.bfloat16,
         shape_limits=INT4_SHAPE_LIMITS,
         fits=fits,
@@ -225,16 +232,18 @@ def int4_cpu_kernel(
         "torch's _weight_int4pack_mm_for_cpu on codes repacked once, bfloat16 activations (W4A16); "
         f"from {DENSE_ROWS} rows a bfloat16 GEMM on the weight dequantized per call (native bfloat16 CPUs)"
     ),
+    dense_product: DenseProduct = dense_matmul,
 ) -> Kernel:
     """The ``int4-cpu`` kernel for ``layers``: by default classes with the interface of the module
     docstring; a format whose weights are not :class:`GroupedCodes` passes its own ``prepare``
-    (ending with :func:`int4_state`), ``fits``, ``group_sizes`` and ``shape_limits``."""
+    (ending with :func:`int4_state`), ``fits``, ``group_sizes`` and ``shape_limits``, and may pass
+    the ``dense_product`` of many rows (default :func:`dense_matmul`)."""
     return Kernel(
         name="int4-cpu",
         layers=layers,
         devices=frozenset({Hardware.CPU}),
         prepare=prepare,
-        matmul=_int4_matmul,
+        matmul=partial(_int4_matmul, dense_product=dense_product),
         compute_dtype=torch.bfloat16,
         bits=(4,),
         group_sizes=group_sizes,

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from quantkit.core.inductor_kernels import GroupedGemvState, gemv_inductor_kernel, grouped_gemv_state
 from quantkit.core.kernels import dequantize_cached_kernel
 from quantkit.core.torch_kernels import (
     Int4State,
     SplitInt4State,
+    dense,
     int4_cpu_kernel,
     int4_cuda_kernel,
     int4_state,
@@ -127,6 +129,18 @@ def _operands(module: GGUFLinear, decoders: dict, group: int) -> tuple[Tensor, T
     )
 
 
+def dense_bfloat16(module: GGUFLinear, x: Tensor) -> Tensor:
+    """Many rows: a bfloat16 GEMM on the weight dequantized straight to bfloat16 for the call (the
+    native dequantizers skip the float32 copy)."""
+    return F.linear(x.to(torch.bfloat16), module.dequantize(torch.bfloat16)).to(x.dtype)
+
+
+def many_rows(module: GGUFLinear, x: Tensor) -> Tensor:
+    """The GEMV kernels' product above their rows: :func:`dense_bfloat16` where that is faster,
+    else ``F.linear`` on the weight dequantized to the activations' dtype."""
+    return dense_bfloat16(module, x) if dense(x) else F.linear(x, module.dequantize(x.dtype))
+
+
 def _prepare_int4(module: GGUFLinear) -> Int4State:
     return int4_state(*int4_operands(module), GROUP)
 
@@ -140,6 +154,7 @@ INT4_CPU = int4_cpu_kernel(
     prepare=_prepare_int4,
     fits=_int4_type,
     group_sizes=(GROUP,),
+    dense_product=dense_bfloat16,
     description=(
         "torch's _weight_int4pack_mm_for_cpu on Q4_0/Q4_1/Q4_K blocks repacked once (exact but for "
         "bfloat16 scales and offsets); bfloat16 activations (W4A16)"
@@ -162,6 +177,7 @@ INT4X2_CPU = split_int4_cpu_kernel(
     GGUFLinear,
     prepare=_prepare_split,
     fits=_split_type,
+    dense_product=dense_bfloat16,
     description=(
         "Q8_0/Q5_0/Q5_1/Q5_K blocks as two int4 products (high and low nibbles of the centred codes) on "
         "torch's _weight_int4pack_mm_for_cpu, repacked once (exact but for bfloat16 scales and offsets); "
@@ -191,6 +207,7 @@ GEMV_INDUCTOR = gemv_inductor_kernel(
     GGUFLinear,
     prepare=_prepare_gemv,
     fits=_gemv_type,
+    many_rows=many_rows,
     description=(
         "Q2_K/Q3_K/Q6_K blocks as int8 codes with bfloat16 scales and offsets per 16 inputs, repacked once; "
         "a dequantize-GEMV torch.compile generates (float32 activations); the weight dequantized above 4 rows"

@@ -195,28 +195,39 @@ const Type& type_of(const std::string& name) {
   TORCH_CHECK(false, "no native dequantizer for ", name);
 }
 
-// A float32 tensor of n values whose memory asks for transparent huge pages: a weight-sized output
+// An empty tensor of n values whose memory asks for transparent huge pages: a weight-sized output
 // freshly allocated in 4 KiB pages costs more in page faults than the dequantization itself.
-torch::Tensor huge_page_floats(int64_t n) {
+torch::Tensor huge_page_tensor(int64_t n, torch::ScalarType dtype) {
   constexpr size_t HUGE_PAGE = size_t(1) << 21;
-  const size_t bytes = (size_t(n) * sizeof(float) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  const size_t bytes = (size_t(n) * c10::elementSize(dtype) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
   void* data = std::aligned_alloc(HUGE_PAGE, bytes);
-  TORCH_CHECK(data != nullptr, "out of memory for ", n, " float32 weights");
+  TORCH_CHECK(data != nullptr, "out of memory for ", n, " dequantized weights");
   madvise(data, bytes, MADV_HUGEPAGE);  // advice: where the kernel declines, plain pages serve
-  return torch::from_blob(data, {n}, [](void* p) { std::free(p); }, torch::kFloat32);
+  return torch::from_blob(data, {n}, [](void* p) { std::free(p); }, dtype);
 }
 
-// blocks: contiguous uint8 bytes of whole blocks of qtype; the float32 weights, flat.
-torch::Tensor dequantize(const torch::Tensor& blocks, const std::string& qtype) {
+// blocks: contiguous uint8 bytes of whole blocks of qtype; the weights, flat, in float32, or with
+// bfloat16 rounded to nearest-even from those float32 values (what .to(torch.bfloat16) computes).
+torch::Tensor dequantize(const torch::Tensor& blocks, const std::string& qtype, bool bfloat16) {
   const Type& type = type_of(qtype);
   TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous() && blocks.numel() % type.bytes == 0,
               "blocks: contiguous uint8, whole ", qtype, " blocks");
   const int64_t n = blocks.numel() / type.bytes;
-  auto y = huge_page_floats(n * type.weights);
+  auto y = huge_page_tensor(n * type.weights, bfloat16 ? torch::kBFloat16 : torch::kFloat32);
   const uint8_t* b = blocks.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  void* out = y.data_ptr();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) type.block(b + i * type.bytes, yp + i * type.weights);
+    alignas(64) float block[QK];
+    for (int64_t i = begin; i < end; ++i) {
+      if (!bfloat16) {
+        type.block(b + i * type.bytes, static_cast<float*>(out) + i * type.weights);
+        continue;
+      }
+      type.block(b + i * type.bytes, block);
+      uint16_t* to = static_cast<uint16_t*>(out) + i * type.weights;
+      for (int64_t j = 0; j < type.weights; j += 16)
+        _mm256_storeu_si256((__m256i*)(to + j), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(block + j)));
+    }
   });
   return y;
 }
@@ -226,6 +237,6 @@ torch::Tensor dequantize(const torch::Tensor& blocks, const std::string& qtype) 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q6_k_gemv", &q6_k_gemv, "Q6_K GEMV (AVX512-BF16) on blocks ordered by input tiles");
   m.attr("TILE_BLOCKS") = TILE_BLOCKS;
-  m.def("dequantize", &dequantize, "float32 weights from Q4_0, Q8_0, Q4_K or Q6_K blocks");
+  m.def("dequantize", &dequantize, "float32 or bfloat16 weights from Q4_0, Q8_0, Q4_K or Q6_K blocks");
   m.attr("DEQUANTIZED_TYPES") = std::vector<std::string>{"Q4_0", "Q8_0", "Q4_K", "Q6_K"};
 }

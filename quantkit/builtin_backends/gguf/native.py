@@ -61,12 +61,18 @@ def dequantizer_available() -> bool:
     return True
 
 
-def dequantize(data: Tensor, qtype: str) -> Tensor | None:
-    """The float32 weights of ``data`` (contiguous CPU bytes of whole ``qtype`` blocks), flat; ``None``
-    where the native code does not serve (another type or device, or this machine lacks it)."""
-    if data.device.type != "cpu" or qtype not in DEQUANTIZED_TYPES or not dequantizer_available():
+def dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """The weights of ``data`` (contiguous CPU bytes of whole ``qtype`` blocks), flat, in float32 or
+    bfloat16 (rounded from the float32 values as ``.to(torch.bfloat16)`` does); ``None`` where the
+    native code does not serve (another type, dtype or device, or this machine lacks it)."""
+    if (
+        data.device.type != "cpu"
+        or qtype not in DEQUANTIZED_TYPES
+        or dtype not in (torch.float32, torch.bfloat16)
+        or not dequantizer_available()
+    ):
         return None
-    return extension().dequantize(data.contiguous().view(torch.uint8).reshape(-1), qtype)
+    return extension().dequantize(data.contiguous().view(torch.uint8).reshape(-1), qtype, dtype == torch.bfloat16)
 
 
 DEQUANTIZED_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")

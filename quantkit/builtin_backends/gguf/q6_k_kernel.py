@@ -9,7 +9,7 @@ represent a float32 to 2**-17) with ``vdpbf16ps``, accumulating in float32: floa
 about twice the speed on the head's shape (``benchmarks/results/kernel_speed_q6_k.txt``). The C++
 (:mod:`.native`) is compiled at the first use (about 20 s, then cached on disk). Above
 :data:`~quantkit.core.inductor_kernels.GEMV_ROWS` input rows the weight is dequantized for the
-call, as for ``gemv-inductor``.
+call (:func:`.kernels.many_rows`), as for ``gemv-inductor``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from quantkit.core.hardware import Hardware
-from quantkit.core.inductor_kernels import GEMV_ROWS, dequantized_rows
+from quantkit.core.inductor_kernels import GEMV_ROWS
 from quantkit.core.kernels import Kernel
 
+from .kernels import many_rows
 from .native import CPU_FEATURES, PROGRAMS, extension
 from .qlinear import GGUFLinear
 from .quants import type_size
@@ -44,7 +45,7 @@ def _prepare(module: GGUFLinear) -> Tensor:
 
 def _matmul(module: GGUFLinear, blocks: Tensor, x: Tensor) -> Tensor:
     if x.shape[0] > GEMV_ROWS:
-        return dequantized_rows(module, x)
+        return many_rows(module, x)
     return extension().q6_k_gemv(x.float().contiguous(), blocks, module.out_features).to(x.dtype)
 
 

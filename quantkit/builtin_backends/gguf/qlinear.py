@@ -73,13 +73,13 @@ class GGUFWeight(nn.Module):
         self.weight = nn.Parameter(data, requires_grad=False)
         self.set_type(qtype)
 
-    def dequantize(self) -> Tensor:
-        """The full weight matrix in float32, on the weight's device (through :mod:`.native` where it
-        serves: the same values, computed faster)."""
-        fast = native.dequantize(self.weight, self.qtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The full weight matrix, on the weight's device: float32, rounded to ``dtype`` if another
+        (through :mod:`.native` where it serves: the same values, computed faster)."""
+        fast = native.dequantize(self.weight, self.qtype, dtype)
         if fast is not None:
             return fast.reshape(self.rows, self.cols)
-        return quants.dequantize(self.weight, self.qtype, (self.rows, self.cols))
+        return quants.dequantize(self.weight, self.qtype, (self.rows, self.cols)).to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # The saved ggml type decides the byte layout: adopt it before torch checks shapes.
