@@ -22,8 +22,9 @@ device and its disk (:func:`measure_rates`, about 0.5 s) or, for short jobs, at
 and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
 ``benchmarks/estimate_accuracy.py`` and its committed results.
 
-The streamed peak (``streaming=True``) is the process, the shard writer's copy buffer and the
-largest of what one step holds: a weight's quantized copy with
+The streamed peak (``streaming=True``) is the process and the largest of what one step holds
+(the shard writer's copy buffer, when it moves a closed shard's data after its header, is a step of
+its own): a weight's quantized copy with
 the working memory its backend declares (:meth:`~quantkit.core.backend.Backend.working_bytes`;
 calibration-free: the stored weights are memory-mapped, page cache rather than process memory,
 and modules copied through go in the writer's pieces), or the embedding while the first layer's inputs are
@@ -810,8 +811,8 @@ def estimate_quantization(
         parts["read checkpoint"] = Work(read_bytes=model_bytes)
         output = _stored_size(model, config, 8 * item).total_bytes
         parts["write output"] = Work(write_bytes=WRITES_PER_OUTPUT_BYTE * output)
-        memory["shard writer"] = COPY_BYTES
         phases = _streaming_phases(model, backend, config, targets, others, {"method working": working}, activations)
+        phases.append({"shard writer copy": min(COPY_BYTES, output)})  # closing a shard: nothing else is held
         memory.update(max(phases, key=lambda phase: sum(phase.values())))
     else:
         memory.update({"model": model_bytes, **(activations or {}), "method working": working})
