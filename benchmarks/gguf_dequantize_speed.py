@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     in_features, out_features = (int(n) for n in args.shape.split("x"))
     log = RunLog("gguf_dequantize_speed.py")
-    if not native.dequantizer_available():
+    if not native.available():
         raise SystemExit("the native dequantizers do not run on this machine")
     log.emit(f"{'type':<5} {'path':<7} {'best ms':>8} {'median ms':>9} {'ns/weight':>9}")
     for qtype in native.DEQUANTIZED_TYPES:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantkit.builtin_backends.gguf import native, quants
+from quantkit.builtin_backends.gguf import native, q6_k_kernel, quants
 from quantkit.builtin_backends.gguf.q6_k_kernel import Q6_K_AVX512, tiled_blocks
 from quantkit.builtin_backends.gguf.qlinear import GGUFLinear
 from quantkit.core import kernels
@@ -20,7 +20,7 @@ from quantkit.core.kernels import check
 runs_here = pytest.mark.skipif(not Q6_K_AVX512.is_available(), reason=Q6_K_AVX512.is_available().reason)
 
 
-native_here = pytest.mark.skipif(not native.dequantizer_available(), reason="no native GGUF code on this machine")
+native_here = pytest.mark.skipif(not native.available(), reason="no native GGUF code on this machine")
 
 
 @native_here
@@ -47,7 +47,7 @@ def test_other_types_and_machines_without_the_native_code_dequantize_through_tor
     torch.manual_seed(0)
     q5 = GGUFLinear.from_linear(nn.Linear(256, 8), "Q5_K")
     assert native.dequantize(q5.weight, "Q5_K") is None
-    monkeypatch.setattr(native, "dequantizer_available", lambda: False)
+    monkeypatch.setattr(native, "available", lambda: False)
     q4 = GGUFLinear.from_linear(nn.Linear(256, 8), "Q4_K")
     assert native.dequantize(q4.weight, "Q4_K") is None
     assert torch.equal(q4.dequantize(), quants.dequantize(q4.weight, "Q4_K", (8, 256)))
@@ -136,3 +136,11 @@ def test_other_types_are_refused():
     torch.manual_seed(0)
     module = GGUFLinear.from_linear(nn.Linear(256, 64), "Q4_K")
     assert Q6_K_AVX512.fits(module) == "it takes Q6_K weights, not Q4_K"
+
+
+@runs_here
+def test_where_the_native_code_does_not_build_q6_k_runs_another_kernel_and_says_why(monkeypatch):
+    monkeypatch.setattr(q6_k_kernel, "available", lambda: False)
+    module = q6_k_layer(64, 256)
+    assert "native GGUF code did not build here" in check(Q6_K_AVX512, module, "cpu", None).reason
+    assert module(torch.randn(1, 256)).shape == (1, 64) and module.kernel_name == "gemv-inductor"

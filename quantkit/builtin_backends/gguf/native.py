@@ -48,15 +48,15 @@ def extension() -> ModuleType:
 
 
 @cache
-def dequantizer_available() -> bool:
-    """Whether this machine runs the native dequantizers: its CPU has :data:`CPU_FEATURES`, its
-    toolchain builds the extension (a failed build is logged once, and the torch path serves)."""
+def available() -> bool:
+    """Whether this machine runs the native code: its CPU has :data:`CPU_FEATURES`, its toolchain
+    builds the extension (a failed build is logged once; the torch path and the other kernels serve)."""
     if not set(CPU_FEATURES) <= cpu_features() or not all(shutil.which(p) for p in PROGRAMS):
         return False
     try:
         extension()
     except QuantkitError as error:
-        logger.warning("%s; GGUF weights dequantize through torch", error)
+        logger.warning("%s; GGUF weights dequantize through torch, Q6_K runs other kernels", error)
         return False
     return True
 
@@ -69,7 +69,7 @@ def dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> 
         data.device.type != "cpu"
         or qtype not in DEQUANTIZED_TYPES
         or dtype not in (torch.float32, torch.bfloat16)
-        or not dequantizer_available()
+        or not available()
     ):
         return None
     return extension().dequantize(data.contiguous().view(torch.uint8).reshape(-1), qtype, dtype == torch.bfloat16)

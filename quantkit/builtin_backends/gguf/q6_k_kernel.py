@@ -22,7 +22,7 @@ from quantkit.core.inductor_kernels import GEMV_ROWS
 from quantkit.core.kernels import Kernel
 
 from .kernels import many_rows
-from .native import CPU_FEATURES, PROGRAMS, extension
+from .native import CPU_FEATURES, PROGRAMS, available, extension
 from .qlinear import GGUFLinear
 from .quants import type_size
 
@@ -50,7 +50,9 @@ def _matmul(module: GGUFLinear, blocks: Tensor, x: Tensor) -> Tensor:
 
 
 def _q6_k(module: GGUFLinear) -> str:
-    return "" if module.qtype == "Q6_K" else f"it takes Q6_K weights, not {module.qtype}"
+    if module.qtype != "Q6_K":
+        return f"it takes Q6_K weights, not {module.qtype}"
+    return "" if available() else "quantkit's native GGUF code did not build here (the log says why)"
 
 
 Q6_K_AVX512 = Kernel(
