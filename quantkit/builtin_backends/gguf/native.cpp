@@ -1,5 +1,5 @@
 // Native CPU code on ggml's own block bytes, for x86 CPUs with AVX512-BF16: a Q6_K GEMV and the
-// dequantizers of the types prompts dequantize most (Q4_0, Q8_0, Q4_K, Q6_K).
+// dequantizers of the legacy types and Q4_K, Q5_K, Q6_K.
 //
 // Q6_K GEMV. y[r, o] = sum_i x[r, i] * W[o, i] for up to 4 input rows, W in Q6_K super-blocks of 256 inputs
 // (210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 sub-block scales, float16 d),
@@ -141,26 +141,70 @@ void q4_0_block(const uint8_t* b, float* y) {  // d * (q - 8), low nibbles first
   }
 }
 
+void q4_1_block(const uint8_t* b, float* y) {  // d * q + m
+  const float d = half(b), m = half(b + 2);
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(b[4 + i] & 15) + m;
+    y[i + 16] = d * float(b[4 + i] >> 4) + m;
+  }
+}
+
+inline int bit4(const uint8_t* qh, int i) { return ((qh[i / 8] >> (i % 8)) & 1) << 4; }  // bit i of the mask, as 16
+
+void q5_0_block(const uint8_t* b, float* y) {  // d * (q - 16)
+  const float d = half(b);
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(((b[6 + i] & 15) | bit4(b + 2, i)) - 16);
+    y[i + 16] = d * float(((b[6 + i] >> 4) | bit4(b + 2, i + 16)) - 16);
+  }
+}
+
+void q5_1_block(const uint8_t* b, float* y) {  // d * q + m
+  const float d = half(b), m = half(b + 2);
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float((b[8 + i] & 15) | bit4(b + 4, i)) + m;
+    y[i + 16] = d * float((b[8 + i] >> 4) | bit4(b + 4, i + 16)) + m;
+  }
+}
+
 void q8_0_block(const uint8_t* b, float* y) {  // q * d
   const float d = half(b);
   for (int i = 0; i < 32; ++i) y[i] = float(int8_t(b[2 + i])) * d;
 }
 
-void q4_k_block(const uint8_t* b, float* y) {  // (d * sc) * q - (dmin * m) per 32 weights
+// Q4_K and Q5_K: per 32 weights (d * sc) * q - (dmin * m), the 6-bit scales and minimums packed in 12 bytes.
+void k_scales(const uint8_t* b, float* sc, float* mn) {
   const float d = half(b), dmin = half(b + 2);
   const uint8_t* s = b + 4;
-  float sc[8], mn[8];
   for (int j = 0; j < 4; ++j) {
     sc[j] = d * float(s[j] & 63);
     mn[j] = dmin * float(s[j + 4] & 63);
     sc[j + 4] = d * float((s[j + 8] & 15) | ((s[j] >> 6) << 4));
     mn[j + 4] = dmin * float((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
   }
+}
+
+void q4_k_block(const uint8_t* b, float* y) {  // (d * sc) * q - (dmin * m) per 32 weights
+  float sc[8], mn[8];
+  k_scales(b, sc, mn);
   for (int c = 0; c < 4; ++c) {
     const uint8_t* q = b + 16 + 32 * c;
     for (int i = 0; i < 32; ++i) {
       y[64 * c + i] = sc[2 * c] * float(q[i] & 15) - mn[2 * c];
       y[64 * c + 32 + i] = sc[2 * c + 1] * float(q[i] >> 4) - mn[2 * c + 1];
+    }
+  }
+}
+
+void q5_k_block(const uint8_t* b, float* y) {  // low nibbles as Q4_K's, bit j of qh[l] the fifth bit of sub-block j
+  float sc[8], mn[8];
+  k_scales(b, sc, mn);
+  const uint8_t* qh = b + 16;
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t* q = b + 48 + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) {
+      const int code = ((q[l] >> (4 * (j % 2))) & 15) | (((qh[l] >> j) & 1) << 4);
+      y[32 * j + l] = sc[j] * float(code) - mn[j];
     }
   }
 }
@@ -188,8 +232,9 @@ struct Type {
 
 const Type& type_of(const std::string& name) {
   static const std::pair<const char*, Type> types[] = {
-      {"Q4_0", {32, 18, q4_0_block}}, {"Q8_0", {32, 34, q8_0_block}},
-      {"Q4_K", {256, 144, q4_k_block}}, {"Q6_K", {256, 210, q6_k_block}}};
+      {"Q4_0", {32, 18, q4_0_block}},   {"Q4_1", {32, 20, q4_1_block}},   {"Q5_0", {32, 22, q5_0_block}},
+      {"Q5_1", {32, 24, q5_1_block}},   {"Q8_0", {32, 34, q8_0_block}},   {"Q4_K", {256, 144, q4_k_block}},
+      {"Q5_K", {256, 176, q5_k_block}}, {"Q6_K", {256, 210, q6_k_block}}};
   for (const auto& [key, type] : types)
     if (name == key) return type;
   TORCH_CHECK(false, "no native dequantizer for ", name);
@@ -237,6 +282,6 @@ torch::Tensor dequantize(const torch::Tensor& blocks, const std::string& qtype, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q6_k_gemv", &q6_k_gemv, "Q6_K GEMV (AVX512-BF16) on blocks ordered by input tiles");
   m.attr("TILE_BLOCKS") = TILE_BLOCKS;
-  m.def("dequantize", &dequantize, "float32 or bfloat16 weights from Q4_0, Q8_0, Q4_K or Q6_K blocks");
-  m.attr("DEQUANTIZED_TYPES") = std::vector<std::string>{"Q4_0", "Q8_0", "Q4_K", "Q6_K"};
+  m.def("dequantize", &dequantize, "float32 or bfloat16 weights from blocks of DEQUANTIZED_TYPES");
+  m.attr("DEQUANTIZED_TYPES") = std::vector<std::string>{"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"};
 }

@@ -1,9 +1,9 @@
 """quantkit's native CPU code for ggml blocks (:file:`native.cpp`), compiled at the first use.
 
 x86 CPUs with AVX512-BF16 (:data:`CPU_FEATURES`) and a C++ toolchain (:data:`PROGRAMS`) get a Q6_K
-GEMV (the ``q6k-avx512`` kernel) and dequantizers for Q4_0, Q8_0, Q4_K and Q6_K that compute
+GEMV (the ``q6k-avx512`` kernel) and dequantizers for the legacy types, Q4_K, Q5_K and Q6_K that compute
 exactly what :func:`.quants.dequantize` computes (the same float32 operations in the same order),
-into memory that asks for transparent huge pages, at 0.17-0.44 ns a weight on 2 cores, 5-23x
+into memory that asks for transparent huge pages, at 0.20-0.69 ns a weight on 2 cores, 5.6-21.8x
 faster (``benchmarks/results/gguf_dequantize_speed.txt``): what a prompt's product on the
 dequantized weight waits for. ``torch.utils.
 cpp_extension`` builds the source once per version (about 20 s) and caches it on disk.
@@ -75,5 +75,5 @@ def dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> 
     return extension().dequantize(data.contiguous().view(torch.uint8).reshape(-1), qtype, dtype == torch.bfloat16)
 
 
-DEQUANTIZED_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
+DEQUANTIZED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 """The types :func:`dequantize` serves (the extension's own list, checked by a test)."""
