@@ -240,10 +240,12 @@ const Type& type_of(const std::string& name) {
   TORCH_CHECK(false, "no native dequantizer for ", name);
 }
 
-// An empty tensor of n values whose memory asks for transparent huge pages: a weight-sized output
-// freshly allocated in 4 KiB pages costs more in page faults than the dequantization itself.
+// An empty tensor of n values; from a huge page (2 MiB) up, in memory that asks for transparent huge
+// pages: a weight-sized output freshly allocated in 4 KiB pages costs more in page faults than the
+// dequantization itself.
 torch::Tensor huge_page_tensor(int64_t n, torch::ScalarType dtype) {
   constexpr size_t HUGE_PAGE = size_t(1) << 21;
+  if (size_t(n) * c10::elementSize(dtype) < HUGE_PAGE) return torch::empty({n}, torch::dtype(dtype));
   const size_t bytes = (size_t(n) * c10::elementSize(dtype) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
   void* data = std::aligned_alloc(HUGE_PAGE, bytes);
   TORCH_CHECK(data != nullptr, "out of memory for ", n, " dequantized weights");

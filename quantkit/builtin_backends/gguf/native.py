@@ -1,12 +1,12 @@
 """quantkit's native CPU code for ggml blocks (:file:`native.cpp`), compiled at the first use.
 
 x86 CPUs with AVX512-BF16 (:data:`CPU_FEATURES`) and a C++ toolchain (:data:`PROGRAMS`) get a Q6_K
-GEMV (the ``q6k-avx512`` kernel) and dequantizers for the legacy types, Q4_K, Q5_K and Q6_K that compute
-exactly what :func:`.quants.dequantize` computes (the same float32 operations in the same order),
-into memory that asks for transparent huge pages, at 0.20-0.69 ns a weight on 2 cores, 5.6-21.8x
-faster (``benchmarks/results/gguf_dequantize_speed.txt``): what a prompt's product on the
-dequantized weight waits for. ``torch.utils.
-cpp_extension`` builds the source once per version (about 20 s) and caches it on disk.
+GEMV (the ``q6k-avx512`` kernel) and dequantizers for the legacy types, Q4_K, Q5_K and Q6_K. These
+compute exactly what :func:`.quants.dequantize` computes (the same float32 operations in the same
+order), into memory that asks for transparent huge pages (outputs of 2 MiB and more), at 0.20-0.69
+ns a weight on 2 cores, 5.6-21.8x faster (``benchmarks/results/gguf_dequantize_speed.txt``): what a
+prompt's product on the dequantized weight waits for. ``torch.utils.cpp_extension`` builds the
+source once per version (about 20 s) and caches it on disk.
 """
 
 from __future__ import annotations
