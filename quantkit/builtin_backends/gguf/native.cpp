@@ -230,12 +230,13 @@ struct Type {
   void (*block)(const uint8_t*, float*);
 };
 
+const std::pair<const char*, Type> TYPES[] = {
+    {"Q4_0", {32, 18, q4_0_block}},   {"Q4_1", {32, 20, q4_1_block}},   {"Q5_0", {32, 22, q5_0_block}},
+    {"Q5_1", {32, 24, q5_1_block}},   {"Q8_0", {32, 34, q8_0_block}},   {"Q4_K", {256, 144, q4_k_block}},
+    {"Q5_K", {256, 176, q5_k_block}}, {"Q6_K", {256, 210, q6_k_block}}};
+
 const Type& type_of(const std::string& name) {
-  static const std::pair<const char*, Type> types[] = {
-      {"Q4_0", {32, 18, q4_0_block}},   {"Q4_1", {32, 20, q4_1_block}},   {"Q5_0", {32, 22, q5_0_block}},
-      {"Q5_1", {32, 24, q5_1_block}},   {"Q8_0", {32, 34, q8_0_block}},   {"Q4_K", {256, 144, q4_k_block}},
-      {"Q5_K", {256, 176, q5_k_block}}, {"Q6_K", {256, 210, q6_k_block}}};
-  for (const auto& [key, type] : types)
+  for (const auto& [key, type] : TYPES)
     if (name == key) return type;
   TORCH_CHECK(false, "no native dequantizer for ", name);
 }
@@ -285,5 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q6_k_gemv", &q6_k_gemv, "Q6_K GEMV (AVX512-BF16) on blocks ordered by input tiles");
   m.attr("TILE_BLOCKS") = TILE_BLOCKS;
   m.def("dequantize", &dequantize, "float32 or bfloat16 weights from blocks of DEQUANTIZED_TYPES");
-  m.attr("DEQUANTIZED_TYPES") = std::vector<std::string>{"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"};
+  std::vector<std::string> names;
+  for (const auto& [key, type] : TYPES) names.emplace_back(key);
+  m.attr("DEQUANTIZED_TYPES") = names;
 }
