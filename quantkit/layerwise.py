@@ -732,10 +732,10 @@ class HessianAccumulator:
 
 @contextlib.contextmanager
 def one_cpu_thread(device: torch.device):
-    """Run a sequential solve (GPTQ's column loop, AQLM's beam search) on one CPU thread: it is
-    thousands of small ops, and intra-op threads add a synchronization to each that costs more
-    than it saves (measured on a shared 2-core machine: a 960 x 576 GPTQ solve takes 1.8 s on one
-    thread, 20 s on two)."""
+    """Run work on one CPU thread. A sequential solve (GPTQ's column loop) is thousands of small
+    ops, and intra-op threads add a synchronization to each that costs more than it saves (measured
+    on a shared 2-core machine: a 960 x 576 GPTQ solve takes 1.8 s on one thread, 20 s on two); an
+    accumulating scatter (AQLM's codebook gradient) sums in a fixed order only on one thread."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield

@@ -15,12 +15,7 @@ from quantkit.builtin_backends.aqlm.aq import AQResult, aq_flops, aq_quantize
 from quantkit.builtin_backends.aqlm.beam_search import beam_search, dequantize, output_error
 from quantkit.builtin_backends.aqlm.codebook_update import update_codebooks
 from quantkit.builtin_backends.aqlm.config import AQLMConfig
-from quantkit.builtin_backends.aqlm.kmeans import (
-    MIN_CHUNK_POINTS,
-    first_argmax,
-    nearest,
-    residual_kmeans,
-)
+from quantkit.builtin_backends.aqlm.kmeans import nearest, residual_kmeans
 from quantkit.builtin_backends.aqlm.qlinear import AQLMLinear, pack_codes, unpack_codes
 from quantkit.builtin_backends.gptq.gptq import rtn_quantize
 from quantkit.core.errors import ConfigValueError, ModelFormatError, QuantkitError
@@ -52,27 +47,6 @@ def test_nearest_centroid_is_the_first_argmin_of_the_distances():
     g = torch.Generator().manual_seed(0)
     points, centroids = torch.randn(3000, 8, generator=g), torch.randn(256, 8, generator=g)
     assert torch.equal(nearest(points, centroids), torch.cdist(points, centroids).argmin(1))
-    scores = torch.randint(0, 4, (500, 16), generator=g).float()  # many ties: the first maximum wins
-    assert torch.equal(first_argmax(scores), scores.argmax(1))
-
-
-def test_nearest_of_2_16_centroids_scores_bounded_chunks_of_many_points(monkeypatch):
-    """1x16's k-means: one point per distance slab left glibc's heap fragmented by the tiny
-    results (over 14 GiB RSS on SmolLM2); each slab holds MIN_CHUNK_POINTS points (the last fewer),
-    at most 4 MiB of distances."""
-    g = torch.Generator().manual_seed(0)
-    points, centroids = torch.randn(300, 8, generator=g), torch.randn(2**16, 8, generator=g)
-    slabs = []
-
-    def recorded(scores):
-        slabs.append(scores.shape)
-        return first_argmax(scores)
-
-    monkeypatch.setattr("quantkit.builtin_backends.aqlm.kmeans.first_argmax", recorded)
-    assert torch.equal(nearest(points, centroids), torch.cdist(points, centroids).argmin(1))
-    full, rest = divmod(300, MIN_CHUNK_POINTS)
-    assert [rows for rows, _ in slabs] == [MIN_CHUNK_POINTS] * full + [rest] * (rest > 0)
-    assert all(rows * columns <= 2**20 for rows, columns in slabs)  # 4 MiB of float32
 
 
 def test_kmeans_with_no_more_points_than_centroids_is_exact_and_free():

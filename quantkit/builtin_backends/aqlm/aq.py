@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .beam_search import beam_search, dequantize, output_error
 from .codebook_update import update_codebooks
+from .codeword_search import NATIVE
 from .config import AQLMConfig
 from .kmeans import residual_kmeans
 
@@ -76,11 +77,19 @@ def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
     return AQResult(codes, codebooks, scales, errors)
 
 
-SCORE_ELEMENTS = 6.0
-"""Elementwise operations the time estimator counts per (group, codeword) distance of k-means and
-beam search: written, read by the argmin, its norm term (3), on the one thread a solve runs on (x2).
-Their inner products have only ``og * ig`` terms, so they run at memory speed, not matmul speed
-(1x16 on SmolLM2: 3.45 GFLOP/s on one core)."""
+NATIVE_SCORE_ELEMENTS = 0.07
+"""Elementwise operations the time estimator counts per (group, codeword) score of k-means and beam
+search on the native kernel: it scored 18.4 G scores/s on 2 cores, 14x the reference elementwise
+rate (:data:`quantkit.estimate.REFERENCE_RATES`; ``benchmarks/results/aqlm_codeword_search.txt``)."""
+TORCH_SCORE_ELEMENTS = 3.8
+"""The same on torch's path, which writes each score and reads it back in the reduction: memory-bound
+at 0.35 G scores/s on 2 cores (16 FLOPs a score at 8 values a codeword)."""
+
+
+def score_elements() -> float:
+    """Elementwise operations a score costs on this machine (:data:`NATIVE_SCORE_ELEMENTS` where
+    the native kernel runs, else :data:`TORCH_SCORE_ELEMENTS`)."""
+    return NATIVE_SCORE_ELEMENTS if NATIVE.available() else TORCH_SCORE_ELEMENTS
 
 
 def _rounds(config: AQLMConfig, out_features: int, in_features: int) -> int:

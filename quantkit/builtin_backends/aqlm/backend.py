@@ -20,9 +20,9 @@ from torch import nn
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
 from quantkit.core.config import HF_EXACT_CONFIG_KEY
-from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
+from quantkit.layerwise import HessianAccumulator, LayerContext, quantize_layerwise
 
-from .aq import SCORE_ELEMENTS, aq_flops, aq_quantize, aq_scores
+from .aq import aq_flops, aq_quantize, aq_scores, score_elements
 from .config import PRESETS, AQLMConfig
 from .qlinear import AQLMLinear, code_dtype
 
@@ -60,8 +60,7 @@ def _quantize_layer(ctx: LayerContext) -> None:
         for name, owner, cost in zip(members, owners, costs):
             if owner == ctx.dist.rank:
                 linear, config = ctx.targets[name].linear, ctx.targets[name].config
-                with one_cpu_thread(ctx.device):  # thousands of small steps: faster on one thread
-                    results[name] = aq_quantize(linear.weight, H, config)
+                results[name] = aq_quantize(linear.weight, H, config)
                 log.debug("%s.%s: AQLM output error %s", ctx.name, name, results[name].errors)
                 ctx.work.solves += 1
                 ctx.work.solve_cost += cost
@@ -103,8 +102,8 @@ class AQLMBackend(Backend):
         return sum(aq_flops(config, out_features, in_features, tokens).values()) - scoring
 
     def calibration_elements(self, config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> float:
-        """The distances k-means and beam search score run at memory speed: :data:`SCORE_ELEMENTS` each."""
-        return SCORE_ELEMENTS * sum(aq_scores(config, out_features, in_features).values())
+        """The distances k-means and beam search score, priced by :func:`.score_elements`."""
+        return score_elements() * sum(aq_scores(config, out_features, in_features).values())
 
     def quantize(self, model: nn.Module, config: AQLMConfig, *, calibration, device) -> nn.Module:
         targets = self.targets(model, config)

@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kmeans import CHUNK_VALUES
+from .codeword_search import best_codewords
+
+CHUNK_VALUES = 2**19
+"""Largest score matrix (hypotheses x codewords x output groups) a wider beam computes at once
+(2 MiB of float32): glibc maps larger temporaries afresh at each step; with 2**24 values (64 MiB),
+1x16 on a SmolLM2 MLP linear spent 91 of its 214 CPU-seconds in the kernel's page faults."""
 
 
 def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
@@ -37,11 +42,12 @@ def output_error(weight: Tensor, H: Tensor, approximation: Tensor) -> float:
 
 def beam_search(weight: Tensor, H: Tensor, codebooks: Tensor, scales: Tensor, codes: Tensor, beam_size: int) -> Tensor:
     """Codes ``(O, I, M)`` for ``weight`` found by beam search from ``codes``, for fixed codebooks
-    and scales; output groups go in chunks that bound the candidate scores' memory."""
+    and scales. A beam of one (greedy) searches all output groups at once through
+    :func:`.best_codewords`; wider beams go in chunks of output groups that bound their scores' memory."""
     num_out = codes.shape[0]
     codebook_size = codebooks.shape[1]
     out_group = codebooks.shape[2]
-    step = max(1, CHUNK_VALUES // (beam_size * codebook_size))
+    step = num_out if beam_size == 1 else max(1, CHUNK_VALUES // (beam_size * codebook_size))
     found = [
         _search(
             weight[start * out_group : (start + step) * out_group],
@@ -80,16 +86,22 @@ def _search(weight: Tensor, H: Tensor, codebooks: Tensor, scales: Tensor, codes:
             linear = 2 * s * Gj.reshape(width, num_out, -1) - 2 * s.square() * old_H.reshape(width, num_out, -1)
             sv = s.view(1, num_out)
             constant = -2 * sv * (old * Gj).flatten(2).sum(2) + sv.square() * (old * old_H).flatten(2).sum(2)
-            scores = (book.reshape(codebook_size, -1) @ linear.reshape(width * num_out, -1).T).view(
-                codebook_size, width, num_out
-            )
-            scores += norms.view(-1, 1, 1) * sv.square()[None] + (losses + constant)[None]
-            best, index = (
-                scores.transpose(0, 1)
-                .reshape(width * codebook_size, num_out)
-                .topk(min(beam_size, width * codebook_size), dim=0, largest=False)
-            )
-            source, chosen = index // codebook_size, index % codebook_size  # (beam', O)
+            if beam_size == 1:
+                flat = book.view(codebook_size, -1)
+                values, chosen = best_codewords(linear.view(num_out, -1), flat, norms, sv[0].square())
+                best, chosen = (values + losses[0] + constant[0])[None], chosen[None]
+                source = torch.zeros_like(chosen)
+            else:
+                scores = (book.reshape(codebook_size, -1) @ linear.reshape(width * num_out, -1).T).view(
+                    codebook_size, width, num_out
+                )
+                scores += norms.view(-1, 1, 1) * sv.square()[None] + (losses + constant)[None]
+                best, index = (
+                    scores.transpose(0, 1)
+                    .reshape(width * codebook_size, num_out)
+                    .topk(min(beam_size, width * codebook_size), dim=0, largest=False)
+                )
+                source, chosen = index // codebook_size, index % codebook_size  # (beam', O)
             delta = (book[chosen] - old[source, rows]) * s.view(1, num_out, 1, 1)  # (beam', O, og, ig)
             update = (delta.reshape(-1, in_group) @ H[cols]).view(len(best), num_out, out_group, in_features)
             if width == 1 and len(best) == 1:  # greedy: nothing to reorder

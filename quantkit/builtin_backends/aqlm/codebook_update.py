@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantkit.layerwise import one_cpu_thread
+
 from .beam_search import dequantize
 
 
@@ -14,7 +16,9 @@ def update_codebooks(
     """``steps`` Adam steps on codebooks and scales minimising ``tr((Ŵ - W) H (Ŵ - W)^T)``.
 
     The gradient of that error in ``Ŵ`` is ``2 (Ŵ - W) H``; autograd only carries it back
-    through the codebook look-up, so a step costs one ``out x in x in`` matmul.
+    through the codebook look-up, so a step costs one ``out x in x in`` matmul. That look-up's
+    backward (an accumulating scatter) runs on one CPU thread: on more, its float sums come in
+    another order from run to run, and quantizing twice would not write the same bytes.
     """
     codebooks = codebooks.detach().clone().requires_grad_(True)
     scales = scales.detach().clone().requires_grad_(True)
@@ -24,6 +28,7 @@ def update_codebooks(
             approximation = dequantize(codes, codebooks, scales)
             grad = 2 * (approximation.detach() - weight) @ H
             optimizer.zero_grad(set_to_none=False)
-            approximation.backward(grad)
+            with one_cpu_thread(approximation.device):
+                approximation.backward(grad)
             optimizer.step()
     return codebooks.detach(), scales.detach()

@@ -5,37 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_VALUES = 2**19
-"""Largest score matrix (rows x codewords) the beam search computes at once (2 MiB of float32):
-glibc maps larger temporaries afresh at each step; with 2**24 values (64 MiB), 1x16 on a SmolLM2
-MLP linear spent 91 of its 214 CPU-seconds in the kernel's page faults."""
-_CACHE_VALUES = 2**16  # a distance slab that stays in the L2 cache
-MIN_CHUNK_POINTS = 16
-"""Fewest points per distance slab (4 MiB of float32 with 2**16 centroids): one point per slab made
-1x16's k-means keep one tiny result per point between 256 KiB temporaries, which fragmented glibc's
-heap to tens of GiB on SmolLM2's MLP linears."""
-
-
-def first_argmax(scores: Tensor) -> Tensor:
-    """``scores.argmax(1)`` (the first maximum of each row), in vectorised reductions: torch's
-    CPU ``argmax`` runs element by element, several times slower than ``amax``."""
-    k = scores.shape[1]
-    descending = torch.arange(k, 0, -1, dtype=scores.dtype, device=scores.device)
-    at_max = (scores - scores.amax(1, keepdim=True)).sign_().add_(1)  # 1 at each row's maximum, else 0
-    return at_max.mul_(descending).amax(1).neg_().add_(k).long()
+from .codeword_search import best_codewords
 
 
 def nearest(points: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid ``(k, d)`` of each point ``(n, d)``, in chunks of points
-    whose distances fill the L2 cache (at least ``MIN_CHUNK_POINTS`` points), written into one tensor."""
-    neg_half_norms = centroids.square().sum(1) / -2
-    step = max(_CACHE_VALUES // len(centroids), MIN_CHUNK_POINTS)
-    codes = torch.empty(len(points), dtype=torch.long, device=points.device)
-    for start in range(0, len(points), step):
-        chunk = slice(start, start + step)
-        # argmin ||p - c||^2 = argmax <p, c> - ||c||^2 / 2
-        codes[chunk] = first_argmax(torch.addmm(neg_half_norms, points[chunk], centroids.T))
-    return codes
+    """Index of the nearest centroid ``(k, d)`` of each point ``(n, d)`` (the first of equals)."""
+    # argmin ||p - c||^2 = argmin <-p, c> + ||c||^2 / 2
+    half_norms = centroids.square().sum(1) / 2
+    return best_codewords(-points, centroids, half_norms, points.new_ones(len(points)))[1]
 
 
 def kmeans(

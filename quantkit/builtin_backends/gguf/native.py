@@ -11,54 +11,37 @@ source once per version (about 20 s) and caches it on disk.
 
 from __future__ import annotations
 
-import logging
-import shutil
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.utils import cpp_extension
 
-from quantkit.core.errors import QuantkitError
-from quantkit.core.hardware import cpu_features
-from quantkit.core.inductor_kernels import CXX
+from quantkit.core.native_code import NativeExtension
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("native.cpp")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
 """The ``/proc/cpuinfo`` flags the compiled code uses."""
-PROGRAMS = (CXX, "ninja")
-"""What ``torch.utils.cpp_extension`` builds with."""
 FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c")
 """Compiler flags: the instruction sets of :data:`CPU_FEATURES`; no contraction of a product and a sum
 into one rounding (the dequantizers round as torch does); OpenMP for torch's ``at::parallel_for``
 (resolved against torch's own OpenMP runtime, not linked)."""
+NATIVE = NativeExtension(
+    "quantkit_ggml_native",
+    Path(__file__).with_name("native.cpp"),
+    CPU_FEATURES,
+    FLAGS,
+    fallback="GGUF weights dequantize through torch, Q6_K runs other kernels",
+)
 
 
-@cache
 def extension() -> ModuleType:
     """The compiled extension (built once per source version, cached by torch on disk)."""
-    try:
-        return cpp_extension.load("quantkit_ggml_native", [str(SOURCE)], extra_cflags=list(FLAGS))
-    except (RuntimeError, OSError) as error:
-        raise QuantkitError(f"building quantkit's native GGUF code ({SOURCE.name}) failed: {error}") from error
+    return NATIVE.module()
 
 
-@cache
 def available() -> bool:
-    """Whether this machine runs the native code: its CPU has :data:`CPU_FEATURES`, its toolchain
-    builds the extension (a failed build is logged once; the torch path and the other kernels serve)."""
-    if not set(CPU_FEATURES) <= cpu_features() or not all(shutil.which(p) for p in PROGRAMS):
-        return False
-    try:
-        extension()
-    except QuantkitError as error:
-        logger.warning("%s; GGUF weights dequantize through torch, Q6_K runs other kernels", error)
-        return False
-    return True
+    """Whether this machine runs the native code (see :meth:`NativeExtension.available`)."""
+    return NATIVE.available()
 
 
 def dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor | None:

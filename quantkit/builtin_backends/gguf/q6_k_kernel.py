@@ -20,9 +20,10 @@ from torch import Tensor
 from quantkit.core.hardware import Hardware
 from quantkit.core.inductor_kernels import GEMV_ROWS
 from quantkit.core.kernels import Kernel
+from quantkit.core.native_code import PROGRAMS
 
 from .kernels import many_rows
-from .native import CPU_FEATURES, PROGRAMS, available, extension
+from .native import CPU_FEATURES, available, extension
 from .qlinear import GGUFLinear
 from .quants import type_size
 
