@@ -79,11 +79,11 @@ def aq_quantize(weight: Tensor, H: Tensor, config: AQLMConfig) -> AQResult:
 
 NATIVE_SCORE_ELEMENTS = 0.07
 """Elementwise operations the time estimator counts per (group, codeword) score of k-means and beam
-search on the native kernel: it scored 18.4 G scores/s on 2 cores, 14x the reference elementwise
-rate (:data:`quantkit.estimate.REFERENCE_RATES`; ``benchmarks/results/aqlm_codeword_search.txt``)."""
-TORCH_SCORE_ELEMENTS = 3.8
+search on the native kernel: 18.3 G scores/s on 2 cores at 1x16, 14x the reference elementwise rate
+(:data:`quantkit.estimate.REFERENCE_RATES`; ``benchmarks/results/aqlm_codeword_search.txt``)."""
+TORCH_SCORE_ELEMENTS = 1.2
 """The same on torch's path, which writes each score and reads it back in the reduction: memory-bound
-at 0.35 G scores/s on 2 cores (16 FLOPs a score at 8 values a codeword)."""
+at 1.0-1.1 G scores/s on 2 cores (16 FLOPs a score at 8 values a codeword)."""
 
 
 def score_elements() -> float:

@@ -2,8 +2,8 @@
 
 k-means' nearest centroid and a greedy beam-search step are both this search over all ``2**nbits``
 codewords. With 8 values a codeword a score is 16 FLOPs, so torch's (rows x codewords) score matrix
-and its reduction run at memory speed (~0.2 G scores/s a core). On x86 CPUs with AVX-512 a native
-kernel (:file:`native.cpp`) keeps no score and runs at ~9.6 G scores/s a core
+and its reduction run at memory speed (0.6-1.0 G scores/s a core). On x86 CPUs with AVX-512 a native
+kernel (:file:`native.cpp`) keeps no score and runs at 7.8-9.8 G scores/s a core, 8-16x faster
 (``benchmarks/results/aqlm_codeword_search.txt``); elsewhere torch scores bounded slabs of rows.
 """
 
@@ -41,10 +41,16 @@ def first_argmin(scores: Tensor) -> Tensor:
 
 def best_codewords(queries: Tensor, codewords: Tensor, bias: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """For ``queries (n, d)``, ``codewords (K, d)``, ``bias (K,)`` and ``weights (n,)``: the lowest
-    ``<q_r, c_k> + w_r b_k`` of each row ``(n,)`` and its first codeword ``(n,)`` (long)."""
+    ``<q_r, c_k> + w_r b_k`` of each row ``(n,)`` and its first codeword ``(n,)`` (long); natively
+    where the kernel runs (float32 on the CPU, ``K`` a multiple of 16), else :func:`torch_best_codewords`."""
     if _native(queries, codewords):
         contiguous = (t.contiguous() for t in (queries, codewords.T, bias, weights))
         return NATIVE.module().best_codewords(*contiguous)
+    return torch_best_codewords(queries, codewords, bias, weights)
+
+
+def torch_best_codewords(queries: Tensor, codewords: Tensor, bias: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`best_codewords` in torch on any device, scoring slabs of rows."""
     values = queries.new_empty(len(queries))
     indices = torch.empty(len(queries), dtype=torch.long, device=queries.device)
     step = max(SLAB_VALUES // len(codewords), MIN_SLAB_ROWS)

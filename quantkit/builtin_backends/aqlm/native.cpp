@@ -3,7 +3,7 @@
 // (k-means' nearest centroid with q = -p, b = |c|^2 / 2, w = 1; a greedy beam-search step with q the
 // linear term of a row, b = c^T H_jj c and w = s_r^2), and that minimum. torch computes the same as a
 // (rows x codewords) matrix and a reduction over it, memory-bound for AQLM's short groups (8 values a
-// codeword: 16 FLOPs a score) at ~3.5 GFLOP/s a core; here no score is stored. Codewords come
+// codeword: 16 FLOPs a score) at 10-16 GFLOP/s a core; here no score is stored. Codewords come
 // transposed (d x K, K a multiple of 16): 16 codewords a vector, one FMA a dimension. Rows go in
 // groups of ROWS that share each codeword load; codewords in blocks of BLOCK that stay in L1 while
 // every row of a chunk passes over them. Each lane keeps its lowest score and the first codeword

@@ -12,8 +12,11 @@ transformers' AQLM integration loads:
 
 each a parameter without gradient, as in aqlm.
 
-Codebooks and scales are stored in float16. The forward decodes the weight and calls
-``F.linear`` on any device; nothing is cached.
+Codebooks and scales are stored in float16. The forward runs on any device and caches nothing.
+Where a table of every codeword's product with each input group is smaller than the weight (2x8 and
+1x8 decoding a few rows; :meth:`AQLMLinear.uses_lookup`), each output sums its codes' table entries
+(a gather of ``out x in / 8 x M`` values); elsewhere (prompts, 1x16) it decodes the weight and calls
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -113,9 +116,31 @@ class AQLMLinear(nn.Module):
         codes = unpack_codes(self.codes, self.nbits_per_codebook)
         return dequantize(codes, self.codebooks.float(), self.scales.float().flatten())
 
+    def uses_lookup(self, rows: int) -> bool:
+        """Whether :meth:`forward` on ``rows`` input rows sums table entries: its tables (``rows x M x
+        2**nbits`` products per input group) hold fewer values than the weight's groups decode to."""
+        table = rows * self.num_codebooks * 2**self.nbits_per_codebook
+        return self.out_group_size == 1 and table < self.out_features * self.in_group_size
+
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        rows = x.numel() // self.in_features
+        if not self.uses_lookup(rows):
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        y = self._lookup_product(x.reshape(rows, self.in_features).float()).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def _lookup_product(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` for ``x (rows, in)`` float32: per row, the table of every codeword's product
+        with each input group, then per output the sum of its codes' entries, times its scale."""
+        num_in, size = self.in_features // self.in_group_size, 2**self.nbits_per_codebook
+        books = self.codebooks.float()[:, :, 0, :]  # (M, K, ig)
+        tables = torch.einsum("rid,mkd->rimk", x.view(len(x), num_in, self.in_group_size), books)
+        codes = unpack_codes(self.codes, self.nbits_per_codebook)  # (O, I, M)
+        offsets = torch.arange(num_in * self.num_codebooks, device=x.device).view(num_in, -1) * size
+        entries = tables.reshape(len(x), -1)[:, (codes + offsets).view(self.out_features, -1)]  # (rows, O, I*M)
+        return entries.sum(-1) * self.scales.float().view(1, -1)
 
     def extra_repr(self) -> str:
         return (
