@@ -14,6 +14,7 @@ from conftest import make_tiny_llama
 import quantkit
 from quantkit.cli.main import main
 from quantkit.core.errors import ModelFormatError
+from quantkit.core.registry import get_registry
 from quantkit.estimate import REFERENCE_RATES, estimate, estimate_quantization, parse_params, stored_model
 
 ESTIMATE_MODULE = importlib.import_module("quantkit.estimate")  # the package exports a function of that name
@@ -80,9 +81,17 @@ def test_code_bits_is_the_width_a_method_is_named_for(config, bits):
     assert config.code_bits == bits
 
 
-def test_code_bits_follow_ggufs_row_fallbacks(tiny_llama):
-    from quantkit.core.registry import get_registry
+def test_aqlm_code_bits_count_the_codebooks_a_layer_learns():
+    """1x16's 2**16 x 8 float16 codebook outweighs the codes of a small layer: on SmolLM2 it is not a
+    2-bit method, and the comparison's checks do not class it with them; on a 7B MLP it is ~2 bits."""
+    aqlm = get_registry().backends["aqlm"]
+    two_by_eight, one_by_sixteen = quantkit.as_config("aqlm-2x8"), quantkit.as_config("aqlm-1x16")
+    assert aqlm.code_bits(two_by_eight, "", 1536, 576) == pytest.approx(2 + 2 * 256 * 8 * 16 / (1536 * 576))
+    assert aqlm.code_bits(one_by_sixteen, "", 1536, 576) == pytest.approx(2 + 2**16 * 8 * 16 / (1536 * 576))
+    assert round(aqlm.code_bits(one_by_sixteen, "", 14336, 4096)) == 2
 
+
+def test_code_bits_follow_ggufs_row_fallbacks(tiny_llama):
     gguf = get_registry().backends_for_method("gguf")[0]
     q2k = quantkit.GGUFConfig(quant_type="Q2_K")
     assert gguf.code_bits(q2k, "", 64, 512) == 2.0  # 256-weight super-blocks divide the row
