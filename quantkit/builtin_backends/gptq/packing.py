@@ -54,12 +54,8 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
     n_values = values.shape[0]
     if n_values * bits % 32:
         raise ValueError(f"cannot pack {n_values} values of {bits} bits into whole 32-bit words")
-    if 32 % bits == 0:  # whole values per word: or each slot of the words in, in int32
-        slots = values.to(torch.int32).view(-1, 32 // bits, values.shape[1])
-        words = slots[:, 0].clone(memory_format=torch.contiguous_format)  # row-major, whatever the layout of values
-        for slot in range(1, 32 // bits):  # at most 16 slots; each step is one vectorised op
-            words.bitwise_or_(slots[:, slot].bitwise_left_shift(slot * bits))
-        return words
+    if bits in (2, 4, 8):
+        return _pack_bytes(values, bits)
     word, shift = _bit_offsets(n_values, bits, values.device)
     values = values.to(torch.int64)
     words = torch.zeros(n_values * bits // 32, values.shape[1], dtype=torch.int64, device=values.device)
@@ -69,6 +65,22 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
         spill = shift + bits > 32
         words.index_add_(0, word[spill] + 1, values[spill] >> (32 - shift[spill])[:, None])
     return _to_int32(words)
+
+
+def _pack_bytes(values: Tensor, bits: int) -> Tensor:
+    """:func:`pack_rows` for 2, 4 and 8 bits: the values as uint8 with each column's run contiguous
+    (no copy when ``values`` is the transpose of a row-major tensor, as GPTQ's weight is), ``8 // bits``
+    of them or-ed into each byte, every four bytes read as one little-endian word, and one transposed
+    copy of the words. On uint8, unit-stride: 14 strided int32 passes took 5x as long."""
+    n, m = values.shape
+    per_byte = 8 // bits
+    codes = values.to(torch.uint8).t().contiguous()  # (m, n)
+    packed = codes[:, ::per_byte].clone()
+    for slot in range(1, per_byte):  # at most 3 more slots; each step is one vectorised op
+        packed |= codes[:, slot::per_byte] << (slot * bits)
+    if sys.byteorder == "big":
+        packed = packed.view(m, -1, 4).flip(-1).reshape(m, -1)
+    return packed.view(torch.int32).t().contiguous()  # (n * bits // 32, m)
 
 
 def unpack_codes(packed: Tensor, bits: int) -> Tensor:
