@@ -23,7 +23,7 @@ from quantkit.builtin_backends.gptq.gptq import (
     group_aware_order,
     rtn_quantize,
 )
-from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, unpack_gptq, unpack_rows
+from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from quantkit.core.errors import QuantizationError
 from quantkit.layerwise import HessianAccumulator
 
@@ -84,6 +84,17 @@ def test_gptq_pack_round_trip(bits: int, group_size: int) -> None:
         g = int(g_idx[col])
         expected = scales[g].float() * (intweight[:, col] - zeros[g])
         assert torch.equal(weight[:, col], expected)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("columns", [1, 3])
+def test_pack_rows_of_one_or_few_columns_round_trips(bits: int, columns: int) -> None:
+    """One output column (a single group's zero points): no stride assumption on a size-1 dimension."""
+    values = torch.randint(0, 2**bits, (64, columns), generator=torch.Generator().manual_seed(bits))
+    for layout in (values, values.t().contiguous().t()):
+        packed = pack_rows(layout, bits)
+        assert packed.shape == (64 * bits // 32, columns) and packed.is_contiguous()
+        assert torch.equal(unpack_rows(packed, bits), values.int())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

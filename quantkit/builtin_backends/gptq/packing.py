@@ -78,9 +78,11 @@ def _pack_bytes(values: Tensor, bits: int) -> Tensor:
     packed = codes[:, ::per_byte].clone()
     for slot in range(1, per_byte):  # at most 3 more slots; each step is one vectorised op
         packed |= codes[:, slot::per_byte] << (slot * bits)
+    words = packed.view(m, -1, 4)
     if sys.byteorder == "big":
-        packed = packed.view(m, -1, 4).flip(-1).reshape(m, -1)
-    return packed.view(torch.int32).t().contiguous()  # (n * bits // 32, m)
+        words = words.flip(-1)
+    # flat first: a view's dtype change needs unit strides, which a size-1 dimension need not have
+    return words.reshape(-1).view(torch.int32).view(m, -1).t().contiguous()  # (n * bits // 32, m)
 
 
 def unpack_codes(packed: Tensor, bits: int) -> Tensor:
