@@ -39,8 +39,7 @@ def aqlm_storage_bits(config: AQLMConfig, out_features: int, in_features: int) -
     num_out = out_features // config.out_group_size
     codes = num_out * (in_features // config.in_group_size) * config.num_codebooks
     code_bits = code_dtype(config.nbits_per_codebook).itemsize * 8
-    codebook_values = config.num_codebooks * 2**config.nbits_per_codebook * config.out_group_size * config.in_group_size
-    return codes * code_bits + codebook_values * 16 + num_out * 16
+    return codes * code_bits + config.codebook_values * 16 + num_out * 16
 
 
 def _quantize_layer(ctx: LayerContext) -> None:
@@ -99,10 +98,7 @@ class AQLMBackend(Backend):
         nothing without its learned alphabet (the per-output scales, like other methods' scales, are
         left out). 2x8 on a 576 x 1536 linear: 2.07; 1x16 there: 11.5, since its 2**16 x 8 float16
         codebook is larger than the codes of any layer under ~4 M weights."""
-        codebook_bits = (
-            config.num_codebooks * 2**config.nbits_per_codebook * config.out_group_size * config.in_group_size
-        )
-        return config.code_bits + 16 * codebook_bits / (out_features * in_features)
+        return config.code_bits + 16 * config.codebook_values / (out_features * in_features)
 
     def calibration_flops(self, config: AQLMConfig, out_features: int, in_features: int, tokens: int) -> float:
         """:func:`aq_flops` but the distance scoring, which :meth:`calibration_elements` counts."""

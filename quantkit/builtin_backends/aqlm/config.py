@@ -48,8 +48,7 @@ class AQLMConfig(CalibratedConfig):
     seed: int = spec(0, valid=lambda v: v >= 0, allowed="an int >= 0", doc="seed of the k-means initialisation")
 
     def validate(self) -> None:
-        values = self.num_codebooks * 2**self.nbits_per_codebook * self.in_group_size * self.out_group_size
-        if values > MAX_CODEBOOK_VALUES:
+        if self.codebook_values > MAX_CODEBOOK_VALUES:
             fitting = MAX_CODEBOOK_VALUES // (self.num_codebooks * self.in_group_size * self.out_group_size)
             raise ConfigValueError(
                 type(self).__name__,
@@ -60,6 +59,11 @@ class AQLMConfig(CalibratedConfig):
                 f"linear (num_codebooks * 2**nbits_per_codebook * in_group_size * out_group_size values) must fit "
                 f"the budget of {MAX_CODEBOOK_VALUES} values",
             )
+
+    @property
+    def codebook_values(self) -> int:
+        """Values in one linear's codebooks: ``num_codebooks * 2**nbits_per_codebook * group size``."""
+        return self.num_codebooks * 2**self.nbits_per_codebook * self.in_group_size * self.out_group_size
 
     @property
     def code_bits(self) -> float:
