@@ -221,6 +221,7 @@ def gemv_inductor_kernel(
     fits: Callable[[nn.Module], str] | None = groups_fit,
     shape_limits: tuple[ShapeLimit, ...] = (),
     many_rows: Callable[[nn.Module, Tensor], Tensor] = _dense_rows,
+    activation_bits: int | None = None,
     description: str = (
         "group-quantized codes of 2 to 8 bits, any group size, repacked once as int8 with bfloat16 scales "
         "and offsets; a dequantize-GEMV torch.compile generates (float32 activations); the weight "
@@ -231,7 +232,8 @@ def gemv_inductor_kernel(
     :class:`~.torch_kernels.GroupedCodes` interface (``grouped_codes()``, ``group_index()``,
     ``bits``, ``group_size``); other formats pass a ``prepare`` ending with
     :func:`grouped_gemv_state`, their ``fits`` and ``shape_limits``, and ``many_rows``, the
-    product above :data:`GEMV_ROWS` rows (default: the weight dequantized for the call). Below
+    product above :data:`GEMV_ROWS` rows (default: the weight dequantized for the call), and
+    ``activation_bits`` when their ``prepare``'s prologue quantizes the activations. Below
     ``int4-cpu`` and ``int4x2-cpu`` in priority, above the dequantize reference."""
     return Kernel(
         name="gemv-inductor",
@@ -243,6 +245,7 @@ def gemv_inductor_kernel(
         compute_dtype=torch.float32,
         fits=fits,
         shape_limits=shape_limits,
+        activation_bits=activation_bits,
         programs=(CXX,),
         priority=10,
         description=description,

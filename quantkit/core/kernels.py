@@ -61,6 +61,8 @@ class Kernel:
     """Activation dtypes taken (the output has the input's dtype)."""
     compute_dtype: torch.dtype | None = None
     """The dtype activations are cast to for the product (``None``: their own)."""
+    activation_bits: int | None = None
+    """Bits the activations are quantized to for the product (LLM.int8's 8); ``None``: weight-only."""
     bits: tuple[int, ...] = ()
     """Code widths taken; empty: any."""
     group_sizes: tuple[int, ...] = ()

@@ -201,6 +201,7 @@ BITSANDBYTES_INT8 = Kernel(
     devices=BNB_HARDWARE,
     prepare=lambda module: None,
     matmul=lambda module, state, x: _bitsandbytes_int8(module, x),
+    activation_bits=8,
     requires=("bitsandbytes",),
     priority=10,
     description="bitsandbytes' own LLM.int8 matmul (int8 activations, outlier columns in float): its forward",
@@ -211,6 +212,7 @@ GEMV_INDUCTOR_INT8 = gemv_inductor_kernel(
     prepare=_prepare_llm_int8,
     fits=None,
     many_rows=_llm_int8_rows,
+    activation_bits=8,
     description=(
         "LLM.int8: the activations quantized per row as bitsandbytes does, outlier columns kept, then one "
         "compiled GEMV over the int8 codes (float32 row scales and sums); above 4 rows an int32 GEMM of the "
