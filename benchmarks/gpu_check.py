@@ -64,28 +64,39 @@ SPEED_SHAPES = 3
 
 @dataclass(frozen=True)
 class Claim:
-    """One CUDA claim: ``kind`` quantize, run or kernel, of ``subject`` (a backend or a kernel)."""
+    """One CUDA claim: ``kind`` quantize, run or kernel, of ``subject`` (a backend, with one of its
+    presets when it has some, or a kernel)."""
 
     kind: str
     subject: Backend | Kernel
+    preset: str | None = None
 
     @property
     def name(self) -> str:
         label = self.subject.label if isinstance(self.subject, Kernel) else self.subject.name
-        return f"{self.kind} {label} on cuda"
+        return f"{self.kind} {label}{f' {self.preset}' if self.preset else ''} on cuda"
+
+    @property
+    def key(self) -> str:
+        """The quantized model's name: the preset's, else the backend's."""
+        return self.preset or self.subject.name
 
 
 def cuda_claims() -> list[Claim]:
     """Every CUDA claim the registry declares: backends' quantize and run (calibration-free ones
-    first, the slow ones last), then kernels (on the models the backends quantized)."""
+    first, with each of their presets, so that every layer format meets its kernels; calibrated
+    ones last, with their first preset, their solves being the slow part), then kernels (on the
+    models the backends quantized)."""
     registry = get_registry()
     claims = []
     for backend in sorted(registry.backends.values(), key=lambda b: (b.capabilities.requires_calibration, b.name)):
         capabilities = backend.capabilities
-        if Hardware.CUDA in capabilities.quantize_hardware:
-            claims.append(Claim("quantize", backend))
-        if Hardware.CUDA in capabilities.inference_hardware:
-            claims.append(Claim("run", backend))
+        presets = [preset.name for preset in backend.presets] or [None]
+        for preset in presets[:1] if capabilities.requires_calibration else presets:
+            if Hardware.CUDA in capabilities.quantize_hardware:
+                claims.append(Claim("quantize", backend, preset))
+            if Hardware.CUDA in capabilities.inference_hardware:
+                claims.append(Claim("run", backend, preset))
     claims += [Claim("kernel", k) for k in registry.kernels if Hardware.CUDA in k.devices]
     return claims
 
@@ -156,32 +167,30 @@ class Checker:
         self.ids = torch.randint(0, vocab, PROMPT, generator=gen)
         self.float_logits = logits(model, self.ids)
         self.on_gpu: dict[str, nn.Module] = {}
-        """Backend name -> its quantized model loaded on the device."""
+        """A claim's key -> its quantized model on the device."""
 
-    def config(self, backend: Backend) -> quantkit.QuantConfig:
-        return quantkit.as_config(backend.presets[0].name) if backend.presets else backend.config_class()
-
-    def quantized(self, backend: Backend, device: str) -> nn.Module:
+    def quantized(self, claim: Claim, device: str) -> nn.Module:
+        backend = claim.subject
+        config = quantkit.as_config(claim.preset) if claim.preset else backend.config_class()
         calibration = self.calibration if backend.capabilities.requires_calibration else None
-        config = self.config(backend)
         return quantkit.quantize(copy.deepcopy(self.model), config, calibration=calibration, device=device)
 
-    def quantize(self, backend: Backend) -> str:
+    def quantize(self, claim: Claim) -> str:
         start = time.perf_counter()
-        model = self.quantized(backend, self.device)
+        model = self.quantized(claim, self.device)
         out = logits(model, self.ids)
         if not torch.isfinite(out).all():
             raise AssertionError("non-finite logits")
-        self.on_gpu[backend.name] = model
+        self.on_gpu[claim.key] = model
         error = relative_error(out, self.float_logits)
-        seconds = time.perf_counter() - start
-        return f"{self.config(backend).quant_method} in {seconds:.1f} s; logits vs float {error:.3f}"
+        return f"in {time.perf_counter() - start:.1f} s; logits vs float {error:.3f}"
 
-    def run(self, backend: Backend) -> str:
-        model = self.on_gpu.get(backend.name) or self.quantized(backend, "cpu")
-        folder = quantkit.save(model, self.workdir / backend.name)
+    def run(self, claim: Claim) -> str:
+        backend = claim.subject
+        model = self.on_gpu.get(claim.key) or self.quantized(claim, "cpu")
+        folder = quantkit.save(model, self.workdir / claim.key)
         loaded = quantkit.load(folder, device=self.device)
-        self.on_gpu[backend.name] = loaded
+        self.on_gpu[claim.key] = loaded
         out = logits(loaded, self.ids)
         if not torch.isfinite(out).all():
             raise AssertionError("non-finite logits after reload")
@@ -200,7 +209,8 @@ class Checker:
         kernels = ", ".join(kernels) or "own forward"
         return f"reloaded on {self.device}; logits vs {against} {error:.4f}; kernels {kernels}"
 
-    def kernel(self, kernel: Kernel) -> str:
+    def kernel(self, claim: Claim) -> str:
+        kernel = claim.subject
         served = {
             name: [m for m in dispatched(model) if kernel.serves(m) and check(kernel, m, self.device, None)]
             for name, model in self.on_gpu.items()
@@ -276,7 +286,7 @@ def main() -> int:
                 log.emit(f"SKIP (time budget of {args.budget:.0f} s spent) {claim.name}")
                 continue
             try:
-                detail = steps[claim.kind](claim.subject)
+                detail = steps[claim.kind](claim)
                 status = "PASS"
                 if detail.startswith("SKIP"):
                     status, detail = detail, ""

@@ -36,16 +36,24 @@ def test_the_dry_run_lists_every_cuda_claim_of_the_registry(gpu_check, monkeypat
     # a plugin's kernel is a claim as soon as it registers
     expected = set()
     for backend in registry.backends.values():
-        if Hardware.CUDA in backend.capabilities.quantize_hardware:
-            expected.add(f"quantize {backend.name} on cuda")
-        if Hardware.CUDA in backend.capabilities.inference_hardware:
-            expected.add(f"run {backend.name} on cuda")
+        presets = [preset.name for preset in backend.presets]
+        # each preset of calibration-free methods, the first of calibrated ones (their solves are slow)
+        for preset in presets[:1] if backend.capabilities.requires_calibration else presets:
+            if Hardware.CUDA in backend.capabilities.quantize_hardware:
+                expected.add(f"quantize {backend.name} {preset} on cuda")
+            if Hardware.CUDA in backend.capabilities.inference_hardware:
+                expected.add(f"run {backend.name} {preset} on cuda")
     expected |= {f"kernel {k.label} on cuda" for k in registry.kernels if Hardware.CUDA in k.devices}
     listed = dry_run(gpu_check, monkeypatch, capsys)
     assert set(listed) == expected and len(listed) == len(expected)
     assert "kernel eetq (EetqLinear) on cuda" in listed and "kernel fast-cuda (Linear) on cuda" in listed
     assert "kernel int4-cpu (GPTQLinear) on cuda" not in listed
-    assert {"quantize gptq on cuda", "run hqq on cuda"} <= set(listed)
+    assert {
+        "quantize gptq gptq-4bit-g128 on cuda",
+        "run bitsandbytes nf4 on cuda",
+        "run gguf gguf-q4_0 on cuda",
+    } <= set(listed)
+    assert "quantize aqlm aqlm-2x8 on cuda" in listed and "quantize aqlm aqlm-1x16 on cuda" not in listed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

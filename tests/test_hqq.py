@@ -193,6 +193,15 @@ def test_lora_on_loaded_model(tiny_llama, tmp_path):
     assert len(grads) == 2 * 2 * 2 and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_the_cuda_kernel_reads_the_device_of_a_layer_without_buffers(tiny_llama):
+    """HQQ's layers hold parameters only: int4-cuda's fit check found no buffer to take the device
+    of, and the StopIteration broke every 4-bit HQQ forward on a GPU (seen on an H200)."""
+    layer = next(iter(hqq_layers(quantkit.quantize(tiny_llama, CONFIGS["4bit-g64"], device="cpu")).values()))
+    assert not list(layer.buffers())
+    int4_cuda = next(k for k in get_registry().kernels_for(layer) if k.name == "int4-cuda")
+    assert int4_cuda.fits(layer) == ""
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("key", ["4bit-g64", "3bit", "4bit-bf16"])
 def test_quantize_and_forward_on_cuda(tiny_llama, tmp_path, key):

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -256,7 +257,7 @@ def int4_cpu_kernel(
 
 def _ampere(module: nn.Module) -> str:
     """``""`` when ``module``'s CUDA device is sm80 or newer (tinygemm's tensor-core tiles)."""
-    device = next(module.buffers()).device
+    device = next(chain(module.buffers(), module.parameters())).device  # HQQ's layers hold parameters only
     if device.type != "cuda":
         return ""  # checked on its own device when it gets there
     major, minor = torch.cuda.get_device_capability(device)
