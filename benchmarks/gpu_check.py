@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --dry-run     # list the claims (any machine)
     python benchmarks/gpu_check.py               # check them (needs CUDA; about 5 minutes at most)
+    python benchmarks/gpu_check.py --width 4096 14336 --exclude aqlm   # at Llama-3-8B's widths
 
 The claims come from the registry, not from a list kept here: each backend whose capabilities
 declare CUDA for quantization (``quantize B on cuda``: quantize with the backend's first preset
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +48,8 @@ from quantkit.testing import tiny_llama
 RESULTS = Path(__file__).parent / "results" / "gpu_check.txt"
 NO_GPU = 2
 CALIBRATION = (16, 256)
-"""Random calibration token ids: (samples, tokens), more tokens than the widest linear has inputs."""
+"""Random calibration token ids: (samples, tokens); more samples where the widest linear has more
+inputs than their tokens (or its statistics would be rank-deficient)."""
 PROMPT = (2, 32)
 LOGITS_TOLERANCE = 0.02
 """Relative error allowed between the GPU's logits and the CPU reference's (float16 on one side)."""
@@ -101,17 +102,19 @@ def cuda_claims() -> list[Claim]:
     return claims
 
 
-def float_model() -> tuple[nn.Module, str]:
-    """SmolLM2's first two decoder layers from quantkit's cache, else a random Llama of two layers."""
+def float_model(width: tuple[int, int] | None = None) -> tuple[nn.Module, str]:
+    """SmolLM2's first two decoder layers from quantkit's cache, else (or with ``width``, its
+    hidden and intermediate sizes) a random Llama of two layers."""
     folder = cache_dir() / DEFAULT_MODEL_NAME
-    if (folder / "model.safetensors").is_file():
+    if width is None and (folder / "model.safetensors").is_file():
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, num_hidden_layers=2, dtype=torch.float32)
         return model.eval(), f"{DEFAULT_MODEL_NAME} (first 2 decoder layers, from {folder})"
+    hidden, intermediate = width or (RANDOM_HIDDEN, RANDOM_INTERMEDIATE)
     return (
-        tiny_llama(0, hidden=RANDOM_HIDDEN, intermediate=RANDOM_INTERMEDIATE, layers=2, vocab=512),
-        f"random Llama (2 decoder layers, hidden {RANDOM_HIDDEN}, intermediate {RANDOM_INTERMEDIATE})",
+        tiny_llama(0, hidden=hidden, intermediate=intermediate, layers=2, vocab=512),
+        f"random Llama (2 decoder layers, hidden {hidden}, intermediate {intermediate})",
     )
 
 
@@ -141,19 +144,18 @@ def quantizes_activations(model: nn.Module) -> bool:
     )
 
 
-def milliseconds(call: Callable[[], object], device: str, repeats: int = 20) -> float:
-    """Median time of ``call`` on ``device``, in ms, after warm-up."""
+def milliseconds(call: Callable[[], object], device: str, repeats: int = 50) -> float:
+    """Mean time of ``call`` on ``device`` over ``repeats`` calls queued back to back, in ms, after
+    warm-up: the device's time per call where it exceeds the host's time to launch one."""
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     for _ in range(3):
         call()
-    times = []
+    synchronize()
+    start = time.perf_counter()
     for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
         call()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    synchronize()
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 class Checker:
@@ -163,7 +165,9 @@ class Checker:
     def __init__(self, model: nn.Module, vocab: int, workdir: Path, device: str = "cuda"):
         self.model, self.workdir, self.device = model, workdir, device
         gen = torch.Generator().manual_seed(0)
-        self.calibration = torch.randint(0, vocab, CALIBRATION, generator=gen)
+        widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+        samples, tokens = CALIBRATION
+        self.calibration = torch.randint(0, vocab, (max(samples, widest // tokens + 1), tokens), generator=gen)
         self.ids = torch.randint(0, vocab, PROMPT, generator=gen)
         self.float_logits = logits(model, self.ids)
         self.on_gpu: dict[str, nn.Module] = {}
@@ -258,6 +262,10 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the claims and exit")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which claims left are skipped")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--width", type=int, nargs=2, metavar=("HIDDEN", "INTERMEDIATE"), help="a random Llama of these widths"
+    )
+    parser.add_argument("--exclude", nargs="*", default=[], help="skip the claims whose name holds one of these")
     args = parser.parse_args()
     claims = cuda_claims()
     if args.dry_run:
@@ -275,7 +283,7 @@ def main() -> int:
     log = RunLog("gpu_check.py")
     log.emit(f"GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     start = time.perf_counter()
-    model, description = float_model()
+    model, description = float_model(args.width)
     log.emit(f"model: {description}")
     failed = False
     with tempfile.TemporaryDirectory() as workdir:
@@ -284,6 +292,9 @@ def main() -> int:
         for claim in claims:
             if time.perf_counter() - start > args.budget:
                 log.emit(f"SKIP (time budget of {args.budget:.0f} s spent) {claim.name}")
+                continue
+            if any(text in claim.name for text in args.exclude):
+                log.emit(f"SKIP (--exclude) {claim.name}")
                 continue
             try:
                 detail = steps[claim.kind](claim)
