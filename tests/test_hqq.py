@@ -193,6 +193,37 @@ def test_lora_on_loaded_model(tiny_llama, tmp_path):
     assert len(grads) == 2 * 2 * 2 and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        HQQConfig(nbits=4, group_size=64),
+        HQQConfig(nbits=3, group_size=64),
+        HQQConfig(nbits=2, group_size=16, axis=0),
+        HQQConfig(nbits=8, group_size=128),
+        HQQConfig(nbits=4, group_size=64, optimize=False),
+    ],
+    ids=["4bit-g64", "3bit", "2bit-axis0", "8bit", "no-optimizer"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slab_quantizer_equals_hqqs_own(config, dtype):
+    """The optimizer run a slab at a time gives hqq's ``HQQLinear`` codes, scales and zero-points
+    byte for byte (a weight of 2 slabs and a half, bias included)."""
+    from hqq.core.quantize import HQQLinear
+
+    from quantkit.builtin_backends.hqq.layers import hqq_quant_config, quantize_linear
+    from quantkit.builtin_backends.hqq.quantizer import SLAB_ELEMENTS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(1280, SLAB_ELEMENTS * 5 // 2 // 1280, dtype=dtype)
+    ours = quantize_linear(linear, config, torch.device("cpu"))
+    compute_dtype = getattr(torch, config.compute_dtype)
+    reference = HQQLinear(copy.deepcopy(linear), hqq_quant_config(config), compute_dtype=compute_dtype, device="cpu")
+    assert torch.equal(ours.W_q, reference.W_q)
+    for field in ("scale", "zero"):
+        assert torch.equal(ours.meta[field], reference.meta[field])
+    assert torch.equal(ours.bias, reference.bias) and ours.meta["shape"] == reference.meta["shape"]
+
+
 def test_the_cuda_kernel_reads_the_device_of_a_layer_without_buffers(tiny_llama):
     """HQQ's layers hold parameters only: int4-cuda's fit check found no buffer to take the device
     of, and the StopIteration broke every 4-bit HQQ forward on a GPU (seen on an H200)."""

@@ -16,6 +16,7 @@ from torch import nn
 from quantkit.core.dispatch import route_through_kernels, third_party_class
 
 from .config import HQQConfig
+from .quantizer import quantize_weight
 
 if TYPE_CHECKING:
     from hqq.core.quantize import HQQLinear
@@ -46,18 +47,26 @@ def hqq_quant_config(config: HQQConfig) -> dict:
 
 
 def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) -> HQQLinear:
-    """``linear`` quantized by hqq on ``device`` (the optimizer, when on, runs there too)."""
-    from hqq.core.quantize import HQQLinear
+    """``linear`` quantized on ``device`` as hqq's ``HQQLinear`` would be, its optimizer's
+    temporaries a slab at a time (:mod:`.quantizer`), and bit-packed by hqq."""
+    from hqq.core.quantize import Quantizer
 
-    linear = linear.to(device)
-    module = HQQLinear(
-        linear,
-        hqq_quant_config(config),
-        del_orig=True,
-        compute_dtype=getattr(torch, config.compute_dtype),
-        device=str(device),
+    weight = linear.weight.detach().to(device)
+    params = hqq_quant_config(config)["weight_quant_params"]
+    codes, scale, zero = quantize_weight(
+        weight, config.nbits, config.group_size, config.axis, config.optimize, params["round_zero"]
     )
-    return _through_kernels(module.train(linear.training))
+    meta = {
+        "nbits": config.nbits,
+        "group_size": config.group_size,
+        "shape": weight.shape,
+        "scale": scale,
+        "zero": zero,
+        "axis": config.axis,
+    }
+    codes = Quantizer.pack[Quantizer.bit_to_packing[config.nbits]](codes)
+    bias = None if linear.bias is None else linear.bias.detach().to(device)
+    return saved_linear(config, codes, meta, bias, device).train(linear.training)
 
 
 def saved_linear(
