@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from quantkit.builtin_backends.aqlm import codeword_search
+from quantkit.builtin_backends.aqlm.aq import NATIVE_SCORE_ELEMENTS, TORCH_SCORE_ELEMENTS, score_elements
 from quantkit.builtin_backends.aqlm.beam_search import beam_search, dequantize, output_error
 from quantkit.builtin_backends.aqlm.codeword_search import MIN_SLAB_ROWS, NATIVE, best_codewords, first_argmin
 from quantkit.builtin_backends.aqlm.kmeans import residual_kmeans
+from quantkit.core import native_code
 
 native_here = pytest.mark.skipif(not NATIVE.available(), reason="no native AQLM code on this machine")
 
@@ -109,3 +111,16 @@ def test_greedy_beam_search_finds_the_same_codes_natively_and_in_torch(monkeypat
     assert not torch.equal(native, codes)  # the search moved codes
     errors = [output_error(W, H, dequantize(c, books, scales)) for c in (native, torch_codes)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-4)
+
+
+def test_pricing_the_search_builds_nothing(monkeypatch):
+    """``quantkit estimate`` asks what a score costs here: the answer reads the CPU's features and
+    the toolchain, and never compiles the extension (tens of seconds on a first run)."""
+
+    def refuse(extension):
+        raise AssertionError(f"{extension.name} was built or its build was asked for")
+
+    monkeypatch.setattr(native_code, "_build", refuse)
+    monkeypatch.setattr(native_code, "_available", refuse)
+    supported = NATIVE.supported()
+    assert score_elements() == (NATIVE_SCORE_ELEMENTS if supported else TORCH_SCORE_ELEMENTS)

@@ -45,9 +45,13 @@ class NativeExtension:
         """The compiled module (built at the first call; a failed build raises :class:`QuantkitError`)."""
         return _build(self)
 
+    def supported(self) -> bool:
+        """Whether this machine has :attr:`cpu_features` and the toolchain (:data:`PROGRAMS`),
+        without building anything: what a prediction asks."""
+        return set(self.cpu_features) <= cpu_features() and all(shutil.which(p) for p in PROGRAMS)
+
     def available(self) -> bool:
-        """Whether this machine runs the code: its CPU has :attr:`cpu_features` and its toolchain
-        (:data:`PROGRAMS`) builds the source."""
+        """Whether this machine runs the code: it is :meth:`supported` and the source builds."""
         return _available(self)
 
 
@@ -61,7 +65,7 @@ def _build(extension: NativeExtension) -> ModuleType:
 
 @cache
 def _available(extension: NativeExtension) -> bool:
-    if not set(extension.cpu_features) <= cpu_features() or not all(shutil.which(p) for p in PROGRAMS):
+    if not extension.supported():
         return False
     try:
         _build(extension)

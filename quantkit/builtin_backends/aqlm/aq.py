@@ -88,8 +88,8 @@ at 1.0-1.1 G scores/s on 2 cores (16 FLOPs a score at 8 values a codeword)."""
 
 def score_elements() -> float:
     """Elementwise operations a score costs on this machine (:data:`NATIVE_SCORE_ELEMENTS` where
-    the native kernel runs, else :data:`TORCH_SCORE_ELEMENTS`)."""
-    return NATIVE_SCORE_ELEMENTS if NATIVE.available() else TORCH_SCORE_ELEMENTS
+    the native kernel is supported, else :data:`TORCH_SCORE_ELEMENTS`): a prediction builds nothing."""
+    return NATIVE_SCORE_ELEMENTS if NATIVE.supported() else TORCH_SCORE_ELEMENTS
 
 
 def _rounds(config: AQLMConfig, out_features: int, in_features: int) -> int:
