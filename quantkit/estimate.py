@@ -345,14 +345,15 @@ AWQ_CLIP_ELEMENTS = 13
 AWQ_CLIP_VALUES = 2**24
 """AWQ's clip search works in chunks of this many values per tensor (about 8 of them live)."""
 
-WEIGHT_ELEMENTS = {"bitsandbytes": (26, 26), "rtn": (14, 18), "gguf": (52, 52), "hqq": (101, 57)}
+WEIGHT_ELEMENTS = {"bitsandbytes": (26, 26), "rtn": (14, 18), "gguf": (52, 52), "hqq": (118, 70)}
 """Per weight, quantizing one weight with the calibration-free methods: ``(a weight whose float32
 copy fits in :data:`CACHED_WEIGHT_BYTES`, a larger one)``, from each backend's ``quantize_linear``
 timed on the quiet 2-core CPU at SmolLM2's and Llama-3.2-1B's shapes (bfloat16 and float32 inputs;
-ns per weight: RTN 8-12 / 13-14, NF4 19-22 / 20, GGUF Q4_K 40-42 / 45-49 and Q6_K 36 / 27, HQQ
-4-bit g64 78 at 576 x 1536 / 44 at 2048 x 8192 and 14336 x 4096: its optimizer's slabs stay in
-the caches, and a small weight pays the slabs' per-call costs) times :data:`REFERENCE_RATES`'
-elementwise rate. Other methods count as ``rtn``."""
+ns per weight: RTN 8-12 / 13-14, NF4 19-22 / 20, GGUF Q4_K 40-42 / 45-49 and Q6_K 36 / 27) times
+:data:`REFERENCE_RATES`' elementwise rate. HQQ 4-bit g64 (78 ns at 576 x 1536 alone; 46.7 inside
+a streamed Llama-3.1-8B run, all its linears: its optimizer's slabs stay in the caches, and a small
+weight pays the slabs' per-call costs) was timed on a later host, times the rate
+:func:`measure_rates` found there (1.51e9). Other methods count as ``rtn``."""
 CACHED_WEIGHT_BYTES = 8 << 20
 """A weight whose float32 copy is at most this large is quantized at the first rate of
 :data:`WEIGHT_ELEMENTS`."""
