@@ -5,9 +5,10 @@
     python benchmarks/gpu_check.py --width 4096 14336 --exclude aqlm   # at Llama-3-8B's widths
 
 The claims come from the registry, not from a list kept here: each backend whose capabilities
-declare CUDA for quantization (``quantize B on cuda``: quantize with the backend's first preset
-on the GPU, logits finite) or inference (``run B on cuda``: forward, save and reload on the GPU,
-the same checkpoint loaded on the CPU, dequantized, as the reference), and each kernel declaring a CUDA device
+declare CUDA for quantization (``quantize B P on cuda``: quantize with preset P on the GPU, logits
+finite; every preset of a calibration-free backend, the first of a calibrated one) or inference
+(``run B P on cuda``: forward, save and reload on the GPU, the same checkpoint loaded on the CPU,
+dequantized, as the reference), and each kernel declaring a CUDA device
 (``kernel K on cuda``: forced on every layer of the quantized models it can serve, logits against
 the dequantize reference, and its time per call against float16 ``F.linear`` of the same shapes).
 The model is the cached SmolLM2-135M cut to its first two decoder layers (real weights and

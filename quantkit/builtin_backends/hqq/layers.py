@@ -47,11 +47,17 @@ def hqq_quant_config(config: HQQConfig) -> dict:
 
 
 def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) -> HQQLinear:
-    """``linear`` quantized on ``device`` as hqq's ``HQQLinear`` would be, its optimizer's
-    temporaries a slab at a time (:mod:`.quantizer`), and bit-packed by hqq."""
-    from hqq.core.quantize import Quantizer
+    """``linear`` quantized on ``device`` as hqq's ``HQQLinear`` quantizes it: on the CPU by
+    :mod:`.quantizer` (the optimizer's temporaries a slab at a time) and bit-packed by hqq; on a GPU
+    by hqq itself (what ``benchmarks/gpu_check.py`` checked on an H200)."""
+    from hqq.core.quantize import HQQLinear, Quantizer
 
-    weight = linear.weight.detach().to(device)
+    if torch.device(device).type != "cpu":
+        linear = linear.to(device)
+        dtype = getattr(torch, config.compute_dtype)
+        module = HQQLinear(linear, hqq_quant_config(config), del_orig=True, compute_dtype=dtype, device=str(device))
+        return _through_kernels(module.train(linear.training))
+    weight = linear.weight.detach()
     params = hqq_quant_config(config)["weight_quant_params"]
     codes, scale, zero = quantize_weight(
         weight, config.nbits, config.group_size, config.axis, config.optimize, params["round_zero"]
@@ -65,7 +71,7 @@ def quantize_linear(linear: nn.Linear, config: HQQConfig, device: torch.device) 
         "axis": config.axis,
     }
     codes = Quantizer.pack[Quantizer.bit_to_packing[config.nbits]](codes)
-    bias = None if linear.bias is None else linear.bias.detach().to(device)
+    bias = None if linear.bias is None else linear.bias.detach()
     return saved_linear(config, codes, meta, bias, device).train(linear.training)
 
 

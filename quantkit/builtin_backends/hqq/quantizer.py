@@ -1,4 +1,4 @@
-"""hqq's ``Quantizer.quantize`` with its proximal optimizer, computed a slab of groups at a time.
+"""hqq's ``Quantizer.quantize`` with its proximal optimizer, on the CPU a slab of groups at a time.
 
 hqq 0.2.8 quantizes a whole weight at once: a float32 copy, then its optimizer's 20 iterations over
 float32 temporaries of the whole weight (about 36 bytes a weight; 2.1 GB for a 14336 x 4096 MLP
@@ -10,7 +10,7 @@ the codes, scales and zero-points equal hqq's. The stopping rule compares the me
 whole weight with the previous iteration's; here that mean is summed slab by slab, so it can differ
 from hqq's in its last bits, and in a near-tie stop one iteration apart.
 
-On the CPU the slabs are shared among threads that each run torch on one thread: a slab's twenty-odd
+The slabs are shared among threads that each run torch on one thread: a slab's twenty-odd
 small operations, each split over torch's threads, cost a wake-up of those threads apiece, which
 under ``OMP_WAIT_POLICY=PASSIVE`` made the whole 3.3x slower (8.7 s against 2.7 s for a 14336 x 4096
 weight on 2 cores).
@@ -39,7 +39,7 @@ SMALLEST_RANGE, LARGEST_SCALE = 1e-4, 2e4
 
 class Quantized(NamedTuple):
     """A weight as hqq stores it before bit-packing: codes shaped as hqq groups them, the inverted
-    (dequantization) scale and the zero-point, in the optimizer's dtype (float32 without it)."""
+    (dequantization) scale and the zero-point, float32."""
 
     codes: Tensor
     scale: Tensor
@@ -54,11 +54,11 @@ def _shrink(x: Tensor, beta: float) -> Tensor:
 
 
 @contextmanager
-def _slab_runner(device: torch.device) -> Iterator[Callable[[Callable[[slice], object], list[slice]], list]]:
-    """``run(fn, slabs)``: ``fn`` over ``slabs`` in order; on the CPU spread over torch's threads,
-    each running torch on one thread (restored after)."""
+def _slab_runner() -> Iterator[Callable[[Callable[[slice], object], list[slice]], list]]:
+    """``run(fn, slabs)``: ``fn`` over ``slabs`` in order, spread over torch's threads, each
+    running torch on one thread (restored after)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if threads == 1:
         yield lambda fn, slabs: [fn(slab) for slab in slabs]
         return
     torch.set_num_threads(1)
@@ -72,16 +72,16 @@ def _slab_runner(device: torch.device) -> Iterator[Callable[[Callable[[slice], o
 def quantize_weight(
     weight: Tensor, nbits: int, group_size: int, axis: int, optimize: bool, round_zero: bool
 ) -> Quantized:
-    """``weight`` quantized as hqq's ``Quantizer.quantize`` does (channel-wise, groups of
-    ``group_size`` along ``axis``), with the optimizer's float temporaries one slab at a time;
-    the optimizer works in float16 on a GPU and float32 elsewhere, as hqq's does."""
+    """``weight`` (on the CPU) quantized as hqq's ``Quantizer.quantize`` does (channel-wise,
+    groups of ``group_size`` along ``axis``), with the optimizer's float32 temporaries one slab at
+    a time."""
     shape = (-1, group_size) if axis == 1 else (group_size, -1)
     groups = weight.reshape(shape) if axis == 1 else weight.reshape(shape).t()  # (groups, group_size)
     rows = max(1, SLAB_ELEMENTS // group_size)
     slabs = [slice(start, start + rows) for start in range(0, groups.shape[0], rows)]
     top = float(round(2**nbits - 1))
-    with _slab_runner(weight.device) as run:
-        scale = torch.empty(groups.shape[0], 1, dtype=torch.float32, device=weight.device)
+    with _slab_runner() as run:
+        scale = torch.empty(groups.shape[0], 1, dtype=torch.float32)
         zero = torch.empty_like(scale)
 
         def initial(slab: slice) -> None:
@@ -97,14 +97,12 @@ def quantize_weight(
             zero = torch.round(zero)
 
         if optimize:
-            dtype = torch.float16 if weight.device.type == "cuda" else torch.float32
-            scale, zero = scale.to(dtype), zero.to(dtype)
             best = math.inf
             for _ in range(ITERATIONS):
                 updated = torch.empty_like(zero)
 
                 def step(slab: slice, zero: Tensor = zero, updated: Tensor = updated) -> float:
-                    w, s, z = groups[slab].to(dtype), scale[slab], zero[slab]
+                    w, s, z = groups[slab].float(), scale[slab], zero[slab]
                     q = torch.round(w * s + z).clamp_(0, top)
                     r = (q - z) / s
                     e = _shrink(w - r, BETA)
@@ -119,7 +117,7 @@ def quantize_weight(
                 else:
                     break
 
-        codes = torch.empty(groups.shape, dtype=torch.uint8, device=weight.device)
+        codes = torch.empty(groups.shape, dtype=torch.uint8)
 
         def final(slab: slice) -> None:
             codes[slab] = torch.round(groups[slab].float() * scale[slab] + zero[slab]).clamp_(0, top).to(torch.uint8)
