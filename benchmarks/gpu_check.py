@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 import quantkit
 from quantkit.core.backend import Backend
-from quantkit.core.dispatch import chosen_kernels, set_kernel
+from quantkit.core.dispatch import chosen_kernel, chosen_kernels, set_kernel
 from quantkit.core.hardware import Hardware
 from quantkit.core.kernels import Kernel, check
 from quantkit.core.registry import get_registry
@@ -135,14 +135,11 @@ def dispatched(model: nn.Module) -> list[nn.Module]:
     return [modules[name] for name in chosen_kernels(model)]
 
 
-def quantizes_activations(model: nn.Module) -> bool:
-    """Whether a kernel the last forward of ``model`` ran quantizes activations."""
-    modules, kernels = dict(model.named_modules()), get_registry().kernels
-    return any(
-        k.activation_bits is not None and k.name == name and k.serves(modules[layer])
-        for layer, name in chosen_kernels(model).items()
-        for k in kernels
-    )
+def logits_tolerance(kernels: Iterable[Kernel | None]) -> float:
+    """:data:`ACTIVATION_TOLERANCE` where one of ``kernels`` quantizes activations, else
+    :data:`LOGITS_TOLERANCE`."""
+    quantized = any(kernel is not None and kernel.activation_bits is not None for kernel in kernels)
+    return ACTIVATION_TOLERANCE if quantized else LOGITS_TOLERANCE
 
 
 def milliseconds(call: Callable[[], object], device: str, repeats: int = 50) -> float:
@@ -201,7 +198,7 @@ class Checker:
             raise AssertionError("non-finite logits after reload")
         kernels = sorted(set(chosen_kernels(loaded).values()) - {None})
         if Hardware.CPU in backend.capabilities.inference_hardware:
-            tolerance = ACTIVATION_TOLERANCE if quantizes_activations(loaded) else LOGITS_TOLERANCE
+            tolerance = logits_tolerance(map(chosen_kernel, dispatched(loaded)))
             reference_model = quantkit.load(folder, device="cpu")
             for module in dispatched(reference_model):
                 set_kernel(module, "dequantize")
@@ -232,7 +229,7 @@ class Checker:
             for module in modules:
                 set_kernel(module, kernel.name)
             error = relative_error(logits(model, self.ids), reference)
-            tolerance = ACTIVATION_TOLERANCE if kernel.activation_bits else LOGITS_TOLERANCE
+            tolerance = logits_tolerance([kernel])
             if error > tolerance:
                 raise AssertionError(f"{name}: logits differ from dequantize's by {error:.4f} > {tolerance}")
             speed = self.speed(kernel, modules)

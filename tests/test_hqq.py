@@ -13,6 +13,8 @@ from torch import nn
 
 import quantkit
 from quantkit import HQQConfig
+from quantkit.builtin_backends.hqq.layers import hqq_quant_config, quantize_linear
+from quantkit.builtin_backends.hqq.quantizer import SLAB_ELEMENTS
 from quantkit.core.errors import ConfigValueError, ModelFormatError
 from quantkit.core.registry import get_registry
 from quantkit.testing import assert_storage_bits_match, conformance_tests, predicted_storage_bits
@@ -208,11 +210,6 @@ def test_lora_on_loaded_model(tiny_llama, tmp_path):
 def test_slab_quantizer_equals_hqqs_own(config, dtype):
     """The optimizer run a slab at a time gives hqq's ``HQQLinear`` codes, scales and zero-points
     byte for byte (a weight of 2 slabs and a half, bias included)."""
-    from hqq.core.quantize import HQQLinear
-
-    from quantkit.builtin_backends.hqq.layers import hqq_quant_config, quantize_linear
-    from quantkit.builtin_backends.hqq.quantizer import SLAB_ELEMENTS
-
     torch.manual_seed(0)
     linear = nn.Linear(1280, SLAB_ELEMENTS * 5 // 2 // 1280, dtype=dtype)
     ours = quantize_linear(linear, config, torch.device("cpu"))

@@ -131,8 +131,14 @@ def _dispatched(module: nn.Module) -> bool:
     return isinstance(module, KernelLinear) or "kernel_request" in vars(module)
 
 
+def chosen_kernel(module: nn.Module) -> Kernel | None:
+    """The kernel the last forward of the kernel-dispatched ``module`` ran (``None`` before one)."""
+    return None if module._choice is None else module._choice.kernel
+
+
 def _kernel_name(module: nn.Module) -> str | None:
-    return None if module._choice is None else module._choice.kernel.name
+    kernel = chosen_kernel(module)
+    return None if kernel is None else kernel.name
 
 
 def _device_of(module: nn.Module) -> torch.device:

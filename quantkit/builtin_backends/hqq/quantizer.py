@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from quantkit.layerwise import one_cpu_thread
+
 SLAB_ELEMENTS = 1 << 18
 """Weights in a slab: its float temporaries (about 6 of 1 MiB in float32) fit the caches."""
 SLAB_WORKING_BYTES = 6 << 20
@@ -61,12 +63,8 @@ def _slab_runner() -> Iterator[Callable[[Callable[[slice], object], list[slice]]
     if threads == 1:
         yield lambda fn, slabs: [fn(slab) for slab in slabs]
         return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            yield lambda fn, slabs: list(pool.map(fn, slabs))
-    finally:
-        torch.set_num_threads(threads)
+    with one_cpu_thread(torch.device("cpu")), ThreadPoolExecutor(threads) as pool:
+        yield lambda fn, slabs: list(pool.map(fn, slabs))
 
 
 def quantize_weight(
