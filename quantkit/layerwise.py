@@ -455,8 +455,9 @@ LayerQuantizer = Callable[[LayerContext], None]
 """A backend's per-layer step: quantize ``ctx.targets`` in place (see :class:`LayerContext`)."""
 
 
-def check_calibration(model: nn.Module, calibration: torch.Tensor | None, min_tokens: int) -> None:
-    """Refuse calibration token ids the model cannot use or too few to calibrate on."""
+def check_calibration(model: nn.Module, calibration: torch.Tensor | None, full_rank_tokens: int) -> None:
+    """Refuse calibration token ids the model cannot use; warn when there are fewer than
+    ``full_rank_tokens``."""
     if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.long:
         shape = None if calibration is None else (tuple(calibration.shape), calibration.dtype)
         raise QuantizationError(f"calibration must be token ids of shape (nsamples, seqlen), dtype long; got {shape}")
@@ -467,11 +468,17 @@ def check_calibration(model: nn.Module, calibration: torch.Tensor | None, min_to
             f"calibration seqlen={seqlen} exceeds the model's max_position_embeddings={max_positions}; "
             f"use seqlen <= {max_positions}"
         )
-    if nsamples * seqlen < min_tokens:
-        raise QuantizationError(
-            f"calibration has {nsamples} x {seqlen} = {nsamples * seqlen} tokens; at least {min_tokens} "
-            "are needed (as many as the widest quantized linear has inputs, or its statistics are "
-            "rank-deficient): raise nsamples or seqlen"
+    if nsamples * seqlen == 0:
+        raise QuantizationError(f"calibration has {nsamples} x {seqlen} tokens: raise nsamples and seqlen above 0")
+    if nsamples * seqlen < full_rank_tokens:
+        log.warning(
+            "calibration has %d x %d = %d tokens, fewer than the %d inputs of the widest quantized linear: "
+            "its input statistics are rank-deficient (GPTQ's Hessian rests on its dampening); more tokens "
+            "calibrate better",
+            nsamples,
+            seqlen,
+            nsamples * seqlen,
+            full_rank_tokens,
         )
     vocab = model.get_input_embeddings().num_embeddings
     if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):
@@ -553,7 +560,7 @@ def quantize_layerwise(
     *,
     description: str,
     chunk_samples: int | None = None,
-    min_tokens: int | None = None,
+    full_rank_tokens: int | None = None,
     data_parallel: bool = False,
 ) -> PipelineReport:
     """Calibrate and quantize ``model``'s decoder layers one after the other, in place.
@@ -562,7 +569,8 @@ def quantize_layerwise(
     ``quantize_layer(ctx)`` quantizes ``ctx.targets`` of one layer (see :class:`LayerContext`);
     the pipeline then runs that quantized layer to get the next layer's inputs. Samples go
     through each layer ``chunk_samples`` at a time (default: about 8192 tokens per chunk).
-    ``min_tokens`` defaults to the widest input of the linears to quantize. Returns the
+    Fewer calibration tokens than ``full_rank_tokens`` (default: the widest input of the linears
+    to quantize) get a warning: the inputs' statistics are rank-deficient. Returns the
     wall time and peak memory, also logged and set as ``model.quantkit_calibration_report``.
 
     ``data_parallel`` declares that ``quantize_layer`` sums its statistics over the ranks of a
@@ -574,7 +582,7 @@ def quantize_layerwise(
     stack = decoder_stack(model)
     per_layer = layer_targets(targets, stack)
     widest = max(t.linear.in_features for t in targets)
-    check_calibration(model, calibration, widest if min_tokens is None else min_tokens)
+    check_calibration(model, calibration, widest if full_rank_tokens is None else full_rank_tokens)
     nsamples, seqlen = calibration.shape
     if dist.world > 1 and not data_parallel:
         raise DistributedError(
@@ -670,7 +678,8 @@ class HessianAccumulator:
     float64 sum of float32 terms is exact unless the terms' magnitudes span more than about
     2**29 / n, so :attr:`H` (float32) has the same bits whatever order the samples come in and
     however they are split into chunks or over ranks: two ranks give one process's Hessians.
-    Memory: ``12 * in_features**2`` bytes while :attr:`H` is formed, ``4 *`` after.
+    Memory: ``8 * in_features**2`` bytes (the sum, kept in row blocks that forming :attr:`H`
+    frees one by one) plus one block of :data:`HESSIAN_BLOCK_BYTES`; ``4 *`` once formed.
 
     Pass the layer's ``dist`` (``ctx.dist``) and call :meth:`reduce` for the Hessian over every
     rank's samples.
@@ -682,9 +691,13 @@ class HessianAccumulator:
         self.nsamples = 0
         self.flops = 0.0
         """Multiply-adds (counted apart) spent on the products ``x^T x``."""
-        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        rows = max(1, HESSIAN_BLOCK_BYTES // (4 * in_features))
+        self._starts = range(0, in_features, rows)
+        self._sum: list[torch.Tensor] | None = [
+            torch.zeros(min(rows, in_features - start), in_features, dtype=torch.float64, device=device)
+            for start in self._starts
+        ]
         self._H: torch.Tensor | None = None
-        self._rows = max(1, HESSIAN_BLOCK_BYTES // (4 * in_features))
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -695,12 +708,11 @@ class HessianAccumulator:
         if self._sum is None:
             raise ValueError("the accumulator's Hessian was already formed; make a new accumulator for more inputs")
         samples = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.reshape(1, -1, x.shape[-1])
-        samples = samples.to(device=self._sum.device, dtype=torch.float32)
         self.flops += 2.0 * samples.shape[0] * samples.shape[1] * self.in_features**2
         for sample in samples:  # one float32 product per sample (and row block), summed in float64
-            for start in range(0, self.in_features, self._rows):
-                block = self._sum[start : start + self._rows]
-                block.add_(sample[:, start : start + self._rows].t() @ sample)
+            sample = sample.to(device=self._sum[0].device, dtype=torch.float32)
+            for start, block in zip(self._starts, self._sum):
+                block.add_(sample[:, start : start + block.shape[0]].t() @ sample)
         self.nsamples += samples.shape[0] * samples.shape[1]
 
     @property
@@ -710,8 +722,11 @@ class HessianAccumulator:
         if self._H is None:
             if self._sum is None:
                 raise ValueError("this rank does not hold the Hessian: reduce() sent it to another rank")
-            self._H = self._sum.mul_(2.0 / max(self.nsamples, 1)).to(torch.float32)
-            self._sum = None
+            blocks, self._sum = self._sum, None
+            self._H = torch.empty(self.in_features, self.in_features, dtype=torch.float32, device=blocks[0].device)
+            for index, start in enumerate(self._starts):
+                self._H[start : start + blocks[index].shape[0]] = blocks[index].mul_(2.0 / max(self.nsamples, 1))
+                blocks[index] = None  # freed before the next block's float32 rows are written
         return self._H
 
     @torch.no_grad()
@@ -724,7 +739,8 @@ class HessianAccumulator:
                 raise ValueError("reduce() needs the float64 sum: call it before reading H")
             count = dist.all_reduce(torch.tensor([float(self.nsamples)], dtype=torch.float64))
             self.nsamples = int(count)
-            if dist.reduce(self._sum, dst) is None:
+            received = [dist.reduce(block, dst) for block in self._sum]  # every rank sends every block
+            if received[0] is None:
                 self._sum = None
                 return None
         return self.H

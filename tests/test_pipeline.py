@@ -122,9 +122,15 @@ def test_too_long_seqlen_is_refused(tiny_llama) -> None:
         quantkit.quantize(tiny_llama, GPTQConfig(), calibration=_tokens(2, 600))
 
 
-def test_too_few_tokens_are_refused(tiny_llama) -> None:
-    with pytest.raises(QuantizationError, match="at least 128"):
-        quantkit.quantize(tiny_llama, GPTQConfig(), calibration=_tokens(1, 100))
+def test_fewer_tokens_than_inputs_warn_and_quantize_on_the_dampened_hessian(tiny_llama, caplog) -> None:
+    """8 x 512 tokens for Llama-3.1-8B's 14336-wide down_proj: rank-deficient, which GPTQ's
+    dampening handles (as GPTQModel's does); the user is told, not refused."""
+    with caplog.at_level("WARNING", logger="quantkit"):
+        quantized = quantkit.quantize(tiny_llama, GPTQConfig(), calibration=_tokens(1, 100))
+    assert "1 x 100 = 100 tokens, fewer than the 128 inputs" in caplog.text
+    assert all(torch.isfinite(p).all() for p in quantized.parameters() if p.is_floating_point())
+    with pytest.raises(QuantizationError, match="raise nsamples and seqlen above 0"):
+        quantkit.quantize(make_tiny_llama(), GPTQConfig(), calibration=_tokens(1, 0))
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_llama) -> None:

@@ -78,7 +78,7 @@ def collect_imatrix(
             matrix.add(name, ctx.reduce_sum(sums.to(ctx.device)), int(count.item()))
 
     quantize_layerwise(
-        model, inside, calibration, device, observe_layer, description="imatrix", min_tokens=1, data_parallel=True
+        model, inside, calibration, device, observe_layer, description="imatrix", full_rank_tokens=1, data_parallel=True
     )
     return matrix
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from quantkit.core.backend import Backend
 from quantkit.core.capabilities import ALL_HARDWARE, Capabilities, ShapeLimit
-from quantkit.layerwise import HessianAccumulator, LayerContext, one_cpu_thread, quantize_layerwise
+from quantkit.layerwise import HessianAccumulator, LayerContext, LinearGroup, one_cpu_thread, quantize_layerwise
 
 from .config import PRESETS, GPTQConfig
 from .gptq import GPTQResult, gptq_quantize
@@ -73,33 +73,43 @@ class _GPTQLayerQuantizer:
     def __call__(self, ctx: LayerContext) -> None:
         groups = ctx.target_groups()
         steps = [[group] for group in groups] if self.config.true_sequential else [groups]
-        results: dict[str, GPTQResult] = {}
+        packed: dict[str, GPTQLinear] = {}
         for step in steps:
-            hessians = {
-                members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device, ctx.dist)
-                for _, members in step
-            }
-            ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
-            solves = [(members[0], names) for _, members in step for names in _same_config(ctx, members)]
-            owners = ctx.dist.owners([_solve_cost(ctx, names) for _, names in solves])
-            for head, accumulator in hessians.items():
-                ranks = {owner for (h, _), owner in zip(solves, owners) if h == head}
-                ctx.work.hessian_flops += accumulator.flops
-                accumulator.reduce(ranks.pop() if len(ranks) == 1 else None)
-            stacked = {}
-            for (head, names), owner in zip(solves, owners):
-                if owner == ctx.dist.rank:
-                    stacked[tuple(names)] = self._solve(ctx, names, hessians[head].H)
-                    ctx.work.solves += 1
-                    ctx.work.solve_cost += _solve_cost(ctx, names)
-            hessians.clear()
-            for (_, names), owner in zip(solves, owners):
-                results.update(_split(ctx, names, ctx.dist.broadcast(stacked.get(tuple(names)), owner)))
-        for name, result in results.items():
-            ctx.replace(name, packed_module(ctx.targets[name].linear, result))
+            packed.update(self._step(ctx, step))
+        for name, module in packed.items():
+            ctx.replace(name, module)
 
-    def _solve(self, ctx: LayerContext, names: list[str], H: torch.Tensor) -> GPTQResult:
-        """GPTQ on the stacked weights of ``names``."""
+    def _step(self, ctx: LayerContext, step: list[tuple[LinearGroup, list[str]]]) -> dict[str, GPTQLinear]:
+        """Calibrate and solve one step's groups; their linears packed (what a step returns is all
+        it keeps: 4-bit codes, no int32 ones, no Hessian)."""
+        hessians = {
+            members[0]: HessianAccumulator(ctx.targets[members[0]].linear.in_features, ctx.device, ctx.dist)
+            for _, members in step
+        }
+        ctx.observe({name: (lambda x, c, h=h: h.add_batch(x)) for name, h in hessians.items()})
+        solves = [(members[0], names) for _, members in step for names in _same_config(ctx, members)]
+        owners = ctx.dist.owners([_solve_cost(ctx, names) for _, names in solves])
+        for head in hessians:
+            ranks = {owner for (h, _), owner in zip(solves, owners) if h == head}
+            ctx.work.hessian_flops += hessians[head].flops
+            hessians[head].reduce(ranks.pop() if len(ranks) == 1 else None)
+        stacked = {}
+        mine = [(head, names) for (head, names), owner in zip(solves, owners) if owner == ctx.dist.rank]
+        for index, (head, names) in enumerate(mine):
+            last = all(h != head for h, _ in mine[index + 1 :])  # the solve may then overwrite the Hessian
+            H = (hessians.pop(head) if last else hessians[head]).H
+            stacked[tuple(names)] = self._solve(ctx, names, H, overwrite_hessian=last)
+            del H
+            ctx.work.solves += 1
+            ctx.work.solve_cost += _solve_cost(ctx, names)
+        hessians.clear()
+        packed: dict[str, GPTQLinear] = {}
+        for (_, names), owner in zip(solves, owners):
+            packed.update(_packed(ctx, names, ctx.dist.broadcast(stacked.pop(tuple(names), None), owner)))
+        return packed
+
+    def _solve(self, ctx: LayerContext, names: list[str], H: torch.Tensor, overwrite_hessian: bool) -> GPTQResult:
+        """GPTQ on the stacked weights of ``names`` (``overwrite_hessian``: ``H`` is not needed after)."""
         cfg = ctx.targets[names[0]].config
         linears = [ctx.targets[name].linear for name in names]
         stacked = torch.cat([linear.weight for linear in linears])
@@ -116,6 +126,7 @@ class _GPTQLayerQuantizer:
                 act_group_aware=cfg.act_group_aware,
                 damp_auto_increment=cfg.damp_auto_increment,
                 mse=cfg.mse,
+                overwrite_hessian=overwrite_hessian,
             )
         label = f"{ctx.name}.{{{','.join(names)}}}"
         if result.damp_percent is not None and result.damp_percent > cfg.damp_percent:
@@ -135,14 +146,14 @@ def _solve_cost(ctx: LayerContext, names: list[str]) -> float:
     return float(linears[0].in_features ** 2 * sum(linear.out_features for linear in linears))
 
 
-def _split(ctx: LayerContext, names: list[str], result: GPTQResult) -> dict[str, GPTQResult]:
-    """The stacked ``result`` per linear; each linear's weight becomes its dequantized self."""
+def _packed(ctx: LayerContext, names: list[str], result: GPTQResult) -> dict[str, GPTQLinear]:
+    """The stacked ``result`` packed per linear; each linear's weight becomes its dequantized self."""
     linears = [ctx.targets[name].linear for name in names]
-    split = {}
+    packed = {}
     rows = [linear.out_features for linear in linears]
     parts = zip(result.intweight.split(rows), result.scales.split(rows, dim=1), result.zeros.split(rows, dim=1))
     for name, linear, (intweight, scales, zeros) in zip(names, linears, parts):
-        split[name] = replace(
+        part = replace(
             result,
             intweight=intweight,
             scales=scales.contiguous(),
@@ -150,8 +161,9 @@ def _split(ctx: LayerContext, names: list[str], result: GPTQResult) -> dict[str,
             g_idx=result.g_idx.clone(),
             loss=None,
         )
-        linear.weight.copy_(split[name].dequantized)
-    return split
+        linear.weight.copy_(part.dequantized)
+        packed[name] = packed_module(linear, part)
+    return packed
 
 
 def _same_config(ctx: LayerContext, members: list[str]) -> list[list[str]]:

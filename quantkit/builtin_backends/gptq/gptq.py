@@ -40,6 +40,7 @@ MSE_COARSE_STEP = 4
 MSE_GRID`` (the grid of GPTQ's and GPTQModel's quantizer), coarse to fine: every ``MSE_COARSE_STEP``-th
 shrink, then each row's ``2 * (MSE_COARSE_STEP - 1)`` neighbours of its best one."""
 _MSE_CHUNK_ELEMENTS = 2**18  # a (shrinks, k, out) slab that stays in the L2 cache
+_REVERSE_CHUNK_ELEMENTS = 2**18
 
 
 @dataclass
@@ -190,22 +191,37 @@ def rtn_quantize(
     return _finish(q.view(out_features, -1)[:, :in_features], scales, zeros, g_idx, bits, loss=None, damp=None)
 
 
-def _inverse_hessian_factor(H: Tensor, damp_percent: float, damp_auto_increment: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; while it does not exist,
-    ``damp`` grows by ``damp_auto_increment`` (below 1; 0: no retry)."""
+def _reverse_(matrix: Tensor) -> Tensor:
+    """``matrix.flip(0, 1)`` in place: a contiguous matrix read backwards, a chunk at a time."""
+    flat = matrix.view(-1)
+    n = flat.numel()
+    for start in range(0, n // 2, _REVERSE_CHUNK_ELEMENTS):
+        end = min(start + _REVERSE_CHUNK_ELEMENTS, n // 2)
+        low, high = flat[start:end], flat[n - end : n - start]
+        kept = low.clone()
+        low.copy_(high.flip(0))
+        high.copy_(kept.flip(0))
+    return matrix
+
+
+def _invert_hessian_(H: Tensor, damp_percent: float, damp_auto_increment: float) -> tuple[Tensor, float]:
+    """Overwrite ``H`` with the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; while
+    the damped matrix does not factorize, ``damp`` grows by ``damp_auto_increment`` (below 1; 0: no
+    retry). One more matrix of ``H``'s size is held meanwhile."""
     mean_diag = H.diagonal().mean()
     damp = damp_percent
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    # With P the reversal permutation and P H P = L L^T, H^-1 = U^T U for U = P L^-1 P (upper,
+    # positive diagonal): the factor without forming H^-1 (one Cholesky, one triangular solve).
+    # LAPACK works in place on columns: ``lower`` is the transposed view of a matrix holding
+    # P H^T P, so its lower triangle is P H P's and the factor needs no further copy.
+    flipped = torch.empty(H.shape, dtype=H.dtype, device=H.device)
+    lower = flipped.mT
     while True:
-        damped = H.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        # With P the reversal permutation and P H P = L L^T, H^-1 = U^T U for U = P L^-1 P (upper,
-        # positive diagonal): the factor without forming H^-1 (one Cholesky, one triangular solve).
-        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+        _reverse_(flipped.copy_(H.mT)).diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
         if info.item() == 0:
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-            if torch.isfinite(upper).all():
-                return upper, damp
+            break
         next_damp = damp + damp_auto_increment
         if not damp < next_damp < 1:
             raise QuantizationError(
@@ -213,6 +229,11 @@ def _inverse_hessian_factor(H: Tensor, damp_percent: float, damp_auto_increment:
                 f"(damp_auto_increment={damp_auto_increment:g}); use more or more varied calibration samples"
             )
         damp = next_damp
+    H.zero_().diagonal().fill_(1)
+    _reverse_(torch.linalg.solve_triangular(lower, H, upper=False, out=H))
+    if not all_finite(H):
+        raise QuantizationError(f"the inverse Hessian overflows float32 with damp_percent={damp:g}; raise damp_percent")
+    return H, damp
 
 
 def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
@@ -240,6 +261,7 @@ def gptq_quantize(
     act_group_aware: bool = True,
     damp_auto_increment: float = 0.01,
     mse: float = 0.0,
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight (out, in)`` with GPTQ against the Hessian ``H (in, in)``.
 
@@ -250,7 +272,10 @@ def gptq_quantize(
     groups in order of their largest Hessian diagonal and each group's columns in order of
     decreasing diagonal: ``g_idx`` stays sorted (a ragged last group stays last). ``mse > 0``
     searches each group's range (:func:`_fit_params`). Ragged last groups use
-    ``ceil(in / group_size)`` groups. Runs on ``weight.device``; neither input is modified.
+    ``ceil(in / group_size)`` groups. Runs on ``weight.device``; ``weight`` is not modified, nor
+    is ``H`` unless ``overwrite_hessian`` (a float32 ``H`` on that device is then the solve's
+    working matrix: its memory is not needed twice). Besides the weight's copies, the solve holds
+    two matrices of ``H``'s size at most.
     """
     group_size = _validate(weight, bits, group_size)
     if not 0 < damp_percent < 1:
@@ -263,23 +288,11 @@ def gptq_quantize(
     if H.shape != (in_features, in_features):
         raise ValueError(f"H has shape {tuple(H.shape)}; expected ({in_features}, {in_features})")
     device = weight.device
-    W = weight.to(torch.float32, copy=True)
-    H = H.to(device=device, dtype=torch.float32, copy=True)
-    if not torch.isfinite(H).all():
+    H = H.to(device, torch.float32, memory_format=torch.contiguous_format, copy=not overwrite_hessian)
+    if not all_finite(H):
         raise QuantizationError("the Hessian contains NaN or infinite values")
-
     dead = H.diagonal() == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-
-    maxq = 2**bits - 1
-    n_groups = -(-in_features // group_size)
-    natural_groups = torch.arange(in_features, device=device) // group_size
-    if static_groups:
-        scales, zeros = _group_params(W, group_size, bits, sym, mse)
-    else:
-        scales = W.new_empty(n_groups, out_features)
-        zeros = W.new_empty(n_groups, out_features)
 
     if desc_act:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
@@ -288,14 +301,27 @@ def gptq_quantize(
     else:
         perm = None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        torch.index_select(H[perm], 1, perm, out=H)
+    Hinv, damp = _invert_hessian_(H, damp_percent, damp_auto_increment)
+    del H
+
+    W = weight.to(torch.float32, copy=True)
+    W[:, dead] = 0
+    maxq = 2**bits - 1
+    n_groups = -(-in_features // group_size)
+    natural_groups = torch.arange(in_features, device=device) // group_size
+    if static_groups:
+        scales, zeros = _group_params(W, group_size, bits, sym, mse)
+    else:
+        scales = W.new_empty(n_groups, out_features)
+        zeros = W.new_empty(n_groups, out_features)
+    if perm is not None:
+        W = W[:, perm]
     # Group of each column in quantization order: act-order without static groups forms the groups
     # in that order; otherwise every column keeps its natural group.
     column_groups = natural_groups if perm is None or (desc_act and not static_groups) else natural_groups[perm]
     column_group_list = column_groups.tolist()
 
-    Hinv, damp = _inverse_hessian_factor(H, damp_percent, damp_auto_increment)
-    del H
     # The column loop runs on W transposed, (in, out): each input column is a contiguous row,
     # which makes its rank-1 updates about 4x faster on CPU than on strided columns.
     Wt = W.t().contiguous()
@@ -325,9 +351,10 @@ def gptq_quantize(
             Err1[i] = err
         loss += Err1.square().sum() / 2
         Wt[b1:].addmm_(Hinv[b0:b1, b1:].t(), Err1, alpha=-1)
-    Q = Qt.t().contiguous()
-
+    del Wt, Hinv  # two copies of the codes at most from here on
     if perm is not None:
         inverse = torch.argsort(perm)
-        Q, column_groups = Q[:, inverse], column_groups[inverse]
+        Qt, column_groups = Qt[inverse], column_groups[inverse]
+    Q = Qt.t().contiguous()
+    del Qt
     return _finish(Q, scales, zeros, column_groups, bits, loss=loss.item(), damp=damp)
