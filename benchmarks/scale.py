@@ -22,7 +22,8 @@ the child process's, imports included) and of the whole child, the group's peak 
 (``rss`` of ``memory.stat``, sampled every 50 ms), the load average before and after. The runs are
 kept in ``results/scale_<preset>.json`` (a config measured again replaces its row) and written out
 with the estimator's predicted peak and time for each (``quantkit.estimate_quantization(...,
-streaming=True)``, computed anew each time: ``--render`` rewrites the text without measuring).
+streaming=True)`` just before the run, in a fresh process with the run's environment, kept with
+the row: ``--render`` rewrites the text without measuring).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from run_log import RunLog, load_average  # this folder's scripts import each other when run
 
-from quantkit import as_config, estimate_quantization
+from quantkit import as_config
 from quantkit.core.hardware import Hardware
 from quantkit.core.registry import get_registry
 from quantkit.core.safetensors_files import stored_bytes
@@ -121,10 +122,24 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("1")
 
 
+PREDICT = r"""
+import json, sys, quantkit
+source, config, nsamples, seqlen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = quantkit.as_config(config)
+estimate = quantkit.estimate_quantization(source, config, nsamples=nsamples, seqlen=seqlen, streaming=True)
+print(json.dumps([estimate.peak_bytes, estimate.seconds]))
+"""
+RUN_ENV = {**os.environ, "QUANTKIT_QUIET": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+"""The environment of the runs and of the predictions made for them."""
+
+
 def predicted(source: Path, config: str, nsamples: int, seqlen: int) -> tuple[float, float]:
-    """The estimator's peak bytes and seconds for streaming ``config`` from ``source``."""
-    estimate = estimate_quantization(source, as_config(config), nsamples=nsamples, seqlen=seqlen, streaming=True)
-    return estimate.peak_bytes, estimate.seconds
+    """The estimator's peak bytes and seconds for streaming ``config`` from ``source``, predicted in
+    a fresh process with the runs' environment (the rates it measures are those the run will meet)."""
+    command = [sys.executable, "-c", PREDICT, str(source), config, str(nsamples), str(seqlen)]
+    done = subprocess.run(command, env=RUN_ENV, capture_output=True, text=True, check=True)
+    peak, seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    return peak, seconds
 
 
 def stored_rows(store: Path) -> dict[str, dict]:
@@ -142,12 +157,11 @@ def measure(source: Path, config: str, out: Path, args: argparse.Namespace) -> d
     predicted_peak, seconds = predicted(source, config, args.nsamples, args.seqlen)  # before the run, at its load
     drop_page_cache()
     command = [sys.executable, "-c", CHILD, str(source), config, str(out), str(args.nsamples), str(args.seqlen)]
-    env = {**os.environ, "QUANTKIT_QUIET": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     load = load_average()
     with MemoryGroup(f"quantkit-scale-{os.getpid()}", int(args.limit_gib * GIB)) as group:
         start = time.perf_counter()
         with sampled(lambda: group.stat("rss")) as anonymous:
-            done = subprocess.run(command, env=env, preexec_fn=group.join, capture_output=True, text=True)
+            done = subprocess.run(command, env=RUN_ENV, preexec_fn=group.join, capture_output=True, text=True)
         wall = time.perf_counter() - start
         peak, hits = group.read("memory.max_usage_in_bytes"), group.read("memory.failcnt")
     row = {

@@ -20,7 +20,9 @@ and written out, and prices each at a rate measured on the
 device and its disk (:func:`measure_rates`, about 0.5 s) or, for short jobs, at
 :data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
 and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
-``benchmarks/estimate_accuracy.py`` and its committed results.
+``benchmarks/estimate_accuracy.py`` and its committed results. With measured rates, a
+calibration-free method's weights are priced at its own quantizer's speed, timed on one weight of
+the model's commonest shape (:func:`measure_quantizer`, up to ~1 s).
 
 The streamed peak (``streaming=True``) is the process and the largest of what one step holds
 (the shard writer's copy buffer, when it moves a closed shard's data after its header, is a step of
@@ -62,7 +64,7 @@ from .core.linears import Target, quantizable_linears
 from .core.registry import get_registry
 from .core.safetensors_files import DTYPES, stored_tensors
 from .core.shard_writer import COPY_BYTES
-from .layerwise import DEFAULT_CHUNK_TOKENS, LLAMA_GROUPS, decoder_stack
+from .layerwise import DEFAULT_CHUNK_TOKENS, HESSIAN_BLOCK_BYTES, LLAMA_GROUPS, decoder_stack
 
 FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 TYPICAL_SHAPE = (4096, 4096)
@@ -280,6 +282,9 @@ class Rates:
     """Bytes per second read from a file not in the page cache (a streamed run's checkpoint)."""
     write_bytes: float = 1.0e9
     """Bytes per second written to a file and synced (a streamed run's output)."""
+    weight_elements: float | None = None
+    """Elements per second of the quantizer being estimated, in :data:`WEIGHT_ELEMENTS`' counts, timed
+    on a probe weight (:func:`measure_quantizer`); ``None``: priced at :attr:`elements`."""
     device: str | None = None
     """Where these were measured; ``None`` for :data:`REFERENCE_RATES`."""
 
@@ -304,6 +309,8 @@ REFERENCE_ELEMENTWISE = 3.6e9
 DISK_PROBE_BYTES = 64 << 20
 """Bytes :func:`measure_disk` writes and reads back."""
 
+PROBE_WEIGHTS = 2**24
+"""The most weights :func:`measure_quantizer` times a quantizer on (a 4096 x 4096 weight)."""
 MEASURE_ABOVE_SECONDS = 5.0
 """A prediction longer than this at :data:`REFERENCE_RATES` is redone at measured rates."""
 
@@ -353,7 +360,9 @@ ns per weight: RTN 8-12 / 13-14, NF4 19-22 / 20, GGUF Q4_K 40-42 / 45-49 and Q6_
 :data:`REFERENCE_RATES`' elementwise rate. HQQ 4-bit g64 (78 ns at 576 x 1536 alone; 46.7 inside
 a streamed Llama-3.1-8B run, all its linears: its optimizer's slabs stay in the caches, and a small
 weight pays the slabs' per-call costs) was timed on a later host, times the rate
-:func:`measure_rates` found there (1.51e9). Other methods count as ``rtn``."""
+:func:`measure_rates` found there (1.51e9). Other methods count as ``rtn``. Measured rates time the
+quantizer itself (:func:`measure_quantizer`): these counts then set only how a weight's cost
+changes past the caches."""
 CACHED_WEIGHT_BYTES = 8 << 20
 """A weight whose float32 copy is at most this large is quantized at the first rate of
 :data:`WEIGHT_ELEMENTS`."""
@@ -362,8 +371,8 @@ CACHED_WEIGHT_BYTES = 8 << 20
 @dataclass(frozen=True)
 class Work:
     """Work in the units :class:`Rates` prices: matmul FLOPs, elementwise elements, operations
-    on mid-size tensors (each pays a fixed cost), small single-thread operations, and bytes read
-    from and written to disk."""
+    on mid-size tensors (each pays a fixed cost), small single-thread operations, bytes read
+    from and written to disk, and a calibration-free quantizer's elements."""
 
     flops: float = 0.0
     elements: float = 0.0
@@ -371,6 +380,8 @@ class Work:
     small_ops: float = 0.0
     read_bytes: float = 0.0
     write_bytes: float = 0.0
+    weight_elements: float = 0.0
+    """A calibration-free quantizer's elementwise work (:data:`WEIGHT_ELEMENTS`)."""
 
     def __add__(self, other: Work) -> Work:
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -388,6 +399,7 @@ class Work:
             + self.small_ops * rates.small_op_seconds
             + self.read_bytes / rates.read_bytes
             + self.write_bytes / rates.write_bytes
+            + self.weight_elements / (rates.weight_elements or rates.elements)
         )
 
 
@@ -506,7 +518,7 @@ def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
         median_seconds(small_ops) / n,
         read,
         write,
-        str(dev),
+        device=str(dev),
     )
 
 
@@ -686,13 +698,27 @@ def _awq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples:
     return parts
 
 
+def _gptq_working(targets: Mapping[str, tuple[int, int]], item: int, seqlen: int) -> int:
+    """GPTQ's memory for one decoder layer, the largest of each group's: float64 Hessian sum with a
+    sample in float32 and a row block of its product, in float32 and float64
+    (:class:`~quantkit.layerwise.HessianAccumulator`);
+    solve, two float32 Hessians and the stacked ``item``-byte weights; and column loop, the inverse
+    factor with the weights and their codes in float32 (``gptq_quantize``)."""
+    sizes = [0]
+    for _, members in _groups(targets):
+        n, weights = targets[members[0]][1], _weights(targets, members)
+        hessian = 8 * n * n + 3 * min(HESSIAN_BLOCK_BYTES, 4 * n * n) + 4 * seqlen * n
+        sizes += [hessian, 8 * n * n + item * weights, 4 * n * n + (8 + item) * weights]
+    return max(sizes)
+
+
 def _activation_memory(decoder: _Decoder, item: int, nsamples: int, chunk_samples: int, spill: bool) -> dict[str, int]:
     """The calibration activations of a layer-by-layer run: the hidden states of every sample (one
     chunk's when they are spilled to disk) in ``item``-byte floats, and one chunk's temporaries
-    (attention scores, MLP activations, the layer's output)."""
+    (attention scores, MLP activations, the layer's output), in the layer's dtype."""
     chunk_tokens = min(chunk_samples, nsamples) * decoder.seqlen
     held = chunk_tokens if spill else nsamples * decoder.seqlen
-    temporaries = chunk_tokens * (2 * decoder.heads * decoder.seqlen + 3 * decoder.mlp + 4 * decoder.hidden) * 4
+    temporaries = chunk_tokens * (2 * decoder.heads * decoder.seqlen + 3 * decoder.mlp + 4 * decoder.hidden) * item
     return {"hidden states": held * decoder.hidden * item, "chunk temporaries": temporaries}
 
 
@@ -779,7 +805,7 @@ def estimate_quantization(
     quantized = [linear.weight.numel() for _, linear, _ in targets]
     quantized += [model.get_submodule(name).weight.numel() for name in others]
     elements = sum(n * (cached if 4 * n <= CACHED_WEIGHT_BYTES else uncached) for n in quantized)
-    parts = {"quantize": Work(elements=elements, ops=LINEAR_OPS * len(quantized))}
+    parts = {"quantize": Work(weight_elements=elements, ops=LINEAR_OPS * len(quantized))}
     working = max(backend.working_bytes(cfg, *linear.weight.shape) for _, linear, cfg in targets)
     activations = None  # the hidden states and temporaries of a layer-by-layer calibration
     item = next(model.parameters()).element_size()
@@ -797,8 +823,7 @@ def estimate_quantization(
                 working = min(AWQ_CLIP_VALUES, AWQ_GRID // 2 * largest) * 4 * 8
             else:
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
-                widest = max(linear.in_features for _, linear, _ in targets)
-                working = 6 * largest * 4 + 12 * widest**2  # + a float64 Hessian sum and its float32 result
+                working = max(_gptq_working(layer, item, seqlen) for layer in per_layer)
             activations = _activation_memory(decoder, item, nsamples, max(1, search // seqlen), spill)
         else:  # another method: one forward pass over the calibration tokens, and the work it declares
             tokens = nsamples * seqlen
@@ -832,4 +857,42 @@ def estimate_quantization(
     )
     if rates is None and result.seconds > MEASURE_ABOVE_SECONDS:
         result = replace(result, rates=measure_rates(str(torch.device(device)), disk=streaming))
+    if "quantize" in parts and result.rates.device is not None and result.rates.weight_elements is None:
+        name, linear, cfg = _probe_target(targets)
+        shape = (min(linear.out_features, max(1, PROBE_WEIGHTS // linear.in_features)), linear.in_features)
+        probed = measure_quantizer(backend, name, cfg, shape, linear.weight.dtype, result.rates.device)
+        result = replace(result, rates=replace(result.rates, weight_elements=probed))
     return result
+
+
+def _probe_target(targets: list[Target]) -> Target:
+    """A target of the shape that holds most of the weights to quantize."""
+    totals: Counter[tuple[int, int]] = Counter()
+    for _, linear, _ in targets:
+        totals[tuple(linear.weight.shape)] += linear.weight.numel()
+    shape = totals.most_common(1)[0][0]
+    return next(target for target in targets if tuple(target[1].weight.shape) == shape)
+
+
+def measure_quantizer(
+    backend: Backend, name: str, config: QuantConfig, shape: tuple[int, int], dtype: torch.dtype, device: str
+) -> float:
+    """Elements per second, in :data:`WEIGHT_ELEMENTS`' counts, of ``backend`` quantizing the linear
+    ``name`` under ``config``: timed once on a random ``dtype`` weight of ``shape`` (out, in) on
+    ``device``, after a small one (libraries load on first use). The method's own speed here and now:
+    the elementwise probe of :func:`measure_rates` gauges memory bandwidth, which cache- and
+    compute-bound quantizers (HQQ's slabs, bitsandbytes' ``bucketize``) do not follow."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        backend.quantize_linear(name, nn.Linear(256, 128, bias=False, dtype=dtype), config, dev)
+        linear = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
+        nn.init.normal_(linear.weight, std=0.02)
+        sync()
+        start = time.perf_counter()
+        backend.quantize_linear(name, linear, config, dev)
+        sync()
+        seconds = time.perf_counter() - start
+    weights = shape[0] * shape[1]
+    cached, uncached = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
+    return weights * (cached if 4 * weights <= CACHED_WEIGHT_BYTES else uncached) / seconds

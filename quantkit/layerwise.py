@@ -73,7 +73,8 @@ log = logging.getLogger("quantkit")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_CHUNK_TOKENS = 8192
 HESSIAN_BLOCK_BYTES = 64 * 2**20
-"""The float32 temporary of one ``x^T x`` product is formed in row blocks of at most this size."""
+"""The float32 temporary of one ``x^T x`` product is formed in row blocks of at most this size
+(adding it to the float64 sum makes a float64 copy of it: 3x this size in all)."""
 REPORT_ATTR = "quantkit_calibration_report"
 """The model attribute holding the :class:`PipelineReport` of its last calibration."""
 LAYER_SOURCE_ATTR = "quantkit_layer_source"
@@ -679,7 +680,8 @@ class HessianAccumulator:
     2**29 / n, so :attr:`H` (float32) has the same bits whatever order the samples come in and
     however they are split into chunks or over ranks: two ranks give one process's Hessians.
     Memory: ``8 * in_features**2`` bytes (the sum, kept in row blocks that forming :attr:`H`
-    frees one by one) plus one block of :data:`HESSIAN_BLOCK_BYTES`; ``4 *`` once formed.
+    frees one by one) plus a sample in float32 and a block's product (:data:`HESSIAN_BLOCK_BYTES`);
+    ``4 *`` once formed.
 
     Pass the layer's ``dist`` (``ctx.dist``) and call :meth:`reduce` for the Hessian over every
     rank's samples.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -333,7 +334,7 @@ def test_weights_past_the_caches_are_priced_at_their_own_rate():
             "vocab_size": 256,
         }
         prediction = estimate_quantization(raw, quantkit.HQQConfig(), rates=REFERENCE_RATES)
-        assert prediction.parts["quantize"].elements == per_weight * 2 * 16 * hidden**2
+        assert prediction.parts["quantize"].weight_elements == per_weight * 2 * 16 * hidden**2
 
 
 def test_measured_disk_rates_are_positive(tmp_path):
@@ -353,3 +354,30 @@ def test_the_disk_is_probed_only_for_a_streamed_run(monkeypatch):
     )
     streamed = measure("cpu", disk=True)
     assert probes == [1] and (streamed.read_bytes, streamed.write_bytes) == (2e9, 3e9)
+
+
+def test_measured_rates_time_the_quantizer_itself(monkeypatch):
+    """Rates measured on a device price a calibration-free method's weights at that method's own
+    speed, timed on a weight of the shape holding most of the model's (here gate and up's, 256 x 64);
+    reference rates and calibrated methods are not probed."""
+    probes = []
+    real = ESTIMATE_MODULE.measure_quantizer
+
+    def measure_quantizer(backend, name, config, shape, dtype, device):
+        probes.append((name, shape, dtype, device))
+        return real(backend, name, config, shape, dtype, device)
+
+    monkeypatch.setattr(ESTIMATE_MODULE, "measure_quantizer", measure_quantizer)
+    model = make_tiny_llama(hidden=64, intermediate=256)
+    config = quantkit.HQQConfig()
+    measured = replace(REFERENCE_RATES, device="cpu")
+    assert estimate_quantization(model, config, rates=REFERENCE_RATES).rates.weight_elements is None
+    prediction = estimate_quantization(model, config, rates=measured)
+    assert probes == [("model.layers.0.mlp.gate_proj", (256, 64), torch.float32, "cpu")]
+    assert prediction.rates.weight_elements > 0
+    quantize = prediction.parts["quantize"]
+    assert quantize.seconds(prediction.rates) == pytest.approx(
+        quantize.weight_elements / prediction.rates.weight_elements + quantize.ops * measured.op_seconds
+    )
+    estimate_quantization(model, quantkit.GPTQConfig(), nsamples=8, seqlen=64, rates=measured)
+    assert len(probes) == 1
