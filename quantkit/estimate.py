@@ -857,7 +857,7 @@ def estimate_quantization(
     )
     if rates is None and result.seconds > MEASURE_ABOVE_SECONDS:
         result = replace(result, rates=measure_rates(str(torch.device(device)), disk=streaming))
-    if "quantize" in parts and result.rates.device is not None and result.rates.weight_elements is None:
+    if calibration is None and result.rates.device is not None and result.rates.weight_elements is None:
         name, linear, cfg = _probe_target(targets)
         shape = (min(linear.out_features, max(1, PROBE_WEIGHTS // linear.in_features)), linear.in_features)
         probed = measure_quantizer(backend, name, cfg, shape, linear.weight.dtype, result.rates.device)

@@ -380,4 +380,6 @@ def test_measured_rates_time_the_quantizer_itself(monkeypatch):
         quantize.weight_elements / prediction.rates.weight_elements + quantize.ops * measured.op_seconds
     )
     estimate_quantization(model, quantkit.GPTQConfig(), nsamples=8, seqlen=64, rates=measured)
+    # AQLM quantizes layer by layer from calibration inputs: it has no linear-at-a-time quantizer to time
+    estimate_quantization(model, quantkit.AQLMConfig(), nsamples=8, seqlen=64, rates=measured)
     assert len(probes) == 1
