@@ -16,7 +16,8 @@ forward passes over the calibration tokens, GPTQ's Hessians and solves, AWQ's
 scale and clip searches), elementwise elements (norms, rotary embeddings,
 softmax, quantizing and packing the weights), small torch operations (GPTQ's
 column loop, per-chunk overheads) and, streamed, the bytes read from the checkpoint
-and written out, and prices each at a rate measured on the
+and written out (plus the time this call took to build the architecture from config.json, which
+the run spends again), and prices each at a rate measured on the
 device and its disk (:func:`measure_rates`, about 0.5 s) or, for short jobs, at
 :data:`REFERENCE_RATES`. At those it reproduces the committed SmolLM2-135M GPTQ
 and AWQ timings within 10 % and 25 %; against real runs in fresh processes see
@@ -382,6 +383,9 @@ class Work:
     write_bytes: float = 0.0
     weight_elements: float = 0.0
     """A calibration-free quantizer's elementwise work (:data:`WEIGHT_ELEMENTS`)."""
+    wall: float = 0.0
+    """Seconds timed while estimating that the run spends again (building the architecture from
+    config.json, transformers' modeling imports included)."""
 
     def __add__(self, other: Work) -> Work:
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -400,6 +404,7 @@ class Work:
             + self.read_bytes / rates.read_bytes
             + self.write_bytes / rates.write_bytes
             + self.weight_elements / (rates.weight_elements or rates.elements)
+            + self.wall
         )
 
 
@@ -789,8 +794,11 @@ def estimate_quantization(
     on disk. ``rates`` defaults to :data:`REFERENCE_RATES`, replaced by :func:`measure_rates`
     on ``device`` when the prediction exceeds :data:`MEASURE_ABOVE_SECONDS`.
     """
+    built = 0.0  # a streamed run builds the architecture as this does: timed here, paid again there
     if not isinstance(model, nn.Module):
+        start = time.perf_counter()
         model = stored_model(model) if streaming else _meta_model(_read_model_config(model))
+        built = time.perf_counter() - start
     backends = get_registry().backends_for_method(config.quant_method)
     if not backends:
         raise UnknownMethodError(config.quant_method, get_registry().config_classes())
@@ -835,6 +843,7 @@ def estimate_quantization(
             )
     memory = {"process": PROCESS_BYTES}
     if streaming:  # every stored tensor read from disk once, the output written (twice) once
+        parts["build the architecture"] = Work(wall=built)
         parts["read checkpoint"] = Work(read_bytes=model_bytes)
         output = _stored_size(model, config, 8 * item).total_bytes
         parts["write output"] = Work(write_bytes=WRITES_PER_OUTPUT_BYTE * output)

@@ -318,6 +318,9 @@ def test_a_streamed_run_reads_the_checkpoint_and_writes_the_output_once(tmp_path
     seconds = prediction.parts["read checkpoint"].seconds(REFERENCE_RATES)
     assert seconds == pytest.approx(stored / REFERENCE_RATES.read_bytes)
     assert "read checkpoint" not in estimate_quantization(tmp_path, config, rates=REFERENCE_RATES).parts
+    # the run builds the architecture from config.json as the estimate did: the estimate's own time is counted
+    built = prediction.parts["build the architecture"]
+    assert built.wall > 0 and built.seconds(REFERENCE_RATES) == built.wall
 
 
 def test_weights_past_the_caches_are_priced_at_their_own_rate():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -505,3 +508,26 @@ def test_int4_packing_a_slice_of_rows_at_a_time_is_the_whole_packing(monkeypatch
     monkeypatch.setattr(torch_kernels, "PACK_ELEMENTS", 1)
     sliced = torch_kernels.int4_state(codes, scales, offsets, 64)
     assert torch.equal(whole.packed, sliced.packed) and torch.equal(whole.scale_zeros, sliced.scale_zeros)
+
+
+@pytest.mark.parametrize("preset", ["nf4", "int8", "hqq-4bit-g64"])
+def test_a_routed_third_party_layer_is_freed_with_its_last_reference(preset):
+    """bitsandbytes' and hqq's layers get their kernel forward (and bnb its ``dequantize``) bound
+    weakly: dropping the last reference frees the layer at once, with no cyclic collection (a
+    streamed run frees each quantized module as it is written); a deep copy runs on its own tensors."""
+    config = quantkit.as_config(preset)
+    backend = get_registry().backends_for_method(config.quant_method)[0]
+    x = torch.randn(2, 128)
+    # the libraries' first calls log and warn once: pytest keeps those records, and their frames, to the end
+    backend.quantize_linear("layer", nn.Linear(128, 64, bias=False), config, torch.device("cpu"))(x)
+    layer = backend.quantize_linear("layer", nn.Linear(128, 64, bias=False), config, torch.device("cpu"))
+    expected = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.forward.module() is twin and torch.equal(twin(x), expected)
+    alive = weakref.ref(layer)
+    gc.disable()
+    try:
+        del layer
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -12,9 +12,10 @@ it the same attributes and forward.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -93,6 +94,25 @@ def kernel_forward(module: nn.Module, x: Tensor) -> Tensor:
     return out if module.bias is None else out + module.bias.to(out.dtype)
 
 
+class ModuleMethod:
+    """``function`` bound to ``module`` through a weak reference, for a module's ``__dict__`` (its
+    forward, say): unlike ``partial(function, module)`` it makes no reference cycle, so the module
+    is freed as soon as its last reference goes (each quantized module of a streamed run) rather
+    than at the cyclic collector's next pass. A deep copy of the module binds the copy."""
+
+    __slots__ = ("function", "module")
+
+    def __init__(self, function: Callable[..., Any], module: nn.Module):
+        self.function = function
+        self.module = weakref.ref(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.module(), *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> ModuleMethod:
+        return ModuleMethod(self.function, copy.deepcopy(self.module(), memo))
+
+
 def route_through_kernels(module: nn.Module) -> nn.Module:
     """Make ``module``, a quantized linear of a class that is not a :class:`KernelLinear`, run
     through the registered kernels serving it: the attributes a :class:`KernelLinear` keeps
@@ -102,7 +122,7 @@ def route_through_kernels(module: nn.Module) -> nn.Module:
     ``set_kernel(module, None)``."""
     module.kernel_request = None
     module._choice = None
-    module.forward = partial(kernel_forward, module)
+    module.forward = ModuleMethod(kernel_forward, module)
     return module
 
 

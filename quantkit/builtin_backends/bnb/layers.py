@@ -25,14 +25,13 @@ activation quantization and outlier columns fold into one compiled int8 GEMV.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from quantkit.core.config_files import parse_json
-from quantkit.core.dispatch import route_through_kernels, third_party_class
+from quantkit.core.dispatch import ModuleMethod, route_through_kernels, third_party_class
 from quantkit.core.errors import ModelFormatError
 from quantkit.core.linears import Target
 
@@ -89,8 +88,8 @@ def quantize_linear(linear: nn.Linear, config: BnbConfig, device: torch.device) 
             compress_statistics=config.use_double_quant,
             quant_type=config.quant_type,
             quant_storage=torch.uint8,
-            module=module,
         ).to(device)
+        _keep_quant_state(module, module.weight)
     _through_kernels(module)
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
@@ -128,7 +127,6 @@ def empty_linear(linear: nn.Linear, config: BnbConfig) -> nn.Module:
             compress_statistics=config.use_double_quant,
             quant_type=config.quant_type,
             quant_storage=torch.uint8,
-            module=module,
             bnb_quantized=True,
         )
         module.register_load_state_dict_pre_hook(_load_4bit)
@@ -203,9 +201,16 @@ def int8_weight(module: bnb.nn.Linear8bitLt) -> tuple[torch.Tensor, torch.Tensor
 def _through_kernels(module: nn.Module) -> nn.Module:
     """``module`` with ``dequantize()`` and its forward routed through the registered kernels; a
     state dict loaded into it drops the kernel state prepared from the weight it replaces."""
-    module.dequantize = partial(dequantize, module)
+    module.dequantize = ModuleMethod(dequantize, module)
     module.register_load_state_dict_post_hook(_drop_kernel_state)
     return route_through_kernels(module)
+
+
+def _keep_quant_state(module: bnb.nn.Linear4bit, weight: bnb.nn.Params4bit) -> None:
+    """Give ``module`` its 4-bit ``weight``'s quant state, as bitsandbytes does for a ``Params4bit`` made with
+    ``module=`` (its FSDP recovery reads it), without the weight referring back to the module: that
+    cycle would keep each quantized layer alive until the cyclic collector runs."""
+    module.quant_state = weight.quant_state
 
 
 def _drop_kernel_state(module: nn.Module, incompatible_keys: Any) -> None:
@@ -227,13 +232,11 @@ def _load_4bit(module: bnb.nn.Linear4bit, state_dict: dict, prefix: str, *_args)
             "quantization_config disagree on this layer"
         )
     _check_4bit_state(module, prefix, weight, stats)
-    state_dict[prefix + "weight"] = bnb.nn.Params4bit.from_prequantized(
-        data=weight,
-        quantized_stats=stats,
-        requires_grad=False,
-        device=weight.device,
-        module=module,
+    param = bnb.nn.Params4bit.from_prequantized(
+        data=weight, quantized_stats=stats, requires_grad=False, device=weight.device
     )
+    state_dict[prefix + "weight"] = param
+    _keep_quant_state(module, param)
 
 
 def _load_int8(module: bnb.nn.Linear8bitLt, state_dict: dict, prefix: str, *_args) -> None:
