@@ -42,6 +42,7 @@ import contextlib
 import functools
 import json
 import math
+import mmap
 import os
 import re
 import statistics
@@ -530,7 +531,9 @@ def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
 def measure_disk(directory: str | os.PathLike | None = None, size: int = DISK_PROBE_BYTES) -> tuple[float, float]:
     """Bytes per second written (and synced) to, then read back from a temporary file of ``size``
     bytes in ``directory`` (the temporary folder by default), its pages dropped from the page
-    cache in between (``posix_fadvise``; where that is missing the read is a cached one)."""
+    cache in between (``posix_fadvise``; where that is missing the read is a cached one). It is read
+    as a streamed run reads a checkpoint: mapped copy-on-write, each page faulted in by a torch
+    operation over a tensor on the mapping."""
     data = os.urandom(1 << 20) * (size >> 20)
     with tempfile.NamedTemporaryFile(dir=directory) as file:
         start = time.perf_counter()
@@ -541,9 +544,11 @@ def measure_disk(directory: str | os.PathLike | None = None, size: int = DISK_PR
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         start = time.perf_counter()
-        with open(file.name, "rb", buffering=0) as again:
-            while again.read(8 << 20):
-                pass
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            pages = torch.frombuffer(mapped, dtype=torch.uint8)
+            for piece in pages.split(8 << 20):
+                piece.max()
+            del pages, piece
         read = len(data) / (time.perf_counter() - start)
     return read, write
 
