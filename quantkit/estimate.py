@@ -30,9 +30,10 @@ The streamed peak (``streaming=True``) is the process and the largest of what on
 its own): a weight's quantized copy with
 the working memory its backend declares (:meth:`~quantkit.core.backend.Backend.working_bytes`;
 calibration-free: the stored weights are memory-mapped, page cache rather than process memory,
-and modules copied through go in the writer's pieces), or the embedding while the first layer's inputs are
-captured, then one decoder layer in its stored dtype with its quantized linears, the calibration
-hidden states and the method's working memory (GPTQ, AWQ). ``spill=True`` counts the hidden
+and modules copied through go in the writer's pieces), or, layer by layer (GPTQ, AWQ), the
+calibration activations while the (mapped) embedding captures the first layer's inputs, then one
+decoder layer copied into memory in its stored dtype with its quantized linears, the calibration
+hidden states and the method's working memory. ``spill=True`` counts the hidden
 states kept on disk (:data:`quantkit.layerwise.SPILL_ATTR`): one chunk of them in memory.
 """
 
@@ -62,7 +63,7 @@ from torch import nn
 from .core.backend import Backend
 from .core.config import QuantConfig
 from .core.errors import ConfigValueError, ModelFormatError, UnknownMethodError
-from .core.linears import Target, quantizable_linears
+from .core.linears import ROW_BLOCK_ELEMENTS, Target, quantizable_linears
 from .core.registry import get_registry
 from .core.safetensors_files import DTYPES, stored_tensors
 from .core.shard_writer import COPY_BYTES
@@ -284,6 +285,8 @@ class Rates:
     """Bytes per second read from a file not in the page cache (a streamed run's checkpoint)."""
     write_bytes: float = 1.0e9
     """Bytes per second written to a file and synced (a streamed run's output)."""
+    half_flops: float = 260e9
+    """Bfloat16 matrix-multiply FLOP/s: the forward passes of a streamed bfloat16 model."""
     weight_elements: float | None = None
     """Elements per second of the quantizer being estimated, in :data:`WEIGHT_ELEMENTS`' counts, timed
     on a probe weight (:func:`measure_quantizer`); ``None``: priced at :attr:`elements`."""
@@ -292,7 +295,8 @@ class Rates:
 
 
 REFERENCE_RATES = Rates(flops=114e9, elements=1.3e9, op_seconds=20e-6, small_op_seconds=4e-6)
-"""This project's 2-core CPU, quiet: the GEMM rate of ``benchmarks/results/calibration_speed.txt``,
+"""This project's 2-core CPU, quiet: the GEMM rate of ``benchmarks/results/calibration_speed.txt``
+(its bfloat16 GEMMs, AVX512-BF16, run 2.3x as fast: 386 against 165 GFLOP/s at 1024 x 4096 x 14336),
 operation costs as timed there (an operation on 2**17 floats, on 512), and the elementwise rate
 that, with the counts below, reproduces its GPTQ times at 16 and 128 samples of 512 tokens
 (103 s and 634 s); the disk rates are :class:`Rates`' defaults (``dd`` read the 2.5 GB Llama-3.2-1B
@@ -349,10 +353,18 @@ AWQ_GRID = 20
 """Points of AWQ's scale search; its clip search tries half as many shrinks."""
 AWQ_FAKE_QUANTIZE_ELEMENTS = 2
 """Per weight and grid point: quantize-dequantize of the scaled weights."""
-AWQ_CLIP_ELEMENTS = 13
-"""Per weight and shrink: clamp, quantize and compare in the clip search."""
-AWQ_CLIP_VALUES = 2**24
-"""AWQ's clip search works in chunks of this many values per tensor (about 8 of them live)."""
+AWQ_CLIP_ELEMENTS = 5
+"""Per weight and shrink: clamp, quantize and compare in the clip search (its 8 MiB chunks stay in
+cache: 8.2-8.9 s for a Llama-3.1-8B layer's 197M clipped weights, 2.6 s of it the error products)."""
+AWQ_CLIP_VALUES = 2**21
+"""AWQ's clip search works in chunks of this many values per tensor
+(``quantkit.builtin_backends.awq.awq.CLIP_CHUNK_VALUES``), 5 of them live at once."""
+AWQ_PACK_ELEMENTS = 15
+"""Per weight: AWQ quantizing and packing a linear a block of rows at a time (2.2 s for a
+Llama-3.1-8B layer)."""
+ROW_BLOCKS_LIVE = 4
+"""Row blocks (:func:`quantkit.core.linears.row_blocks`) a blockwise step holds at once, as int64
+(packing) at most."""
 
 WEIGHT_ELEMENTS = {"bitsandbytes": (26, 26), "rtn": (14, 18), "gguf": (52, 52), "hqq": (118, 70)}
 """Per weight, quantizing one weight with the calibration-free methods: ``(a weight whose float32
@@ -384,6 +396,8 @@ class Work:
     write_bytes: float = 0.0
     weight_elements: float = 0.0
     """A calibration-free quantizer's elementwise work (:data:`WEIGHT_ELEMENTS`)."""
+    half_flops: float = 0.0
+    """Matmul FLOPs in bfloat16 (a streamed bfloat16 model's forward passes)."""
     wall: float = 0.0
     """Seconds timed while estimating that the run spends again (building the architecture from
     config.json, transformers' modeling imports included)."""
@@ -405,6 +419,7 @@ class Work:
             + self.read_bytes / rates.read_bytes
             + self.write_bytes / rates.write_bytes
             + self.weight_elements / (rates.weight_elements or rates.elements)
+            + self.half_flops / rates.half_flops
             + self.wall
         )
 
@@ -440,7 +455,8 @@ class QuantizeEstimate:
 
     @property
     def flops(self) -> float:
-        return sum(work.flops for work in self.parts.values())
+        """Matmul FLOPs, float32 and bfloat16."""
+        return sum(work.flops + work.half_flops for work in self.parts.values())
 
     def to_dict(self) -> dict:
         return {
@@ -483,8 +499,8 @@ def format_seconds(seconds: float) -> str:
 
 @functools.cache
 def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
-    """Rates of ``device`` (once per process, ~0.5 s on a CPU): the matmul rate of a
-    calibration-shaped product, the rate of an elementwise operation on a weight-sized tensor
+    """Rates of ``device`` (once per process, ~0.5 s on a CPU): the matmul rates of a
+    calibration-shaped product in float32 and bfloat16, the rate of an elementwise operation on a weight-sized tensor
     (elementwise work is priced at :data:`REFERENCE_RATES`' rate times the measured one's ratio
     to :data:`REFERENCE_ELEMENTWISE`), mid-size operations taken to speed up with the matmul
     rate, the cost of a tiny operation, and with ``disk`` (what a streamed run reads and writes)
@@ -508,6 +524,8 @@ def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
 
     a, b = torch.randn(2048, 576, device=dev), torch.randn(576, 1536, device=dev)
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_seconds(lambda: a @ b)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    half_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_seconds(lambda: a16 @ b16)
     x, y = torch.randn(ELEMENTWISE_PROBE, device=dev), torch.empty(ELEMENTWISE_PROBE, device=dev)
     elementwise = ELEMENTWISE_PROBE / median_seconds(lambda: torch.mul(x, 1.5, out=y), 9)
     v, n = torch.zeros(512, device=dev), 100
@@ -524,6 +542,7 @@ def measure_rates(device: str = "cpu", disk: bool = False) -> Rates:
         median_seconds(small_ops) / n,
         read,
         write,
+        half_flops,
         device=str(dev),
     )
 
@@ -567,6 +586,8 @@ class _Decoder:
     seqlen: int = 0
     chunk_tokens: int = 0
     """Tokens that go through a layer together."""
+    bfloat16: bool = False
+    """Whether the layers compute in bfloat16 (a streamed bfloat16 checkpoint), else in float32."""
 
     def linears(self, names: tuple[str, ...]) -> float:
         return 2.0 * sum(out * inp for out, inp in (self.shapes[n] for n in names))
@@ -591,7 +612,8 @@ class _Decoder:
             + FORWARD_ELEMENTS_PER_MLP * self.mlp
             + per_score * self.heads * self.seqlen
         )
-        return Work(flops, share * elements, share * FORWARD_OPS)
+        matmuls = Work(half_flops=flops) if self.bfloat16 else Work(flops)
+        return matmuls + Work(elements=share * elements, ops=share * FORWARD_OPS)
 
     def before(self, group: int) -> float:
         """Matmul FLOPs per token of a layer's forward up to the input of ``LLAMA_GROUPS[group]``."""
@@ -609,7 +631,7 @@ class _Decoder:
 
 def _passes(per_token: Work, tokens: int, chunks: int) -> Work:
     """``per_token`` over ``tokens`` in ``chunks``: operations are paid per chunk, not per token."""
-    return Work(per_token.flops * tokens, per_token.elements * tokens, per_token.ops * chunks)
+    return replace(per_token * tokens, ops=per_token.ops * chunks)
 
 
 def _layer_targets(model: nn.Module, config: QuantConfig) -> tuple[_Decoder, list[dict[str, tuple[int, int]]]]:
@@ -702,10 +724,25 @@ def _awq_work(decoder: _Decoder, per_layer: list, config: QuantConfig, nsamples:
                     gram = 2.0 * kept * n * config.group_size  # each group's input Gram matrix
                     errors = 2.0 * shrinks * o * n * config.group_size  # the error of every shrink through it
                     parts["clip search"] += Work(gram + errors, AWQ_CLIP_ELEMENTS * shrinks * o * n, LINEAR_OPS)
-        parts["packing"] += Work(elements=PACK_ELEMENTS * _weights(targets), ops=LINEAR_OPS * len(targets))
+        parts["packing"] += Work(elements=AWQ_PACK_ELEMENTS * _weights(targets), ops=LINEAR_OPS * len(targets))
         if index + 1 < decoder.layers:
             parts["forward"] += _propagate(decoder, targets, tokens, chunks)
     return parts
+
+
+def _awq_working(targets: Mapping[str, tuple[int, int]], item: int, kept_tokens: int) -> int:
+    """AWQ's memory for one decoder layer: each group's search inputs (``kept_tokens`` of them, in
+    ``item``-byte floats), the larger of the scale search's copy of a group's weights (restored
+    after the grid) and the clip search's chunks, and a few row blocks (``quantkit.builtin_backends.awq``
+    works through every weight in blocks: no float copy of a weight, no whole weight's codes)."""
+    groups = _groups(targets)
+    if not groups:
+        return 0
+    kept = kept_tokens * item * sum(targets[members[0]][1] for _, members in groups)
+    blocks = ROW_BLOCKS_LIVE * ROW_BLOCK_ELEMENTS
+    search = max(item * _weights(targets, members) for _, members in groups) + 4 * blocks  # float32 blocks
+    clip = 5 * AWQ_CLIP_VALUES * 4
+    return kept + max(search, clip, 8 * blocks)  # packing: int64 blocks
 
 
 def _gptq_working(targets: Mapping[str, tuple[int, int]], item: int, seqlen: int) -> int:
@@ -732,8 +769,8 @@ def _activation_memory(decoder: _Decoder, item: int, nsamples: int, chunk_sample
     return {"hidden states": held * decoder.hidden * item, "chunk temporaries": temporaries}
 
 
-def _nbytes(module: nn.Module, recurse: bool = True) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _streaming_phases(
@@ -748,8 +785,10 @@ def _streaming_phases(
     """What memory holds at each step of ``quantkit.quantize_streaming`` besides the process and
     the shard writer: each quantized weight (a target linear's, or one of ``others``, the modules
     the backend's other quantizers quantize) quantized with the working memory its backend declares;
-    or, with ``activations`` (a layer-by-layer run), the largest module outside the decoder layers
-    with the activations, then each decoder layer with its quantized linears, the activations and
+    or, with ``activations`` (a layer-by-layer run), the activations while the embedding captures
+    the first layer's inputs (the modules outside the decoder layers are read and copied through as
+    views of the mapped shards: page cache, not process memory), then each decoder layer (copied into
+    process memory: the method writes to it) with its quantized linears, the activations and
     ``working`` memory."""
     float_bits = 8 * next(model.parameters()).element_size()
     with backend.storage_context(model):
@@ -767,9 +806,7 @@ def _streaming_phases(
             for weight, cfg, size in quantized.values()
         ]
     stack = decoder_stack(model)
-    inside = {id(m) for layer in stack.layers for m in layer.modules()}
-    outside = max((_nbytes(m, False) for m in model.modules() if id(m) not in inside), default=0)
-    phases = [{"largest module outside the decoder layers": outside, **activations}]
+    phases = [dict(activations)]
     for index, layer in enumerate(stack.layers):
         prefix = f"{stack.layer_name(index)}."
         size = sum(s for name, (_, _, s) in quantized.items() if name.startswith(prefix))
@@ -810,7 +847,6 @@ def estimate_quantization(
     backend = backends[0]
     targets = quantizable_linears(model, config)
     weights = sum(linear.weight.numel() for _, linear, _ in targets)
-    largest = max(linear.weight.numel() for _, linear, _ in targets)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cached, uncached = WEIGHT_ELEMENTS.get(config.quant_method, WEIGHT_ELEMENTS["rtn"])
     with backend.storage_context(model):
@@ -829,11 +865,12 @@ def estimate_quantization(
         calibration = (nsamples, seqlen)
         if config.quant_method in ("gptq", "awq"):
             decoder, per_layer = _layer_targets(model, config)
-            decoder = replace(decoder, seqlen=seqlen)
+            decoder = replace(decoder, seqlen=seqlen, bfloat16=next(model.parameters()).dtype == torch.bfloat16)
             if config.quant_method == "awq":
                 search = getattr(backend, "search_tokens", DEFAULT_CHUNK_TOKENS)
                 parts = _awq_work(decoder, per_layer, config, nsamples, search)
-                working = min(AWQ_CLIP_VALUES, AWQ_GRID // 2 * largest) * 4 * 8
+                kept = min(max(1, search // seqlen), nsamples) * seqlen
+                working = max(_awq_working(layer, item, kept) for layer in per_layer)
             else:
                 search, parts = DEFAULT_CHUNK_TOKENS, _gptq_work(decoder, per_layer, config, nsamples)
                 working = max(_gptq_working(layer, item, seqlen) for layer in per_layer)

@@ -15,6 +15,7 @@ from quantkit.builtin_backends.awq.awq import (
     search_scales,
 )
 from quantkit.builtin_backends.awq.packing import dequantize_awq, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
+from quantkit.builtin_backends.awq.qlinear import AWQLinear
 from quantkit.builtin_backends.gptq.gptq import (
     MSE_GRID,
     MSE_MAX_SHRINK,
@@ -25,6 +26,7 @@ from quantkit.builtin_backends.gptq.gptq import (
 )
 from quantkit.builtin_backends.gptq.packing import dequantize_gptq, pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from quantkit.core.errors import QuantizationError
+from quantkit.core.linears import ROW_BLOCK_ELEMENTS, row_blocks
 from quantkit.layerwise import HessianAccumulator
 
 
@@ -330,6 +332,26 @@ def test_awq_pack_round_trip_and_dequantize(group_size: int) -> None:
     assert gemv["scales"].shape == (48, 8 * width)
     back = unpack_awq_gemv(gemv["qweight"], gemv["qzeros"], gemv["scales"], group_size)
     assert all(torch.equal(a, b) for a, b in zip(back, (quantized.intweight, quantized.zeros, quantized.scales)))
+
+
+@pytest.mark.parametrize("version", ["gemm", "gemv"])
+def test_awq_linear_quantized_block_by_block_equals_packing_the_whole_weight(version: str) -> None:
+    """``AWQLinear.quantize`` packs blocks of output rows (three here, the last of 8 rows): the same
+    buffers as quantizing the whole weight and packing its codes at once."""
+    linear = nn.Linear(512, 2 * ROW_BLOCK_ELEMENTS // 512 + 8, dtype=torch.bfloat16)
+    assert len(row_blocks(linear.weight, multiple=8)) == 3
+    whole = awq_pseudo_quantize(linear.weight, bits=4, group_size=128)
+    expected = AWQLinear.pack(whole.intweight, whole.zeros, whole.scales, linear.bias, version)
+    blocked = AWQLinear.quantize(linear, bits=4, group_size=128, zero_point=True, version=version)
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        assert torch.equal(getattr(blocked, name), getattr(expected, name)), name
+
+
+def test_row_blocks_cover_the_rows_in_multiples() -> None:
+    weight = torch.empty(100, 7)
+    blocks = row_blocks(weight, max_elements=7 * 20, multiple=8)
+    assert [(b.start, b.stop) for b in blocks] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80), (80, 96), (96, 100)]
+    assert [(b.start, b.stop) for b in row_blocks(weight, max_elements=3)] == [(r, r + 1) for r in range(100)]
 
 
 def test_awq_symmetric_quantization_uses_zero_point_eight() -> None:

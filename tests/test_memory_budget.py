@@ -274,6 +274,59 @@ def test_gptq_holds_what_the_estimator_counts():
     assert 0.75 <= peak / declared <= 1.15, (peak, declared)
 
 
+MEASURE_AWQ = r"""
+import json, threading, torch
+from torch import nn
+from quantkit.builtin_backends.awq.awq import group_gram_sum, search_clip_gram, search_scales
+from quantkit.builtin_backends.awq.qlinear import AWQLinear
+from quantkit.estimate import _awq_working
+
+def anonymous():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+torch.manual_seed(0)
+hidden, mlp, kept = 1024, 4096, 256
+linears = {name: nn.Linear(*shape, bias=False, dtype=torch.bfloat16) for name, shape in
+           {"gate": (hidden, mlp), "up": (hidden, mlp), "down": (mlp, hidden)}.items()}
+x, y = torch.randn(kept, hidden, dtype=torch.bfloat16), torch.randn(kept, mlp, dtype=torch.bfloat16)
+gram = group_gram_sum(y, 128, torch.device("cpu")) / kept
+base, peak, stop = anonymous(), [0], threading.Event()
+def sample():
+    while not stop.wait(0.001):
+        peak[0] = max(peak[0], anonymous() - base)
+thread = threading.Thread(target=sample)
+thread.start()
+try:
+    with torch.no_grad():
+        gate_up = [linears["gate"], linears["up"]]
+        def forward():
+            return linears["down"](nn.functional.silu(linears["gate"](x)) * linears["up"](x))
+        search_scales(x.float().abs().mean(0, keepdim=True), gate_up, group_size=128, forward_fn=forward)
+        search_clip_gram(linears["down"].weight, gram)
+        packed = [AWQLinear.quantize(linear, 4, 128, True) for linear in linears.values()]
+finally:
+    stop.set()
+    thread.join()
+targets = {"mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+inputs = kept * 2 * (hidden + mlp)  # the kept search inputs, made before the base
+packed_bytes = sum(t.numel() * t.element_size() for m in packed for t in m.buffers())
+print(json.dumps([peak[0] - packed_bytes, _awq_working(targets, 2, kept) - inputs]))
+"""
+
+
+def test_awq_holds_what_the_estimator_counts():
+    """An MLP (1024 -> 4096, bfloat16) through AWQ's steps in a fresh process (the allocator
+    returning every block over 64 KiB): gate/up's scale search over 256 kept tokens, down_proj's
+    clip search, then every linear quantized and packed. Each works through the weights in row
+    blocks, so the peak besides the packed copies is the estimator's AWQ working memory; before,
+    float copies of whole weights and their int64 codes took several times as much."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "QUANTKIT_QUIET": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE_AWQ], env=env, capture_output=True, text=True, check=True)
+    peak, declared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.75 <= peak / declared <= 1.15, (peak, declared)
+
+
 def test_the_streamed_peak_of_a_calibration_free_method_counts_the_largest_quantized_weight(tmp_path):
     _tiny_checkpoint(tmp_path)  # linears of 128 x 64 at most, a 256 x 64 embedding
     config = quantkit.RTNConfig(group_size=32)

@@ -67,6 +67,19 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
     raise QuantizationError(f"{name}.weight holds {bad} NaN/Inf values; quantizing it would be meaningless")
 
 
+ROW_BLOCK_ELEMENTS = 2**20
+"""Values per block of :func:`row_blocks` (4 MiB in float32)."""
+
+
+def row_blocks(weight: torch.Tensor, max_elements: int = ROW_BLOCK_ELEMENTS, multiple: int = 1) -> list[slice]:
+    """Slices of ``weight``'s rows (its first dim) of about ``max_elements`` values each, a
+    ``multiple`` of rows (at least one): a weight worked through block by block in float32 holds a
+    few blocks, not a copy."""
+    rows, width = weight.shape[0], max(1, weight[:1].numel())
+    step = max(1, max_elements // width // multiple) * multiple
+    return [slice(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -43,7 +43,6 @@ from quantkit.layerwise import LayerContext, LinearGroup, quantize_layerwise
 from .awq import (
     apply_clip,
     apply_scales_to_previous,
-    awq_pseudo_quantize,
     group_gram_sum,
     search_clip_gram,
     search_scales,
@@ -125,8 +124,7 @@ class _AWQLayerQuantizer:
             apply_clip(ctx.targets[name].linear, ctx.dist.broadcast(max_vals.get(name), owner))
         for name, target in ctx.targets.items():
             cfg, linear = target.config, target.linear
-            q = awq_pseudo_quantize(linear.weight, cfg.bits, cfg.group_size, cfg.zero_point)
-            module = AWQLinear.pack(q.intweight, q.zeros, q.scales, linear.bias, cfg.version)
+            module = AWQLinear.quantize(linear, cfg.bits, cfg.group_size, cfg.zero_point, cfg.version)
             ctx.replace(name, module.to(linear.weight.device))
 
     def _search(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantkit.core.linears import row_blocks
+
 BITS = 4
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _UNPACK_ORDER = tuple(AWQ_PACK_ORDER.index(column) for column in range(8))
@@ -37,10 +39,14 @@ def _pack_last_dim(values: Tensor, order: tuple[int, ...]) -> Tensor:
     """Pack ints ``(..., n)`` in ``[0, 16)`` into int32 ``(..., n // 8)``; nibble i takes value ``order[i]``."""
     if values.shape[-1] % 8:
         raise ValueError(f"cannot pack {values.shape[-1]} 4-bit values into whole 32-bit words")
-    nibbles = values.to(torch.int64).reshape(*values.shape[:-1], -1, 8)[..., list(order)]
+    flat = values.reshape(-1, values.shape[-1])
+    packed = torch.empty(flat.shape[0], flat.shape[1] // 8, dtype=torch.int32, device=values.device)
     shifts = torch.arange(0, 32, BITS, device=values.device)
-    words = (nibbles << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    for rows in row_blocks(flat):  # int64 words in blocks: 8 bytes per value, never for the whole tensor
+        nibbles = flat[rows].to(torch.int64).reshape(-1, packed.shape[1], 8)[..., list(order)]
+        words = (nibbles << shifts).sum(-1)
+        packed[rows] = torch.where(words >= 2**31, words - 2**32, words)
+    return packed.reshape(*values.shape[:-1], -1)
 
 
 def _unpack_last_dim(packed: Tensor, order: tuple[int, ...]) -> Tensor:

@@ -14,8 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.core.dispatch import KernelLinear
+from quantkit.core.linears import row_blocks
 from quantkit.core.torch_kernels import GroupedCodes
 
+from .awq import awq_pseudo_quantize
 from .packing import BITS, dequantize_awq, gemv_group_width, pack_awq, pack_awq_gemv, unpack_awq, unpack_awq_gemv
 
 VERSIONS = ("gemm", "gemv")
@@ -87,16 +89,47 @@ class AWQLinear(KernelLinear):
     ) -> AWQLinear:
         """Pack integer weights ``(out, in)``, zero points and scales ``(n_groups, out)``."""
         out_features, in_features = intweight.shape
+        packed = (pack_awq if version == "gemm" else pack_awq_gemv)(intweight, zeros, scales)
+        return cls._holding(packed, in_features, out_features, in_features // scales.shape[0], bias, version)
+
+    @classmethod
+    def quantize(
+        cls, linear: nn.Linear, bits: int, group_size: int, zero_point: bool, version: str = "gemm"
+    ) -> AWQLinear:
+        """``linear`` quantized with AutoAWQ's quantizer and packed a block of 8k output rows at a
+        time: the integer codes of the whole weight are never held."""
+        pack = pack_awq if version == "gemm" else pack_awq_gemv
+        blocks, n_groups = [], 1
+        for rows in row_blocks(linear.weight, multiple=8):
+            q = awq_pseudo_quantize(linear.weight[rows], bits, group_size, zero_point)
+            blocks.append(pack(q.intweight, q.zeros, q.scales))
+            n_groups = q.scales.shape[0]
+        dim = 1 if version == "gemm" else 0  # the output dim of every packed tensor
+        packed = {name: torch.cat([block[name] for block in blocks], dim) for name in blocks[0]}
+        return cls._holding(
+            packed, linear.in_features, linear.out_features, linear.in_features // n_groups, linear.bias, version
+        )
+
+    @classmethod
+    def _holding(
+        cls,
+        packed: dict[str, Tensor],
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: Tensor | None,
+        version: str,
+    ) -> AWQLinear:
+        """A module holding ``packed`` (qweight, qzeros, scales) and a copy of ``bias``."""
         module = cls(
             in_features,
             out_features,
-            in_features // scales.shape[0],
+            group_size,
             version,
             bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
             device="meta",
         )
-        packed = (pack_awq if version == "gemm" else pack_awq_gemv)(intweight, zeros, scales)
         for name, tensor in packed.items():
             setattr(module, name, tensor)
         if bias is not None:
