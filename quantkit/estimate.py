@@ -336,6 +336,13 @@ CACHED_SCORE_BYTES = 32 * 2**20
 softmax ~5x faster per score than GPTQ's 8192-token chunks (fitted to the reference runs)."""
 DEQUANTIZE_ELEMENTS = 10
 """Per weight: a packed linear dequantizes its weight at every forward call."""
+DEQUANTIZE_BYTES = 8
+"""Per weight of the largest linear: what a packed linear's forward over a calibration chunk holds
+while it dequantizes its weight for a bfloat16 GEMM (integer codes, float32 values, the bfloat16
+copy): 448 MiB for an AWQ 14336 x 4096 linear over 1024 rows."""
+KERNEL_STATE_BYTES = 0.5
+"""Per weight: what a packed linear's kernel prepares at its first forward and keeps while the
+layer lives (``int4-cpu``: the codes repacked for torch's int4 operator)."""
 
 GPTQ_SOLVE_ELEMENTS = 128
 """Per weight: the lazy-batch column updates of GPTQ's solve (half a 128-column block each)."""
@@ -789,7 +796,8 @@ def _streaming_phases(
     the first layer's inputs (the modules outside the decoder layers are read and copied through as
     views of the mapped shards: page cache, not process memory), then each decoder layer (copied into
     process memory: the method writes to it) with its quantized linears, the activations and
-    ``working`` memory."""
+    ``working`` memory, then while its quantized forward makes the next layer's inputs (each
+    packed linear dequantized for the call)."""
     float_bits = 8 * next(model.parameters()).element_size()
     with backend.storage_context(model):
         quantized = {
@@ -810,7 +818,17 @@ def _streaming_phases(
     for index, layer in enumerate(stack.layers):
         prefix = f"{stack.layer_name(index)}."
         size = sum(s for name, (_, _, s) in quantized.items() if name.startswith(prefix))
-        phases.append({"decoder layer": _nbytes(layer), "its quantized linears": size, **activations, **working})
+        held = {"decoder layer": _nbytes(layer), "its quantized linears": size, **activations}
+        weights = [w.numel() for name, (w, _, _) in quantized.items() if name.startswith(prefix)]
+        phases.append({**held, **working})
+        phases.append(
+            {
+                **held,
+                "its kernels' prepared weights": int(KERNEL_STATE_BYTES * sum(weights)),
+                "the next layer's inputs": activations["hidden states"],
+                "dequantized for the next layer's inputs": DEQUANTIZE_BYTES * max(weights, default=0),
+            }
+        )
     return phases
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.core.linears import row_blocks
+from quantkit.core.linears import ROW_BLOCK_ELEMENTS, row_blocks
 
 BITS = 4
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _UNPACK_ORDER = tuple(AWQ_PACK_ORDER.index(column) for column in range(8))
 _PLAIN_ORDER = tuple(range(8))
-_WORD_MASK = 0xFFFFFFFF
 
 
 def _check_range(name: str, values: Tensor, low: int, high: int) -> None:
@@ -49,11 +48,20 @@ def _pack_last_dim(values: Tensor, order: tuple[int, ...]) -> Tensor:
     return packed.reshape(*values.shape[:-1], -1)
 
 
-def _unpack_last_dim(packed: Tensor, order: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`_pack_last_dim` (``order`` is the inverse permutation): int32 ``(..., 8 * n)``."""
-    shifts = torch.arange(0, 32, BITS, device=packed.device)
-    nibbles = ((packed.to(torch.int64) & _WORD_MASK)[..., None] >> shifts) & 0xF
-    return nibbles[..., list(order)].reshape(*packed.shape[:-1], -1).to(torch.int32)
+def _unpack_last_dim(packed: Tensor, order: tuple[int, ...], transpose: bool = False) -> Tensor:
+    """Inverse of :func:`_pack_last_dim` (``order`` is the inverse permutation): int32 ``(rows, 8 * n)``
+    of 2-D ``packed (rows, n)``, or its transpose, unpacked a block of rows at a time (an int32 shift
+    sign-extends, the mask keeps the nibble)."""
+    rows, words = packed.shape
+    out = torch.empty((8 * words, rows) if transpose else (rows, 8 * words), dtype=torch.int32, device=packed.device)
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)
+    for block in row_blocks(packed, ROW_BLOCK_ELEMENTS // 8):
+        nibbles = ((packed[block].unsqueeze(-1) >> shifts) & 0xF)[..., list(order)].reshape(-1, 8 * words)
+        if transpose:
+            out[:, block] = nibbles.t()
+        else:
+            out[block] = nibbles
+    return out
 
 
 def _check_layer(intweight: Tensor, zeros: Tensor, scales: Tensor) -> int:
@@ -84,7 +92,7 @@ def pack_awq(intweight: Tensor, zeros: Tensor, scales: Tensor) -> dict[str, Tens
 
 def unpack_awq(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
     """Unpack AWQ GEMM tensors into int32 ``intweight (out, in)`` and ``zeros (n_groups, out)``."""
-    return _unpack_last_dim(qweight, _UNPACK_ORDER).t().contiguous(), _unpack_last_dim(qzeros, _UNPACK_ORDER)
+    return _unpack_last_dim(qweight, _UNPACK_ORDER, transpose=True), _unpack_last_dim(qzeros, _UNPACK_ORDER)
 
 
 def dequantize_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
