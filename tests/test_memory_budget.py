@@ -178,16 +178,40 @@ def test_a_streamed_run_spills_under_its_budget_with_the_same_output(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "kept", "out"]  # no spill folder left
 
 
-MEASURE_WORKING = r"""
-import json, sys, threading, torch
-from torch import nn
-from quantkit import as_config
-from quantkit.core.hardware import Hardware
-from quantkit.core.registry import get_registry
+PEAK_SAMPLER = r"""
+import threading
 
 def anonymous():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+class PeakSampler:  # the peak anonymous memory above its level at entry, sampled every millisecond
+
+    def __enter__(self):
+        self.base, self.peak, self._stop = anonymous(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, anonymous() - self.base)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+"""
+"""Prepended to the measuring scripts below, each run in a fresh process."""
+
+
+MEASURE_WORKING = (
+    PEAK_SAMPLER
+    + r"""
+import json, sys, torch
+from torch import nn
+from quantkit import as_config
+from quantkit.core.hardware import Hardware
+from quantkit.core.registry import get_registry
 
 peaks = {}
 for name in sys.argv[1:]:
@@ -196,23 +220,14 @@ for name in sys.argv[1:]:
     backend = get_registry().backend_for(config, Hardware.CPU)
     with torch.no_grad():  # libraries loaded on first use are not working memory
         backend.quantize_linear("warm.up", nn.Linear(128, 128, dtype=torch.bfloat16), config, torch.device("cpu"))
-    base, peak, stop = anonymous(), [0], threading.Event()
-    def sample():
-        while not stop.wait(0.001):
-            peak[0] = max(peak[0], anonymous() - base)
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        with torch.no_grad():
-            module = backend.quantize_linear("model.layers.0.mlp.up_proj", linear, config, torch.device("cpu"))
-    finally:
-        stop.set()
-        thread.join()
+    with PeakSampler() as sampled, torch.no_grad():
+        module = backend.quantize_linear("model.layers.0.mlp.up_proj", linear, config, torch.device("cpu"))
     declared = backend.working_bytes(config, 2048, 1024) + backend.storage_bits(config, "", 2048, 1024) // 8
-    peaks[name] = (peak[0], declared)  # declared here: working memory may depend on this process's threads
+    peaks[name] = (sampled.peak, declared)  # declared here: working memory may depend on this process's threads
     del module
 print(json.dumps(peaks))
 """
+)
 
 
 def test_declared_working_memory_matches_the_measured_peak_of_quantizing_one_linear():
@@ -230,36 +245,26 @@ def test_declared_working_memory_matches_the_measured_peak_of_quantizing_one_lin
         assert 0.75 <= peak / declared <= 1.15, (name, peak, declared)
 
 
-MEASURE_GPTQ = r"""
-import json, threading, torch
+MEASURE_GPTQ = (
+    PEAK_SAMPLER
+    + r"""
+import json, torch
 from quantkit.builtin_backends.gptq.gptq import gptq_quantize
 from quantkit.estimate import _gptq_working
 from quantkit.layerwise import HessianAccumulator
 
-def anonymous():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
-
 out, n, seqlen = 1024, 2048, 512
 weight = torch.randn(out, n, dtype=torch.bfloat16)
 x = torch.randn(1, seqlen, n, dtype=torch.bfloat16) * torch.rand(n, dtype=torch.bfloat16)
-base, peak, stop = anonymous(), [0], threading.Event()
-def sample():
-    while not stop.wait(0.001):
-        peak[0] = max(peak[0], anonymous() - base)
-thread = threading.Thread(target=sample)
-thread.start()
-try:
+with PeakSampler() as sampled:
     accumulator = HessianAccumulator(n)
     accumulator.add_batch(x)
     H = accumulator.H
     del accumulator
     result = gptq_quantize(weight, H, overwrite_hessian=True)
-finally:
-    stop.set()
-    thread.join()
-print(json.dumps([peak[0], _gptq_working({"mlp.down_proj": (out, n)}, 2, seqlen)]))
+print(json.dumps([sampled.peak, _gptq_working({"mlp.down_proj": (out, n)}, 2, seqlen)]))
 """
+)
 
 
 def test_gptq_holds_what_the_estimator_counts():
@@ -274,16 +279,14 @@ def test_gptq_holds_what_the_estimator_counts():
     assert 0.75 <= peak / declared <= 1.15, (peak, declared)
 
 
-MEASURE_AWQ = r"""
-import json, threading, torch
+MEASURE_AWQ = (
+    PEAK_SAMPLER
+    + r"""
+import json, torch
 from torch import nn
 from quantkit.builtin_backends.awq.awq import group_gram_sum, search_clip_gram, search_scales
 from quantkit.builtin_backends.awq.qlinear import AWQLinear
 from quantkit.estimate import _awq_working
-
-def anonymous():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
 
 torch.manual_seed(0)
 hidden, mlp, kept = 1024, 4096, 256
@@ -291,28 +294,19 @@ linears = {name: nn.Linear(*shape, bias=False, dtype=torch.bfloat16) for name, s
            {"gate": (hidden, mlp), "up": (hidden, mlp), "down": (mlp, hidden)}.items()}
 x, y = torch.randn(kept, hidden, dtype=torch.bfloat16), torch.randn(kept, mlp, dtype=torch.bfloat16)
 gram = group_gram_sum(y, 128, torch.device("cpu")) / kept
-base, peak, stop = anonymous(), [0], threading.Event()
-def sample():
-    while not stop.wait(0.001):
-        peak[0] = max(peak[0], anonymous() - base)
-thread = threading.Thread(target=sample)
-thread.start()
-try:
-    with torch.no_grad():
-        gate_up = [linears["gate"], linears["up"]]
-        def forward():
-            return linears["down"](nn.functional.silu(linears["gate"](x)) * linears["up"](x))
-        search_scales(x.float().abs().mean(0, keepdim=True), gate_up, group_size=128, forward_fn=forward)
-        search_clip_gram(linears["down"].weight, gram)
-        packed = [AWQLinear.quantize(linear, 4, 128, True) for linear in linears.values()]
-finally:
-    stop.set()
-    thread.join()
+def forward():
+    return linears["down"](nn.functional.silu(linears["gate"](x)) * linears["up"](x))
+with PeakSampler() as sampled, torch.no_grad():
+    mean_abs = x.float().abs().mean(0, keepdim=True)
+    search_scales(mean_abs, [linears["gate"], linears["up"]], group_size=128, forward_fn=forward)
+    search_clip_gram(linears["down"].weight, gram)
+    packed = [AWQLinear.quantize(linear, 4, 128, True) for linear in linears.values()]
 targets = {"mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
 inputs = kept * 2 * (hidden + mlp)  # the kept search inputs, made before the base
 packed_bytes = sum(t.numel() * t.element_size() for m in packed for t in m.buffers())
-print(json.dumps([peak[0] - packed_bytes, _awq_working(targets, 2, kept) - inputs]))
+print(json.dumps([sampled.peak - packed_bytes, _awq_working(targets, 2, kept) - inputs]))
 """
+)
 
 
 def test_awq_holds_what_the_estimator_counts():
