@@ -96,8 +96,9 @@ class AWQLinear(KernelLinear):
     def quantize(
         cls, linear: nn.Linear, bits: int, group_size: int, zero_point: bool, version: str = "gemm"
     ) -> AWQLinear:
-        """``linear`` quantized with AutoAWQ's quantizer and packed a block of 8k output rows at a
-        time: the integer codes of the whole weight are never held."""
+        """``linear`` quantized with AutoAWQ's quantizer and packed a block of output rows (a multiple
+        of 8, :func:`~quantkit.core.linears.row_blocks`) at a time: the integer codes of the whole weight
+        are never held."""
         pack = pack_awq if version == "gemm" else pack_awq_gemv
         blocks, n_groups = [], 1
         for rows in row_blocks(linear.weight, multiple=8):
